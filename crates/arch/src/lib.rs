@@ -1,0 +1,4 @@
+//! x86_64 architecture setup: the guest's address map, boot structures,
+//! CPUID, MSRs, page tables and ACPI tables.
+
+pub mod layout;

@@ -1,4 +1,8 @@
 //! x86_64 architecture setup: the guest's address map, boot structures,
 //! CPUID, MSRs, page tables and ACPI tables.
 
+pub mod boot;
+pub mod cpuid;
 pub mod layout;
+pub mod memmap;
+pub mod regs;

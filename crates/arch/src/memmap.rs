@@ -43,7 +43,7 @@ pub fn ram_regions(mem_size: u64) -> Result<Vec<(u64, u64)>, MemMapError> {
     if mem_size < MIN_MEMORY {
         return Err(MemMapError::TooSmall { size: mem_size });
     }
-    if mem_size % 4096 != 0 {
+    if !mem_size.is_multiple_of(4096) {
         return Err(MemMapError::Unaligned { size: mem_size });
     }
     let low = mem_size.min(MMIO_GAP_START);

@@ -19,6 +19,8 @@ pub enum VmAction {
     DebugExit(u32),
     /// The guest's init reached a boot milestone (value written to the marker port).
     BootMarker(u8),
+    /// The guest kernel reported a panic (pvpanic).
+    Panicked,
 }
 
 /// A device that answers reads and writes within its own address range.
@@ -128,7 +130,9 @@ impl Bus {
 /// while holding it: a device model keeps no invariant that a panic could break
 /// halfway through an access that we would rather not serve.
 pub fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -3,5 +3,18 @@
 //! Every model here is plain state behind the [`bus::BusDevice`] trait, tested
 //! through its register interface with no KVM.
 
+pub mod acpi_pm;
+pub mod boot_marker;
 pub mod bus;
+pub mod debug_exit;
+pub mod i8042;
+pub mod rtc;
+pub mod serial;
+
+pub use acpi_pm::{AcpiPm, AcpiPmConfig};
+pub use boot_marker::BootMarker;
 pub use bus::{Bus, BusDevice, BusError, SharedDevice, VmAction};
+pub use debug_exit::DebugExit;
+pub use i8042::I8042;
+pub use rtc::{Clock, Rtc, SystemClock};
+pub use serial::{Serial, SerialError};

@@ -8,6 +8,7 @@ pub mod boot_marker;
 pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
+pub mod pvpanic;
 pub mod rtc;
 pub mod serial;
 
@@ -16,5 +17,6 @@ pub use boot_marker::BootMarker;
 pub use bus::{Bus, BusDevice, BusError, SharedDevice, VmAction};
 pub use debug_exit::DebugExit;
 pub use i8042::I8042;
+pub use pvpanic::PvPanic;
 pub use rtc::{Clock, Rtc, SystemClock};
 pub use serial::{Serial, SerialError};

@@ -1,0 +1,345 @@
+//! Harness for the lab tier: start the Ferrovisor VMM on the guest kit, watch
+//! the guest's serial console (the VMM's stdout) and collect how it ended.
+//!
+//! The lab sets these environment variables (see docs/lab.md):
+//! `FERROVISOR_BIN`, `FERROVISOR_KERNEL` (bzImage), `FERROVISOR_VMLINUX` (PVH
+//! ELF), `FERROVISOR_INITRAMFS` and `FERROVISOR_CMDLINE` (the kit's command
+//! line). Every wait has a deadline after which the VMM is killed, so a hung
+//! guest fails its test instead of stalling the suite.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+/// The line the guest kit's /init prints first.
+pub const INIT_MARKER: &str = "ferrovisor-guest: init reached";
+/// The prefix of the line the guest kit prints after a command.
+pub const STATUS_PREFIX: &str = "ferrovisor-guest: exit status ";
+/// The kit's command line when the lab does not say.
+const FALLBACK_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 io_delay=none";
+
+/// Errors of the harness.
+#[derive(Debug, Error)]
+pub enum HarnessError {
+    #[error("environment variable {0} is not set: run these tests with `cargo xtask test`")]
+    MissingEnv(&'static str),
+    #[error("cannot start the VMM")]
+    Spawn(#[source] std::io::Error),
+    #[error("cannot write to the guest console")]
+    Input(#[source] std::io::Error),
+    #[error("cannot wait for the VMM")]
+    Wait(#[source] std::io::Error),
+    #[error("timed out after {secs} s waiting for {what}; console so far:\n{console}")]
+    Timeout {
+        what: String,
+        secs: u64,
+        console: String,
+    },
+}
+
+/// Which image of the kit's kernel to boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelImage {
+    /// The bzImage, through the Linux boot protocol.
+    BzImage,
+    /// The uncompressed ELF, through PVH.
+    Pvh,
+}
+
+/// How to start one guest.
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    pub image: KernelImage,
+    pub cpus: u8,
+    pub memory: String,
+    /// Words appended to the kit's command line.
+    pub extra_cmdline: Vec<String>,
+    /// A shell command for the guest's /init to run (then it powers off).
+    pub run: Option<String>,
+    /// Ask /init to report the command's status through the debug-exit port.
+    pub debug_exit: bool,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            image: KernelImage::BzImage,
+            cpus: 1,
+            memory: "512M".to_string(),
+            extra_cmdline: Vec::new(),
+            run: None,
+            debug_exit: false,
+        }
+    }
+}
+
+fn env_path(name: &'static str) -> Result<PathBuf, HarnessError> {
+    std::env::var_os(name)
+        .map(PathBuf::from)
+        .ok_or(HarnessError::MissingEnv(name))
+}
+
+/// How long one guest may take for anything, unless the lab says otherwise.
+pub fn timeout() -> Duration {
+    let secs = std::env::var("FERROVISOR_LAB_TIMEOUT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(180);
+    Duration::from_secs(secs)
+}
+
+/// Standard base64, for the kit's `ferrovisor.run64=` word.
+pub fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+impl GuestConfig {
+    /// The full kernel command line for this guest.
+    pub fn cmdline(&self) -> String {
+        let mut cmdline =
+            std::env::var("FERROVISOR_CMDLINE").unwrap_or_else(|_| FALLBACK_CMDLINE.into());
+        for word in &self.extra_cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(word);
+        }
+        if let Some(run) = &self.run {
+            cmdline.push_str(" ferrovisor.run64=");
+            cmdline.push_str(&base64(run.as_bytes()));
+        }
+        if self.debug_exit {
+            cmdline.push_str(" ferrovisor.exit=debug");
+        }
+        cmdline
+    }
+
+    fn command(&self) -> Result<Command, HarnessError> {
+        let kernel = match self.image {
+            KernelImage::BzImage => env_path("FERROVISOR_KERNEL")?,
+            KernelImage::Pvh => env_path("FERROVISOR_VMLINUX")?,
+        };
+        let mut cmd = Command::new(env_path("FERROVISOR_BIN")?);
+        cmd.arg("run")
+            .arg("--kernel")
+            .arg(kernel)
+            .arg("--initramfs")
+            .arg(env_path("FERROVISOR_INITRAMFS")?)
+            .arg("--cmdline")
+            .arg(self.cmdline())
+            .arg("--cpus")
+            .arg(self.cpus.to_string())
+            .arg("--memory")
+            .arg(&self.memory);
+        Ok(cmd)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Console {
+    text: String,
+    closed: bool,
+}
+
+type Shared = Arc<(Mutex<Console>, Condvar)>;
+
+/// A running guest.
+#[derive(Debug)]
+pub struct Guest {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Shared,
+    stderr: Shared,
+    started: Instant,
+    deadline: Duration,
+}
+
+/// How a guest ended.
+#[derive(Debug)]
+pub struct Exit {
+    pub status: ExitStatus,
+    /// The serial console, carriage returns removed.
+    pub console: String,
+    /// The VMM's own messages.
+    pub stderr: String,
+}
+
+impl Exit {
+    /// The status the guest kit's /init printed for its command, if any.
+    pub fn reported_status(&self) -> Option<i32> {
+        self.console.lines().find_map(|l| {
+            let at = l.find(STATUS_PREFIX)?;
+            l[at + STATUS_PREFIX.len()..].trim().parse().ok()
+        })
+    }
+
+    /// The lines the command printed: those between the init marker and the
+    /// status line, without the kit's own lines and kernel messages.
+    pub fn command_output(&self) -> Vec<&str> {
+        self.console
+            .lines()
+            .skip_while(|l| !l.contains(INIT_MARKER))
+            .skip(1)
+            .take_while(|l| !l.contains(STATUS_PREFIX))
+            .filter(|l| !l.starts_with('[') && !l.starts_with("ferrovisor-guest:"))
+            .collect()
+    }
+}
+
+fn pump(mut from: impl Read + Send + 'static) -> Shared {
+    let shared: Shared = Arc::new((Mutex::new(Console::default()), Condvar::new()));
+    let writer = shared.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = from.read(&mut buf).unwrap_or(0);
+            let (lock, cond) = &*writer;
+            let mut console = lock.lock().unwrap_or_else(|e| e.into_inner());
+            if n == 0 {
+                console.closed = true;
+                cond.notify_all();
+                return;
+            }
+            let text = String::from_utf8_lossy(&buf[..n]).replace('\r', "");
+            console.text.push_str(&text);
+            cond.notify_all();
+        }
+    });
+    shared
+}
+
+fn snapshot(shared: &Shared) -> String {
+    let console = shared.0.lock().unwrap_or_else(|e| e.into_inner());
+    console.text.clone()
+}
+
+impl Guest {
+    /// Starts the VMM with `config`.
+    pub fn start(config: &GuestConfig) -> Result<Guest, HarnessError> {
+        let mut child = config
+            .command()?
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(HarnessError::Spawn)?;
+        let stdout = pump(child.stdout.take().ok_or_else(no_pipe)?);
+        let stderr = pump(child.stderr.take().ok_or_else(no_pipe)?);
+        Ok(Guest {
+            stdin: child.stdin.take(),
+            child,
+            stdout,
+            stderr,
+            started: Instant::now(),
+            deadline: timeout(),
+        })
+    }
+
+    fn remaining(&self) -> Duration {
+        self.deadline.saturating_sub(self.started.elapsed())
+    }
+
+    fn timeout_error(&mut self, what: &str) -> HarnessError {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        HarnessError::Timeout {
+            what: what.to_string(),
+            secs: self.deadline.as_secs(),
+            console: tail(&snapshot(&self.stdout), 40),
+        }
+    }
+
+    /// Waits until the console shows `needle` (or the VMM's output ends).
+    pub fn wait_for(&mut self, needle: &str) -> Result<(), HarnessError> {
+        let found = {
+            let (lock, cond) = &*self.stdout;
+            let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let (guard, _) = cond
+                .wait_timeout_while(guard, self.remaining(), |c| {
+                    !c.text.contains(needle) && !c.closed
+                })
+                .unwrap_or_else(|e| e.into_inner());
+            guard.text.contains(needle)
+        };
+        if found {
+            Ok(())
+        } else {
+            Err(self.timeout_error(&format!("{needle:?} on the console")))
+        }
+    }
+
+    /// Types `text` on the guest's serial console.
+    pub fn send(&mut self, text: &str) -> Result<(), HarnessError> {
+        let stdin = self.stdin.as_mut().ok_or_else(no_pipe)?;
+        stdin
+            .write_all(text.as_bytes())
+            .and_then(|()| stdin.flush())
+            .map_err(HarnessError::Input)
+    }
+
+    /// Waits for the VMM to exit; kills it at the deadline.
+    pub fn wait_exit(mut self) -> Result<Exit, HarnessError> {
+        loop {
+            if let Some(status) = self.child.try_wait().map_err(HarnessError::Wait)? {
+                // Let the readers drain what the VMM wrote before exiting.
+                for shared in [&self.stdout, &self.stderr] {
+                    let (lock, cond) = &**shared;
+                    let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    let _ = cond.wait_timeout_while(guard, Duration::from_secs(5), |c| !c.closed);
+                }
+                return Ok(Exit {
+                    status,
+                    console: snapshot(&self.stdout),
+                    stderr: snapshot(&self.stderr),
+                });
+            }
+            if self.remaining().is_zero() {
+                return Err(self.timeout_error("the VMM to exit"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn no_pipe() -> HarnessError {
+    HarnessError::Spawn(std::io::Error::other(
+        "the VMM's standard streams are not piped",
+    ))
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Boots a guest that runs `config.run` and returns how it ended.
+pub fn run_guest(config: &GuestConfig) -> Result<Exit, HarnessError> {
+    Guest::start(config)?.wait_exit()
+}

@@ -1,0 +1,154 @@
+//! Lab tier: Debian's stock kernel with the guest kit, booted by Ferrovisor in
+//! the lab. Plain `cargo test` lists these as ignored; `cargo xtask test` runs
+//! them inside one lab boot with `--ignored`.
+
+use lab_tests::{run_guest, tail, Exit, Guest, GuestConfig, KernelImage, INIT_MARKER};
+
+fn describe(exit: &Exit) -> String {
+    format!(
+        "VMM {}\n--- console (tail) ---\n{}\n--- VMM stderr ---\n{}",
+        exit.status,
+        tail(&exit.console, 40),
+        tail(&exit.stderr, 10)
+    )
+}
+
+fn boot(config: GuestConfig) -> Exit {
+    match run_guest(&config) {
+        Ok(exit) => exit,
+        Err(e) => panic!("guest with cmdline {:?}: {e}", config.cmdline()),
+    }
+}
+
+fn running(run: &str) -> GuestConfig {
+    GuestConfig {
+        run: Some(run.to_string()),
+        ..GuestConfig::default()
+    }
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn bzimage_with_one_vcpu_reaches_init_and_powers_off() {
+    let exit = boot(running("echo hello-from-guest"));
+    let d = describe(&exit);
+    assert!(exit.console.contains(INIT_MARKER), "{d}");
+    assert!(exit.command_output().contains(&"hello-from-guest"), "{d}");
+    assert_eq!(exit.reported_status(), Some(0), "{d}");
+    assert_eq!(exit.status.code(), Some(0), "{d}");
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn pvh_with_two_vcpus_guest_sees_two_processors() {
+    let exit = boot(GuestConfig {
+        image: KernelImage::Pvh,
+        cpus: 2,
+        ..running("echo cpus=$(grep -c ^processor /proc/cpuinfo)")
+    });
+    let d = describe(&exit);
+    assert!(exit.console.contains(INIT_MARKER), "{d}");
+    assert!(exit.command_output().contains(&"cpus=2"), "{d}");
+    assert_eq!(exit.status.code(), Some(0), "{d}");
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn bzimage_with_two_vcpus_guest_sees_two_processors() {
+    let exit = boot(GuestConfig {
+        cpus: 2,
+        ..running("echo cpus=$(grep -c ^processor /proc/cpuinfo)")
+    });
+    let d = describe(&exit);
+    assert!(exit.command_output().contains(&"cpus=2"), "{d}");
+    assert_eq!(exit.status.code(), Some(0), "{d}");
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn guest_sees_its_memory_size() {
+    let exit = boot(GuestConfig {
+        memory: "384M".to_string(),
+        ..running("grep MemTotal /proc/meminfo")
+    });
+    let d = describe(&exit);
+    let kib: u64 = exit
+        .command_output()
+        .iter()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal line\n{d}"));
+    // The kernel keeps some memory for itself; what is left must be most of it.
+    let mib = kib / 1024;
+    assert!(
+        (300..=384).contains(&mib),
+        "MemTotal {mib} MiB for 384M\n{d}"
+    );
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn guest_sees_its_command_line() {
+    let exit = boot(GuestConfig {
+        extra_cmdline: vec!["ferrovisor.labtest=cmdline-42".to_string()],
+        ..running("cat /proc/cmdline")
+    });
+    let d = describe(&exit);
+    let line = exit
+        .command_output()
+        .into_iter()
+        .find(|l| l.contains("console=ttyS0"))
+        .unwrap_or_else(|| panic!("no /proc/cmdline output\n{d}"));
+    assert!(line.contains("ferrovisor.labtest=cmdline-42"), "{d}");
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn poweroff_in_the_guest_ends_the_vmm_with_status_zero() {
+    let exit = boot(running("echo powering-off; poweroff -f; sleep 600"));
+    let d = describe(&exit);
+    assert!(exit.command_output().contains(&"powering-off"), "{d}");
+    // The guest went down before /init could report the command's end.
+    assert_eq!(exit.reported_status(), None, "{d}");
+    assert_eq!(exit.status.code(), Some(0), "{d}");
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn debug_exit_port_carries_the_command_status() {
+    let exit = boot(GuestConfig {
+        debug_exit: true,
+        ..running("exit 7")
+    });
+    let d = describe(&exit);
+    assert_eq!(exit.reported_status(), Some(7), "{d}");
+    assert_eq!(exit.status.code(), Some((7 << 1) | 1), "{d}");
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn kernel_panic_ends_the_vmm_with_a_failure() {
+    // reboot=t makes the panic's immediate reboot (panic=-1) a triple fault,
+    // which the VMM must report as a failure, unlike an orderly reboot.
+    let exit = boot(GuestConfig {
+        extra_cmdline: vec!["reboot=t".to_string()],
+        ..running("echo c > /proc/sysrq-trigger")
+    });
+    let d = describe(&exit);
+    assert!(exit.console.contains("Kernel panic"), "{d}");
+    assert!(!exit.status.success(), "{d}");
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn serial_console_takes_input() {
+    let mut guest = Guest::start(&GuestConfig::default()).expect("start the VMM");
+    guest.wait_for("guest# ").expect("the shell prompt");
+    guest
+        .send("echo sum=$((40 + 2))\n")
+        .expect("type a command");
+    guest.wait_for("sum=42").expect("the command's output");
+    guest.send("poweroff -f\n").expect("type poweroff");
+    let exit = guest.wait_exit().expect("the VMM exits");
+    assert_eq!(exit.status.code(), Some(0), "{}", describe(&exit));
+}

@@ -1,0 +1,364 @@
+//! `cargo xtask bench boot`: boot the guest kit under Ferrovisor and under
+//! QEMU (microvm and q35) in one lab session, and print a side-by-side table.
+//!
+//! The host part ships this very xtask binary into the lab and runs its
+//! `bench-in-lab` command there, which does the measuring.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::guestkit;
+use crate::lab::{self, Spec, LAB_FERROVISOR, LAB_INITRAMFS, LAB_KERNEL};
+use crate::util::{Context, Result};
+
+const INIT_LINE: &str = "ferrovisor-guest: init reached";
+const MEMORY_MIB: u64 = 512;
+const EXITS_COUNTER: &str = "/sys/kernel/debug/kvm/exits";
+/// One boot may take this long before it is abandoned.
+const BOOT_LIMIT: Duration = Duration::from_secs(180);
+
+/// The VMMs compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Vmm {
+    Ferrovisor,
+    QemuMicrovm,
+    QemuQ35,
+}
+
+impl Vmm {
+    const ALL: [Vmm; 3] = [Vmm::Ferrovisor, Vmm::QemuMicrovm, Vmm::QemuQ35];
+
+    fn name(self) -> &'static str {
+        match self {
+            Vmm::Ferrovisor => "ferrovisor",
+            Vmm::QemuMicrovm => "qemu-microvm",
+            Vmm::QemuQ35 => "qemu-q35",
+        }
+    }
+}
+
+/// What one boot measured.
+#[derive(Debug, Default, Clone)]
+struct Sample {
+    /// From VMM start to the guest's write to port 0x80 (ms).
+    marker_ms: Option<f64>,
+    /// From VMM start to the /init console line reaching the VMM's stdout (ms).
+    console_ms: Option<f64>,
+    /// From VMM start to its exit after the guest powered off (ms).
+    total_ms: f64,
+    /// KVM exits of all kinds during the boot (debugfs counter).
+    kvm_exits: Option<u64>,
+    /// Peak RssAnon + RssFile (KiB): the VMM's own memory.
+    vmm_kib: u64,
+    /// Peak RssShmem (KiB): guest RAM touched (memfd-backed).
+    guest_kib: u64,
+}
+
+fn guest_cmdline() -> String {
+    format!("{} ferrovisor.run=true", guestkit::DEFAULT_CMDLINE)
+}
+
+fn command_for(vmm: Vmm, marker_file: &Path) -> Command {
+    let memory = format!("{MEMORY_MIB}M");
+    if vmm == Vmm::Ferrovisor {
+        let mut cmd = Command::new(LAB_FERROVISOR);
+        cmd.args(["run", "--kernel", LAB_KERNEL, "--initramfs", LAB_INITRAMFS])
+            .args(["--cmdline", &guest_cmdline(), "--cpus", "1"])
+            .args(["--memory", &memory, "--stats"]);
+        return cmd;
+    }
+    let machine = match vmm {
+        Vmm::QemuMicrovm => "microvm,acpi=on,memory-backend=ram",
+        _ => "q35,memory-backend=ram",
+    };
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-M", machine, "-accel", "kvm", "-cpu", "host", "-smp", "1"])
+        .args(["-m", &memory])
+        .args([
+            "-object",
+            &format!("memory-backend-memfd,id=ram,size={memory}"),
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args([
+            "-serial",
+            "stdio",
+            "-kernel",
+            LAB_KERNEL,
+            "-initrd",
+            LAB_INITRAMFS,
+        ])
+        .args(["-append", &guest_cmdline()])
+        .arg("-chardev")
+        .arg(format!("file,id=marker,path={}", marker_file.display()))
+        .args(["-device", "isa-debugcon,iobase=0x80,chardev=marker"]);
+    cmd
+}
+
+fn read_counter(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// (RssAnon + RssFile, RssShmem) in KiB.
+fn rss(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Some((field("RssAnon:") + field("RssFile:"), field("RssShmem:")))
+}
+
+/// Parses `"key": number` out of the VMM's one-line JSON statistics.
+fn json_number(json: &str, key: &str) -> Option<f64> {
+    let quoted = format!("\"{key}\"");
+    let rest = json[json.find(&quoted)? + quoted.len()..].trim_start();
+    let rest = rest.strip_prefix(':')?.trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Times the first arrival of a 0x01 byte in `path` (QEMU's debugcon file).
+fn watch_marker(
+    path: PathBuf,
+    start: Instant,
+    done: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Option<f64>> {
+    std::thread::spawn(move || {
+        while !done.load(Ordering::Relaxed) {
+            if std::fs::read(&path).is_ok_and(|d| d.contains(&1)) {
+                return Some(start.elapsed().as_secs_f64() * 1000.0);
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        None
+    })
+}
+
+fn measure(vmm: Vmm) -> Result<Sample> {
+    let marker_file = PathBuf::from("/tmp/bench-marker");
+    let _ = std::fs::remove_file(&marker_file);
+    let exits_before = read_counter(EXITS_COUNTER);
+    let mut cmd = command_for(vmm, &marker_file);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd.spawn().ctx(|| format!("cannot start {}", vmm.name()))?;
+    let done = Arc::new(AtomicBool::new(false));
+    let marker = watch_marker(marker_file, start, done.clone());
+    let stdout = child.stdout.take().ok_or_else(|| fail!("no stdout"))?;
+    let console_at = Arc::new(Mutex::new(None));
+    let console_seen = console_at.clone();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout)
+            .lines()
+            .map_while(std::result::Result::ok)
+        {
+            if line.contains(INIT_LINE) {
+                let mut seen = console_seen.lock().unwrap_or_else(|e| e.into_inner());
+                seen.get_or_insert(start.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+    });
+    let mut stderr = child.stderr.take().ok_or_else(|| fail!("no stderr"))?;
+    let err_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut sample = Sample::default();
+    let status = loop {
+        if let Some(status) = child.try_wait().ctx(|| "wait".to_string())? {
+            break status;
+        }
+        if let Some((own, guest)) = rss(child.id()) {
+            sample.vmm_kib = sample.vmm_kib.max(own);
+            sample.guest_kib = sample.guest_kib.max(guest);
+        }
+        if start.elapsed() > BOOT_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            done.store(true, Ordering::Relaxed);
+            return Err(fail!(
+                "{} did not finish within {} s",
+                vmm.name(),
+                BOOT_LIMIT.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    sample.total_ms = start.elapsed().as_secs_f64() * 1000.0;
+    done.store(true, Ordering::Relaxed);
+    let _ = reader.join();
+    let stderr = err_reader.join().unwrap_or_default();
+    sample.console_ms = *console_at.lock().unwrap_or_else(|e| e.into_inner());
+    sample.kvm_exits = exits_before
+        .zip(read_counter(EXITS_COUNTER))
+        .map(|(a, b)| b.saturating_sub(a));
+    sample.marker_ms = if vmm == Vmm::Ferrovisor {
+        stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("ferrovisor-stats:"))
+            .and_then(|json| json_number(json, "boot_marker_us"))
+            .map(|us| us / 1000.0)
+    } else {
+        marker.join().ok().flatten()
+    };
+    if !status.success() || sample.console_ms.is_none() {
+        return Err(fail!(
+            "{} ended with {status} (init line seen: {}); stderr: {}",
+            vmm.name(),
+            sample.console_ms.is_some(),
+            stderr.lines().last().unwrap_or("")
+        ));
+    }
+    Ok(sample)
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
+}
+
+type Metric = (&'static str, fn(&Sample) -> Option<f64>);
+
+const METRICS: [Metric; 6] = [
+    ("VMM start -> /init marker (port 0x80), ms", |s| s.marker_ms),
+    ("VMM start -> /init console line, ms", |s| s.console_ms),
+    ("VMM start -> exit after poweroff, ms", |s| Some(s.total_ms)),
+    ("KVM exits per boot (debugfs, all kinds)", |s| {
+        s.kvm_exits.map(|v| v as f64)
+    }),
+    ("VMM memory beyond guest RAM (RssAnon+RssFile), MiB", |s| {
+        Some(s.vmm_kib as f64 / 1024.0)
+    }),
+    ("guest RAM resident (RssShmem), MiB", |s| {
+        Some(s.guest_kib as f64 / 1024.0)
+    }),
+];
+
+fn print_table(results: &[(Vmm, Vec<Sample>)], runs: usize) {
+    println!();
+    println!(
+        "boot benchmark: guest kit, 1 vCPU, {MEMORY_MIB} MiB, median of up to {runs} runs; \
+         nested KVM inside the lab (emulated AMD SVM), so absolute times are far above hardware"
+    );
+    print!("{:<52}", "metric");
+    for (vmm, samples) in results {
+        print!("{:>22}", format!("{} (n={})", vmm.name(), samples.len()));
+    }
+    println!();
+    for (label, get) in METRICS {
+        print!("{label:<52}");
+        let base = results
+            .first()
+            .and_then(|(_, s)| median(s.iter().filter_map(get).collect()));
+        for (i, (_, samples)) in results.iter().enumerate() {
+            let value = median(samples.iter().filter_map(get).collect());
+            let cell = match (value, base) {
+                (None, _) => "-".to_string(),
+                (Some(v), Some(b)) if i > 0 && b > 0.0 => format!("{v:.1} (x{:.2})", v / b),
+                (Some(v), _) => format!("{v:.1}"),
+            };
+            print!("{cell:>22}");
+        }
+        println!();
+    }
+    println!("(xN) = that VMM's figure divided by ferrovisor's. QEMU's marker is timed by");
+    println!("polling its isa-debugcon output file; ferrovisor's is reported by the VMM itself.");
+}
+
+/// `xtask bench-in-lab boot [RUNS]`: the measuring half, run inside the lab.
+pub fn in_lab(args: &[String]) -> Result<u8> {
+    if args.first().map(String::as_str) != Some("boot") {
+        return Err(fail!("bench-in-lab: only `boot` is known"));
+    }
+    let runs: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(3);
+    let mut results = Vec::new();
+    for vmm in Vmm::ALL {
+        let mut samples = Vec::new();
+        for run in 1..=runs {
+            match measure(vmm) {
+                Ok(s) => {
+                    println!(
+                        "bench: {} run {run}: init line at {:.0} ms",
+                        vmm.name(),
+                        s.console_ms.unwrap_or(0.0)
+                    );
+                    samples.push(s);
+                }
+                Err(e) => println!("bench: {} run {run} failed: {e}", vmm.name()),
+            }
+        }
+        results.push((vmm, samples));
+    }
+    print_table(&results, runs);
+    Ok(0)
+}
+
+/// `cargo xtask bench boot [--runs N]`.
+pub fn command(args: &[String]) -> Result<u8> {
+    let mut runs = 3;
+    match args {
+        [what] if what == "boot" => {}
+        [what, flag, n] if what == "boot" && flag == "--runs" => {
+            runs = n
+                .parse()
+                .map_err(|_| fail!("--runs: `{n}` is not a number"))?;
+        }
+        _ => return Err(fail!("usage: cargo xtask bench boot [--runs N]")),
+    }
+    let kit = guestkit::build()?;
+    let ferrovisor = lab::build_ferrovisor()?;
+    let me = std::env::current_exe().ctx(|| "cannot find the xtask binary".to_string())?;
+    let mut spec = Spec::new(Some(format!("/lab/bin/xtask bench-in-lab boot {runs}")));
+    spec.interactive = false;
+    spec.with_qemu = true;
+    spec.files.push((me, "/lab/bin/xtask".to_string()));
+    let outcome = lab::run(&spec, &kit, Some(&ferrovisor))?;
+    Ok(u8::try_from(outcome.status.clamp(0, 255)).unwrap_or(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_numbers_from_stats_json() {
+        let json = r#" {"boot_marker_us": 10523, "exits": 4711, "x": null}"#;
+        assert_eq!(json_number(json, "boot_marker_us"), Some(10523.0));
+        assert_eq!(json_number(json, "exits"), Some(4711.0));
+        assert_eq!(json_number(json, "x"), None);
+        assert_eq!(json_number(json, "missing"), None);
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+    }
+}

@@ -1,0 +1,351 @@
+//! `cargo xtask guest-kit`: the default Linux guest, built from Debian's stock
+//! cloud kernel and busybox-static, cached under `target/guest-kit/`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::cpio::Archive;
+use crate::deb::{self, Package};
+use crate::kmod::ModuleTree;
+use crate::util::{self, Context, Fnv, Result};
+
+/// The guest's /init script.
+const INIT: &str = include_str!("../../guest/init");
+/// Source of the port-I/O helper; built with rustc for the guest.
+const PORTIO_SRC: &str = "guest/tools/portio.rs";
+/// Bump when the layout of the kit changes in a way the inputs do not show.
+const KIT_FORMAT: &str = "guest-kit-1";
+
+/// The metapackage whose dependency is the kernel.
+pub const KERNEL_META: &str = "linux-image-cloud-amd64";
+
+/// The guest's drivers, in the order they are wanted; dependencies are added.
+const GUEST_MODULES: &[&str] = &[
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "virtio_rng",
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
+];
+
+/// The kernel command line the kit is meant to boot with (see docs/guest-kit.md).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 io_delay=none";
+
+/// A built guest kit.
+#[derive(Debug, Clone)]
+pub struct Kit {
+    /// The kernel as shipped (bzImage).
+    pub vmlinuz: PathBuf,
+    /// The uncompressed ELF kernel cut out of the bzImage (boots via PVH).
+    pub vmlinux: PathBuf,
+    /// The guest initramfs (uncompressed newc cpio).
+    pub initramfs: PathBuf,
+    /// The static port-I/O helper.
+    pub portio: PathBuf,
+    /// The unpacked kernel package.
+    pub kernel_root: PathBuf,
+    /// The static busybox binary.
+    pub busybox: PathBuf,
+    /// The kernel release, e.g. `6.1.0-56-cloud-amd64`.
+    pub release: String,
+}
+
+/// Where the kit lives.
+pub fn kit_dir() -> PathBuf {
+    util::target_dir().join("guest-kit")
+}
+
+/// Builds the guest kit, or returns the cached one when its inputs are unchanged.
+pub fn build() -> Result<Kit> {
+    let dir = kit_dir();
+    util::mkdir(&dir)?;
+    util::ensure_tool("dpkg-deb", "dpkg")?;
+    util::ensure_tool("lz4", "lz4")?;
+    let kernel = deb::resolve_dependency(KERNEL_META, "linux-image-", "-cloud-amd64")?;
+    let busybox = deb::resolve("busybox-static")?;
+    let portio_src = util::workspace_root().join(PORTIO_SRC);
+    let key = Fnv::default()
+        .add(KIT_FORMAT.as_bytes())
+        .add(kernel.file_name().as_bytes())
+        .add(busybox.file_name().as_bytes())
+        .add(INIT.as_bytes())
+        .add(&util::read(&portio_src)?)
+        .add(GUEST_MODULES.join(",").as_bytes())
+        .hex();
+    let kit = Kit {
+        vmlinuz: dir.join("vmlinuz"),
+        vmlinux: dir.join("vmlinux"),
+        initramfs: dir.join("initramfs.cpio"),
+        portio: dir.join("portio"),
+        kernel_root: dir.join("kernel"),
+        busybox: dir.join("busybox/bin/busybox"),
+        release: kernel.name.trim_start_matches("linux-image-").to_string(),
+    };
+    let stamp = dir.join("stamp");
+    let outputs = [
+        &kit.vmlinuz,
+        &kit.vmlinux,
+        &kit.initramfs,
+        &kit.portio,
+        &kit.busybox,
+    ];
+    let fresh = std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == key)
+        && outputs.iter().all(|p| p.is_file());
+    if fresh {
+        return Ok(kit);
+    }
+    let _ = std::fs::remove_file(&stamp);
+    eprintln!(
+        "xtask: building the guest kit ({} {})",
+        kernel.name, kernel.version
+    );
+    fetch(&kernel, &busybox, &kit)?;
+    build_portio(&portio_src, &kit.portio)?;
+    copy(&kernel_image(&kit)?, &kit.vmlinuz)?;
+    cut_vmlinux(&kit.vmlinuz, &kit.vmlinux)?;
+    guest_initramfs(&kit)?;
+    util::write(&stamp, format!("{key}\n"))?;
+    Ok(kit)
+}
+
+fn fetch(kernel: &Package, busybox: &Package, kit: &Kit) -> Result<()> {
+    let debs = kit_dir().join("debs");
+    let kernel_deb = kernel.download(&debs)?;
+    let busybox_deb = busybox.download(&debs)?;
+    deb::extract(&kernel_deb, &kit.kernel_root)?;
+    deb::extract(&busybox_deb, &kit_dir().join("busybox"))?;
+    // Old package versions are not needed again.
+    for entry in std::fs::read_dir(&debs).ctx(|| format!("cannot list {}", debs.display()))? {
+        let path = entry
+            .ctx(|| format!("cannot list {}", debs.display()))?
+            .path();
+        if path != kernel_deb && path != busybox_deb {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    Ok(())
+}
+
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .ctx(|| format!("cannot copy {} to {}", from.display(), to.display()))
+}
+
+/// The bzImage inside the unpacked kernel package.
+fn kernel_image(kit: &Kit) -> Result<PathBuf> {
+    let boot = kit.kernel_root.join("boot");
+    let image = boot.join(format!("vmlinuz-{}", kit.release));
+    if image.is_file() {
+        return Ok(image);
+    }
+    Err(fail!("the kernel package has no {}", image.display()))
+}
+
+/// Compiles the freestanding port-I/O helper into a static binary.
+fn build_portio(source: &Path, out: &Path) -> Result<()> {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
+    let mut cmd = Command::new(rustc);
+    cmd.args([
+        "--edition",
+        "2021",
+        "--crate-type",
+        "bin",
+        "-C",
+        "panic=abort",
+    ])
+    .args(["-C", "opt-level=s", "-C", "relocation-model=static"])
+    .args(["-C", "target-feature=+crt-static", "-C", "strip=symbols"])
+    .args(["-C", "link-arg=-nostartfiles", "-C", "link-arg=-nostdlib"])
+    .args([
+        "-C",
+        "link-arg=-static",
+        "-C",
+        "link-arg=-Wl,--build-id=none",
+    ])
+    .arg("-o")
+    .arg(out)
+    .arg(source);
+    util::run(&mut cmd)
+}
+
+/// Offsets in the x86 boot protocol's setup header.
+const SETUP_SECTS: usize = 0x1f1;
+const HEADER_MAGIC: usize = 0x202;
+const PROTOCOL_VERSION: usize = 0x206;
+const PAYLOAD_OFFSET: usize = 0x248;
+const PAYLOAD_LENGTH: usize = 0x24c;
+const LZ4_LEGACY_MAGIC: [u8; 4] = [0x02, 0x21, 0x4c, 0x18];
+
+fn u32_at(d: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(d.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Locates the compressed kernel inside a bzImage: (start, length).
+pub fn payload_range(image: &[u8]) -> std::result::Result<(usize, usize), String> {
+    if image.get(HEADER_MAGIC..HEADER_MAGIC + 4) != Some(b"HdrS") {
+        return Err("not a bzImage (no HdrS setup header)".into());
+    }
+    let version = image
+        .get(PROTOCOL_VERSION..PROTOCOL_VERSION + 2)
+        .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+    if version < 0x208 {
+        return Err(format!("boot protocol {version:#x} has no payload fields"));
+    }
+    let sects = match image[SETUP_SECTS] {
+        0 => 4,
+        n => usize::from(n),
+    };
+    let offset = u32_at(image, PAYLOAD_OFFSET).ok_or("truncated setup header")? as usize;
+    let length = u32_at(image, PAYLOAD_LENGTH).ok_or("truncated setup header")? as usize;
+    let start = (sects + 1) * 512 + offset;
+    if start
+        .checked_add(length)
+        .is_none_or(|end| end > image.len())
+    {
+        return Err("payload lies outside the file".into());
+    }
+    Ok((start, length))
+}
+
+/// Cuts the LZ4 payload out of a bzImage and decompresses it with `lz4`.
+fn cut_vmlinux(bzimage: &Path, out: &Path) -> Result<()> {
+    let image = util::read(bzimage)?;
+    let (start, length) = payload_range(&image).map_err(|e| fail!("{}: {e}", bzimage.display()))?;
+    let payload = &image[start..start + length];
+    if payload.get(..4) != Some(&LZ4_LEGACY_MAGIC) {
+        return Err(fail!(
+            "{}: the payload is not LZ4-compressed (starts {:02x?})",
+            bzimage.display(),
+            payload.get(..4).unwrap_or_default()
+        ));
+    }
+    // The build appends the uncompressed size (4 bytes) after the LZ4 stream.
+    let (stream, size) = payload.split_at(length - 4);
+    let size = u32_at(size, 0).unwrap_or(0) as usize;
+    let lz4_in = kit_dir().join("payload.lz4");
+    util::write(&lz4_in, stream)?;
+    let result = Command::new("lz4")
+        .args(["-d", "-c", "-q"])
+        .arg(&lz4_in)
+        .stderr(Stdio::inherit())
+        .output()
+        .ctx(|| "cannot run lz4".to_string())?;
+    let _ = std::fs::remove_file(&lz4_in);
+    if !result.status.success() || result.stdout.len() != size {
+        return Err(fail!(
+            "lz4 could not decompress the kernel payload ({} bytes out, {size} expected)",
+            result.stdout.len()
+        ));
+    }
+    if result.stdout.get(..4) != Some(b"\x7fELF") {
+        return Err(fail!("the decompressed kernel payload is not an ELF file"));
+    }
+    util::write(out, &result.stdout)
+}
+
+/// Adds busybox, its applet links and the basic directories and device nodes.
+pub fn add_busybox(archive: &mut Archive, busybox: &Path) -> Result<()> {
+    archive.host_file("/bin/busybox", 0o755, busybox);
+    let list = util::output(Command::new(busybox).arg("--list"))?;
+    for applet in list.lines().map(str::trim).filter(|a| !a.is_empty()) {
+        if applet != "busybox" {
+            archive.symlink(&format!("/bin/{applet}"), "busybox");
+        }
+    }
+    archive.symlink("/sbin", "bin");
+    for dir in ["/proc", "/sys", "/dev", "/tmp", "/root", "/etc", "/run"] {
+        archive.dir(dir);
+    }
+    archive.char_dev("/dev/console", 0o600, 5, 1);
+    archive.char_dev("/dev/null", 0o666, 1, 3);
+    archive.char_dev("/dev/ttyS0", 0o600, 4, 64);
+    Ok(())
+}
+
+fn guest_initramfs(kit: &Kit) -> Result<()> {
+    let mut archive = Archive::new();
+    add_busybox(&mut archive, &kit.busybox)?;
+    archive.host_file("/bin/portio", 0o755, &kit.portio);
+    archive.bytes("/init", 0o755, INIT);
+    let (tree, _) = ModuleTree::open(&kit.kernel_root)?;
+    let (modules, missing) = tree.load_order(GUEST_MODULES)?;
+    if !missing.is_empty() {
+        eprintln!(
+            "xtask: note: this kernel has no module {}; skipped",
+            missing.join(", ")
+        );
+    }
+    let mut order = String::new();
+    for module in modules {
+        order.push_str(&module.name);
+        order.push('\n');
+        archive.bytes(
+            &format!("/lib/modules/{}.ko", module.name),
+            0o644,
+            module.data,
+        );
+    }
+    archive.bytes("/lib/modules/load-order", 0o644, order);
+    archive.write_to(&kit.initramfs)
+}
+
+/// `cargo xtask guest-kit`.
+pub fn command() -> Result<()> {
+    let kit = build()?;
+    println!("guest kit ({}):", kit.release);
+    println!("  bzImage    {}", kit.vmlinuz.display());
+    println!(
+        "  vmlinux    {}   (PVH ELF, cut from the bzImage)",
+        kit.vmlinux.display()
+    );
+    println!("  initramfs  {}", kit.initramfs.display());
+    println!("  cmdline    {DEFAULT_CMDLINE}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(sects: u8, version: u16, offset: u32, length: u32, size: usize) -> Vec<u8> {
+        let mut image = vec![0u8; size];
+        image[SETUP_SECTS] = sects;
+        image[HEADER_MAGIC..HEADER_MAGIC + 4].copy_from_slice(b"HdrS");
+        image[PROTOCOL_VERSION..PROTOCOL_VERSION + 2].copy_from_slice(&version.to_le_bytes());
+        image[PAYLOAD_OFFSET..PAYLOAD_OFFSET + 4].copy_from_slice(&offset.to_le_bytes());
+        image[PAYLOAD_LENGTH..PAYLOAD_LENGTH + 4].copy_from_slice(&length.to_le_bytes());
+        image
+    }
+
+    #[test]
+    fn payload_follows_setup_sectors() {
+        let image = header(3, 0x20f, 0x10, 100, 4096);
+        assert_eq!(payload_range(&image), Ok((4 * 512 + 0x10, 100)));
+        // Zero setup sectors means four.
+        let image = header(0, 0x20f, 0, 8, 4096);
+        assert_eq!(payload_range(&image), Ok((5 * 512, 8)));
+    }
+
+    #[test]
+    fn payload_errors_are_reported() {
+        assert!(payload_range(&[0u8; 1024]).is_err());
+        assert!(payload_range(&header(3, 0x206, 0, 8, 4096)).is_err());
+        assert!(payload_range(&header(3, 0x20f, 0, 8000, 4096)).is_err());
+    }
+
+    #[test]
+    fn init_script_knows_its_command_line_words() {
+        for word in ["ferrovisor.run64=", "ferrovisor.run=", "ferrovisor.exit="] {
+            assert!(INIT.contains(word), "{word}");
+        }
+        assert!(INIT.contains("portio outb 0x80"));
+    }
+}

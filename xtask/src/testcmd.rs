@@ -1,0 +1,215 @@
+//! `cargo xtask test`: all three test tiers, with one summary line.
+//!
+//! Tiers 1 and 2 (unit tests and host KVM tests) run with `cargo test
+//! --workspace`. Tier 3 (lab tests) runs the `lab-tests` test binary inside
+//! one lab boot.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::guestkit;
+use crate::lab::{self, Spec};
+use crate::util::{self, Context, Result};
+
+/// Counts of passed and failed tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub passed: u64,
+    pub failed: u64,
+}
+
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+    }
+}
+
+/// Reads the counts from a libtest line such as
+/// `test result: ok. 3 passed; 0 failed; 1 ignored; ...`.
+pub fn parse_result_line(line: &str) -> Option<Tally> {
+    let rest = &line[line.find("test result:")? + "test result:".len()..];
+    let count = |word: &str| -> Option<u64> {
+        rest.split(';').find_map(|part| {
+            let mut it = part.split_whitespace().rev();
+            (it.next()? == word).then_some(())?;
+            it.next()?.parse().ok()
+        })
+    };
+    Some(Tally {
+        passed: count("passed")?,
+        failed: count("failed")?,
+    })
+}
+
+/// Adds up every libtest result line in `text`.
+pub fn tally_text(text: &str) -> Tally {
+    let mut tally = Tally::default();
+    for t in text.lines().filter_map(parse_result_line) {
+        tally.add(t);
+    }
+    tally
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(util::workspace_root());
+    cmd
+}
+
+/// Tiers 1 and 2: `cargo test --workspace`, streamed and counted.
+fn host_tiers() -> Result<Tally> {
+    eprintln!("xtask: tiers 1-2: cargo test --workspace");
+    let mut child = cargo()
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .ctx(|| "cannot run cargo test".to_string())?;
+    let mut tally = Tally::default();
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout)
+            .lines()
+            .map_while(std::result::Result::ok)
+        {
+            println!("{line}");
+            if let Some(t) = parse_result_line(&line) {
+                tally.add(t);
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .ctx(|| "cannot wait for cargo test".to_string())?;
+    if !status.success() && tally.failed == 0 {
+        eprintln!("xtask: cargo test failed ({status}) without a failing test: a build error?");
+        tally.failed += 1;
+    }
+    Ok(tally)
+}
+
+/// Builds the lab-tests binary and returns its path.
+pub fn build_lab_tests() -> Result<PathBuf> {
+    let out = util::output(
+        cargo()
+            .args([
+                "test",
+                "-p",
+                "lab-tests",
+                "--no-run",
+                "--message-format=json",
+            ])
+            .stdin(Stdio::null()),
+    )?;
+    out.lines()
+        .filter(|l| l.contains("\"reason\":\"compiler-artifact\""))
+        .filter(|l| l.contains("\"name\":\"lab\"") && l.contains("\"kind\":[\"test\"]"))
+        .find_map(|l| {
+            let at = l.find("\"executable\":\"")? + "\"executable\":\"".len();
+            let end = l[at..].find('"')?;
+            Some(PathBuf::from(&l[at..at + end]))
+        })
+        .ok_or_else(|| fail!("cargo built no lab-tests test binary"))
+}
+
+/// Tier 3: the lab tests, in one lab boot.
+fn lab_tier() -> Result<Tally> {
+    eprintln!("xtask: tier 3: lab tests (Linux guests under ferrovisor, inside the lab)");
+    let kit = guestkit::build()?;
+    let ferrovisor = lab::build_ferrovisor()?;
+    let tests = build_lab_tests()?;
+    let mut spec = Spec::new(Some(
+        "/lab/bin/lab-tests --ignored --test-threads=2".to_string(),
+    ));
+    spec.interactive = false;
+    spec.files.push((tests, "/lab/bin/lab-tests".to_string()));
+    spec.deadline = Duration::from_secs(25 * 60);
+    if let Ok(secs) = std::env::var("FERROVISOR_LAB_TIMEOUT_SECS") {
+        spec.env.push(("FERROVISOR_LAB_TIMEOUT_SECS".into(), secs));
+    }
+    let outcome = lab::run(&spec, &kit, Some(&ferrovisor))?;
+    let mut tally = tally_text(&outcome.console);
+    if outcome.status != 0 && tally.failed == 0 {
+        eprintln!(
+            "xtask: the lab tests exited with status {} without a failing test",
+            outcome.status
+        );
+        tally.failed += 1;
+    }
+    if tally.passed + tally.failed == 0 {
+        eprintln!("xtask: the lab ran no test");
+        tally.failed += 1;
+    }
+    Ok(tally)
+}
+
+/// `cargo xtask test`.
+pub fn command(args: &[String]) -> Result<u8> {
+    let mut host = true;
+    let mut in_lab = true;
+    for arg in args {
+        match arg.as_str() {
+            "--host-only" => in_lab = false,
+            "--lab-only" => host = false,
+            other => return Err(fail!("unknown test option `{other}`")),
+        }
+    }
+    let start = Instant::now();
+    let mut total = Tally::default();
+    if host {
+        total.add(host_tiers()?);
+    }
+    if in_lab {
+        match lab_tier() {
+            Ok(t) => total.add(t),
+            Err(e) => {
+                eprintln!("xtask: error: lab tier: {e}");
+                total.failed += 1;
+            }
+        }
+    }
+    eprintln!("xtask: all tiers took {} s", start.elapsed().as_secs());
+    println!("{} passed, {} failed", total.passed, total.failed);
+    Ok(if total.failed == 0 { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_libtest_result_lines() {
+        let ok = "test result: ok. 12 passed; 0 failed; 3 ignored; 0 measured; 0 filtered out; finished in 0.01s";
+        assert_eq!(
+            parse_result_line(ok),
+            Some(Tally {
+                passed: 12,
+                failed: 0
+            })
+        );
+        let bad = "test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out";
+        assert_eq!(
+            parse_result_line(bad),
+            Some(Tally {
+                passed: 1,
+                failed: 2
+            })
+        );
+        assert_eq!(parse_result_line("test foo ... ok"), None);
+    }
+
+    #[test]
+    fn tallies_several_binaries() {
+        let text = "running 2 tests\ntest result: ok. 2 passed; 0 failed; 0 ignored\n\
+                    [  3.1] noise\ntest result: FAILED. 4 passed; 1 failed; 0 ignored\n";
+        assert_eq!(
+            tally_text(text),
+            Tally {
+                passed: 6,
+                failed: 1
+            }
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! x86_64 architecture setup: the guest's address map, boot structures,
 //! CPUID, MSRs, page tables and ACPI tables.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod layout;

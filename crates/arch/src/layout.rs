@@ -61,6 +61,10 @@ pub const SERIAL_IRQ: u32 = 4;
 /// The i8042 keyboard controller, data and command ports.
 pub const I8042_DATA_PORT: u64 = 0x60;
 pub const I8042_COMMAND_PORT: u64 = 0x64;
+/// The i8042 claims 0x60-0x64; the ports between read as unassigned.
+pub const I8042_PORT_LEN: u64 = 5;
+/// The keyboard's interrupt.
+pub const I8042_KBD_IRQ: u32 = 1;
 /// The CMOS RTC index and data ports.
 pub const RTC_PORT: u64 = 0x70;
 pub const RTC_PORT_LEN: u64 = 2;
@@ -84,3 +88,5 @@ pub const ACPI_RESET_VALUE: u8 = 0x1;
 pub const ACPI_S5_SLP_TYP: u8 = 5;
 /// The SCI interrupt.
 pub const ACPI_SCI_IRQ: u32 = 9;
+/// The pvpanic port (QEMU's default), described to the guest in the DSDT.
+pub const PVPANIC_PORT: u64 = 0x505;

@@ -1,16 +1,17 @@
 //! The DSDT: the AML namespace the guest's ACPI interpreter loads.
 //!
-//! For now it holds only the `\_S5_` sleep-type package, which the OS needs
-//! to power off. The body is a list of AML objects built with the
-//! `acpi_tables::aml` builder; PCI host bridge `_CRS`/`_PRT` and other
-//! devices are added by appending to that list.
+//! It holds the `\_S5_` sleep-type package, which the OS needs to power
+//! off, and the devices that cannot be found by probing (the pvpanic port).
+//! The body is a list of AML objects built with the `acpi_tables::aml`
+//! builder; a PCI host bridge with `_CRS`/`_PRT` is added by appending to
+//! that list (or to the `\_SB` scope).
 
-use acpi_tables::aml::{Name, Package, Path};
+use acpi_tables::aml::{Device, Name, Package, Path, ResourceTemplate, Scope, IO};
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
 
 use super::{OEM_ID, OEM_REVISION, OEM_TABLE_ID};
-use crate::layout::ACPI_S5_SLP_TYP;
+use crate::layout::{ACPI_S5_SLP_TYP, PVPANIC_PORT};
 
 /// Revision 2: AML integers are 64 bits wide.
 const DSDT_REVISION: u8 = 2;
@@ -27,10 +28,34 @@ fn sleep_state_s5() -> Name {
     )
 }
 
+/// The pvpanic device (QEMU's ACPI ID, so the guest's pvpanic driver
+/// binds to it) with its one I/O port.
+fn pvpanic() -> Vec<u8> {
+    let port = PVPANIC_PORT as u16;
+    let io = IO::new(port, port, 1, 1);
+    let resources = ResourceTemplate::new(vec![&io]);
+    let hid = Name::new(Path::new("_HID"), &"QEMU0001");
+    let crs = Name::new(Path::new("_CRS"), &resources);
+    let mut aml = Vec::new();
+    Device::new(Path::new("PVPN"), vec![&hid, &crs]).to_aml_bytes(&mut aml);
+    aml
+}
+
+/// Raw AML bytes, for objects whose builders borrow their children.
+struct Raw(Vec<u8>);
+
+impl Aml for Raw {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
 /// The DSDT's bytes, header and checksum included.
 pub fn dsdt() -> Vec<u8> {
     let s5 = sleep_state_s5();
-    let body: Vec<&dyn Aml> = vec![&s5];
+    let pvpanic = Raw(pvpanic());
+    let system_bus = Scope::new(Path::new("\\_SB_"), vec![&pvpanic]);
+    let body: Vec<&dyn Aml> = vec![&s5, &system_bus];
 
     let mut table = Sdt::new(
         *b"DSDT",

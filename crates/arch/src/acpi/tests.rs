@@ -203,6 +203,17 @@ fn dsdt_defines_s5_with_the_pm_sleep_type() {
 }
 
 #[test]
+fn dsdt_describes_the_pvpanic_port() {
+    let (mem, rsdp) = tables(1);
+    let tables = xsdt_tables(&mem, rsdp);
+    let dsdt = table(&mem, u64_at(find(&tables, b"FACP"), 140));
+    let contains = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+    assert!(contains(b"QEMU0001\0"), "pvpanic _HID");
+    // IO (Decode16, 0x505, 0x505, 1, 1)
+    assert!(contains(&[0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01]));
+}
+
+#[test]
 fn madt_has_one_enabled_local_apic_per_cpu() {
     let (mem, rsdp) = tables(3);
     let tables = xsdt_tables(&mem, rsdp);

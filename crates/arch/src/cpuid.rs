@@ -9,6 +9,10 @@ use kvm_bindings::kvm_cpuid_entry2;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 EDX: the package has more than one logical processor.
 const EDX_HTT: u32 = 1 << 28;
+/// KVM leaf 0x40000001 EAX: port 0x80 delays are not needed. Without it
+/// Linux writes port 0x80 after many legacy port accesses, each a wasted exit
+/// that would also be mistaken for a boot marker.
+const KVM_FEATURE_NOP_IO_DELAY: u32 = 1 << 1;
 /// Leaf 0xB/0x1F ECX level types.
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
@@ -43,6 +47,7 @@ pub fn shape(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
                 entry.eax = (entry.eax & 0x3ff) | ((count32 - 1) << 26) | (sharing << 14);
             }
             0xb | 0x1f => shape_topology_leaf(entry, apic_id, count32, shift),
+            0x4000_0001 => entry.eax |= KVM_FEATURE_NOP_IO_DELAY,
             0x8000_0008 => {
                 // ECX: [15:12] APIC id size, [7:0] cores per package - 1.
                 entry.ecx = (entry.ecx & !0xf0ff) | (shift << 12) | (count32 - 1);
@@ -111,6 +116,7 @@ mod tests {
             leaf(0xb, 1),
             leaf(0xb, 2),
             leaf(0x8000_0008, 0),
+            leaf(0x4000_0001, 0),
         ];
         // Leaf 4, subleaf 3: a level-3 cache.
         entries[2].eax = (3 << 5) | 0x3;
@@ -158,6 +164,15 @@ mod tests {
         );
         let ext = find(&entries, 0x8000_0008, 0);
         assert_eq!((ext.ecx & 0xff, (ext.ecx >> 12) & 0xf), (1, 1));
+    }
+
+    #[test]
+    fn port_0x80_delay_is_declared_unneeded() {
+        let entries = shaped(0, 1);
+        assert_ne!(
+            find(&entries, 0x4000_0001, 0).eax & KVM_FEATURE_NOP_IO_DELAY,
+            0
+        );
     }
 
     #[test]

@@ -1,1 +1,133 @@
-fn main() {}
+//! `ferrovisor`: the command-line front end. It parses arguments and hands a
+//! VM configuration to the VMM; everything else lives in the library crates.
+
+mod args;
+
+use std::error::Error;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use args::{Command, RunArgs};
+use vmm::{RunReport, VmConfig, VmExit};
+
+const USAGE: &str = "\
+ferrovisor: a hypervisor for Linux hosts with KVM
+
+Usage:
+  ferrovisor run --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus N] [--memory SIZE] [--stats]
+  ferrovisor --help | --version
+";
+
+const RUN_USAGE: &str = "\
+Usage: ferrovisor run --kernel PATH [options]
+
+Boots one guest in the foreground. Its serial console is this terminal;
+Ctrl-A x stops it.
+
+  --kernel PATH      bzImage, PVH ELF (vmlinux) or multiboot kernel
+  --initramfs PATH   initramfs (multiboot: the first module)
+  --cmdline STR      kernel command line (default: \"console=ttyS0 reboot=k panic=1\")
+  --cpus N           vCPUs, 1-254 (default 1)
+  --memory SIZE      guest RAM, e.g. 512M or 2G (default 512M)
+  --stats            print run statistics as JSON on stderr at exit
+
+Exit status: 0 when the guest powers off, reboots or halts, or on SIGINT/SIGTERM;
+(v << 1) | 1 when the guest writes v to the debug-exit port (0xf4);
+2 when the guest fails (triple fault, panic, KVM error) or on a usage error.
+";
+
+/// One line: the error and each of its causes.
+fn one_line(err: &dyn Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
+/// Warns once when the host's KVM is PVM, where guest kernel mode is emulated.
+fn warn_if_pvm() {
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        eprintln!(
+            "ferrovisor: warning: this host's KVM is PVM, which emulates guest kernel mode; \
+             unmodified kernels run very slowly here: use the lab (cargo xtask lab) to boot Linux"
+        );
+    }
+}
+
+fn print_stats(report: &RunReport) {
+    let marker = report
+        .boot_marker_us
+        .map_or_else(|| "null".to_string(), |us| us.to_string());
+    let rss = vmm::stats::resident_memory();
+    eprintln!(
+        "ferrovisor-stats: {{\"exit\":\"{}\",\"boot_marker_us\":{},\"exits\":{},\"exits_io\":{},\"exits_mmio\":{},\"exits_other\":{},\"rss_anon_kib\":{},\"rss_file_kib\":{},\"rss_shmem_kib\":{}}}",
+        report.exit,
+        marker,
+        report.exits_io + report.exits_mmio + report.exits_other,
+        report.exits_io,
+        report.exits_mmio,
+        report.exits_other,
+        rss.anon_kib,
+        rss.file_kib,
+        rss.shmem_kib,
+    );
+}
+
+fn run(args: RunArgs, start: Instant) -> ExitCode {
+    warn_if_pvm();
+    let config = VmConfig {
+        kernel: args.kernel,
+        initramfs: args.initramfs,
+        cmdline: args.cmdline,
+        cpus: args.cpus,
+        memory: args.memory,
+    };
+    match vmm::run(&config, start) {
+        Ok(report) => {
+            if args.stats {
+                print_stats(&report);
+            }
+            if report.exit.is_failure()
+                || matches!(report.exit, VmExit::Halted | VmExit::Stopped(_))
+            {
+                eprintln!("ferrovisor: {}", report.exit);
+            }
+            ExitCode::from(report.exit.status() as u8)
+        }
+        Err(e) => {
+            eprintln!("ferrovisor: {}", one_line(&e));
+            ExitCode::from(vmm::STATUS_GUEST_FAILED as u8)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    std::panic::set_hook(Box::new(|info| {
+        vmm::console::restore_terminal();
+        eprintln!("ferrovisor: internal error: {info}");
+    }));
+    match args::parse(std::env::args().skip(1)) {
+        Ok(Command::Run(run_args)) => run(run_args, start),
+        Ok(Command::Help) => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Ok(Command::RunHelp) => {
+            print!("{RUN_USAGE}");
+            ExitCode::SUCCESS
+        }
+        Ok(Command::Version) => {
+            println!("ferrovisor {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferrovisor: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,1 +1,15 @@
-//! vmm
+//! The VMM: assembles a VM from its configuration (guest memory, vCPUs, boot,
+//! devices) and runs it.
+
+pub mod console;
+pub mod control;
+pub mod exit;
+pub mod loader;
+pub mod machine;
+pub mod memory;
+pub mod stats;
+pub mod vcpu;
+pub mod vm;
+
+pub use exit::{VmExit, STATUS_GUEST_FAILED};
+pub use vm::{run, RunReport, VmConfig, VmError};

@@ -1,0 +1,381 @@
+//! vCPUs: their boot state, and the thread that runs each one.
+//!
+//! A vCPU thread loops on KVM_RUN and hands every exit that reaches user space
+//! to a small handler. It stops when the VM is stopping; the main thread kicks
+//! it out of KVM_RUN with [`KICK_SIGNAL`]. The same kick, sent now and then,
+//! lets a halted vCPU report whether it can ever run again.
+
+use std::sync::Arc;
+
+use arch::regs::{self, EntryMode};
+use devices::{Bus, VmAction};
+use kvm_bindings::{
+    CpuId, Msrs, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use thiserror::Error;
+
+use crate::control::{Control, VcpuActivity};
+use crate::exit::VmExit;
+use crate::loader::LoadedKernel;
+
+/// KVM_SYSTEM_EVENT types.
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+const SYSTEM_EVENT_CRASH: u32 = 3;
+/// RFLAGS.IF.
+const RFLAGS_IF: u64 = 1 << 9;
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+/// Errors from setting up a vCPU.
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    /// A KVM call that configures the vCPU failed.
+    #[error("cannot set up vCPU {index}: {what}")]
+    Setup {
+        index: u8,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Not every boot MSR was accepted.
+    #[error("vCPU {index}: KVM accepted {set} of {wanted} boot MSRs")]
+    Msrs {
+        index: u8,
+        set: usize,
+        wanted: usize,
+    },
+    /// The kick signal's handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] std::io::Error),
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+/// Installs the (empty) kick handler, without SA_RESTART so that KVM_RUN
+/// returns EINTR.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    // SAFETY: an all-zero sigaction is a valid value to start from.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as usize;
+    action.sa_flags = 0;
+    // SAFETY: `action` is fully initialised and `on_kick` is async-signal-safe
+    // (it does nothing).
+    let rc = unsafe { libc::sigaction(kick_signal(), &action, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(VcpuError::Signal(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// One vCPU and what its exits reach.
+#[derive(Debug)]
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    control: Arc<Control>,
+}
+
+impl Vcpu {
+    /// Wraps a KVM vCPU.
+    pub fn new(
+        index: u8,
+        fd: VcpuFd,
+        io_bus: Arc<Bus>,
+        mmio_bus: Arc<Bus>,
+        control: Arc<Control>,
+    ) -> Self {
+        Self {
+            index,
+            fd,
+            io_bus,
+            mmio_bus,
+            control,
+        }
+    }
+
+    fn setup_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let index = self.index;
+        move |source| VcpuError::Setup {
+            index,
+            what,
+            source,
+        }
+    }
+
+    /// Sets CPUID, MSRs and the local APIC; for the boot vCPU, also the entry
+    /// registers for the loaded kernel. Application processors wait for
+    /// INIT/SIPI from the guest, as on real hardware.
+    pub fn configure(
+        &self,
+        supported: &CpuId,
+        count: u8,
+        boot: Option<&LoadedKernel>,
+    ) -> Result<(), VcpuError> {
+        let mut cpuid = supported.clone();
+        arch::cpuid::shape(cpuid.as_mut_slice(), self.index, count);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.setup_err("CPUID"))?;
+
+        let entries = regs::boot_msrs();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Msrs {
+            index: self.index,
+            set: 0,
+            wanted: entries.len(),
+        })?;
+        let set = self.fd.set_msrs(&msrs).map_err(self.setup_err("MSRs"))?;
+        if set != entries.len() {
+            return Err(VcpuError::Msrs {
+                index: self.index,
+                set,
+                wanted: entries.len(),
+            });
+        }
+
+        let mut lapic = self.fd.get_lapic().map_err(self.setup_err("local APIC"))?;
+        regs::set_lint(&mut lapic);
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(self.setup_err("local APIC"))?;
+
+        if let Some(kernel) = boot {
+            self.set_entry(kernel.mode, kernel.entry)?;
+        }
+        Ok(())
+    }
+
+    fn set_entry(&self, mode: EntryMode, entry: u64) -> Result<(), VcpuError> {
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(self.setup_err("segment registers"))?;
+        self.fd
+            .set_sregs(&regs::boot_sregs(sregs, mode))
+            .map_err(self.setup_err("segment registers"))?;
+        self.fd
+            .set_regs(&regs::boot_regs(mode, entry))
+            .map_err(self.setup_err("registers"))?;
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(self.setup_err("FPU"))?;
+        Ok(())
+    }
+
+    /// The vCPU thread's body: runs until the VM stops.
+    pub fn run(mut self) {
+        while !self.control.is_stopping() {
+            let outcome = match self.fd.run() {
+                Ok(exit) => handle_exit(
+                    self.index,
+                    exit,
+                    &self.io_bus,
+                    &self.mmio_bus,
+                    &self.control,
+                ),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.on_kick();
+                    None
+                }
+                Err(e) => Some(VmExit::InternalError {
+                    vcpu: self.index,
+                    detail: format!("KVM_RUN failed: {e}"),
+                }),
+            };
+            if let Some(why) = outcome {
+                self.control.request_exit(why);
+                break;
+            }
+        }
+    }
+
+    /// After a kick: records whether this vCPU can ever run again.
+    fn on_kick(&mut self) {
+        let activity = self.activity();
+        if self.control.set_activity(usize::from(self.index), activity) {
+            self.control.request_exit(VmExit::Halted);
+        }
+    }
+
+    fn activity(&self) -> VcpuActivity {
+        let Ok(mp) = self.fd.get_mp_state() else {
+            return VcpuActivity::Live;
+        };
+        match mp.mp_state {
+            KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED => VcpuActivity::WaitingForSipi,
+            KVM_MP_STATE_HALTED => {
+                let interrupts_off = self.fd.get_regs().is_ok_and(|r| r.rflags & RFLAGS_IF == 0);
+                let nmi_pending = self
+                    .fd
+                    .get_vcpu_events()
+                    .map_or(true, |e| e.nmi.pending != 0);
+                if interrupts_off && !nmi_pending {
+                    VcpuActivity::DeadHalt
+                } else {
+                    VcpuActivity::Live
+                }
+            }
+            _ => VcpuActivity::Live,
+        }
+    }
+}
+
+/// Acts on a device's request after a bus write.
+fn apply_action(action: VmAction, control: &Control) -> Option<VmExit> {
+    match action {
+        VmAction::PowerOff => Some(VmExit::PowerOff),
+        VmAction::Reset => Some(VmExit::Reset),
+        VmAction::DebugExit(v) => Some(VmExit::DebugExit(v)),
+        VmAction::Panicked => Some(VmExit::Panicked),
+        VmAction::BootMarker(_) => {
+            control.record_boot_marker();
+            None
+        }
+    }
+}
+
+/// Handles one exit. Returns a reason to stop the VM, if the exit is one.
+pub fn handle_exit(
+    index: u8,
+    exit: VcpuExit,
+    io_bus: &Bus,
+    mmio_bus: &Bus,
+    control: &Control,
+) -> Option<VmExit> {
+    use std::sync::atomic::Ordering::Relaxed;
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            control.exits.io.fetch_add(1, Relaxed);
+            io_bus.read(u64::from(port), data);
+            None
+        }
+        VcpuExit::IoOut(port, data) => {
+            control.exits.io.fetch_add(1, Relaxed);
+            io_bus
+                .write(u64::from(port), data)
+                .flatten()
+                .and_then(|a| apply_action(a, control))
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            control.exits.mmio.fetch_add(1, Relaxed);
+            mmio_bus.read(addr, data);
+            None
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            control.exits.mmio.fetch_add(1, Relaxed);
+            mmio_bus
+                .write(addr, data)
+                .flatten()
+                .and_then(|a| apply_action(a, control))
+        }
+        other => {
+            control.exits.other.fetch_add(1, Relaxed);
+            handle_other_exit(index, other)
+        }
+    }
+}
+
+fn handle_other_exit(index: u8, exit: VcpuExit) -> Option<VmExit> {
+    match exit {
+        // Without an in-kernel local APIC, HLT comes here; nothing can wake it.
+        VcpuExit::Hlt => Some(VmExit::Halted),
+        VcpuExit::Shutdown => Some(VmExit::TripleFault { vcpu: index }),
+        VcpuExit::SystemEvent(SYSTEM_EVENT_SHUTDOWN, _) => Some(VmExit::PowerOff),
+        VcpuExit::SystemEvent(SYSTEM_EVENT_RESET, _) => Some(VmExit::Reset),
+        VcpuExit::SystemEvent(SYSTEM_EVENT_CRASH, _) => Some(VmExit::Panicked),
+        VcpuExit::FailEntry(reason, cpu) => Some(VmExit::InternalError {
+            vcpu: index,
+            detail: format!("entry failed, hardware reason {reason:#x} on host CPU {cpu}"),
+        }),
+        VcpuExit::InternalError => Some(VmExit::InternalError {
+            vcpu: index,
+            detail: "emulation failure".into(),
+        }),
+        VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
+        other => Some(VmExit::InternalError {
+            vcpu: index,
+            detail: format!("unexpected exit {other:?}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    struct Port(Option<VmAction>);
+    impl devices::BusDevice for Port {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(0x42);
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) -> Option<VmAction> {
+            self.0
+        }
+    }
+
+    fn bus_with(action: Option<VmAction>) -> Bus {
+        let mut bus = Bus::new();
+        bus.insert(0xf4, 4, Arc::new(Mutex::new(Port(action))))
+            .unwrap();
+        bus
+    }
+
+    #[test]
+    fn port_write_action_becomes_vm_exit() {
+        let control = Control::new(1, Instant::now());
+        let io = bus_with(Some(VmAction::DebugExit(3)));
+        let exit = handle_exit(
+            0,
+            VcpuExit::IoOut(0xf4, &[3, 0, 0, 0]),
+            &io,
+            &Bus::new(),
+            &control,
+        );
+        assert_eq!(exit, Some(VmExit::DebugExit(3)));
+        assert_eq!(control.exits.total(), 1);
+    }
+
+    #[test]
+    fn port_read_is_served_by_the_device() {
+        let control = Control::new(1, Instant::now());
+        let io = bus_with(None);
+        let mut data = [0u8; 2];
+        assert_eq!(
+            handle_exit(
+                0,
+                VcpuExit::IoIn(0xf5, &mut data),
+                &io,
+                &Bus::new(),
+                &control
+            ),
+            None
+        );
+        assert_eq!(data, [0x42, 0x42]);
+    }
+
+    #[test]
+    fn boot_marker_is_recorded_and_does_not_stop() {
+        let control = Control::new(1, Instant::now());
+        let io = bus_with(Some(VmAction::BootMarker(1)));
+        assert_eq!(
+            handle_exit(0, VcpuExit::IoOut(0xf4, &[1]), &io, &Bus::new(), &control),
+            None
+        );
+        assert!(control.boot_marker_us().is_some());
+    }
+
+    #[test]
+    fn shutdown_is_a_triple_fault() {
+        let control = Control::new(2, Instant::now());
+        let exit = handle_exit(1, VcpuExit::Shutdown, &Bus::new(), &Bus::new(), &control);
+        assert_eq!(exit, Some(VmExit::TripleFault { vcpu: 1 }));
+    }
+}

@@ -1,0 +1,268 @@
+//! VM assembly and lifecycle: builds the machine from a [`VmConfig`], runs
+//! its vCPUs, and returns how the run ended.
+//!
+//! Boot sequence: KVM VM with in-kernel irqchip and PIT; memfd guest RAM;
+//! ACPI tables; kernel, initramfs and command line; boot page tables; legacy
+//! devices on the port bus; vCPUs configured and started on their own threads.
+//! The main thread then waits for a reason to stop, kicking the vCPUs now and
+//! then so that a guest that halted for good is noticed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arch::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+use arch::memmap::{self, MemMapError};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+
+use crate::control::Control;
+use crate::exit::VmExit;
+use crate::loader::{self, BootSpec, LoaderError};
+use crate::memory::{self, MemoryError};
+use crate::vcpu::{self, Vcpu, VcpuError};
+use crate::{console, machine};
+
+/// How often the main thread kicks vCPUs to see whether they can still run.
+const LIVENESS_PERIOD: Duration = Duration::from_millis(200);
+/// How long stopping vCPUs may take before the VMM stops waiting for them.
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+/// The most vCPUs a VM may have (the MADT's APIC ids are 8-bit).
+pub const MAX_VCPUS: u8 = 254;
+
+/// Everything needed to build and boot one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+}
+
+/// Errors from building or running a VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// /dev/kvm is missing.
+    #[error("/dev/kvm does not exist: this host has no KVM (load kvm_intel or kvm_amd, or enable nested virtualization)")]
+    NoKvm,
+    /// /dev/kvm is not accessible to this user.
+    #[error("/dev/kvm is not accessible: add this user to the kvm group, or run as root")]
+    KvmDenied,
+    /// Opening /dev/kvm failed in some other way.
+    #[error("cannot open /dev/kvm")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    /// A KVM call that builds the VM failed.
+    #[error("cannot {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// The vCPU count is out of range.
+    #[error("--cpus must be between 1 and {MAX_VCPUS}, not {0}")]
+    Cpus(u8),
+    #[error(transparent)]
+    MemMap(#[from] MemMapError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Machine(#[from] machine::MachineError),
+    /// A VMM thread could not be started.
+    #[error("cannot start the {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
+}
+
+/// How a run ended, and what it measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunReport {
+    pub exit: VmExit,
+    /// Microseconds from VMM start to the guest's first boot marker.
+    pub boot_marker_us: Option<u64>,
+    /// Exits that reached the VMM.
+    pub exits_io: u64,
+    pub exits_mmio: u64,
+    pub exits_other: u64,
+}
+
+fn open_kvm() -> Result<Kvm, VmError> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => VmError::NoKvm,
+        libc::EACCES | libc::EPERM => VmError::KvmDenied,
+        _ => VmError::KvmOpen(e),
+    })
+}
+
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| VmError::Kvm("create a KVM VM", e))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(|e| VmError::Kvm("set the TSS address", e))?;
+    // Only Intel hosts need the identity map; elsewhere the call may be refused.
+    let _ = vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS);
+    vm.create_irq_chip()
+        .map_err(|e| VmError::Kvm("create the in-kernel interrupt controllers", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| VmError::Kvm("create the in-kernel PIT", e))?;
+    Ok(vm)
+}
+
+/// Builds the VM and runs it until it stops. `start` is when the VMM started,
+/// for the boot-marker time.
+pub fn run(config: &VmConfig, start: Instant) -> Result<RunReport, VmError> {
+    if config.cpus == 0 || config.cpus > MAX_VCPUS {
+        return Err(VmError::Cpus(config.cpus));
+    }
+    let regions = memmap::ram_regions(config.memory)?;
+    memory::check_host_fits(config.memory)?;
+    let kvm = open_kvm()?;
+    let vm = create_vm(&kvm)?;
+    let mem = memory::create(&regions)?;
+    memory::register(&vm, &mem)?;
+
+    let rsdp = machine::write_acpi_tables(&mem, config.cpus)?;
+    let e820 = memmap::e820_map(&regions);
+    let kernel = loader::load(
+        &mem,
+        &BootSpec {
+            kernel: &config.kernel,
+            initramfs: config.initramfs.as_deref(),
+            cmdline: &config.cmdline,
+            e820: &e820,
+            low_ram_end: memmap::low_ram_end(&regions),
+            mem_size: config.memory,
+            rsdp_addr: rsdp,
+        },
+    )?;
+    machine::write_boot_tables(&mem, kernel.mode)?;
+
+    let control = Arc::new(Control::new(usize::from(config.cpus), start));
+    let interactive = console::stdin_is_tty();
+    let devices = machine::LegacyDevices::create(&vm, interactive)?;
+    let io_bus = Arc::new(devices.io_bus()?);
+    let mmio_bus = Arc::new(devices::Bus::new());
+
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmError::Kvm("read KVM's supported CPUID", e))?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+    for index in 0..config.cpus {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|e| VmError::Kvm("create a vCPU", e))?;
+        let vcpu = Vcpu::new(index, fd, io_bus.clone(), mmio_bus.clone(), control.clone());
+        vcpu.configure(&supported, config.cpus, (index == 0).then_some(&kernel))?;
+        vcpus.push(vcpu);
+    }
+
+    vcpu::install_kick_handler()?;
+    block_stop_signals();
+    spawn_signal_waiter(control.clone())?;
+    let _raw = if interactive && console::enter_raw_mode().is_ok() {
+        Some(console::RawModeGuard)
+    } else {
+        None
+    };
+    console::spawn_stdin_reader(devices.console_input(), control.clone(), interactive);
+
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        let handle = std::thread::Builder::new()
+            .name("vcpu".into())
+            .spawn(move || vcpu.run())
+            .map_err(|e| VmError::Thread("vCPU", e))?;
+        threads.push(handle);
+    }
+
+    let exit = supervise(&control, &threads);
+    stop_vcpus(threads);
+    let exits = &control.exits;
+    use std::sync::atomic::Ordering::Relaxed;
+    Ok(RunReport {
+        exit,
+        boot_marker_us: control.boot_marker_us(),
+        exits_io: exits.io.load(Relaxed),
+        exits_mmio: exits.mmio.load(Relaxed),
+        exits_other: exits.other.load(Relaxed),
+    })
+}
+
+fn kick(threads: &[JoinHandle<()>]) {
+    use std::os::unix::thread::JoinHandleExt;
+    for t in threads.iter().filter(|t| !t.is_finished()) {
+        // SAFETY: the pthread handle belongs to a thread that has not been
+        // joined, so it is valid; the kick signal has a handler installed.
+        unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+    }
+}
+
+/// Waits for a reason to stop, kicking vCPUs now and then so each can report
+/// whether it may still run.
+fn supervise(control: &Control, threads: &[JoinHandle<()>]) -> VmExit {
+    loop {
+        if let Some(exit) = control.wait_exit_timeout(LIVENESS_PERIOD) {
+            return exit;
+        }
+        kick(threads);
+    }
+}
+
+fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+        kick(&threads);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for t in threads.into_iter().filter(|t| t.is_finished()) {
+        let _ = t.join();
+    }
+}
+
+fn stop_signal_set() -> libc::sigset_t {
+    // SAFETY: an all-zero sigset_t is valid storage for sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is valid storage; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+    }
+    set
+}
+
+/// Blocks SIGINT and SIGTERM in this thread and every thread it starts, so
+/// that only the signal waiter receives them.
+fn block_stop_signals() {
+    let set = stop_signal_set();
+    // SAFETY: `set` is a valid signal set; a null old-set pointer is allowed.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+fn spawn_signal_waiter(control: Arc<Control>) -> Result<(), VmError> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let set = stop_signal_set();
+            let mut signal: libc::c_int = 0;
+            // SAFETY: `set` is a valid signal set blocked in this thread, and
+            // `signal` is valid storage for the result.
+            if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+                let name = if signal == libc::SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
+                control.request_exit(VmExit::Stopped(name.into()));
+            }
+        })
+        .map(drop)
+        .map_err(|e| VmError::Thread("signal", e))
+}

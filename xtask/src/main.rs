@@ -25,9 +25,10 @@ commands:
                             CMD there (words joined, run by /bin/sh); no CMD: a shell
       --qemu                also ship qemu-system-x86_64 into the lab
       --add HOST[:LABPATH]  ship a host file (default /lab/bin/NAME)
-  test [--host-only|--lab-only]
+  test [--host-only|--lab-only] [--stand-in qemu]
                             run all test tiers: cargo test --workspace, then the
-                            lab tests in one lab boot; ends with `N passed, M failed`
+                            lab tests in one lab boot; ends with `N passed, M failed`;
+                            --stand-in qemu: QEMU plays the VMM (checks the tests)
   demo [--cpus N] [--memory SIZE] [--run 'CMD']
                             boot the guest kit under ferrovisor (inside the lab when
                             the host's KVM is PVM); --run: run CMD, exit with its status

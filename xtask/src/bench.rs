@@ -17,6 +17,8 @@ use crate::util::{Context, Result};
 
 const INIT_LINE: &str = "ferrovisor-guest: init reached";
 const MEMORY_MIB: u64 = 512;
+/// KVM's debugfs sum over the VMs that exist: it is polled while the VMM runs
+/// (one VMM at a time), since a VM's counts vanish with it.
 const EXITS_COUNTER: &str = "/sys/kernel/debug/kvm/exits";
 /// One boot may take this long before it is abandoned.
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
@@ -52,6 +54,8 @@ struct Sample {
     total_ms: f64,
     /// KVM exits of all kinds during the boot (debugfs counter).
     kvm_exits: Option<u64>,
+    /// Exits that reached the VMM in user space, as ferrovisor reports them.
+    user_exits: Option<u64>,
     /// Peak RssAnon + RssFile (KiB): the VMM's own memory.
     vmm_kib: u64,
     /// Peak RssShmem (KiB): guest RAM touched (memfd-backed).
@@ -153,6 +157,7 @@ fn measure(vmm: Vmm) -> Result<Sample> {
     let marker_file = PathBuf::from("/tmp/bench-marker");
     let _ = std::fs::remove_file(&marker_file);
     let exits_before = read_counter(EXITS_COUNTER);
+    let mut exits_seen = exits_before;
     let mut cmd = command_for(vmm, &marker_file);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -185,6 +190,9 @@ fn measure(vmm: Vmm) -> Result<Sample> {
     let status = loop {
         if let Some(status) = child.try_wait().ctx(|| "wait".to_string())? {
             break status;
+        }
+        if let Some(now) = read_counter(EXITS_COUNTER) {
+            exits_seen = exits_seen.max(Some(now));
         }
         if let Some((own, guest)) = rss(child.id()) {
             sample.vmm_kib = sample.vmm_kib.max(own);
@@ -245,12 +253,15 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 
 type Metric = (&'static str, fn(&Sample) -> Option<f64>);
 
-const METRICS: [Metric; 6] = [
+const METRICS: [Metric; 7] = [
     ("VMM start -> /init marker (port 0x80), ms", |s| s.marker_ms),
     ("VMM start -> /init console line, ms", |s| s.console_ms),
     ("VMM start -> exit after poweroff, ms", |s| Some(s.total_ms)),
     ("KVM exits per boot (debugfs, all kinds)", |s| {
         s.kvm_exits.map(|v| v as f64)
+    }),
+    ("exits handled in user space (VMM-reported)", |s| {
+        s.user_exits.map(|v| v as f64)
     }),
     ("VMM memory beyond guest RAM (RssAnon+RssFile), MiB", |s| {
         Some(s.vmm_kib as f64 / 1024.0)

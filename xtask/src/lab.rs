@@ -21,7 +21,9 @@ const HELLO: &str = "ferrovisor-lab: up";
 /// Modules that make /dev/kvm (dependencies are added).
 const KVM_MODULES: &[&str] = &["kvm_amd"];
 /// The lab kernel's command line.
-const LAB_CMDLINE: &str = "console=ttyS0 quiet panic=-1 io_delay=none";
+/// `loglevel=2` keeps the lab kernel's KVM chatter about nested guests off the
+/// console; its own panics still show.
+const LAB_CMDLINE: &str = "console=ttyS0 loglevel=2 panic=-1 io_delay=none";
 
 /// Where things are inside the lab.
 pub const LAB_FERROVISOR: &str = "/lab/bin/ferrovisor";

@@ -348,6 +348,7 @@ pub fn command(args: &[String]) -> Result<u8> {
     let mut spec = Spec::new(Some(format!("/lab/bin/xtask bench-in-lab boot {runs}")));
     spec.interactive = false;
     spec.with_qemu = true;
+    spec.deadline = Duration::from_secs(15 * 60);
     spec.files.push((me, "/lab/bin/xtask".to_string()));
     let outcome = lab::run(&spec, &kit, Some(&ferrovisor))?;
     Ok(u8::try_from(outcome.status.clamp(0, 255)).unwrap_or(1))

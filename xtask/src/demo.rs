@@ -167,6 +167,7 @@ fn run_in_lab(opts: &Options, kit: &Kit, ferrovisor: &Path) -> Result<u8> {
     };
     let mut spec = Spec::new(Some(command));
     spec.interactive = interactive;
+    spec.deadline = std::time::Duration::from_secs(10 * 60);
     let outcome = lab::run(&spec, kit, Some(ferrovisor))?;
     if interactive {
         return Ok(u8::try_from(outcome.status.clamp(0, 255)).unwrap_or(1));

@@ -205,6 +205,10 @@ fn multi_threaded_tcg() -> bool {
     std::env::var("FERROVISOR_LAB_MTTCG").map_or(true, |v| v != "0")
 }
 
+fn heartbeat_file() -> PathBuf {
+    util::target_dir().join("lab/heartbeat")
+}
+
 fn qemu_command(spec: &Spec, kit: &Kit, initramfs: &Path) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     let accel = if multi_threaded_tcg() {
@@ -236,6 +240,13 @@ fn qemu_command(spec: &Spec, kit: &Kit, initramfs: &Path) -> Command {
         cmd.args(["-chardev", "stdio,id=console,signal=off"])
             .args(["-serial", "chardev:console"]);
     }
+    // The second UART (ttyS1 in the lab) carries the lab's heartbeat.
+    cmd.arg("-chardev")
+        .arg(format!(
+            "file,id=heartbeat,path={}",
+            heartbeat_file().display()
+        ))
+        .args(["-serial", "chardev:heartbeat"]);
     cmd
 }
 
@@ -255,7 +266,9 @@ fn attempt(
         deadline: (!spec.interactive).then_some(spec.deadline),
         interactive: spec.interactive,
         hold_until: Some(HELLO),
+        heartbeat: Some(heartbeat_file()),
     };
+    let _ = std::fs::remove_file(heartbeat_file());
     let report = watchdog::supervise(qemu_command(spec, kit, initramfs), &watch)?;
     let status = report.stdout.lines().rev().find_map(|l| {
         let at = l.find(STATUS_MARKER)?;
@@ -271,7 +284,8 @@ fn attempt(
             console: report.stdout,
         }),
         (Ending::Stalled(idle), _) => Err(Failure::Retry(format!(
-            "the lab hung: no console output and no CPU progress for {} s; killed it",
+            "the lab hung: no console output and no CPU progress, or no heartbeat, \
+             for {} s; killed it",
             idle.as_secs()
         ))),
         (Ending::TimedOut(t), _) => Err(Failure::Fatal(format!(

@@ -21,6 +21,10 @@ pub struct Watch {
     pub interactive: bool,
     /// Hold console output back until this text appears (firmware noise).
     pub hold_until: Option<&'static str>,
+    /// A file the machine appends to every few seconds while its kernel
+    /// schedules processes. Once it has grown, it must keep growing: silence
+    /// for `stall` means a wedged machine even if QEMU still burns CPU.
+    pub heartbeat: Option<std::path::PathBuf>,
 }
 
 /// How the process ended.
@@ -31,7 +35,8 @@ pub enum Ending {
         code: Option<i32>,
         signal: Option<i32>,
     },
-    /// The watchdog killed it: no output and no CPU progress.
+    /// The watchdog killed it: no output and no CPU progress, or its
+    /// heartbeat stopped.
     Stalled(Duration),
     /// The watchdog killed it: the deadline passed.
     TimedOut(Duration),
@@ -222,6 +227,8 @@ fn watch_child(
     let min_ticks = (MIN_PROGRESS.as_millis() as u64 * hz).div_ceil(1000);
     let mut sample_at = start;
     let mut sample_ticks = 0;
+    let mut beats = 0;
+    let mut last_beat: Option<Instant> = None;
     loop {
         if let Some(status) = child
             .try_wait()
@@ -242,11 +249,22 @@ fn watch_child(
             sample_ticks = ticks;
             sample_at = now;
         }
+        if let Some(file) = &watch.heartbeat {
+            let len = std::fs::metadata(file).map_or(0, |m| m.len());
+            if len > beats {
+                beats = len;
+                last_beat = Some(now);
+            }
+        }
+        let silent = last_beat.map(|t| now.duration_since(t));
         let elapsed = start.elapsed();
         let idle =
             elapsed.saturating_sub(Duration::from_millis(last_active.load(Ordering::Relaxed)));
         let ending = match (watch.stall, watch.deadline) {
             (Some(stall), _) if idle >= stall => Some(Ending::Stalled(idle)),
+            (Some(stall), _) if silent.is_some_and(|s| s >= stall) => {
+                Some(Ending::Stalled(silent.unwrap_or_default()))
+            }
             (_, Some(deadline)) if elapsed >= deadline => Some(Ending::TimedOut(elapsed)),
             _ => None,
         };
@@ -284,10 +302,34 @@ mod tests {
             deadline: Some(Duration::from_secs(60)),
             interactive: false,
             hold_until: None,
+            heartbeat: None,
         };
         let mut cmd = Command::new("sleep");
         cmd.arg("30");
         let report = supervise(cmd, &watch).expect("supervise");
+        assert!(
+            matches!(report.ending, Ending::Stalled(_)),
+            "{:?}",
+            report.ending
+        );
+    }
+
+    #[test]
+    fn busy_process_whose_heartbeat_stops_is_killed() {
+        let beat = std::env::temp_dir().join(format!("xtask-beat-{}", std::process::id()));
+        let _ = std::fs::remove_file(&beat);
+        let watch = Watch {
+            stall: Some(Duration::from_secs(1)),
+            deadline: Some(Duration::from_secs(60)),
+            interactive: false,
+            hold_until: None,
+            heartbeat: Some(beat.clone()),
+        };
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("echo . > {}; while :; do :; done", beat.display()));
+        let report = supervise(cmd, &watch).expect("supervise");
+        let _ = std::fs::remove_file(&beat);
         assert!(
             matches!(report.ending, Ending::Stalled(_)),
             "{:?}",
@@ -302,6 +344,7 @@ mod tests {
             deadline: Some(Duration::from_secs(60)),
             interactive: false,
             hold_until: Some("START"),
+            heartbeat: None,
         };
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo noise; echo x START y; echo after; exit 3"]);

@@ -32,7 +32,8 @@ commands:
   demo [--cpus N] [--memory SIZE] [--run 'CMD']
                             boot the guest kit under ferrovisor (inside the lab when
                             the host's KVM is PVM); --run: run CMD, exit with its status
-  bench boot [--runs N]     boot-time, VM-exit and memory comparison with QEMU (in the lab)
+  bench boot [--runs N] [--q35]
+                            boot-time, VM-exit and memory comparison with QEMU (in the lab)
   help                      show this text";
 
 /// What a command asks the process to exit with.

@@ -21,6 +21,9 @@ pub const KERNEL_META: &str = "linux-image-cloud-amd64";
 
 /// The guest's drivers, in the order they are wanted; dependencies are added.
 const GUEST_MODULES: &[&str] = &[
+    // First, so that a panic anywhere after /init starts reaches the VMM.
+    "pvpanic",
+    "pvpanic_mmio",
     "virtio_ring",
     "virtio",
     "virtio_pci_modern_dev",

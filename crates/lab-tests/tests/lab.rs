@@ -128,15 +128,37 @@ fn debug_exit_port_carries_the_command_status() {
 #[test]
 #[ignore = "needs the lab: run by cargo xtask test"]
 fn kernel_panic_ends_the_vmm_with_a_failure() {
-    // reboot=t makes the panic's immediate reboot (panic=-1) a triple fault,
-    // which the VMM must report as a failure, unlike an orderly reboot.
-    let exit = boot(GuestConfig {
-        extra_cmdline: vec!["reboot=t".to_string()],
-        ..running("echo c > /proc/sysrq-trigger")
-    });
+    // The guest kit loads pvpanic, so the panic reaches the VMM through the
+    // pvpanic port before the kernel's own reboot (panic=-1) would.
+    let exit = boot(running("echo c > /proc/sysrq-trigger"));
     let d = describe(&exit);
     assert!(exit.console.contains("Kernel panic"), "{d}");
-    assert!(!exit.status.success(), "{d}");
+    assert_eq!(exit.status.code(), Some(2), "{d}");
+    assert!(exit.stderr.contains("guest kernel panicked"), "{d}");
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn triple_fault_in_the_guest_ends_the_vmm_with_a_failure() {
+    // reboot=t reboots through a triple fault; the VMM tells that apart from
+    // an orderly reboot.
+    let exit = boot(GuestConfig {
+        extra_cmdline: vec!["reboot=t".to_string()],
+        ..running("reboot -f")
+    });
+    let d = describe(&exit);
+    assert_eq!(exit.status.code(), Some(2), "{d}");
+    assert!(exit.stderr.contains("triple-faulted"), "{d}");
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn reboot_in_the_guest_ends_the_vmm_with_status_zero() {
+    let exit = boot(running("echo rebooting; reboot -f; sleep 600"));
+    let d = describe(&exit);
+    assert!(exit.command_output().contains(&"rebooting"), "{d}");
+    assert_eq!(exit.status.code(), Some(0), "{d}");
+    assert!(!exit.stderr.contains("triple"), "{d}");
 }
 
 #[test]

@@ -294,21 +294,23 @@ fn attempt(
         ))),
         (Ending::Exited { code, signal }, None) => {
             let tcg = report.stderr.contains("tcg") || report.stderr.contains("Assertion");
-            let why = match (signal, tcg) {
-                (_, true) => "QEMU aborted on an internal TCG error".to_string(),
-                (Some(sig), _) => format!("QEMU died of signal {sig}"),
-                (None, _) => {
+            // The lab's init always reports a status unless its own kernel
+            // died under it (seen: a stack-guard fault in the lab kernel while
+            // it ran a nested guest). An inner guest's panic cannot stop the
+            // lab's init from reporting, so a panic seen here is the lab's.
+            let lab_panic = report.stdout.contains("Kernel panic - not syncing");
+            let why = match (signal, tcg, lab_panic) {
+                (_, true, _) => "QEMU aborted on an internal TCG error".to_string(),
+                (Some(sig), _, _) => format!("QEMU died of signal {sig}"),
+                (None, _, true) => "the lab's own kernel panicked".to_string(),
+                (None, _, false) => {
                     format!("the lab stopped without reporting a status (QEMU exit {code:?})")
                 }
             };
             if !report.released {
                 eprintln!("xtask: lab console before it failed:\n{}", tail());
             }
-            if tcg || signal.is_some() {
-                Err(Failure::Retry(why))
-            } else {
-                Err(Failure::Fatal(why))
-            }
+            Err(Failure::Retry(why))
         }
     })
 }

@@ -9,6 +9,7 @@
 pub mod multiboot;
 
 use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use arch::boot::{self, BootError, BootInfo, Initramfs};
@@ -119,19 +120,33 @@ pub fn detect_format(image: &[u8]) -> Option<KernelFormat> {
     }
 }
 
+/// Reads the first bytes of the kernel, enough to recognise any format.
+fn read_head(path: &Path) -> Result<Vec<u8>, LoaderError> {
+    let mut head = Vec::with_capacity(multiboot::MULTIBOOT_SEARCH_LEN);
+    open(path)?
+        .take(multiboot::MULTIBOOT_SEARCH_LEN as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| LoaderError::Read(path.into(), e))?;
+    Ok(head)
+}
+
 /// Loads the kernel, initramfs and command line, and writes the boot
-/// information for the kernel's format.
+/// information for the kernel's format. Only a multiboot kernel is read
+/// into the VMM's own memory; the others go straight to guest memory.
 pub fn load<M: GuestMemoryBackend>(mem: &M, spec: &BootSpec) -> Result<LoadedKernel, LoaderError> {
-    let image = std::fs::read(spec.kernel).map_err(|e| LoaderError::Read(spec.kernel.into(), e))?;
-    let format =
-        detect_format(&image).ok_or_else(|| LoaderError::NotAKernel(spec.kernel.into()))?;
+    let head = read_head(spec.kernel)?;
+    let format = detect_format(&head).ok_or_else(|| LoaderError::NotAKernel(spec.kernel.into()))?;
     if spec.cmdline.contains('\0') {
         return Err(LoaderError::CmdlineNul);
     }
     match format {
         KernelFormat::BzImage => load_bzimage(mem, spec),
         KernelFormat::Pvh => load_pvh(mem, spec),
-        KernelFormat::Multiboot => load_multiboot(mem, spec, &image),
+        KernelFormat::Multiboot => {
+            let image =
+                std::fs::read(spec.kernel).map_err(|e| LoaderError::Read(spec.kernel.into(), e))?;
+            load_multiboot(mem, spec, &image)
+        }
     }
 }
 
@@ -164,8 +179,11 @@ fn load_initramfs<M: GuestMemoryBackend>(
     floor: u64,
     limit: u64,
 ) -> Result<Initramfs, LoaderError> {
-    let data = std::fs::read(path).map_err(|e| LoaderError::Read(path.into(), e))?;
-    let size = data.len() as u64;
+    let mut file = open(path)?;
+    let size = file
+        .metadata()
+        .map_err(|e| LoaderError::Read(path.into(), e))?
+        .len();
     let too_big = || LoaderError::InitramfsTooBig {
         path: path.into(),
         size,
@@ -175,7 +193,7 @@ fn load_initramfs<M: GuestMemoryBackend>(
     if addr < floor {
         return Err(too_big());
     }
-    mem.write_slice(&data, GuestAddress(addr))
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|e| LoaderError::Write("initramfs", e))?;
     Ok(Initramfs { addr, size })
 }

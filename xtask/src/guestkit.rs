@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use crate::cpio::Archive;
 use crate::deb::{self, Package};
-use crate::kmod::ModuleTree;
+use crate::kmod::{self, ModuleTree};
 use crate::util::{self, Context, Fnv, Result};
 
 /// The guest's /init script.
@@ -286,17 +286,7 @@ fn guest_initramfs(kit: &Kit) -> Result<()> {
             missing.join(", ")
         );
     }
-    let mut order = String::new();
-    for module in modules {
-        order.push_str(&module.name);
-        order.push('\n');
-        archive.bytes(
-            &format!("/lib/modules/{}.ko", module.name),
-            0o644,
-            module.data,
-        );
-    }
-    archive.bytes("/lib/modules/load-order", 0o644, order);
+    kmod::add_to_archive(&mut archive, "/lib/modules", modules);
     archive.write_to(&kit.initramfs)
 }
 

@@ -25,6 +25,18 @@ pub struct Module {
     pub data: Vec<u8>,
 }
 
+/// Puts `modules` under `dir` in `archive`, with a `load-order` file that
+/// names them one a line, dependencies first, for the init script to insmod.
+pub fn add_to_archive(archive: &mut crate::cpio::Archive, dir: &str, modules: Vec<Module>) {
+    let mut order = String::new();
+    for module in modules {
+        order.push_str(&module.name);
+        order.push('\n');
+        archive.bytes(&format!("{dir}/{}.ko", module.name), 0o644, module.data);
+    }
+    archive.bytes(&format!("{dir}/load-order"), 0o644, order);
+}
+
 const SUFFIXES: [&str; 4] = [".ko", ".ko.xz", ".ko.zst", ".ko.gz"];
 
 /// Module names use `_` and `-` interchangeably.

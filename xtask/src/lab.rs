@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::cpio::Archive;
 use crate::guestkit::{self, Kit};
-use crate::kmod::ModuleTree;
+use crate::kmod::{self, ModuleTree};
 use crate::util::{self, Context, Result};
 use crate::watchdog::{self, Ending, Watch};
 
@@ -163,17 +163,7 @@ fn build_initramfs(spec: &Spec, kit: &Kit, ferrovisor: Option<&Path>) -> Result<
     if !missing.is_empty() {
         return Err(fail!("the kernel package lacks {}", missing.join(", ")));
     }
-    let mut order = String::new();
-    for module in modules {
-        order.push_str(&module.name);
-        order.push('\n');
-        archive.bytes(
-            &format!("/lab/modules/{}.ko", module.name),
-            0o644,
-            module.data,
-        );
-    }
-    archive.bytes("/lab/modules/load-order", 0o644, order);
+    kmod::add_to_archive(&mut archive, "/lab/modules", modules);
     if let Some(ferrovisor) = ferrovisor {
         add_program(&mut archive, ferrovisor, LAB_FERROVISOR)?;
     }

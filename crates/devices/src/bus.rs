@@ -126,6 +126,15 @@ impl Bus {
     }
 }
 
+/// Answers a read of a one-byte register: `value` in the first byte, and all
+/// ones in any wider part of the access, as an 8-bit ISA device reads.
+pub fn fill_byte_register(data: &mut [u8], value: u8) {
+    data.fill(0xff);
+    if let Some(first) = data.first_mut() {
+        *first = value;
+    }
+}
+
 /// Locks a device, carrying on with the inner state if another thread panicked
 /// while holding it: a device model keeps no invariant that a panic could break
 /// halfway through an access that we would rather not serve.

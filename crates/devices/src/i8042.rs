@@ -30,7 +30,7 @@ use std::collections::VecDeque;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bus::{BusDevice, VmAction};
+use crate::bus::{fill_byte_register, BusDevice, VmAction};
 
 const DATA_OFFSET: u64 = 0;
 const COMMAND_OFFSET: u64 = 4;
@@ -300,10 +300,7 @@ impl BusDevice for I8042 {
             COMMAND_OFFSET => self.status(),
             _ => 0xff,
         };
-        data.fill(0xff);
-        if let Some(first) = data.first_mut() {
-            *first = value;
-        }
+        fill_byte_register(data, value);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmAction> {

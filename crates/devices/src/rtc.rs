@@ -36,7 +36,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::bus::{BusDevice, VmAction};
+use crate::bus::{fill_byte_register, BusDevice, VmAction};
 
 const INDEX_OFFSET: u64 = 0;
 const DATA_OFFSET: u64 = 1;
@@ -380,10 +380,7 @@ impl BusDevice for Rtc {
             DATA_OFFSET => self.read_register(self.index),
             _ => 0xff,
         };
-        data.fill(0xff);
-        if let Some(first) = data.first_mut() {
-            *first = value;
-        }
+        fill_byte_register(data, value);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmAction> {

@@ -44,7 +44,9 @@ pub fn shape(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
                 // EAX[31:26]: cores per package - 1; [25:14]: threads sharing this cache - 1.
                 let cache_level = (entry.eax >> 5) & 0x7;
                 let sharing = if cache_level >= 3 { count32 - 1 } else { 0 };
-                entry.eax = (entry.eax & 0x3ff) | ((count32 - 1) << 26) | (sharing << 14);
+                // Both fields are narrow (6 and 12 bits): clamp, don't wrap.
+                let cores = (count32 - 1).min(0x3f);
+                entry.eax = (entry.eax & 0x3ff) | (cores << 26) | (sharing.min(0xfff) << 14);
             }
             0xb | 0x1f => shape_topology_leaf(entry, apic_id, count32, shift),
             0x4000_0001 => entry.eax |= KVM_FEATURE_NOP_IO_DELAY,

@@ -33,6 +33,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::bus::{fill_byte_register, BusDevice, VmAction};
 
 const DATA_OFFSET: u64 = 0;
+/// How many bytes the keyboard holds for the guest before it drops more.
+const KEYBOARD_BUFFER: usize = 16;
 const COMMAND_OFFSET: u64 = 4;
 
 // Status register bits.
@@ -188,8 +190,12 @@ impl I8042 {
 
     fn keyboard_send(&mut self, bytes: &[u8]) {
         let was_empty = self.output.is_empty();
+        // A guest that sends commands and never reads the answers must not
+        // grow the queue without bound: like a real keyboard's small buffer,
+        // bytes beyond it are dropped.
+        let room = KEYBOARD_BUFFER.saturating_sub(self.output.len());
         self.output
-            .extend(bytes.iter().map(|&b| (b, Source::Keyboard)));
+            .extend(bytes.iter().take(room).map(|&b| (b, Source::Keyboard)));
         if was_empty {
             self.signal_keyboard_byte();
         }
@@ -475,5 +481,15 @@ mod tests {
         let mut data = [0u8];
         dev.read(1, &mut data);
         assert_eq!(data, [0xff]);
+    }
+
+    #[test]
+    fn unread_keyboard_answers_do_not_grow_without_bound() {
+        let mut dev = I8042::new(EventFd::new(0).unwrap());
+        for _ in 0..10_000 {
+            // "Identify keyboard": an ACK and two ID bytes each time.
+            dev.write(DATA_OFFSET, &[0xf2]);
+        }
+        assert!(dev.output.len() <= KEYBOARD_BUFFER);
     }
 }

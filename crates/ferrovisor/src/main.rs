@@ -36,7 +36,8 @@ Exit status: 0 when the guest powers off, reboots or halts, or on SIGINT/SIGTERM
 2 when the guest fails (triple fault, panic, KVM error) or on a usage error.
 ";
 
-/// One line: the error and each of its causes.
+/// One line: the error and each of its causes. A newline inside (from a
+/// path or argument) is shown escaped, so that the message stays one line.
 fn one_line(err: &dyn Error) -> String {
     let mut line = err.to_string();
     let mut source = err.source();
@@ -45,7 +46,7 @@ fn one_line(err: &dyn Error) -> String {
         line.push_str(&cause.to_string());
         source = cause.source();
     }
-    line
+    line.replace('\n', "\\n")
 }
 
 /// Warns once when the host's KVM is PVM, where guest kernel mode is emulated.
@@ -109,9 +110,27 @@ fn main() -> ExitCode {
     let start = Instant::now();
     std::panic::set_hook(Box::new(|info| {
         vmm::console::restore_terminal();
-        eprintln!("ferrovisor: internal error: {info}");
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let place = info.location().map(|l| l.to_string()).unwrap_or_default();
+        eprintln!(
+            "ferrovisor: internal error at {place}: {}",
+            what.replace('\n', " ")
+        );
     }));
-    match args::parse(std::env::args().skip(1)) {
+    let words: Result<Vec<String>, _> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.into_string())
+        .collect();
+    let Ok(words) = words else {
+        eprintln!("ferrovisor: an argument is not valid UTF-8");
+        return ExitCode::from(2);
+    };
+    match args::parse(words) {
         Ok(Command::Run(run_args)) => run(run_args, start),
         Ok(Command::Help) => {
             print!("{USAGE}");
@@ -126,7 +145,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("ferrovisor: {e}");
+            eprintln!("ferrovisor: {}", one_line(&e));
             ExitCode::from(2)
         }
     }

@@ -179,3 +179,13 @@ fn sigterm_stops_the_vmm_cleanly() {
 fn sigint_stops_the_vmm_cleanly() {
     stop_with(libc::SIGINT, "SIGINT");
 }
+
+#[test]
+fn sighup_stops_the_vmm_cleanly() {
+    stop_with(libc::SIGHUP, "SIGHUP");
+}
+
+#[test]
+fn sigquit_stops_the_vmm_cleanly() {
+    stop_with(libc::SIGQUIT, "SIGQUIT");
+}

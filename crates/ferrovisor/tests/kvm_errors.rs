@@ -118,3 +118,26 @@ fn dev_kvm_not_accessible() {
         .expect("setpriv runs");
     assert_one_line_error(&out, "/dev/kvm is not accessible");
 }
+
+#[test]
+fn argument_that_is_not_utf8() {
+    use std::os::unix::ffi::OsStrExt;
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrovisor"))
+        .args(["run", "--kernel"])
+        .arg(std::ffi::OsStr::from_bytes(b"/tmp/\xff"))
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "not valid UTF-8");
+}
+
+#[test]
+fn path_with_a_newline_stays_on_one_line() {
+    let out = ferrovisor(&["run", "--kernel", "/no/such\nkernel"]);
+    assert_one_line_error(&out, "/no/such\\nkernel");
+}
+
+#[test]
+fn initramfs_that_is_not_a_regular_file() {
+    let out = ferrovisor(&["run", "--kernel", &tiny_kernel(), "--initramfs", "/tmp"]);
+    assert_one_line_error(&out, "not a regular file");
+}

@@ -1,7 +1,14 @@
 //! State shared by the VMM's threads: the first reason to stop, the exit
-//! counters, the boot marker, and what each vCPU was last seen doing.
+//! counters, the boot marker, and what each vCPU reported in the latest
+//! liveness round.
+//!
+//! Liveness works in rounds. The main thread starts a round and kicks every
+//! vCPU out of KVM_RUN; each vCPU answers with the round's number and what it
+//! is doing. A vCPU busy outside KVM_RUN misses the kick and keeps an older
+//! round's answer, which never counts, so stale answers cannot add up to a
+//! wrong verdict.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
@@ -13,7 +20,9 @@ use crate::exit::VmExit;
 pub enum VcpuActivity {
     /// Running, or halted with interrupts enabled.
     Live = 0,
-    /// Halted with interrupts disabled and no NMI pending: only a reset wakes it.
+    /// Halted with interrupts disabled, and no NMI or paravirtual kick
+    /// pending. Linux's paravirtual spinlocks halt this way for a moment
+    /// while they wait for a kick, so one such answer alone proves nothing.
     DeadHalt = 1,
     /// Never started: an application processor still waiting for INIT/SIPI.
     WaitingForSipi = 2,
@@ -46,7 +55,9 @@ pub struct Control {
     exit: Mutex<Option<VmExit>>,
     exit_ready: Condvar,
     boot_marker_us: AtomicU64,
-    activity: Vec<AtomicU8>,
+    round: AtomicU64,
+    /// Per vCPU: `round << 8 | activity`.
+    answers: Vec<AtomicU64>,
     pub exits: ExitCounters,
 }
 
@@ -59,9 +70,8 @@ impl Control {
             exit: Mutex::new(None),
             exit_ready: Condvar::new(),
             boot_marker_us: AtomicU64::new(NO_MARKER),
-            activity: (0..vcpus)
-                .map(|_| AtomicU8::new(VcpuActivity::Live as u8))
-                .collect(),
+            round: AtomicU64::new(0),
+            answers: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
             exits: ExitCounters::default(),
         }
     }
@@ -121,20 +131,35 @@ impl Control {
         }
     }
 
-    /// Records what vCPU `index` is doing. Returns true when, with this, no
-    /// vCPU can run again: at least one is halted for good and the others are
-    /// halted too or were never started.
-    pub fn set_activity(&self, index: usize, activity: VcpuActivity) -> bool {
-        if let Some(slot) = self.activity.get(index) {
-            slot.store(activity as u8, Ordering::SeqCst);
+    /// Starts a liveness round and returns its number.
+    pub fn begin_round(&self) -> u64 {
+        self.round.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Records vCPU `index`'s answer to the current round.
+    pub fn answer(&self, index: usize, activity: VcpuActivity) {
+        let round = self.round.load(Ordering::SeqCst);
+        if let Some(slot) = self.answers.get(index) {
+            slot.store((round << 8) | activity as u64, Ordering::SeqCst);
         }
-        let states: Vec<u8> = self
-            .activity
-            .iter()
-            .map(|a| a.load(Ordering::SeqCst))
-            .collect();
-        states.contains(&(VcpuActivity::DeadHalt as u8))
-            && !states.contains(&(VcpuActivity::Live as u8))
+    }
+
+    /// Whether every vCPU answered `round`, and none of them can run: at
+    /// least one halted for good and the others halted too or never started.
+    pub fn all_stuck_in(&self, round: u64) -> bool {
+        let mut any_dead = false;
+        for slot in &self.answers {
+            let answer = slot.load(Ordering::SeqCst);
+            if answer >> 8 != round {
+                return false;
+            }
+            match answer & 0xff {
+                a if a == VcpuActivity::DeadHalt as u64 => any_dead = true,
+                a if a == VcpuActivity::WaitingForSipi as u64 => {}
+                _ => return false,
+            }
+        }
+        any_dead
     }
 }
 
@@ -152,14 +177,34 @@ mod tests {
     }
 
     #[test]
-    fn guest_is_dead_only_when_no_vcpu_can_run() {
+    fn guest_is_stuck_only_when_every_vcpu_answers_the_same_round() {
         let control = Control::new(3, Instant::now());
-        assert!(!control.set_activity(0, VcpuActivity::DeadHalt));
-        assert!(!control.set_activity(1, VcpuActivity::WaitingForSipi));
-        assert!(control.set_activity(2, VcpuActivity::WaitingForSipi));
-        assert!(!control.set_activity(2, VcpuActivity::Live));
-        let waiting_only = Control::new(1, Instant::now());
-        assert!(!waiting_only.set_activity(0, VcpuActivity::WaitingForSipi));
+        let round = control.begin_round();
+        control.answer(0, VcpuActivity::DeadHalt);
+        control.answer(1, VcpuActivity::WaitingForSipi);
+        assert!(!control.all_stuck_in(round), "vCPU 2 has not answered");
+        control.answer(2, VcpuActivity::WaitingForSipi);
+        assert!(control.all_stuck_in(round));
+        control.answer(2, VcpuActivity::Live);
+        assert!(!control.all_stuck_in(round));
+    }
+
+    #[test]
+    fn answers_from_an_older_round_do_not_count() {
+        let control = Control::new(2, Instant::now());
+        control.begin_round();
+        control.answer(0, VcpuActivity::DeadHalt);
+        let round = control.begin_round();
+        control.answer(1, VcpuActivity::DeadHalt);
+        assert!(!control.all_stuck_in(round), "vCPU 0's answer is stale");
+    }
+
+    #[test]
+    fn never_started_vcpus_alone_are_not_stuck() {
+        let control = Control::new(1, Instant::now());
+        let round = control.begin_round();
+        control.answer(0, VcpuActivity::WaitingForSipi);
+        assert!(!control.all_stuck_in(round));
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //!
 //! A vCPU thread loops on KVM_RUN and hands every exit that reaches user space
 //! to a small handler. It stops when the VM is stopping; the main thread kicks
-//! it out of KVM_RUN with [`KICK_SIGNAL`]. The same kick, sent now and then,
-//! lets a halted vCPU report whether it can ever run again.
+//! it out of KVM_RUN with [`kick_signal`]. The same kick, sent now and then,
+//! lets a halted vCPU say whether it can run again (see `control`).
 
 use std::sync::Arc;
 
@@ -195,12 +195,10 @@ impl Vcpu {
         }
     }
 
-    /// After a kick: records whether this vCPU can ever run again.
+    /// After a kick: answers the current liveness round.
     fn on_kick(&mut self) {
-        let activity = self.activity();
-        if self.control.set_activity(usize::from(self.index), activity) {
-            self.control.request_exit(VmExit::Halted);
-        }
+        self.control
+            .answer(usize::from(self.index), self.activity());
     }
 
     fn activity(&self) -> VcpuActivity {

@@ -21,7 +21,7 @@ use thiserror::Error;
 use crate::control::Control;
 use crate::exit::VmExit;
 use crate::loader::{self, BootSpec, LoaderError};
-use crate::memory::{self, MemoryError};
+use crate::memory::{self, GuestMemory, MemoryError};
 use crate::vcpu::{self, Vcpu, VcpuError};
 use crate::{console, machine};
 
@@ -175,15 +175,22 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunReport, VmError> {
 
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
-        let handle = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("vcpu".into())
-            .spawn(move || vcpu.run())
-            .map_err(|e| VmError::Thread("vCPU", e))?;
-        threads.push(handle);
+            .spawn(move || vcpu.run());
+        match spawned {
+            Ok(handle) => threads.push(handle),
+            Err(e) => {
+                // Stop the vCPUs already running before guest memory goes.
+                control.request_exit(VmExit::Stopped("a failed vCPU start".into()));
+                stop_vcpus(threads, mem);
+                return Err(VmError::Thread("vCPU", e));
+            }
+        }
     }
 
     let exit = supervise(&control, &threads);
-    stop_vcpus(threads);
+    stop_vcpus(threads, mem);
     let exits = &control.exits;
     use std::sync::atomic::Ordering::Relaxed;
     Ok(RunReport {
@@ -204,41 +211,71 @@ fn kick(threads: &[JoinHandle<()>]) {
     }
 }
 
-/// Waits for a reason to stop, kicking vCPUs now and then so each can report
-/// whether it may still run.
+/// Waits for a reason to stop. Each period it judges the last liveness round
+/// and starts the next one; two stuck rounds in a row mean no vCPU can ever
+/// run again.
 fn supervise(control: &Control, threads: &[JoinHandle<()>]) -> VmExit {
+    let mut round = 0;
+    let mut stuck_rounds = 0;
     loop {
         if let Some(exit) = control.wait_exit_timeout(LIVENESS_PERIOD) {
             return exit;
         }
+        if round > 0 && control.all_stuck_in(round) {
+            stuck_rounds += 1;
+        } else {
+            stuck_rounds = 0;
+        }
+        if stuck_rounds >= 2 {
+            control.request_exit(VmExit::Halted);
+            return control.wait_exit();
+        }
+        round = control.begin_round();
         kick(threads);
     }
 }
 
-fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
+/// Stops and joins the vCPU threads, then releases guest memory. A vCPU
+/// thread that does not stop in time may still be inside KVM_RUN, where KVM
+/// would touch the memory: then the memory is leaked rather than unmapped
+/// (the process is about to exit anyway).
+fn stop_vcpus(threads: Vec<JoinHandle<()>>, mem: GuestMemory) {
     let deadline = Instant::now() + STOP_TIMEOUT;
     while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
         kick(&threads);
         std::thread::sleep(Duration::from_millis(5));
     }
+    let all_stopped = threads.iter().all(|t| t.is_finished());
     for t in threads.into_iter().filter(|t| t.is_finished()) {
         let _ = t.join();
     }
+    if !all_stopped {
+        std::mem::forget(mem);
+    }
 }
+
+/// The signals that stop the VMM cleanly: every one whose default action
+/// would otherwise end the process with the terminal left in raw mode.
+const STOP_SIGNALS: [(libc::c_int, &str); 4] = [
+    (libc::SIGINT, "SIGINT"),
+    (libc::SIGTERM, "SIGTERM"),
+    (libc::SIGHUP, "SIGHUP"),
+    (libc::SIGQUIT, "SIGQUIT"),
+];
 
 fn stop_signal_set() -> libc::sigset_t {
     // SAFETY: an all-zero sigset_t is valid storage for sigemptyset.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is valid storage; the signal numbers are valid.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
+    // SAFETY: `set` is valid storage.
+    unsafe { libc::sigemptyset(&mut set) };
+    for (signal, _) in STOP_SIGNALS {
+        // SAFETY: `set` is valid storage and `signal` a valid signal number.
+        unsafe { libc::sigaddset(&mut set, signal) };
     }
     set
 }
 
-/// Blocks SIGINT and SIGTERM in this thread and every thread it starts, so
+/// Blocks the stop signals in this thread and every thread it starts, so
 /// that only the signal waiter receives them.
 fn block_stop_signals() {
     let set = stop_signal_set();
@@ -255,11 +292,10 @@ fn spawn_signal_waiter(control: Arc<Control>) -> Result<(), VmError> {
             // SAFETY: `set` is a valid signal set blocked in this thread, and
             // `signal` is valid storage for the result.
             if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-                let name = if signal == libc::SIGINT {
-                    "SIGINT"
-                } else {
-                    "SIGTERM"
-                };
+                let name = STOP_SIGNALS
+                    .iter()
+                    .find(|(s, _)| *s == signal)
+                    .map_or("a signal", |(_, name)| name);
                 control.request_exit(VmExit::Stopped(name.into()));
             }
         })

@@ -38,6 +38,9 @@ pub enum LoaderError {
     /// The kernel or initramfs file could not be read.
     #[error("cannot read {}", .0.display())]
     Read(PathBuf, #[source] std::io::Error),
+    /// A directory, pipe or device where a file was expected.
+    #[error("{} is not a regular file", .0.display())]
+    NotRegular(PathBuf),
     /// The file is in no format we boot.
     #[error("{} is not a kernel: it has no bzImage header, multiboot header or ELF magic", .0.display())]
     NotAKernel(PathBuf),
@@ -63,6 +66,9 @@ pub enum LoaderError {
         size: u64,
         limit: u64,
     },
+    /// The bzImage cannot decompress itself in the guest's low memory.
+    #[error("bzImage {} needs {needed_mib} MiB of guest memory to decompress; give a larger --memory", .path.display())]
+    TooLittleMemory { path: PathBuf, needed_mib: u64 },
     /// The command line is longer than the kernel accepts.
     #[error("kernel command line of {len} bytes is longer than the kernel's limit of {max}")]
     CmdlineTooLong { len: usize, max: usize },
@@ -143,15 +149,32 @@ pub fn load<M: GuestMemoryBackend>(mem: &M, spec: &BootSpec) -> Result<LoadedKer
         KernelFormat::BzImage => load_bzimage(mem, spec),
         KernelFormat::Pvh => load_pvh(mem, spec),
         KernelFormat::Multiboot => {
-            let image =
-                std::fs::read(spec.kernel).map_err(|e| LoaderError::Read(spec.kernel.into(), e))?;
+            let image = read_all(spec.kernel)?;
             load_multiboot(mem, spec, &image)
         }
     }
 }
 
+/// Opens a kernel, initramfs or module, which must be a regular file: a
+/// directory, pipe or device would give no length or block forever.
 fn open(path: &Path) -> Result<File, LoaderError> {
-    File::open(path).map_err(|e| LoaderError::Read(path.into(), e))
+    let file = File::open(path).map_err(|e| LoaderError::Read(path.into(), e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| LoaderError::Read(path.into(), e))?;
+    if !meta.is_file() {
+        return Err(LoaderError::NotRegular(path.into()));
+    }
+    Ok(file)
+}
+
+/// Reads a whole regular file.
+fn read_all(path: &Path) -> Result<Vec<u8>, LoaderError> {
+    let mut data = Vec::new();
+    open(path)?
+        .read_to_end(&mut data)
+        .map_err(|e| LoaderError::Read(path.into(), e))?;
+    Ok(data)
 }
 
 fn write_cmdline<M: GuestMemoryBackend>(
@@ -208,6 +231,17 @@ fn boot_info<'a>(spec: &'a BootSpec, initramfs: Option<Initramfs>) -> BootInfo<'
     }
 }
 
+/// Where a bzImage's decompressed kernel ends: the decompressor writes
+/// `init_size` bytes from the kernel's preferred address (or from where it
+/// was loaded, if higher). Headers older than 2.10 do not say.
+fn decompression_end(header: &linux_loader::bootparam::setup_header, load: u64) -> u64 {
+    if header.version < 0x020a {
+        return load;
+    }
+    load.max(header.pref_address)
+        .saturating_add(u64::from(header.init_size))
+}
+
 fn load_bzimage<M: GuestMemoryBackend>(
     mem: &M,
     spec: &BootSpec,
@@ -233,11 +267,19 @@ fn load_bzimage<M: GuestMemoryBackend>(
     } else {
         DEFAULT_INITRD_ADDR_MAX
     };
+    let decompressed_end = decompression_end(&header, result.kernel_load.0);
+    if decompressed_end > spec.low_ram_end {
+        return Err(LoaderError::TooLittleMemory {
+            path: path.into(),
+            needed_mib: decompressed_end.div_ceil(1 << 20),
+        });
+    }
     let initramfs = spec
         .initramfs
         .map(|p| {
             let limit = spec.low_ram_end.min(initrd_max + 1);
-            load_initramfs(mem, p, result.kernel_end, limit)
+            let floor = result.kernel_end.max(decompressed_end);
+            load_initramfs(mem, p, floor, limit)
         })
         .transpose()?;
     let params = boot::zero_page(header, &boot_info(spec, initramfs))?;
@@ -280,10 +322,7 @@ fn load_multiboot<M: GuestMemoryBackend>(
     image: &[u8],
 ) -> Result<LoadedKernel, LoaderError> {
     let path = spec.kernel;
-    let module_data = spec
-        .initramfs
-        .map(|p| std::fs::read(p).map_err(|e| LoaderError::Read(p.into(), e)))
-        .transpose()?;
+    let module_data = spec.initramfs.map(read_all).transpose()?;
     let module_name = spec
         .initramfs
         .map(|p| p.display().to_string())
@@ -323,6 +362,22 @@ fn load_multiboot<M: GuestMemoryBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decompression_needs_init_size_from_the_preferred_address() {
+        let header = linux_loader::bootparam::setup_header {
+            version: 0x020f,
+            pref_address: 0x100_0000,
+            init_size: 0x200_0000,
+            ..Default::default()
+        };
+        assert_eq!(decompression_end(&header, 0x10_0000), 0x300_0000);
+        let old = linux_loader::bootparam::setup_header {
+            version: 0x0209,
+            ..header
+        };
+        assert_eq!(decompression_end(&old, 0x10_0000), 0x10_0000);
+    }
 
     #[test]
     fn formats_are_recognised_by_their_magic() {

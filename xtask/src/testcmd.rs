@@ -130,8 +130,10 @@ fn lab_tier(qemu_stand_in: bool) -> Result<Tally> {
         Some(lab::build_ferrovisor()?)
     };
     let tests = build_lab_tests()?;
+    // One guest at a time: two nested guests side by side make the lab's
+    // emulated SVM fail now and then (docs/lab.md, "One guest at a time").
     let mut spec = Spec::new(Some(
-        "/lab/bin/lab-tests --ignored --test-threads=2".to_string(),
+        "/lab/bin/lab-tests --ignored --test-threads=1".to_string(),
     ));
     spec.interactive = false;
     spec.files.push((tests, "/lab/bin/lab-tests".to_string()));

@@ -28,10 +28,7 @@ fn multiboot_kernel_starts_with_a_valid_info_pointer() {
         .out_dx_al()
         .bytes(&[0x46]) // inc esi
         .jump(0xeb, "next")
-        .label("done")
-        .debug_exit(0x10)
-        .label("bad")
-        .debug_exit(0x11)
+        .verdict(0x10)
         .finish();
     let out = boot_tiny(&code, &["--cmdline", "root=none tiny=1"]);
     assert_eq!(out.status.code(), Some(0x21), "stderr: {}", stderr(&out));
@@ -57,10 +54,7 @@ fn initramfs_is_the_first_multiboot_module() {
         .out_dx_al()
         .bytes(&[0x46])
         .jump(0xeb, "next")
-        .label("done")
-        .debug_exit(0x10)
-        .label("bad")
-        .debug_exit(0x11)
+        .verdict(0x10)
         .finish();
     let module = write_temp("module.bin", b"module payload\n");
     let out = boot_tiny(&code, &["--initramfs", module.to_str().unwrap()]);

@@ -70,9 +70,7 @@ fn rtc_reports_valid_ram_and_time() {
         .in_al_dx()
         .bytes(&[0xa8, 0x80]) // test al, 0x80
         .jump(0x74, "bad") // jz bad
-        .debug_exit(0x20)
-        .label("bad")
-        .debug_exit(0x21)
+        .verdict(0x20)
         .finish();
     assert_eq!(boot_tiny(&code, &[]).status.code(), Some(0x41));
 }
@@ -84,9 +82,7 @@ fn unclaimed_port_reads_as_all_ones() {
         .in_al_dx()
         .bytes(&[0x3c, 0xff]) // cmp al, 0xff
         .jump(0x75, "bad") // jne bad
-        .debug_exit(0x30)
-        .label("bad")
-        .debug_exit(0x31)
+        .verdict(0x30)
         .finish();
     assert_eq!(boot_tiny(&code, &[]).status.code(), Some(0x61));
 }

@@ -75,7 +75,7 @@ fn irq_eventfd(vm: &VmFd, irq: u32) -> Result<EventFd, MachineError> {
 impl LegacyDevices {
     /// Creates the devices. The serial console writes to stdout and raises
     /// IRQ 4 through an irqfd.
-    pub fn create(vm: &VmFd, _interactive: bool) -> Result<Self, MachineError> {
+    pub fn create(vm: &VmFd) -> Result<Self, MachineError> {
         let serial_irq = irq_eventfd(vm, layout::SERIAL_IRQ)?;
         let keyboard_irq = irq_eventfd(vm, layout::I8042_KBD_IRQ)?;
         let serial = devices::serial::Serial::new(serial_irq, Box::new(std::io::stdout()));

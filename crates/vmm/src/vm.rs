@@ -146,7 +146,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunReport, VmError> {
 
     let control = Arc::new(Control::new(usize::from(config.cpus), start));
     let interactive = console::stdin_is_tty();
-    let devices = machine::LegacyDevices::create(&vm, interactive)?;
+    let devices = machine::LegacyDevices::create(&vm)?;
     let io_bus = Arc::new(devices.io_bus()?);
     let mmio_bus = Arc::new(devices::Bus::new());
 

@@ -65,6 +65,14 @@ impl Asm {
     pub fn cli_hlt(&mut self) -> &mut Self {
         self.bytes(&[0xfa, 0xf4])
     }
+    /// The common ending of a checking guest: label `done` exits with
+    /// `pass`, label `bad` with `pass + 1`.
+    pub fn verdict(&mut self, pass: u32) -> &mut Self {
+        self.label("done")
+            .debug_exit(pass)
+            .label("bad")
+            .debug_exit(pass + 1)
+    }
     pub fn label(&mut self, name: &'static str) -> &mut Self {
         self.labels.push((name, self.code.len()));
         self

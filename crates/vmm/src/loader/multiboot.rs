@@ -27,7 +27,8 @@
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
 
-pub mod testimage;
+#[cfg(test)]
+mod testimage;
 
 /// The magic number at the start of a multiboot header.
 pub const MULTIBOOT_HEADER_MAGIC: u32 = 0x1BAD_B002;

@@ -86,6 +86,7 @@ fn run(args: RunArgs, start: Instant) -> ExitCode {
         cmdline: args.cmdline,
         cpus: args.cpus,
         memory: args.memory,
+        ..VmConfig::default()
     };
     match vmm::run(&config, start) {
         Ok(report) => {

@@ -1,6 +1,7 @@
 //! The VMM: assembles a VM from its configuration (guest memory, vCPUs, boot,
 //! devices) and runs it.
 
+pub mod config;
 pub mod console;
 pub mod control;
 pub mod exit;
@@ -11,5 +12,6 @@ pub mod stats;
 pub mod vcpu;
 pub mod vm;
 
+pub use config::VmConfig;
 pub use exit::{VmExit, STATUS_GUEST_FAILED};
-pub use vm::{run, RunReport, VmConfig, VmError};
+pub use vm::{run, RunReport, VmError};

@@ -7,7 +7,6 @@
 //! The main thread then waits for a reason to stop, kicking the vCPUs now and
 //! then so that a guest that halted for good is noticed.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,6 +17,7 @@ use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY}
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 
+use crate::config::VmConfig;
 use crate::control::Control;
 use crate::exit::VmExit;
 use crate::loader::{self, BootSpec, LoaderError};
@@ -31,17 +31,6 @@ const LIVENESS_PERIOD: Duration = Duration::from_millis(200);
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 /// The most vCPUs a VM may have (the MADT's APIC ids are 8-bit).
 pub const MAX_VCPUS: u8 = 254;
-
-/// Everything needed to build and boot one VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmConfig {
-    pub kernel: PathBuf,
-    pub initramfs: Option<PathBuf>,
-    pub cmdline: String,
-    pub cpus: u8,
-    /// Guest RAM in bytes.
-    pub memory: u64,
-}
 
 /// Errors from building or running a VM.
 #[derive(Debug, Error)]

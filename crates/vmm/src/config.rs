@@ -1,0 +1,299 @@
+//! What a VM is built from: the machine, its devices and its vCPU placement.
+//!
+//! The same types come from the command line (`ferrovisor run` flags) and
+//! from guest description files, so both paths share the parsers for the
+//! `key=value,...` device options here.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use thiserror::Error;
+
+/// Errors in a device option string such as `path=disk.img,readonly=on`.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("'{0}' is not key=value")]
+    NotKeyValue(String),
+    #[error("unknown key '{0}'")]
+    UnknownKey(String),
+    #[error("'{0}' given twice")]
+    Repeated(String),
+    #[error("'{0}' is required")]
+    Missing(&'static str),
+    #[error("{key}: '{value}' is not on or off")]
+    NotBool { key: String, value: String },
+    #[error("'{0}' is not a MAC address like 52:54:00:12:34:56")]
+    BadMac(String),
+    #[error("'{0}' is a multicast MAC address; a NIC needs a unicast one")]
+    MulticastMac(String),
+    #[error("cid: '{0}' is not a guest CID (3 to 4294967294)")]
+    BadCid(String),
+    #[error("'{0}' is not virtio or serial")]
+    BadConsole(String),
+    #[error("tap: '{0}' is not an interface name (1 to 15 characters, no '/' or spaces)")]
+    BadTapName(String),
+    #[error("'{0}' is empty")]
+    Empty(&'static str),
+}
+
+/// A virtio-blk disk backed by a raw image file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+}
+
+/// A virtio-net interface backed by a tap device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Name of the host tap interface (opened, or created if missing).
+    pub tap: String,
+    /// The guest's MAC address; `None` picks a locally administered one.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// A virtio-vsock device in the hybrid model: guest connections to host port
+/// P become connections to the unix socket `{socket}_{P}`; host programs
+/// connect to `socket` and write `CONNECT <port>\n`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub cid: u32,
+    pub socket: PathBuf,
+}
+
+/// Where the guest's console (`console=`) is expected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConsoleMode {
+    /// The 8250 UART at 0x3f8 carries stdin/stdout (ttyS0).
+    #[default]
+    Serial,
+    /// A virtio-console device carries stdin/stdout (hvc0); the UART's
+    /// output still goes to stdout so that early boot messages are seen.
+    Virtio,
+}
+
+/// Everything needed to build and boot one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    pub console: ConsoleMode,
+    pub rng: bool,
+    pub vsock: Option<VsockConfig>,
+    /// Host CPUs each vCPU may run on, by vCPU index. Empty: no pinning.
+    /// A vCPU with no entry (index past the end) is not pinned either.
+    pub affinity: Vec<Vec<usize>>,
+}
+
+/// Splits `a=1,b=2` into pairs, refusing repeats and keys outside `known`.
+fn pairs<'a>(text: &'a str, known: &[&str]) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    for item in text.split(',') {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| ConfigError::NotKeyValue(item.to_string()))?;
+        if !known.contains(&key) {
+            return Err(ConfigError::UnknownKey(key.to_string()));
+        }
+        if out.iter().any(|(k, _)| *k == key) {
+            return Err(ConfigError::Repeated(key.to_string()));
+        }
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
+fn find<'a>(pairs: &[(&'a str, &'a str)], key: &str) -> Option<&'a str> {
+    pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+}
+
+/// Parses `on`/`off` (also `true`/`false`, `yes`/`no`).
+pub fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(ConfigError::NotBool {
+            key: key.to_string(),
+            value: value.to_string(),
+        }),
+    }
+}
+
+/// Parses `52:54:00:12:34:56`; refuses multicast addresses.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
+    let bad = || ConfigError::BadMac(text.to_string());
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().ok_or_else(bad)?;
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(ConfigError::MulticastMac(text.to_string()));
+    }
+    Ok(mac)
+}
+
+/// Checks a tap interface name as the kernel would (IFNAMSIZ is 16).
+pub fn check_tap_name(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && !name.contains(['/', ' ', ':', '\t', '\n'])
+        && name != "."
+        && name != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::BadTapName(name.to_string()))
+    }
+}
+
+/// Parses a guest CID: 0-2 are reserved (hypervisor, local, host) and
+/// u32::MAX is "any".
+pub fn parse_cid(text: &str) -> Result<u32, ConfigError> {
+    match text.parse::<u32>() {
+        Ok(cid) if (3..u32::MAX).contains(&cid) => Ok(cid),
+        _ => Err(ConfigError::BadCid(text.to_string())),
+    }
+}
+
+impl FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    /// `path=FILE[,readonly=on]`
+    fn from_str(text: &str) -> Result<Self, ConfigError> {
+        let pairs = pairs(text, &["path", "readonly"])?;
+        let path = find(&pairs, "path").ok_or(ConfigError::Missing("path"))?;
+        if path.is_empty() {
+            return Err(ConfigError::Empty("path"));
+        }
+        let readonly = match find(&pairs, "readonly") {
+            Some(v) => parse_bool("readonly", v)?,
+            None => false,
+        };
+        Ok(DiskConfig {
+            path: PathBuf::from(path),
+            readonly,
+        })
+    }
+}
+
+impl FromStr for NetConfig {
+    type Err = ConfigError;
+
+    /// `tap=NAME[,mac=MAC]`
+    fn from_str(text: &str) -> Result<Self, ConfigError> {
+        let pairs = pairs(text, &["tap", "mac"])?;
+        let tap = find(&pairs, "tap").ok_or(ConfigError::Missing("tap"))?;
+        check_tap_name(tap)?;
+        let mac = find(&pairs, "mac").map(parse_mac).transpose()?;
+        Ok(NetConfig {
+            tap: tap.to_string(),
+            mac,
+        })
+    }
+}
+
+impl FromStr for VsockConfig {
+    type Err = ConfigError;
+
+    /// `cid=N,socket=PATH`
+    fn from_str(text: &str) -> Result<Self, ConfigError> {
+        let pairs = pairs(text, &["cid", "socket"])?;
+        let cid = parse_cid(find(&pairs, "cid").ok_or(ConfigError::Missing("cid"))?)?;
+        let socket = find(&pairs, "socket").ok_or(ConfigError::Missing("socket"))?;
+        if socket.is_empty() {
+            return Err(ConfigError::Empty("socket"));
+        }
+        Ok(VsockConfig {
+            cid,
+            socket: PathBuf::from(socket),
+        })
+    }
+}
+
+impl FromStr for ConsoleMode {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, ConfigError> {
+        match text {
+            "serial" => Ok(ConsoleMode::Serial),
+            "virtio" => Ok(ConsoleMode::Virtio),
+            _ => Err(ConfigError::BadConsole(text.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_options() {
+        let d: DiskConfig = "path=/tmp/a.img,readonly=on".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/tmp/a.img"));
+        assert!(d.readonly);
+        let d: DiskConfig = "path=a.img".parse().unwrap();
+        assert!(!d.readonly);
+        assert_eq!(
+            "readonly=on".parse::<DiskConfig>(),
+            Err(ConfigError::Missing("path"))
+        );
+        assert_eq!(
+            "path=a,size=3".parse::<DiskConfig>(),
+            Err(ConfigError::UnknownKey("size".into()))
+        );
+        assert_eq!(
+            "path=a,path=b".parse::<DiskConfig>(),
+            Err(ConfigError::Repeated("path".into()))
+        );
+        assert!(matches!(
+            "path=a,readonly=maybe".parse::<DiskConfig>(),
+            Err(ConfigError::NotBool { .. })
+        ));
+        assert_eq!(
+            "a.img".parse::<DiskConfig>(),
+            Err(ConfigError::NotKeyValue("a.img".into()))
+        );
+    }
+
+    #[test]
+    fn net_options() {
+        let n: NetConfig = "tap=fv0,mac=52:54:00:ab:cd:ef".parse().unwrap();
+        assert_eq!(n.tap, "fv0");
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
+        assert!("tap=fv0,mac=01:00:00:00:00:01"
+            .parse::<NetConfig>()
+            .is_err());
+        assert!("tap=fv0,mac=52:54:00:ab:cd".parse::<NetConfig>().is_err());
+        assert!("tap=fv0,mac=52:54:00:ab:cd:ef:00"
+            .parse::<NetConfig>()
+            .is_err());
+        assert!("tap=a/b".parse::<NetConfig>().is_err());
+        assert!("tap=sixteen-chars-xx".parse::<NetConfig>().is_err());
+        assert!("mac=52:54:00:ab:cd:ef".parse::<NetConfig>().is_err());
+    }
+
+    #[test]
+    fn vsock_and_console_options() {
+        let v: VsockConfig = "cid=3,socket=/tmp/v.sock".parse().unwrap();
+        assert_eq!(v.cid, 3);
+        assert!("cid=2,socket=/tmp/v".parse::<VsockConfig>().is_err());
+        assert!("cid=x,socket=/tmp/v".parse::<VsockConfig>().is_err());
+        assert!("cid=3".parse::<VsockConfig>().is_err());
+        assert_eq!("virtio".parse::<ConsoleMode>(), Ok(ConsoleMode::Virtio));
+        assert!("hvc".parse::<ConsoleMode>().is_err());
+    }
+}

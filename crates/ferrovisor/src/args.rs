@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use thiserror::Error;
+use vmm::config::{self, ConfigError, ConsoleMode, DiskConfig, NetConfig, VmConfig, VsockConfig};
 
 /// The command line used when `--cmdline` is not given: serial console, and a
 /// reboot through the keyboard controller after a panic.
@@ -24,6 +25,8 @@ pub enum ArgsError {
     UnknownFlag(String),
     #[error("{0} needs a value")]
     MissingValue(&'static str),
+    #[error("{0} takes no value")]
+    NoValue(String),
     #[error("{0} given twice")]
     Repeated(&'static str),
     #[error("--kernel is required")]
@@ -34,16 +37,21 @@ pub enum ArgsError {
     BadSize(String),
     #[error("unexpected argument '{0}'")]
     Unexpected(String),
+    /// A device option string (`--disk`, `--net`, ...) is wrong; the cause
+    /// says how.
+    #[error("{flag}")]
+    Option {
+        flag: &'static str,
+        #[source]
+        source: ConfigError,
+    },
 }
 
 /// Options of `ferrovisor run`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunArgs {
-    pub kernel: PathBuf,
-    pub initramfs: Option<PathBuf>,
-    pub cmdline: String,
-    pub cpus: u8,
-    pub memory: u64,
+    /// The VM the flags describe.
+    pub vm: VmConfig,
     /// Print a line of run statistics on stderr at exit.
     pub stats: bool,
 }
@@ -57,29 +65,20 @@ pub enum Command {
     Version,
 }
 
-/// Parses a size such as `512M`, `2G`, `64m`, `1048576K` or a plain byte count.
-pub fn parse_size(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let (digits, shift) = match text.chars().last()? {
-        'k' | 'K' => (&text[..text.len() - 1], 10),
-        'm' | 'M' => (&text[..text.len() - 1], 20),
-        'g' | 'G' => (&text[..text.len() - 1], 30),
-        't' | 'T' => (&text[..text.len() - 1], 40),
-        _ => (text, 0),
-    };
-    // Accept an optional trailing "iB"-less form only; digits must be plain.
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let value: u64 = digits.parse().ok()?;
-    value.checked_mul(1u64 << shift)
-}
-
 fn parse_cpus(text: &str) -> Result<u8, ArgsError> {
     match text.parse::<u8>() {
         Ok(n) if (1..=254).contains(&n) => Ok(n),
         _ => Err(ArgsError::BadCpus(text.into())),
     }
+}
+
+/// Parses a device option string, naming `flag` in the error.
+fn option<T: std::str::FromStr<Err = ConfigError>>(
+    flag: &'static str,
+    text: &str,
+) -> Result<T, ArgsError> {
+    text.parse()
+        .map_err(|source| ArgsError::Option { flag, source })
 }
 
 /// Parses the arguments after the program name.
@@ -102,50 +101,116 @@ fn set_once<T>(slot: &mut Option<T>, value: T, flag: &'static str) -> Result<(),
     Ok(())
 }
 
+/// The flags of `run`, as given (each one at most once unless repeatable).
+#[derive(Debug, Default)]
+struct RunFlags {
+    kernel: Option<PathBuf>,
+    initramfs: Option<PathBuf>,
+    cmdline: Option<String>,
+    cpus: Option<u8>,
+    memory: Option<u64>,
+    disks: Vec<DiskConfig>,
+    nets: Vec<NetConfig>,
+    console: Option<ConsoleMode>,
+    rng: bool,
+    vsock: Option<VsockConfig>,
+    stats: bool,
+}
+
+impl RunFlags {
+    /// Takes one flag and its value (`value` is called only by flags that
+    /// have one). Returns `Ok(false)` for `--help`.
+    fn take(
+        &mut self,
+        flag: &str,
+        mut value: impl FnMut(&'static str) -> Result<String, ArgsError>,
+    ) -> Result<bool, ArgsError> {
+        match flag {
+            "--kernel" => set_once(
+                &mut self.kernel,
+                PathBuf::from(value("--kernel")?),
+                "--kernel",
+            )?,
+            "--initramfs" | "--initrd" => set_once(
+                &mut self.initramfs,
+                PathBuf::from(value("--initramfs")?),
+                "--initramfs",
+            )?,
+            "--cmdline" => set_once(&mut self.cmdline, value("--cmdline")?, "--cmdline")?,
+            "--cpus" => set_once(&mut self.cpus, parse_cpus(&value("--cpus")?)?, "--cpus")?,
+            "--memory" => {
+                let text = value("--memory")?;
+                let size = config::parse_size(&text).ok_or(ArgsError::BadSize(text))?;
+                set_once(&mut self.memory, size, "--memory")?
+            }
+            "--disk" => self.disks.push(option("--disk", &value("--disk")?)?),
+            "--net" => self.nets.push(option("--net", &value("--net")?)?),
+            "--console" => set_once(
+                &mut self.console,
+                option("--console", &value("--console")?)?,
+                "--console",
+            )?,
+            "--rng" => self.rng = true,
+            "--vsock" => set_once(
+                &mut self.vsock,
+                option("--vsock", &value("--vsock")?)?,
+                "--vsock",
+            )?,
+            "--stats" => self.stats = true,
+            "-h" | "--help" => return Ok(false),
+            f => return Err(ArgsError::UnknownFlag(f.into())),
+        }
+        Ok(true)
+    }
+
+    fn into_run_args(self) -> Result<RunArgs, ArgsError> {
+        let vm = VmConfig {
+            kernel: self.kernel.ok_or(ArgsError::NoKernel)?,
+            initramfs: self.initramfs,
+            cmdline: self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),
+            cpus: self.cpus.unwrap_or(1),
+            memory: self.memory.unwrap_or(DEFAULT_MEMORY),
+            disks: self.disks,
+            nets: self.nets,
+            console: self.console.unwrap_or_default(),
+            rng: self.rng,
+            vsock: self.vsock,
+            affinity: Vec::new(),
+        };
+        Ok(RunArgs {
+            vm,
+            stats: self.stats,
+        })
+    }
+}
+
 fn parse_run<I: Iterator<Item = String>>(mut args: I) -> Result<Command, ArgsError> {
-    let (mut kernel, mut initramfs, mut cmdline, mut cpus, mut memory) =
-        (None, None, None, None, None);
-    let mut stats = false;
+    let mut flags = RunFlags::default();
     while let Some(arg) = args.next() {
+        if !arg.starts_with('-') {
+            return Err(ArgsError::Unexpected(arg));
+        }
         // Accept both "--flag value" and "--flag=value".
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
         };
-        let mut value = |name: &'static str| {
+        let used = std::cell::Cell::new(false);
+        let value = |name: &'static str| {
+            used.set(true);
             inline
                 .clone()
                 .or_else(|| args.next())
                 .ok_or(ArgsError::MissingValue(name))
         };
-        match flag.as_str() {
-            "--kernel" => set_once(&mut kernel, PathBuf::from(value("--kernel")?), "--kernel")?,
-            "--initramfs" | "--initrd" => set_once(
-                &mut initramfs,
-                PathBuf::from(value("--initramfs")?),
-                "--initramfs",
-            )?,
-            "--cmdline" => set_once(&mut cmdline, value("--cmdline")?, "--cmdline")?,
-            "--cpus" => set_once(&mut cpus, parse_cpus(&value("--cpus")?)?, "--cpus")?,
-            "--memory" => {
-                let text = value("--memory")?;
-                let size = parse_size(&text).ok_or(ArgsError::BadSize(text))?;
-                set_once(&mut memory, size, "--memory")?
-            }
-            "--stats" => stats = true,
-            "-h" | "--help" => return Ok(Command::RunHelp),
-            f if f.starts_with('-') => return Err(ArgsError::UnknownFlag(f.into())),
-            _ => return Err(ArgsError::Unexpected(arg)),
+        if !flags.take(&flag, value)? {
+            return Ok(Command::RunHelp);
+        }
+        if inline.is_some() && !used.get() {
+            return Err(ArgsError::NoValue(flag));
         }
     }
-    Ok(Command::Run(RunArgs {
-        kernel: kernel.ok_or(ArgsError::NoKernel)?,
-        initramfs,
-        cmdline: cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),
-        cpus: cpus.unwrap_or(1),
-        memory: memory.unwrap_or(DEFAULT_MEMORY),
-        stats,
-    }))
+    Ok(Command::Run(flags.into_run_args()?))
 }
 
 #[cfg(test)]
@@ -163,21 +228,108 @@ mod tests {
         }
     }
 
+    /// The error as the binary prints it: the message and its causes.
+    fn message(line: &str) -> String {
+        let err = parse_str(line).unwrap_err();
+        let mut text = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        text
+    }
+
     #[test]
     fn run_takes_every_flag() {
         let r = run("run --kernel k --initramfs i --cmdline x=1 --cpus 2 --memory 1G --stats");
-        assert_eq!(r.kernel, PathBuf::from("k"));
-        assert_eq!(r.initramfs, Some(PathBuf::from("i")));
-        assert_eq!(r.cmdline, "x=1");
-        assert_eq!((r.cpus, r.memory, r.stats), (2, 1 << 30, true));
+        assert_eq!(r.vm.kernel, PathBuf::from("k"));
+        assert_eq!(r.vm.initramfs, Some(PathBuf::from("i")));
+        assert_eq!(r.vm.cmdline, "x=1");
+        assert_eq!((r.vm.cpus, r.vm.memory, r.stats), (2, 1 << 30, true));
     }
 
     #[test]
     fn defaults_apply() {
         let r = run("run --kernel=vmlinuz");
-        assert_eq!((r.cpus, r.memory), (1, DEFAULT_MEMORY));
-        assert_eq!(r.cmdline, DEFAULT_CMDLINE);
-        assert_eq!(r.initramfs, None);
+        assert_eq!((r.vm.cpus, r.vm.memory), (1, DEFAULT_MEMORY));
+        assert_eq!(r.vm.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(r.vm.initramfs, None);
+        assert_eq!(r.vm.console, ConsoleMode::Serial);
+        assert!(r.vm.disks.is_empty() && r.vm.nets.is_empty());
+        assert!(!r.vm.rng && r.vm.vsock.is_none());
+    }
+
+    #[test]
+    fn device_flags_fill_the_vm_config() {
+        let r = run(
+            "run --kernel k --disk path=a.img --disk path=b.img,readonly=on \
+             --net tap=fv0 --net tap=fv1,mac=52:54:00:00:00:02 --console virtio --rng \
+             --vsock cid=3,socket=/run/v.sock",
+        );
+        assert_eq!(
+            r.vm.disks,
+            vec![
+                DiskConfig {
+                    path: "a.img".into(),
+                    readonly: false
+                },
+                DiskConfig {
+                    path: "b.img".into(),
+                    readonly: true
+                }
+            ]
+        );
+        assert_eq!(r.vm.nets.len(), 2);
+        assert_eq!(r.vm.nets[0].tap, "fv0");
+        assert_eq!(r.vm.nets[1].mac, Some([0x52, 0x54, 0, 0, 0, 2]));
+        assert_eq!(r.vm.console, ConsoleMode::Virtio);
+        assert!(r.vm.rng);
+        assert_eq!(
+            r.vm.vsock,
+            Some(VsockConfig {
+                cid: 3,
+                socket: "/run/v.sock".into()
+            })
+        );
+    }
+
+    #[test]
+    fn device_flag_errors_name_the_flag() {
+        assert_eq!(
+            message("run --kernel k --disk path=a,size=3"),
+            "--disk: unknown key 'size'"
+        );
+        assert_eq!(
+            message("run --kernel k --disk readonly=on"),
+            "--disk: 'path' is required"
+        );
+        assert_eq!(
+            message("run --kernel k --disk path=a,readonly=maybe"),
+            "--disk: readonly: 'maybe' is not on or off"
+        );
+        assert_eq!(
+            message("run --kernel k --net tap=fv0,mac=01:00:00:00:00:01"),
+            "--net: '01:00:00:00:00:01' is a multicast MAC address; a NIC needs a unicast one"
+        );
+        assert_eq!(
+            message("run --kernel k --console hvc"),
+            "--console: 'hvc' is not virtio or serial"
+        );
+        assert_eq!(
+            message("run --kernel k --vsock cid=2,socket=/v"),
+            "--vsock: cid: '2' is not a guest CID (3 to 4294967294)"
+        );
+        assert_eq!(
+            message("run --kernel k --vsock cid=3 --vsock cid=4"),
+            "--vsock: 'socket' is required"
+        );
+        assert_eq!(
+            message("run --kernel k --console serial --console virtio"),
+            "--console given twice"
+        );
+        assert_eq!(message("run --kernel k --disk"), "--disk needs a value");
+        assert_eq!(message("run --kernel k --rng=on"), "--rng takes no value");
     }
 
     #[test]
@@ -186,18 +338,7 @@ mod tests {
         let Command::Run(r) = parse(args.map(String::from)).unwrap() else {
             panic!()
         };
-        assert_eq!(r.cmdline, "console=ttyS0 quiet");
-    }
-
-    #[test]
-    fn sizes_parse_with_suffixes() {
-        assert_eq!(parse_size("512M"), Some(512 << 20));
-        assert_eq!(parse_size("2g"), Some(2 << 30));
-        assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size("12X"), None);
-        assert_eq!(parse_size("M"), None);
-        assert_eq!(parse_size("-1G"), None);
-        assert_eq!(parse_size("99999999999T"), None);
+        assert_eq!(r.vm.cmdline, "console=ttyS0 quiet");
     }
 
     #[test]

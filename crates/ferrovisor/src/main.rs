@@ -8,13 +8,15 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use args::{Command, RunArgs};
-use vmm::{RunReport, VmConfig, VmExit};
+use vmm::{RunReport, VmExit};
 
 const USAGE: &str = "\
 ferrovisor: a hypervisor for Linux hosts with KVM
 
 Usage:
-  ferrovisor run --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus N] [--memory SIZE] [--stats]
+  ferrovisor run --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus N] [--memory SIZE]
+                 [--disk path=FILE[,readonly=on]]... [--net tap=NAME[,mac=MAC]]...
+                 [--console serial|virtio] [--rng] [--vsock cid=N,socket=PATH] [--stats]
   ferrovisor --help | --version
 ";
 
@@ -29,6 +31,16 @@ Ctrl-A x stops it.
   --cmdline STR      kernel command line (default: \"console=ttyS0 reboot=k panic=1\")
   --cpus N           vCPUs, 1-254 (default 1)
   --memory SIZE      guest RAM, e.g. 512M or 2G (default 512M)
+  --disk path=FILE[,readonly=on]
+                     a virtio-blk disk backed by a raw image (repeatable)
+  --net tap=NAME[,mac=MAC]
+                     a virtio-net interface on a host tap device (repeatable)
+  --console serial|virtio
+                     where the console is: the UART (ttyS0, default) or
+                     virtio-console (hvc0)
+  --rng              a virtio-rng device fed from the host's getrandom
+  --vsock cid=N,socket=PATH
+                     a virtio-vsock device; host side on the unix socket PATH
   --stats            print run statistics as JSON on stderr at exit
 
 Exit status: 0 when the guest powers off, reboots or halts, or on SIGINT/SIGTERM;
@@ -80,15 +92,7 @@ fn print_stats(report: &RunReport) {
 
 fn run(args: RunArgs, start: Instant) -> ExitCode {
     warn_if_pvm();
-    let config = VmConfig {
-        kernel: args.kernel,
-        initramfs: args.initramfs,
-        cmdline: args.cmdline,
-        cpus: args.cpus,
-        memory: args.memory,
-        ..VmConfig::default()
-    };
-    match vmm::run(&config, start) {
+    match vmm::run(&args.vm, start) {
         Ok(report) => {
             if args.stats {
                 print_stats(&report);

@@ -8,11 +8,7 @@ use std::path::PathBuf;
 use thiserror::Error;
 use vmm::config::{self, ConfigError, ConsoleMode, DiskConfig, NetConfig, VmConfig, VsockConfig};
 
-/// The command line used when `--cmdline` is not given: serial console, and a
-/// reboot through the keyboard controller after a panic.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
-/// Guest memory when `--memory` is not given.
-pub const DEFAULT_MEMORY: u64 = 512 << 20;
+pub use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEMORY};
 
 /// Errors in the command line.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -29,8 +25,10 @@ pub enum ArgsError {
     NoValue(String),
     #[error("{0} given twice")]
     Repeated(&'static str),
-    #[error("--kernel is required")]
+    #[error("--kernel or --config is required")]
     NoKernel,
+    #[error("--config cannot be combined with {0}: give it in the guest file instead")]
+    ConfigWithFlag(&'static str),
     #[error("--cpus: '{0}' is not a number of vCPUs from 1 to 254")]
     BadCpus(String),
     #[error("--memory: '{0}' is not a size (examples: 512M, 2G, 1048576K)")]
@@ -47,19 +45,30 @@ pub enum ArgsError {
     },
 }
 
+/// Where the guest's description comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Guest {
+    /// The flags describe it.
+    Flags(VmConfig),
+    /// A guest file (`--config`) describes it.
+    File(PathBuf),
+}
+
 /// Options of `ferrovisor run`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunArgs {
-    /// The VM the flags describe.
-    pub vm: VmConfig,
+    pub guest: Guest,
     /// Print a line of run statistics on stderr at exit.
     pub stats: bool,
+    /// The runtime directory (control socket, console log and socket, exit
+    /// record), when the VMM runs under a supervisor.
+    pub runtime_dir: Option<PathBuf>,
 }
 
 /// What the user asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     Help,
     RunHelp,
     Version,
@@ -101,6 +110,21 @@ fn set_once<T>(slot: &mut Option<T>, value: T, flag: &'static str) -> Result<(),
     Ok(())
 }
 
+/// The flags that describe the machine, which a guest file replaces.
+const MACHINE_FLAGS: [&str; 11] = [
+    "--kernel",
+    "--initramfs",
+    "--initrd",
+    "--cmdline",
+    "--cpus",
+    "--memory",
+    "--disk",
+    "--net",
+    "--console",
+    "--rng",
+    "--vsock",
+];
+
 /// The flags of `run`, as given (each one at most once unless repeatable).
 #[derive(Debug, Default)]
 struct RunFlags {
@@ -115,6 +139,11 @@ struct RunFlags {
     rng: bool,
     vsock: Option<VsockConfig>,
     stats: bool,
+    config: Option<PathBuf>,
+    runtime_dir: Option<PathBuf>,
+    /// The first flag seen that describes the machine (not allowed with
+    /// `--config`).
+    machine_flag: Option<&'static str>,
 }
 
 impl RunFlags {
@@ -125,6 +154,9 @@ impl RunFlags {
         flag: &str,
         mut value: impl FnMut(&'static str) -> Result<String, ArgsError>,
     ) -> Result<bool, ArgsError> {
+        if let Some(name) = MACHINE_FLAGS.iter().find(|f| **f == flag) {
+            self.machine_flag.get_or_insert(name);
+        }
         match flag {
             "--kernel" => set_once(
                 &mut self.kernel,
@@ -157,6 +189,16 @@ impl RunFlags {
                 "--vsock",
             )?,
             "--stats" => self.stats = true,
+            "--config" => set_once(
+                &mut self.config,
+                PathBuf::from(value("--config")?),
+                "--config",
+            )?,
+            "--runtime-dir" => set_once(
+                &mut self.runtime_dir,
+                PathBuf::from(value("--runtime-dir")?),
+                "--runtime-dir",
+            )?,
             "-h" | "--help" => return Ok(false),
             f => return Err(ArgsError::UnknownFlag(f.into())),
         }
@@ -164,11 +206,21 @@ impl RunFlags {
     }
 
     fn into_run_args(self) -> Result<RunArgs, ArgsError> {
+        if let Some(file) = self.config {
+            if let Some(flag) = self.machine_flag {
+                return Err(ArgsError::ConfigWithFlag(flag));
+            }
+            return Ok(RunArgs {
+                guest: Guest::File(file),
+                stats: self.stats,
+                runtime_dir: self.runtime_dir,
+            });
+        }
         let vm = VmConfig {
             kernel: self.kernel.ok_or(ArgsError::NoKernel)?,
             initramfs: self.initramfs,
             cmdline: self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),
-            cpus: self.cpus.unwrap_or(1),
+            cpus: self.cpus.unwrap_or(config::DEFAULT_CPUS),
             memory: self.memory.unwrap_or(DEFAULT_MEMORY),
             disks: self.disks,
             nets: self.nets,
@@ -178,8 +230,9 @@ impl RunFlags {
             affinity: Vec::new(),
         };
         Ok(RunArgs {
-            vm,
+            guest: Guest::Flags(vm),
             stats: self.stats,
+            runtime_dir: self.runtime_dir,
         })
     }
 }
@@ -210,7 +263,7 @@ fn parse_run<I: Iterator<Item = String>>(mut args: I) -> Result<Command, ArgsErr
             return Err(ArgsError::NoValue(flag));
         }
     }
-    Ok(Command::Run(flags.into_run_args()?))
+    Ok(Command::Run(Box::new(flags.into_run_args()?)))
 }
 
 #[cfg(test)]
@@ -221,10 +274,24 @@ mod tests {
         parse(line.split_whitespace().map(String::from))
     }
 
-    fn run(line: &str) -> RunArgs {
+    fn run_args(line: &str) -> RunArgs {
         match parse_str(line).unwrap() {
-            Command::Run(r) => r,
+            Command::Run(r) => *r,
             other => panic!("expected run, got {other:?}"),
+        }
+    }
+
+    /// The flags' VM and the run options.
+    struct Run {
+        vm: VmConfig,
+        stats: bool,
+    }
+
+    fn run(line: &str) -> Run {
+        let r = run_args(line);
+        match r.guest {
+            Guest::Flags(vm) => Run { vm, stats: r.stats },
+            Guest::File(f) => panic!("expected flags, got file {f:?}"),
         }
     }
 
@@ -333,12 +400,40 @@ mod tests {
     }
 
     #[test]
+    fn config_file_with_run_options() {
+        let r = run_args("run --config g.toml --runtime-dir /run/fv/web --stats");
+        assert_eq!(r.guest, Guest::File("g.toml".into()));
+        assert_eq!(r.runtime_dir, Some("/run/fv/web".into()));
+        assert!(r.stats);
+        let r = run_args("run --kernel k --runtime-dir=/run/x");
+        assert_eq!(r.runtime_dir, Some("/run/x".into()));
+    }
+
+    #[test]
+    fn config_file_excludes_machine_flags() {
+        assert_eq!(
+            message("run --config g.toml --cpus 2"),
+            "--config cannot be combined with --cpus: give it in the guest file instead"
+        );
+        assert_eq!(
+            message("run --rng --config g.toml"),
+            "--config cannot be combined with --rng: give it in the guest file instead"
+        );
+        assert_eq!(
+            message("run --config a.toml --config b.toml"),
+            "--config given twice"
+        );
+        assert_eq!(message("run --stats"), "--kernel or --config is required");
+    }
+
+    #[test]
     fn cmdline_with_spaces_survives_as_one_argument() {
         let args = ["run", "--kernel", "k", "--cmdline", "console=ttyS0 quiet"];
         let Command::Run(r) = parse(args.map(String::from)).unwrap() else {
             panic!()
         };
-        assert_eq!(r.vm.cmdline, "console=ttyS0 quiet");
+        let Guest::Flags(vm) = r.guest else { panic!() };
+        assert_eq!(vm.cmdline, "console=ttyS0 quiet");
     }
 
     #[test]

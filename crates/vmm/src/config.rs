@@ -38,6 +38,14 @@ pub enum ConfigError {
     BadCpuList(String),
 }
 
+/// The kernel command line when none is given: serial console, and a
+/// reboot through the keyboard controller after a panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+/// Guest memory when none is given.
+pub const DEFAULT_MEMORY: u64 = 512 << 20;
+/// vCPUs when none are given.
+pub const DEFAULT_CPUS: u8 = 1;
+
 /// Host CPU numbers must be below this (the kernel's `cpu_set_t` size).
 pub const MAX_HOST_CPUS: usize = 1024;
 
@@ -294,6 +302,16 @@ impl FromStr for VsockConfig {
             cid,
             socket: PathBuf::from(socket),
         })
+    }
+}
+
+impl ConsoleMode {
+    /// The name used in flags and files: `serial` or `virtio`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsoleMode::Serial => "serial",
+            ConsoleMode::Virtio => "virtio",
+        }
     }
 }
 

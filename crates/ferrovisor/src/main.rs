@@ -16,7 +16,8 @@ ferrovisor: a hypervisor for Linux hosts with KVM
 Usage:
   ferrovisor run --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus N] [--memory SIZE]
                  [--disk path=FILE[,readonly=on]]... [--net tap=NAME[,mac=MAC]]...
-                 [--console serial|virtio] [--rng] [--vsock cid=N,socket=PATH] [--stats]
+                 [--console serial|virtio] [--rng] [--vsock cid=N,socket=PATH]
+                 [--affinity CPUS | --affinity VCPU=CPUS...] [--runtime-dir DIR] [--stats]
   ferrovisor run --config GUEST.toml [--runtime-dir DIR] [--stats]
   ferrovisor --help | --version
 ";
@@ -43,6 +44,9 @@ Ctrl-A x stops it.
   --rng              a virtio-rng device fed from the host's getrandom
   --vsock cid=N,socket=PATH
                      a virtio-vsock device; host side on the unix socket PATH
+  --affinity CPUS    pin every vCPU thread to these host CPUs (e.g. 2-3)
+  --affinity VCPU=CPUS
+                     pin one vCPU thread (repeatable, e.g. 0=2 1=3)
   --config FILE      read the guest from a TOML guest file (docs/config.md)
                      instead of the flags above
   --runtime-dir DIR  serve DIR/control.sock, write the console to

@@ -247,6 +247,20 @@ fn a_paused_guest_is_not_taken_for_a_halted_one() {
 }
 
 #[test]
+fn a_paused_guest_stops_cleanly() {
+    let mut vmm = Vmm::start("pause-stop", &["--cpus", "2"]);
+    vmm.wait_log(1);
+    assert_eq!(vmm.request("{\"op\":\"pause\"}"), json!({"ok": true}));
+    assert_eq!(vmm.request("{\"op\":\"stop\"}"), json!({"ok": true}));
+    let (status, _) = vmm.wait_exit();
+    assert_eq!(status, 0);
+    assert_eq!(
+        vmm.exit_record()["reason"],
+        json!("stopped by a stop request on the control socket")
+    );
+}
+
+#[test]
 fn console_clients_see_output_and_send_input() {
     let vmm = Vmm::start("console", &[]);
     let connect = || {
@@ -435,6 +449,15 @@ fn affinity_pins_each_vcpu_thread() {
     let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
     assert_eq!(cpus_allowed(vmm.pid(), u64::from(vmm.pid())), online.trim());
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_affinity_flag_pins_every_vcpu_thread() {
+    let vmm = Vmm::start("affinity-flag", &["--cpus", "2", "--affinity", "1"]);
+    let info = vmm.request("{\"op\":\"info\"}");
+    for tid in info["vcpu_tids"].as_array().unwrap() {
+        assert_eq!(cpus_allowed(vmm.pid(), tid.as_u64().unwrap()), "1");
+    }
 }
 
 #[test]

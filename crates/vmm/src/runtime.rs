@@ -153,8 +153,15 @@ impl ConsoleLog {
     pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.file.write_all(bytes)?;
         self.size += bytes.len() as u64;
-        if self.size > self.limit {
-            self.rotate()?;
+        if self.size > self.limit && self.rotate().is_err() {
+            // Someone removed or cut the log under us: start a fresh one
+            // rather than fail on every write from now on.
+            self.file = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&self.path)?;
+            self.size = 0;
         }
         Ok(())
     }
@@ -821,6 +828,20 @@ mod tests {
             json!({"status": 2, "reason": "vCPU 0 triple-faulted \"badly\""})
         );
         assert!(!dir.join(".exit.json.tmp").exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_console_log_removed_under_the_vmm_is_started_again() {
+        let dir = scratch("log-removed");
+        let path = dir.join(CONSOLE_LOG);
+        let mut log = ConsoleLog::with_limits(&path, 16, 8).unwrap();
+        log.append(b"0123456789").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        log.append(b"abcdefghij").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        log.append(b"xyz").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"xyz");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -357,3 +357,59 @@ fn every_error_is_one_line() {
     let err = guest_err("kernel = \"a\nb\"");
     assert!(!err.contains('\n'), "{err}");
 }
+
+/// A small deterministic generator for the robustness tests.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn mangled_files_give_one_line_errors_and_never_panic() {
+    let alphabet = b"[]{}=\".,-_ \n\tabkz019#'\\";
+    let system_text = format!("[guests.web]\n{FULL}")
+        .replace("[[", "[[guests.web.")
+        .replace("[vsock]", "[guests.web.vsock]");
+    assert!(system(&system_text).is_ok(), "the seed itself must parse");
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    for round in 0..4000 {
+        let seed = if round % 2 == 0 {
+            FULL
+        } else {
+            system_text.as_str()
+        };
+        let mut bytes = seed.as_bytes().to_vec();
+        for _ in 0..1 + rng.next() % 4 {
+            let at = (rng.next() as usize) % bytes.len();
+            match rng.next() % 3 {
+                0 => bytes[at] = alphabet[(rng.next() as usize) % alphabet.len()],
+                1 => {
+                    bytes.remove(at);
+                }
+                _ => bytes.insert(at, alphabet[(rng.next() as usize) % alphabet.len()]),
+            }
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        let result = if round % 2 == 0 {
+            guest(&text).map(drop)
+        } else {
+            system(&text).map(drop)
+        };
+        if let Err(e) = result {
+            let line = e.to_string();
+            assert!(!line.contains('\n'), "{line}");
+            assert!(
+                line.starts_with("guest.toml: ")
+                    || line.starts_with("system.toml: ")
+                    || line.starts_with(BASE),
+                "{line}"
+            );
+        }
+    }
+}

@@ -742,6 +742,30 @@ mod tests {
         }
     }
 
+    #[test]
+    fn mangled_requests_are_refused_on_one_line() {
+        let seed = b"{\"op\":\"pause\"}";
+        let alphabet = b"{}[]\":,op \\u0aZ\n";
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as usize
+        };
+        for _ in 0..5000 {
+            let mut bytes = seed.to_vec();
+            for _ in 0..1 + next() % 3 {
+                let at = next() % bytes.len();
+                bytes[at] = alphabet[next() % alphabet.len()];
+            }
+            let line = String::from_utf8_lossy(&bytes);
+            if let Err(e) = parse_request(&line) {
+                assert!(!e.contains('\n'), "{line}: {e}");
+            }
+        }
+    }
+
     /// A VM that records what it was asked.
     #[derive(Default)]
     struct FakeVm {

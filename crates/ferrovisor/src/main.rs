@@ -141,9 +141,10 @@ fn run_guest(args: RunArgs, start: Instant) -> (i32, String) {
 fn run(args: RunArgs, start: Instant) -> ExitCode {
     let runtime_dir = args.runtime_dir.clone();
     let (status, reason) = run_guest(args, start);
-    // Without the directory (the one error that can cause) there is
-    // nowhere to write the record; the error line already said why.
-    if let Some(dir) = runtime_dir.filter(|d| d.is_dir()) {
+    // Without the directory there is nowhere to write the record, and a
+    // directory another VMM serves is not ours to write in; the error line
+    // already said why.
+    if let Some(dir) = runtime_dir.filter(|d| d.is_dir() && !vmm::runtime::dir_in_use(d)) {
         if let Err(e) = vmm::runtime::write_exit_record(&dir, status, &reason) {
             eprintln!(
                 "ferrovisor: cannot write {}: {e}",

@@ -384,6 +384,61 @@ fn a_request_without_newline_is_answered_at_end_of_stream() {
 }
 
 #[test]
+fn a_runtime_dir_in_use_is_refused_and_left_alone() {
+    let vmm = Vmm::start("in-use", &[]);
+    vmm.wait_log(1);
+    let kernel = busy_guest();
+    let out = ferrovisor(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "32M",
+        "--runtime-dir",
+        vmm.dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err: Vec<_> = stderr(&out)
+        .lines()
+        .filter(|l| !l.contains("warning:"))
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        err,
+        [format!(
+            "ferrovisor: {} is in use by another running VMM",
+            vmm.dir.join("control.sock").display()
+        )]
+    );
+    // The first VMM still answers, and the refused one wrote no record.
+    assert_eq!(vmm.request("{\"op\":\"info\"}")["ok"], json!(true));
+    assert!(!vmm.dir.join("exit.json").exists());
+}
+
+#[test]
+fn a_bad_guest_file_still_leaves_an_exit_record() {
+    let dir = scratch("bad-config");
+    let file = dir.join("guest.toml");
+    std::fs::write(&file, "kernel = \"k\"\ncpus = 0\n").unwrap();
+    let out = ferrovisor(&[
+        "run",
+        "--config",
+        file.to_str().unwrap(),
+        "--runtime-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("exit.json")).unwrap()).unwrap();
+    let reason = format!(
+        "{}: cpus: 0 is not a number of vCPUs from 1 to 254",
+        file.display()
+    );
+    assert_eq!(record, json!({"status": 2, "reason": reason}));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn a_missing_runtime_dir_is_one_line() {
     let kernel = busy_guest();
     let out = ferrovisor(&[

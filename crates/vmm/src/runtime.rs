@@ -78,12 +78,19 @@ pub enum RuntimeError {
     Listen(PathBuf, #[source] io::Error),
     #[error("cannot open the console log {0}")]
     Log(PathBuf, #[source] io::Error),
+    #[error("{0} is in use by another running VMM")]
+    InUse(PathBuf),
     #[error("cannot remove the stale {0}")]
     Stale(PathBuf, #[source] io::Error),
     #[error("cannot create the console's wake-up eventfd")]
     EventFd(#[source] io::Error),
     #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] io::Error),
+}
+
+/// Whether another VMM is serving `dir` (its control socket answers).
+pub fn dir_in_use(dir: &Path) -> bool {
+    UnixStream::connect(dir.join(CONTROL_SOCKET)).is_ok()
 }
 
 /// Writes `DIR/exit.json` atomically: a temporary file, then a rename.
@@ -106,7 +113,12 @@ fn remove_stale(path: &Path) -> Result<(), RuntimeError> {
     }
 }
 
+/// Listens on `path`, replacing a socket left behind by a VMM that is gone
+/// but never one that still answers.
 fn listen(path: &Path) -> Result<UnixListener, RuntimeError> {
+    if UnixStream::connect(path).is_ok() {
+        return Err(RuntimeError::InUse(path.to_path_buf()));
+    }
     remove_stale(path)?;
     UnixListener::bind(path).map_err(|e| RuntimeError::Listen(path.to_path_buf(), e))
 }
@@ -614,8 +626,8 @@ impl Runtime {
         if !dir.is_dir() {
             return Err(RuntimeError::NotADirectory(dir.to_path_buf()));
         }
-        remove_stale(&dir.join(EXIT_RECORD))?;
         let control = listen(&dir.join(CONTROL_SOCKET))?;
+        remove_stale(&dir.join(EXIT_RECORD))?;
         let console = listen(&dir.join(CONSOLE_SOCKET))?;
         console
             .set_nonblocking(true)

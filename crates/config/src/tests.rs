@@ -138,6 +138,19 @@ fn written_toml_reads_back_to_the_same_config() {
 }
 
 #[test]
+fn a_written_system_reads_back_with_guests_inline() {
+    let text = format!(
+        "[guests.web]\nstart = \"held\"\n{}\n[guests.db]\nkernel = \"k\"\n",
+        FULL.replace("[[", "[[guests.web.")
+            .replace("[vsock]", "[guests.web.vsock]")
+    );
+    let first = system(&text).unwrap();
+    let written = to_system_toml(&first);
+    let again = parse_system(&written, "written.toml", Path::new("/elsewhere")).unwrap();
+    assert_eq!(again, first, "{written}");
+}
+
+#[test]
 fn memory_is_written_with_a_suffix_when_exact() {
     let c = guest("kernel = \"k\"\nmemory = \"2G\"").unwrap();
     assert!(to_guest_toml(&c).contains("memory = \"2G\""));

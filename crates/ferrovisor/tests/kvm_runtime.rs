@@ -212,7 +212,7 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     assert_eq!(vmm.request("{\"op\":\"pause\"}"), json!({"ok": true}));
     assert_eq!(vmm.request("{\"op\":\"info\"}")["state"], json!("paused"));
     // Let output already on its way reach the log, then watch it stand still.
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(500));
     let (len, exits) = (
         vmm.log_len(),
         vmm.request("{\"op\":\"info\"}")["exits"].clone(),

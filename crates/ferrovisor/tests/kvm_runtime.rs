@@ -286,6 +286,45 @@ fn console_clients_see_output_and_send_input() {
     assert!(contains(&vmm.log(), b"<Z>"), "the log has the echo too");
 }
 
+/// CPU time (user + system, in clock ticks) of the VMM thread named `name`.
+fn thread_cpu_ticks(pid: u32, name: &str) -> u64 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+            let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+            let fields: Vec<&str> = after_name.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of stat; 12 and 13 here.
+            return fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        }
+    }
+    panic!("no thread named {name}");
+}
+
+#[test]
+fn a_console_client_that_hangs_up_leaves_the_console_idle() {
+    // A guest that prints once, then halts with interrupts on: no more output.
+    let code = Asm::default()
+        .print("idle\n")
+        .label("halt")
+        .bytes(&[0xfb, 0xf4]) // sti; hlt
+        .jump(0xeb, "halt")
+        .finish();
+    let kernel = write_temp("idle.elf", &multiboot_kernel(0x10_0000, &[], &code, 0));
+    let vmm = Vmm::start_kernel("hangup", &kernel, &[]);
+    vmm.wait_for(|| vmm.log() == b"idle\n", "the guest's line");
+    let client = UnixStream::connect(vmm.dir.join("console.sock")).unwrap();
+    drop(client);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = thread_cpu_ticks(vmm.pid(), "console");
+    std::thread::sleep(Duration::from_secs(1));
+    let used = thread_cpu_ticks(vmm.pid(), "console") - before;
+    // A loop spinning on the hung-up socket would use the whole second
+    // (100 ticks); an idle thread uses none.
+    assert!(used <= 5, "the console thread used {used} ticks while idle");
+}
+
 #[test]
 fn shutdown_presses_ctrl_alt_del_on_the_keyboard() {
     let vmm = Vmm::start("shutdown", &[]);

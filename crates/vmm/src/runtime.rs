@@ -237,6 +237,8 @@ struct Client {
     backlog: Vec<u8>,
     /// False once the client closed its sending side.
     reading: bool,
+    /// The client closed the connection (or it failed).
+    hung_up: bool,
 }
 
 impl Client {
@@ -282,8 +284,11 @@ impl ConsoleServer {
             if closing {
                 break;
             }
-            self.accept();
             self.read_input();
+            // A client that hung up is dropped once its last input is read;
+            // left in the poll set it would wake the loop for ever.
+            self.clients.retain(|c| !c.hung_up);
+            self.accept();
             self.feed_input();
         }
         let mut state = self.hub.lock();
@@ -291,9 +296,9 @@ impl ConsoleServer {
         self.hub.done_changed.notify_all();
     }
 
-    /// Waits until there is output, a new client, input, or room for
-    /// pending input.
-    fn wait(&self) {
+    /// Waits until there is output, a new client, input, a client hanging
+    /// up, or room for pending input.
+    fn wait(&mut self) {
         let mut fds = vec![
             libc::pollfd {
                 fd: self.hub.wake.as_raw_fd(),
@@ -323,7 +328,15 @@ impl ConsoleServer {
         // Input the guest's FIFO could not take yet is offered again soon.
         let timeout = if self.pending_input.is_empty() { -1 } else { 5 };
         // SAFETY: `fds` is a valid array of pollfd of the length given.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if ready <= 0 {
+            return;
+        }
+        for (client, fd) in self.clients.iter_mut().zip(&fds[2..]) {
+            if fd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+                client.hung_up = true;
+            }
+        }
     }
 
     fn send_output(&mut self, output: &[u8]) {
@@ -347,6 +360,7 @@ impl ConsoleServer {
                             stream,
                             backlog: Vec::new(),
                             reading: true,
+                            hung_up: false,
                         });
                     }
                 }

@@ -286,6 +286,20 @@ fn console_clients_see_output_and_send_input() {
     assert!(contains(&vmm.log(), b"<Z>"), "the log has the echo too");
 }
 
+#[test]
+fn console_input_beyond_the_uart_fifo_arrives_whole_and_in_order() {
+    let vmm = Vmm::start("input-flood", &[]);
+    vmm.wait_log(1);
+    let mut client = UnixStream::connect(vmm.dir.join("console.sock")).unwrap();
+    // More than the UART's 64-byte FIFO, in one write.
+    let input: Vec<u8> = (0..150).map(|i| b'a' + (i % 26) as u8).collect();
+    client.write_all(&input).unwrap();
+    let expected: Vec<u8> = input.iter().flat_map(|&b| [b'<', b, b'>']).collect();
+    let echoed = || -> Vec<u8> { vmm.log().into_iter().filter(|&b| b != b'.').collect() };
+    vmm.wait_for(|| echoed().len() >= expected.len(), "every byte echoed");
+    assert_eq!(echoed(), expected);
+}
+
 /// CPU time (user + system, in clock ticks) of the VMM thread named `name`.
 fn thread_cpu_ticks(pid: u32, name: &str) -> u64 {
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {

@@ -156,6 +156,7 @@ fn getrandom(buf: &mut [u8]) -> Result<(), RngError> {
 mod tests {
     use super::*;
     use crate::testing::{Buf, MockDriver};
+    use virtio_queue::QueueT;
 
     fn features() -> u64 {
         VIRTIO_F_VERSION_1
@@ -213,5 +214,111 @@ mod tests {
         let mut rng = Rng::new();
         let err = drv.activate(&mut rng, features()).unwrap_err();
         assert!(matches!(err, ActivateError::QueueCount { want: 1, got: 2 }));
+    }
+
+    #[test]
+    fn event_idx_suppresses_interrupts_until_used_event() {
+        let mut drv = MockDriver::new(1 << 22, &[QUEUE_SIZE]);
+        let mut rng = Rng::new();
+        drv.activate(&mut rng, features() | VIRTIO_RING_F_EVENT_IDX)
+            .expect("activate");
+        // The driver wants an interrupt only once used idx passes 2.
+        drv.set_used_event(0, 2);
+        let a = drv.alloc(8);
+        drv.add_chain(0, &[Buf::writable(a, 8)]);
+        drv.kick(0);
+        assert_eq!(drv.wait_used(0, 1).len(), 1);
+        // Two more: used idx goes 1 -> 3, crossing used_event + 1 = 3.
+        drv.add_chain(0, &[Buf::writable(a, 8)]);
+        drv.add_chain(0, &[Buf::writable(a, 8)]);
+        drv.kick(0);
+        assert_eq!(drv.wait_used(0, 2).len(), 2);
+        assert!(drv.interrupt().wait_count(0, 1));
+        // The first batch (used idx 0 -> 1) got no interrupt.
+        assert_eq!(drv.interrupt().count(0), 1);
+        // The device asks for a kick at the next avail index.
+        assert_eq!(drv.avail_event(0), 3);
+    }
+
+    #[test]
+    fn without_event_idx_every_batch_interrupts() {
+        let mut drv = MockDriver::new(1 << 22, &[QUEUE_SIZE]);
+        let mut rng = Rng::new();
+        drv.activate(&mut rng, features()).expect("activate");
+        drv.set_used_event(0, 100);
+        let a = drv.alloc(8);
+        drv.add_chain(0, &[Buf::writable(a, 8)]);
+        drv.kick(0);
+        assert_eq!(drv.wait_used(0, 1).len(), 1);
+        assert!(drv.interrupt().wait_count(0, 1));
+    }
+
+    #[test]
+    fn reset_then_reactivate_serves_again() {
+        let mut drv = MockDriver::new(1 << 22, &[QUEUE_SIZE]);
+        let mut rng = Rng::new();
+        drv.activate(&mut rng, features()).expect("activate");
+        let a = drv.alloc(16);
+        drv.add_chain(0, &[Buf::writable(a, 16)]);
+        drv.kick(0);
+        assert_eq!(drv.wait_used(0, 1).len(), 1);
+        rng.reset();
+        drv.reset_rings();
+        drv.activate(&mut rng, features()).expect("reactivate");
+        drv.add_chain(0, &[Buf::writable(a, 16)]);
+        drv.kick(0);
+        let used = drv.wait_used(0, 1);
+        assert_eq!(used.len(), 1);
+        assert_eq!(used[0].len, 16);
+    }
+
+    #[test]
+    fn hostile_chain_stops_the_queue_and_spares_other_devices() {
+        let mut bad = MockDriver::new(1 << 22, &[QUEUE_SIZE]);
+        let mut good = MockDriver::new(1 << 22, &[QUEUE_SIZE]);
+        let mut rng1 = Rng::new();
+        let mut rng2 = Rng::new();
+        bad.activate(&mut rng1, features()).expect("activate");
+        good.activate(&mut rng2, features()).expect("activate");
+        // A writable buffer that runs past the end of guest memory.
+        bad.write_desc(0, 0, (1 << 22) - 8, 64, 2, 0);
+        bad.publish(0, 0);
+        bad.kick(0);
+        assert!(bad.interrupt().wait_needs_reset());
+        assert_eq!(bad.used_idx(0), 0);
+        // Later valid chains on the stopped queue are ignored.
+        let a = bad.alloc(8);
+        bad.add_chain(0, &[Buf::writable(a, 8)]);
+        bad.kick(0);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(bad.used_idx(0), 0);
+        // The other device is unaffected.
+        let b = good.alloc(8);
+        good.add_chain(0, &[Buf::writable(b, 8)]);
+        good.kick(0);
+        assert_eq!(good.wait_used(0, 1).len(), 1);
+        assert!(!good.interrupt().needs_reset());
+        // A reset brings the broken device back.
+        rng1.reset();
+        bad.reset_rings();
+        bad.activate(&mut rng1, features()).expect("reactivate");
+        bad.add_chain(0, &[Buf::writable(a, 8)]);
+        bad.kick(0);
+        assert_eq!(bad.wait_used(0, 1).len(), 1);
+        assert!(!bad.interrupt().needs_reset());
+    }
+
+    #[test]
+    fn rings_outside_memory_need_reset_at_activation() {
+        let mut drv = MockDriver::new(1 << 22, &[QUEUE_SIZE]);
+        let mut rng = Rng::new();
+        let mut queues = drv.active_queues(features());
+        queues[0]
+            .queue
+            .set_used_ring_address(Some(0xffff_f000), Some(0x10));
+        let interrupt: Arc<dyn Interrupt> = drv.interrupt().clone();
+        rng.activate(drv.memory().clone(), interrupt, queues, features())
+            .expect("activate");
+        assert!(drv.interrupt().needs_reset());
     }
 }

@@ -71,6 +71,28 @@ impl RecordingInterrupt {
         }
         true
     }
+    /// Waits (bounded by [`WAIT`]) until queue `index` got `n` interrupts.
+    pub fn wait_count(&self, index: u16, n: usize) -> bool {
+        let deadline = Instant::now() + WAIT;
+        let mut guard = self.lock();
+        loop {
+            let got = guard
+                .iter()
+                .filter(|k| **k == InterruptKind::Queue(index))
+                .count();
+            let now = Instant::now();
+            if got >= n {
+                return true;
+            }
+            if now >= deadline {
+                return false;
+            }
+            guard = match self.changed.wait_timeout(guard, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
     /// Forgets the recorded interrupts and the reset request.
     pub fn clear(&self) {
         self.lock().clear();

@@ -50,6 +50,9 @@ pub enum QueueError {
     /// The queue's rings do not lie inside guest memory.
     #[error("the queue's descriptor table or rings are outside guest memory")]
     RingsOutsideMemory,
+    /// The queue size is zero or not a power of two.
+    #[error("the queue size {0} is not a power of two")]
+    BadSize(u16),
     /// The avail ring or used ring could not be accessed.
     #[error("cannot access the queue's rings")]
     RingAccess,
@@ -408,6 +411,31 @@ fn check_buffer(mem: &Memory, desc: &Descriptor, index: u16) -> Result<Buffer, Q
     Ok(Buffer { addr, len })
 }
 
+/// Checks a queue's size and that its descriptor table and rings lie
+/// inside guest memory (`Queue::is_valid` also wants the ready flag, which
+/// is the transport's business).
+pub fn check_rings(mem: &Memory, queue: &Queue) -> Result<(), QueueError> {
+    let size = queue.size();
+    if size == 0 || !size.is_power_of_two() {
+        return Err(QueueError::BadSize(size));
+    }
+    let n = u64::from(size);
+    let areas = [
+        (queue.desc_table(), DESC_SIZE * n),
+        (queue.avail_ring(), 6 + 2 * n),
+        (queue.used_ring(), 6 + 8 * n),
+    ];
+    for (addr, len) in areas {
+        let addr = GuestAddress(addr);
+        if addr.checked_add(len).is_none()
+            || !GuestMemoryBackend::check_range(mem, addr, len as usize)
+        {
+            return Err(QueueError::RingsOutsideMemory);
+        }
+    }
+    Ok(())
+}
+
 /// One queue as a device serves it.
 #[derive(Debug)]
 pub struct DeviceQueue {
@@ -455,6 +483,9 @@ impl DeviceQueue {
             return Ok(None);
         }
         let size = self.queue.size();
+        if size == 0 {
+            return Err(QueueError::BadSize(size));
+        }
         let avail_idx = self
             .queue
             .avail_idx(mem, Ordering::Acquire)
@@ -549,11 +580,11 @@ impl QueueSet {
             reported: false,
         };
         for q in queues {
-            let valid = q.queue.is_valid(&set.mem);
+            let check = check_rings(&set.mem, &q.queue);
             set.queues.push(DeviceQueue::new(q, indirect));
-            if !valid {
+            if let Err(e) = check {
                 let i = set.queues.len() - 1;
-                set.fail(i, &QueueError::RingsOutsideMemory);
+                set.fail(i, &e);
             }
         }
         set
@@ -1028,6 +1059,19 @@ mod tests {
                 pending: SIZE + 1,
                 size: SIZE
             }
+        );
+    }
+
+    #[test]
+    fn ring_check_ignores_ready_and_catches_rings_past_memory() {
+        let mut drv = MockDriver::new(MEM, &[SIZE]);
+        let mut q = drv.active_queues(0).remove(0).queue;
+        q.set_ready(false);
+        assert_eq!(check_rings(drv.memory(), &q), Ok(()));
+        q.set_avail_ring_address(Some(MEM as u32 - 8), Some(0));
+        assert_eq!(
+            check_rings(drv.memory(), &q),
+            Err(QueueError::RingsOutsideMemory)
         );
     }
 

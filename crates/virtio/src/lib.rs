@@ -19,6 +19,8 @@ use thiserror::Error;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod net;
+
 /// Guest memory as devices see it.
 pub type Memory = vm_memory::GuestMemoryMmap<()>;
 

@@ -3,15 +3,16 @@
 
 use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::NetWorker;
+use super::worker::NetHandler;
 use super::{features_for, tun_f, NetBackend, NET_HDR_LEN};
-use crate::{Interrupt, InterruptKind, Memory};
+use crate::queue::QueueSet;
+use crate::{ActiveQueue, Interrupt, InterruptKind, Memory};
 
 const MEM_SIZE: usize = 0x30000;
 const QSIZE: u16 = 16;
@@ -76,32 +77,26 @@ pub fn fuzz_tx(data: &[u8]) {
         let n = rest.len().min(MEM_SIZE - BUFFERS as usize);
         let _ = mem.write_slice(&rest[..n], GuestAddress(BUFFERS));
     }
-    let (Some(rx), Some(tx)) = (queue(), queue()) else {
+    let (Some(rx), Some(tx)) = (queue(0), queue(1)) else {
         return;
     };
-    let (Ok(a), Ok(b), Ok(c)) = (EventFd::new(0), EventFd::new(0), EventFd::new(0)) else {
-        return;
-    };
-    let mut worker = NetWorker::new(
-        mem,
-        Arc::new(Quiet),
-        rx,
-        tx,
-        a,
-        b,
-        c,
-        Box::new(Sink),
-        features_for(Sink.offloads()),
-    );
-    let _ = worker.tx_frames();
+    let features = features_for(Sink.offloads());
+    let backend: Box<dyn NetBackend> = Box::new(Sink);
+    let mut handler = NetHandler::new(Arc::new(Mutex::new(backend)), features);
+    let mut set = QueueSet::new("virtio-net", mem, Arc::new(Quiet), vec![rx, tx], features);
+    handler.process_tx(&mut set);
 }
 
-fn queue() -> Option<Queue> {
+fn queue(index: u16) -> Option<ActiveQueue> {
     let mut q = Queue::new(QSIZE).ok()?;
     q.set_size(QSIZE);
     q.set_desc_table_address(Some(DESC as u32), Some(0));
     q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
     q.set_used_ring_address(Some(USED as u32), Some(0));
     q.set_ready(true);
-    Some(q)
+    Some(ActiveQueue {
+        index,
+        queue: q,
+        kick: EventFd::new(0).ok()?,
+    })
 }

@@ -14,14 +14,12 @@
 //! backend, so frames wait in the backend's queue, and resumes on the
 //! driver's next kick.
 
-pub(crate) mod chain;
 mod tap;
 mod worker;
 
 use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
@@ -29,16 +27,16 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::QueueT;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::epoll::EventSet;
 
 pub use tap::{tun_f, Tap, TapError};
-pub use worker::NetCounters;
 
+use crate::queue::{QueueSet, Worker};
 use crate::{
     device_type, ActivateError, ActiveQueue, Interrupt, Memory, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use worker::{NetHandler, SharedBackend};
 
 /// Length of `virtio_net_hdr_v1`, which precedes every frame.
 pub const NET_HDR_LEN: usize = 12;
@@ -76,6 +74,7 @@ fn bit(b: u32) -> u64 {
 pub fn features_for(offloads: u32) -> u64 {
     let mut f = VIRTIO_F_VERSION_1
         | VIRTIO_RING_F_EVENT_IDX
+        | VIRTIO_RING_F_INDIRECT_DESC
         | bit(VIRTIO_NET_F_MAC)
         | bit(VIRTIO_NET_F_STATUS);
     if offloads & tun_f::CSUM == 0 {
@@ -120,21 +119,13 @@ pub fn offloads_for(features: u64) -> u32 {
     flags
 }
 
-/// A running worker and the event that stops it.
-#[derive(Debug)]
-struct Running {
-    stop: EventFd,
-    thread: JoinHandle<Box<dyn NetBackend>>,
-}
-
 /// A virtio-net device.
 #[derive(Debug)]
 pub struct Net {
     mac: [u8; 6],
     features: u64,
-    /// The backend while the device is not active.
-    backend: Option<Box<dyn NetBackend>>,
-    running: Option<Running>,
+    backend: SharedBackend,
+    worker: Option<Worker>,
 }
 
 impl Net {
@@ -144,8 +135,8 @@ impl Net {
         Net {
             mac,
             features: features_for(backend.offloads()),
-            backend: Some(backend),
-            running: None,
+            backend: Arc::new(Mutex::new(backend)),
+            worker: None,
         }
     }
 
@@ -215,54 +206,32 @@ impl VirtioDevice for Net {
         }
         self.reset();
         let features = features & self.features;
-        let mut backend = self
-            .backend
-            .take()
-            .ok_or_else(|| ActivateError::Backend("the network backend was lost".into()))?;
-        if let Err(e) = backend.set_offloads(offloads_for(features)) {
-            self.backend = Some(backend);
-            return Err(ActivateError::Backend(format!(
-                "cannot set the network backend's offloads: {e}"
-            )));
-        }
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let stop2 = stop.try_clone().map_err(ActivateError::Worker)?;
-        let mut it = queues.into_iter();
-        let (Some(rx), Some(tx)) = (it.next(), it.next()) else {
-            self.backend = Some(backend);
-            return Err(ActivateError::QueueCount { want: 2, got: 0 });
+        let fd = {
+            let mut backend = self
+                .backend
+                .lock()
+                .map_err(|_| ActivateError::Backend("the network backend was lost".into()))?;
+            backend.set_offloads(offloads_for(features)).map_err(|e| {
+                ActivateError::Backend(format!("cannot set the network backend's offloads: {e}"))
+            })?;
+            backend.raw_fd()
         };
-        let mut rxq = rx.queue;
-        let mut txq = tx.queue;
-        let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
-        rxq.set_event_idx(event_idx);
-        txq.set_event_idx(event_idx);
-        let worker = worker::NetWorker::new(
-            mem, interrupt, rxq, txq, rx.kick, tx.kick, stop2, backend, features,
-        );
-        let thread = std::thread::Builder::new()
-            .name("virtio-net".into())
-            .spawn(move || worker.run())
+        let set = QueueSet::new("virtio-net", mem, interrupt, queues, features);
+        let handler = NetHandler::new(self.backend.clone(), features);
+        // Edge-triggered: while the guest has no receive buffer the worker
+        // leaves frames in the backend, and a new frame or an rx kick wakes
+        // it again.
+        let events = EventSet::IN | EventSet::EDGE_TRIGGERED;
+        let worker = Worker::spawn("virtio-net", set, handler, &[(fd, 0, events)])
             .map_err(ActivateError::Worker)?;
-        self.running = Some(Running { stop, thread });
+        self.worker = Some(worker);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(running) = self.running.take() {
-            let _ = running.stop.write(1);
-            // A worker that panicked loses its backend; the next activation
-            // then reports it.
-            if let Ok(backend) = running.thread.join() {
-                self.backend = Some(backend);
-            }
+        if let Some(mut worker) = self.worker.take() {
+            worker.stop();
         }
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        self.reset();
     }
 }
 
@@ -275,5 +244,3 @@ pub use fuzz::fuzz_tx;
 mod tap_tests;
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-pub(crate) mod testutil;

@@ -3,13 +3,10 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::eventfd::EventFd;
-
-use super::testutil::{memory, DriverQueue, TestInterrupt, PATIENCE};
 use super::*;
+use crate::testing::{Buf, MockDriver, WAIT};
 
 /// An EtherType for local experiments (IEEE 802), so the host's own
 /// traffic on the tap (IPv6 router solicitations) is told apart.
@@ -88,7 +85,7 @@ fn packet_socket(index: libc::c_int) -> io::Result<OwnedFd> {
     };
     check(ret, "bind")?;
     let tv = libc::timeval {
-        tv_sec: PATIENCE.as_secs() as libc::time_t,
+        tv_sec: WAIT.as_secs() as libc::time_t,
         tv_usec: 0,
     };
     // SAFETY: SO_RCVTIMEO reads a timeval of the size given.
@@ -136,42 +133,24 @@ fn host_tap_exchanges_frames_with_the_device() {
         0,
         "a tap takes checksum offload"
     );
-    let mem = memory(1 << 20);
-    let mut rx = DriverQueue::new(&mem, 0, QUEUE_SIZE);
-    let mut tx = DriverQueue::new(&mem, 0x4000, QUEUE_SIZE);
-    let (rx_kick, tx_kick) = (
-        EventFd::new(0).expect("eventfd"),
-        EventFd::new(0).expect("eventfd"),
-    );
-    let irq = Arc::new(TestInterrupt::default());
-    for i in 0..8 {
-        rx.add(&[(0x20000 + i * 0x1000, 2048, true)]);
-    }
-    net.activate(
-        mem.clone(),
-        irq.clone(),
-        vec![
-            ActiveQueue {
-                index: 0,
-                queue: rx.queue(),
-                kick: rx_kick.try_clone().expect("clone"),
-            },
-            ActiveQueue {
-                index: 1,
-                queue: tx.queue(),
-                kick: tx_kick.try_clone().expect("clone"),
-            },
-        ],
-        net.device_features(),
-    )
-    .expect("activate");
+    let mut drv = MockDriver::new(1 << 22, &[QUEUE_SIZE, QUEUE_SIZE]);
+    let rx_bufs: Vec<_> = (0..8)
+        .map(|_| {
+            let a = drv.alloc(2048);
+            drv.add_chain(0, &[Buf::writable(a, 2048)]);
+            a
+        })
+        .collect();
+    let features = net.device_features();
+    drv.activate(&mut net, features).expect("activate");
 
     // Guest to host.
     let out = ethernet([0xff; 6], guest_mac, b"from the guest, through the tap");
-    tx.write(0x10000, &[0u8; NET_HDR_LEN]);
-    tx.write(0x10000 + NET_HDR_LEN as u64, &out);
-    tx.add(&[(0x10000, (NET_HDR_LEN + out.len()) as u32, false)]);
-    tx_kick.write(1).expect("kick");
+    let mut req = vec![0u8; NET_HDR_LEN];
+    req.extend(&out);
+    let a = drv.put(&req);
+    drv.add_chain(1, &[Buf::readable(a, req.len() as u32)]);
+    drv.kick(1);
     let mut buf = [0u8; 2048];
     // SAFETY: `buf` is writable for its length.
     let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -192,25 +171,23 @@ fn host_tap_exchanges_frames_with_the_device() {
         "send: {}",
         io::Error::last_os_error()
     );
-    let end = Instant::now() + PATIENCE;
-    loop {
+    let end = Instant::now() + WAIT;
+    'found: loop {
         assert!(Instant::now() < end, "the frame never reached the guest");
-        let Some((id, len)) = rx.used() else {
-            std::thread::sleep(Duration::from_millis(2));
-            continue;
-        };
-        let got = rx.read(0x20000 + u64::from(id) * 0x1000, len as usize);
-        if got.len() > NET_HDR_LEN + 14
-            && got[NET_HDR_LEN + 12..NET_HDR_LEN + 14] == ETHERTYPE.to_be_bytes()
-        {
-            assert_eq!(&got[NET_HDR_LEN..], &back[..]);
-            break;
+        for used in drv.take_used(0) {
+            let got = drv.read(rx_bufs[used.id as usize], used.len as usize);
+            let ours = got.len() > NET_HDR_LEN + 14
+                && got[NET_HDR_LEN + 12..NET_HDR_LEN + 14] == ETHERTYPE.to_be_bytes();
+            if ours {
+                assert_eq!(&got[NET_HDR_LEN..], &back[..]);
+                break 'found;
+            }
         }
+        std::thread::sleep(Duration::from_millis(2));
     }
-    assert!(!irq.is_needs_reset());
+    assert!(!drv.interrupt().needs_reset());
     net.reset();
 }
-
 #[test]
 fn opening_the_same_tap_twice_is_one_clear_error() {
     let name = format!("fvu{}", std::process::id() % 1_000_000);

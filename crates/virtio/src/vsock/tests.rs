@@ -236,6 +236,29 @@ fn host_program_refused_by_the_guest_is_hung_up_on() {
 }
 
 #[test]
+fn host_program_unanswered_by_the_guest_is_hung_up_on() {
+    let mut g = Guest::new();
+    let mut host = UnixStream::connect(&g.uds).expect("connect");
+    host.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    host.write_all(b"CONNECT 54\n").expect("write");
+    let (req, _) = g.recv();
+    assert_eq!(req.op, op::REQUEST);
+    // The guest never answers.
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        host.read(&mut buf).expect("read"),
+        0,
+        "expected end-of-file"
+    );
+    let (rst, _) = g.recv();
+    assert_eq!(
+        (rst.op, rst.src_port, rst.dst_port),
+        (op::RST, req.src_port, 54)
+    );
+}
+
+#[test]
 fn host_program_with_a_bad_line_is_hung_up_on() {
     let mut g = Guest::new();
     for line in [&b"HELLO\n"[..], b"CONNECT x\n", &[b'C'; 40]] {

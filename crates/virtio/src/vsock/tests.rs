@@ -599,7 +599,7 @@ impl XorShift {
 #[test]
 fn storm_of_well_formed_but_senseless_packets_leaves_the_device_working() {
     let mut g = Guest::new();
-    let _l = g.listen(5100);
+    let l5100 = g.listen(5100);
     let mut hosts = Vec::new();
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
     for i in 0..3000 {
@@ -622,8 +622,8 @@ fn storm_of_well_formed_but_senseless_packets_leaves_the_device_working() {
         if i % 16 == 15 {
             assert_eq!(g.drv.wait_used(TX, 16).len(), 16);
             g.drain_rx();
-            _l.set_nonblocking(true).expect("nonblocking");
-            while let Ok((s, _)) = _l.accept() {
+            l5100.set_nonblocking(true).expect("nonblocking");
+            while let Ok((s, _)) = l5100.accept() {
                 hosts.push(s);
             }
         }

@@ -94,6 +94,12 @@ impl Muxer {
             EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, LISTENER),
         )?;
         let timer = TimerFd::new()?;
+        // Non-blocking, so reading a tick that a re-arm just cleared cannot
+        // stall the worker.
+        // SAFETY: F_SETFL with O_NONBLOCK on a timerfd we own.
+        if unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
         epoll.ctl(
             ControlOperation::Add,
             timer.as_raw_fd(),

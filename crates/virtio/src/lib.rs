@@ -17,6 +17,10 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+pub mod block;
+pub mod console;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fuzzing;
 pub mod queue;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]

@@ -503,14 +503,15 @@ impl Muxer {
         }));
     }
 
-    /// Answers a packet that has no connection with RST.
+    /// Answers a packet that has no connection with RST, from the address
+    /// and of the type it was sent to, so the guest finds its socket.
     fn rst_reply(&mut self, hdr: &Header) {
         self.control.push_back(Control::Raw(Header {
-            src_cid: HOST_CID,
+            src_cid: hdr.dst_cid,
             dst_cid: self.cid,
             src_port: hdr.dst_port,
             dst_port: hdr.src_port,
-            type_: TYPE_STREAM,
+            type_: hdr.type_,
             op: op::RST,
             ..Header::default()
         }));

@@ -59,7 +59,7 @@ pub enum TapError {
         source: io::Error,
     },
     /// The kernel refused to attach to or create the tap.
-    #[error("cannot attach to tap {name} (it may be in use, or not a tap)")]
+    #[error("cannot attach to tap {name} (in use by another process, owned by another user, or not a tap)")]
     Attach {
         name: String,
         #[source]

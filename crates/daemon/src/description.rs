@@ -85,3 +85,49 @@ mod config {
         Ok(Config { cpus, memory })
     }
 }
+
+/// One guest of a system description, ready to send to the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemGuest {
+    pub name: String,
+    /// The guest's description, TOML text.
+    pub config: String,
+    /// Start it when the system comes up.
+    pub start: bool,
+}
+
+/// Parses a system description; guest files are read relative to `base`.
+/// Every guest's description is checked before any is returned.
+pub fn system(text: &str, base: &std::path::Path) -> Result<Vec<SystemGuest>, DescriptionError> {
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| DescriptionError(e.message().to_string()))?;
+    let Some(toml::Value::Array(guests)) = table.get("guest") else {
+        return Err(DescriptionError(
+            "guest: missing; list guests as [[guest]] tables".into(),
+        ));
+    };
+    let mut out = Vec::new();
+    for (i, g) in guests.iter().enumerate() {
+        let field = |k: &str| g.get(k).and_then(toml::Value::as_str).map(str::to_string);
+        let name =
+            field("name").ok_or_else(|| DescriptionError(format!("guest[{i}].name: missing")))?;
+        let file = field("config")
+            .ok_or_else(|| DescriptionError(format!("guest[{i}].config: missing")))?;
+        let path = base.join(&file);
+        let config = std::fs::read_to_string(&path).map_err(|e| {
+            DescriptionError(format!(
+                "guest[{i}].config: cannot read {}: {e}",
+                path.display()
+            ))
+        })?;
+        check(&config).map_err(|e| DescriptionError(format!("{}: {}", path.display(), e.0)))?;
+        let start = field("start").as_deref() == Some("boot");
+        out.push(SystemGuest {
+            name,
+            config,
+            start,
+        });
+    }
+    Ok(out)
+}

@@ -20,7 +20,7 @@ pub enum RegistryError {
         "'{0}' is not a guest name (1 to 64 of A-Z a-z 0-9 . _ -, not starting with '.' or '-')"
     )]
     BadName(String),
-    #[error("bad guest description: {0}")]
+    #[error("bad guest description")]
     Description(#[from] DescriptionError),
     #[error("guest '{0}' already exists")]
     Exists(String),

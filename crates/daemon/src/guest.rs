@@ -232,7 +232,7 @@ impl Guest {
     pub fn load(name: &str, dir: PathBuf) -> Result<Guest, String> {
         let description = fs::read_to_string(dir.join(DESCRIPTION))
             .map_err(|e| format!("cannot read {DESCRIPTION}: {e}"))?;
-        let summary = description::check(&description).map_err(|e| e.0)?;
+        let (summary, _) = description::check(&description).map_err(|e| e.0)?;
         let text = fs::read_to_string(dir.join(RECORD))
             .map_err(|e| format!("cannot read {RECORD}: {e}"))?;
         let record: Record =

@@ -39,14 +39,12 @@ Management commands (all take --socket PATH, default /run/ferrovisor/api.sock):
 pub enum CliError {
     #[error("{0}")]
     Usage(String),
-    #[error("cannot read {0}")]
-    Read(String, #[source] std::io::Error),
     #[error(transparent)]
     Client(#[from] ClientError),
     #[error("cannot start the daemon")]
     Serve(#[from] daemon::ServeError),
     #[error("{0}")]
-    System(String),
+    Description(String),
     #[error("terminal")]
     Terminal(#[source] std::io::Error),
 }
@@ -185,10 +183,6 @@ fn serve(rest: &[String]) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn read(path: &Path) -> Result<String, CliError> {
-    std::fs::read_to_string(path).map_err(|e| CliError::Read(path.display().to_string(), e))
-}
-
 /// A guest's name from its file name: `web.toml` → `web`.
 fn name_from_file(path: &Path) -> Result<String, CliError> {
     path.file_stem()
@@ -204,7 +198,10 @@ fn create(rest: &[String]) -> Result<ExitCode, CliError> {
         Some(n) => n.to_string(),
         None => name_from_file(&file)?,
     };
-    let body = json!({ "name": name, "config": read(&file)?, "start": words.switch("start") });
+    // Read here, so that relative paths are taken from the file's directory.
+    let guest = config::load_guest(&file).map_err(|e| CliError::Description(e.to_string()))?;
+    let text = config::to_guest_toml(&guest);
+    let body = json!({ "name": name, "config": text, "start": words.switch("start") });
     let info = words.client().call("POST", "/guests", Some(&body))?;
     if words.switch("json") {
         print_json(&info);
@@ -325,14 +322,15 @@ fn info(rest: &[String]) -> Result<ExitCode, CliError> {
 fn up(rest: &[String]) -> Result<ExitCode, CliError> {
     let words = Words::parse(rest, &["socket"], &["json"])?;
     let file = PathBuf::from(&words.exactly(1, "one system file")?[0]);
-    let text = read(&file)?;
-    let base = file.parent().unwrap_or(Path::new("."));
-    let system = daemon::description::system(&text, base)
-        .map_err(|e| CliError::System(format!("{}: {e}", file.display())))?;
+    let system = config::load_system(&file).map_err(|e| CliError::Description(e.to_string()))?;
     let client = words.client();
     let mut results = Vec::new();
-    for guest in &system {
-        let body = json!({ "name": guest.name, "config": guest.config, "start": guest.start });
+    for guest in &system.guests {
+        let body = json!({
+            "name": guest.name,
+            "config": config::to_guest_toml(&guest.config),
+            "start": guest.start == config::StartPolicy::Boot,
+        });
         let info = client.call("POST", "/guests", Some(&body))?;
         if !words.switch("json") {
             println!("{}: {}", guest.name, info["state"].as_str().unwrap_or("?"));

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::daemon::{Daemon, RegistryError};
@@ -69,15 +68,45 @@ impl From<GuestError> for Reply {
 }
 
 /// The body of `POST /guests`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 struct CreateBody {
     name: String,
     /// The guest description, TOML text.
     config: String,
     /// Start the guest right after creating it.
-    #[serde(default)]
     start: bool,
+}
+
+impl CreateBody {
+    /// Parses the body field by field, so that an error names the field.
+    fn parse(body: &[u8]) -> Result<CreateBody, String> {
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| format!("body: not JSON: {e}"))?;
+        let Value::Object(fields) = value else {
+            return Err("body: not a JSON object".into());
+        };
+        if let Some(key) = fields
+            .keys()
+            .find(|k| !["name", "config", "start"].contains(&k.as_str()))
+        {
+            return Err(format!("{key}: unknown field"));
+        }
+        let text = |key: &str| match fields.get(key) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(_) => Err(format!("{key}: not a string")),
+            None => Err(format!("{key}: missing")),
+        };
+        let start = match fields.get("start") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err("start: not true or false".into()),
+        };
+        Ok(CreateBody {
+            name: text("name")?,
+            config: text("config")?,
+            start,
+        })
+    }
 }
 
 /// What the connection layer must do beyond a plain JSON reply.
@@ -141,7 +170,7 @@ fn guest_info(daemon: &Daemon, name: &str) -> Reply {
 }
 
 fn create(daemon: &Daemon, body: &[u8]) -> Reply {
-    let body: CreateBody = match serde_json::from_slice(body) {
+    let body = match CreateBody::parse(body) {
         Ok(b) => b,
         Err(e) => return Reply::error(400, format!("bad request body: {e}")),
     };

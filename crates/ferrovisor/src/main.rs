@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use args::{Command, Guest, RunArgs};
-use vmm::{RunReport, VmExit};
+use vmm::{RunOptions, RunReport, VmExit};
 
 const USAGE: &str = "\
 ferrovisor: a hypervisor for Linux hosts with KVM
@@ -98,19 +98,24 @@ fn print_stats(report: &RunReport) {
     );
 }
 
-fn run(args: RunArgs, start: Instant) -> ExitCode {
+/// Runs the guest; returns the exit status and its one-line reason.
+fn run_guest(args: RunArgs, start: Instant) -> (i32, String) {
     let vm = match args.guest {
         Guest::Flags(vm) => vm,
         Guest::File(path) => match config::load_guest(&path) {
             Ok(vm) => vm,
             Err(e) => {
-                eprintln!("ferrovisor: {}", one_line(&e));
-                return ExitCode::from(2);
+                let reason = one_line(&e);
+                eprintln!("ferrovisor: {reason}");
+                return (2, reason);
             }
         },
     };
     warn_if_pvm();
-    match vmm::run(&vm, start) {
+    let options = RunOptions {
+        runtime_dir: args.runtime_dir,
+    };
+    match vmm::run_with(&vm, start, &options) {
         Ok(report) => {
             if args.stats {
                 print_stats(&report);
@@ -120,13 +125,30 @@ fn run(args: RunArgs, start: Instant) -> ExitCode {
             {
                 eprintln!("ferrovisor: {}", report.exit);
             }
-            ExitCode::from(report.exit.status() as u8)
+            (report.exit.status(), report.exit.to_string())
         }
         Err(e) => {
-            eprintln!("ferrovisor: {}", one_line(&e));
-            ExitCode::from(vmm::STATUS_GUEST_FAILED as u8)
+            let reason = one_line(&e);
+            eprintln!("ferrovisor: {reason}");
+            (vmm::STATUS_GUEST_FAILED, reason)
         }
     }
+}
+
+fn run(args: RunArgs, start: Instant) -> ExitCode {
+    let runtime_dir = args.runtime_dir.clone();
+    let (status, reason) = run_guest(args, start);
+    // Without the directory (the one error that can cause) there is
+    // nowhere to write the record; the error line already said why.
+    if let Some(dir) = runtime_dir.filter(|d| d.is_dir()) {
+        if let Err(e) = vmm::runtime::write_exit_record(&dir, status, &reason) {
+            eprintln!(
+                "ferrovisor: cannot write {}: {e}",
+                dir.join(vmm::runtime::EXIT_RECORD).display()
+            );
+        }
+    }
+    ExitCode::from(status as u8)
 }
 
 fn main() -> ExitCode {

@@ -29,6 +29,8 @@ pub const RECORD: &str = "state.json";
 pub const RUNTIME: &str = "run";
 /// How often a guest process the daemon did not start is checked.
 const POLL: Duration = Duration::from_millis(200);
+/// How long a start waits for the new VMM's control socket.
+const CONTROL_READY: Duration = Duration::from_secs(10);
 
 /// Errors of a guest operation; the API maps them to status codes.
 #[derive(Debug, Error)]
@@ -366,7 +368,24 @@ impl Guest {
             run_end.set(end.clone());
             guest.finish(run, end, &events);
         });
+        self.wait_control();
         Ok(())
+    }
+
+    /// Waits until a just-started VMM answers on its control socket (or its
+    /// run ended), so that the next operation finds it ready.
+    fn wait_control(&self) {
+        let deadline = Instant::now() + CONTROL_READY;
+        let socket = self.runtime().join("control.sock");
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                return;
+            }
+            if self.run_end().is_none_or(|end| end.wait(Duration::ZERO).is_some()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Takes over a guest whose process outlived an earlier daemon: if the

@@ -218,6 +218,7 @@ fn classify(
         (None, Some(c)) => {
             format!("the guest process exited with status {c} without an exit report")
         }
+        (None, None) if killing => "killed on request".to_string(),
         (None, None) => "the guest process disappeared".to_string(),
     };
     (
@@ -381,7 +382,10 @@ impl Guest {
             if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
                 return;
             }
-            if self.run_end().is_none_or(|end| end.wait(Duration::ZERO).is_some()) {
+            if self
+                .run_end()
+                .is_none_or(|end| end.wait(Duration::ZERO).is_some())
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -623,6 +627,9 @@ mod tests {
         let (exit, state) = classify(None, Some(9), None, true);
         assert_eq!(state, State::Stopped);
         assert_eq!(exit.reason, "killed by signal 9 on request");
+        let (exit, state) = classify(None, None, None, true);
+        assert_eq!(state, State::Stopped);
+        assert_eq!(exit.reason, "killed on request");
     }
 
     #[test]

@@ -156,9 +156,23 @@ fn a_restarted_daemon_readopts_running_guests_and_sees_those_that_died() {
     d.expect("POST", "/guests/stays/pause", None, 200);
     assert_eq!(d.info("stays")["state"], "paused");
     d.expect("POST", "/guests/stays/resume", None, 200);
-    let pid = stays_pid.as_i64().expect("pid") as i32;
+    d.wait_console("stays", "ready");
+    let killed = d.expect("POST", "/guests/stays/kill", None, 200);
+    assert_eq!(killed["state"], "stopped", "{killed}");
+    assert_eq!(killed["exit"]["reason"], "killed on request");
+}
+
+#[test]
+fn an_adopted_guest_that_dies_later_shows_crashed() {
+    let mut d = TestDaemon::start();
+    d.create_echo("later", true);
+    d.wait_console("later", "ready");
+    let pid = d.info("later")["pid"].as_i64().expect("pid") as i32;
+    d.kill_daemon();
+    d.spawn();
+    assert_eq!(d.info("later")["state"], "running");
     daemon::process::signal(pid, libc::SIGKILL);
-    let info = d.wait_state("stays", "crashed");
+    let info = d.wait_state("later", "crashed");
     assert_eq!(info["exit"]["reason"], "the guest process disappeared");
 }
 

@@ -178,6 +178,16 @@ fn percent_decode(text: &str) -> String {
 
 /// Reads one request with a body of at most `max_body` bytes.
 pub fn read_request(reader: &mut impl BufRead, max_body: usize) -> Result<Request, HttpError> {
+    read_request_with(reader, max_body, &mut || Ok(()))
+}
+
+/// Reads one request; `on_continue` is called before the body is read when
+/// the client sent `Expect: 100-continue` (it should answer `100 Continue`).
+pub fn read_request_with(
+    reader: &mut impl BufRead,
+    max_body: usize,
+    on_continue: &mut dyn FnMut() -> io::Result<()>,
+) -> Result<Request, HttpError> {
     let mut budget = MAX_HEAD;
     let line = read_line(reader, &mut budget)?;
     let mut words = line.split(' ');
@@ -202,6 +212,12 @@ pub fn read_request(reader: &mut impl BufRead, max_body: usize) -> Result<Reques
     let length = content_length(&headers)?.unwrap_or(0);
     if length > max_body {
         return Err(HttpError::BodyTooLarge(max_body));
+    }
+    let expects_continue = headers
+        .iter()
+        .any(|(k, v)| k == "expect" && v.eq_ignore_ascii_case("100-continue"));
+    if expects_continue && length > 0 {
+        on_continue()?;
     }
     let mut body = vec![0; length];
     reader.read_exact(&mut body).map_err(|e| match e.kind() {
@@ -232,6 +248,7 @@ pub fn read_request(reader: &mut impl BufRead, max_body: usize) -> Result<Reques
 /// The reason phrase of the status codes the API uses.
 pub fn reason(status: u16) -> &'static str {
     match status {
+        100 => "Continue",
         101 => "Switching Protocols",
         200 => "OK",
         201 => "Created",
@@ -458,6 +475,19 @@ mod tests {
             parse(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n{}"),
             Err(HttpError::Closed)
         ));
+    }
+
+    #[test]
+    fn expect_continue_is_answered_before_the_body() {
+        let text = b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}";
+        let mut called = 0;
+        let r = read_request_with(&mut BufReader::new(&text[..]), 64, &mut || {
+            called += 1;
+            Ok(())
+        })
+        .expect("parses");
+        assert_eq!(called, 1);
+        assert_eq!(r.body, b"{}");
     }
 
     #[test]

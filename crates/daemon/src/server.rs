@@ -117,7 +117,11 @@ pub fn serve_connection(daemon: &Daemon, mut stream: UnixStream) {
         return;
     };
     let mut reader = BufReader::new(read_half);
-    let request = match http::read_request(&mut reader, MAX_BODY) {
+    let Ok(mut continue_half) = stream.try_clone() else {
+        return;
+    };
+    let mut on_continue = || continue_half.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+    let request = match http::read_request_with(&mut reader, MAX_BODY, &mut on_continue) {
         Ok(r) => r,
         Err(HttpError::Closed) => return,
         Err(HttpError::Io(_)) => return,

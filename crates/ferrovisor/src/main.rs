@@ -17,7 +17,8 @@ ferrovisor: a hypervisor for Linux hosts with KVM
 Usage:
   ferrovisor run --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus N] [--memory SIZE]
                  [--disk path=FILE[,readonly=on]]... [--net tap=NAME[,mac=MAC]]...
-                 [--console serial|virtio] [--rng] [--vsock cid=N,socket=PATH] [--stats]
+                 [--console serial|virtio] [--rng] [--vsock cid=N,socket=PATH]
+                 [--affinity CPUS | --affinity VCPU=CPUS...] [--runtime-dir DIR] [--stats]
   ferrovisor run --config GUEST.toml [--runtime-dir DIR] [--stats]
   ferrovisor --help | --version
 ";
@@ -44,6 +45,9 @@ Ctrl-A x stops it.
   --rng              a virtio-rng device fed from the host's getrandom
   --vsock cid=N,socket=PATH
                      a virtio-vsock device; host side on the unix socket PATH
+  --affinity CPUS    pin every vCPU thread to these host CPUs (e.g. 2-3)
+  --affinity VCPU=CPUS
+                     pin one vCPU thread (repeatable, e.g. 0=2 1=3)
   --config FILE      read the guest from a TOML guest file (docs/config.md)
                      instead of the flags above
   --runtime-dir DIR  serve DIR/control.sock, write the console to
@@ -138,9 +142,10 @@ fn run_guest(args: RunArgs, start: Instant) -> (i32, String) {
 fn run(args: RunArgs, start: Instant) -> ExitCode {
     let runtime_dir = args.runtime_dir.clone();
     let (status, reason) = run_guest(args, start);
-    // Without the directory (the one error that can cause) there is
-    // nowhere to write the record; the error line already said why.
-    if let Some(dir) = runtime_dir.filter(|d| d.is_dir()) {
+    // Without the directory there is nowhere to write the record, and a
+    // directory another VMM serves is not ours to write in; the error line
+    // already said why.
+    if let Some(dir) = runtime_dir.filter(|d| d.is_dir() && !vmm::runtime::dir_in_use(d)) {
         if let Err(e) = vmm::runtime::write_exit_record(&dir, status, &reason) {
             eprintln!(
                 "ferrovisor: cannot write {}: {e}",

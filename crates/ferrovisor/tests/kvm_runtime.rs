@@ -212,7 +212,7 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     assert_eq!(vmm.request("{\"op\":\"pause\"}"), json!({"ok": true}));
     assert_eq!(vmm.request("{\"op\":\"info\"}")["state"], json!("paused"));
     // Let output already on its way reach the log, then watch it stand still.
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(500));
     let (len, exits) = (
         vmm.log_len(),
         vmm.request("{\"op\":\"info\"}")["exits"].clone(),
@@ -247,6 +247,20 @@ fn a_paused_guest_is_not_taken_for_a_halted_one() {
 }
 
 #[test]
+fn a_paused_guest_stops_cleanly() {
+    let mut vmm = Vmm::start("pause-stop", &["--cpus", "2"]);
+    vmm.wait_log(1);
+    assert_eq!(vmm.request("{\"op\":\"pause\"}"), json!({"ok": true}));
+    assert_eq!(vmm.request("{\"op\":\"stop\"}"), json!({"ok": true}));
+    let (status, _) = vmm.wait_exit();
+    assert_eq!(status, 0);
+    assert_eq!(
+        vmm.exit_record()["reason"],
+        json!("stopped by a stop request on the control socket")
+    );
+}
+
+#[test]
 fn console_clients_see_output_and_send_input() {
     let vmm = Vmm::start("console", &[]);
     let connect = || {
@@ -270,6 +284,59 @@ fn console_clients_see_output_and_send_input() {
     read_until(&mut a, b"<Z>");
     read_until(&mut b, b"<Z>");
     assert!(contains(&vmm.log(), b"<Z>"), "the log has the echo too");
+}
+
+#[test]
+fn console_input_beyond_the_uart_fifo_arrives_whole_and_in_order() {
+    let vmm = Vmm::start("input-flood", &[]);
+    vmm.wait_log(1);
+    let mut client = UnixStream::connect(vmm.dir.join("console.sock")).unwrap();
+    // More than the UART's 64-byte FIFO, in one write.
+    let input: Vec<u8> = (0..150).map(|i| b'a' + (i % 26) as u8).collect();
+    client.write_all(&input).unwrap();
+    let expected: Vec<u8> = input.iter().flat_map(|&b| [b'<', b, b'>']).collect();
+    let echoed = || -> Vec<u8> { vmm.log().into_iter().filter(|&b| b != b'.').collect() };
+    vmm.wait_for(|| echoed().len() >= expected.len(), "every byte echoed");
+    assert_eq!(echoed(), expected);
+}
+
+/// CPU time (user + system, in clock ticks) of the VMM thread named `name`.
+fn thread_cpu_ticks(pid: u32, name: &str) -> u64 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+            let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+            let fields: Vec<&str> = after_name.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of stat; 12 and 13 here.
+            return fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        }
+    }
+    panic!("no thread named {name}");
+}
+
+#[test]
+fn a_console_client_that_hangs_up_leaves_the_console_idle() {
+    // A guest that prints once, then halts with interrupts on: no more output.
+    let code = Asm::default()
+        .print("idle\n")
+        .label("halt")
+        .bytes(&[0xfb, 0xf4]) // sti; hlt
+        .jump(0xeb, "halt")
+        .finish();
+    let kernel = write_temp("idle.elf", &multiboot_kernel(0x10_0000, &[], &code, 0));
+    let vmm = Vmm::start_kernel("hangup", &kernel, &[]);
+    vmm.wait_for(|| vmm.log() == b"idle\n", "the guest's line");
+    let client = UnixStream::connect(vmm.dir.join("console.sock")).unwrap();
+    drop(client);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = thread_cpu_ticks(vmm.pid(), "console");
+    std::thread::sleep(Duration::from_secs(1));
+    let used = thread_cpu_ticks(vmm.pid(), "console") - before;
+    // A loop spinning on the hung-up socket would use the whole second
+    // (100 ticks); an idle thread uses none.
+    assert!(used <= 5, "the console thread used {used} ticks while idle");
 }
 
 #[test]
@@ -370,6 +437,61 @@ fn a_request_without_newline_is_answered_at_end_of_stream() {
 }
 
 #[test]
+fn a_runtime_dir_in_use_is_refused_and_left_alone() {
+    let vmm = Vmm::start("in-use", &[]);
+    vmm.wait_log(1);
+    let kernel = busy_guest();
+    let out = ferrovisor(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "32M",
+        "--runtime-dir",
+        vmm.dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err: Vec<_> = stderr(&out)
+        .lines()
+        .filter(|l| !l.contains("warning:"))
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        err,
+        [format!(
+            "ferrovisor: {} is in use by another running VMM",
+            vmm.dir.join("control.sock").display()
+        )]
+    );
+    // The first VMM still answers, and the refused one wrote no record.
+    assert_eq!(vmm.request("{\"op\":\"info\"}")["ok"], json!(true));
+    assert!(!vmm.dir.join("exit.json").exists());
+}
+
+#[test]
+fn a_bad_guest_file_still_leaves_an_exit_record() {
+    let dir = scratch("bad-config");
+    let file = dir.join("guest.toml");
+    std::fs::write(&file, "kernel = \"k\"\ncpus = 0\n").unwrap();
+    let out = ferrovisor(&[
+        "run",
+        "--config",
+        file.to_str().unwrap(),
+        "--runtime-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("exit.json")).unwrap()).unwrap();
+    let reason = format!(
+        "{}: cpus: 0 is not a number of vCPUs from 1 to 254",
+        file.display()
+    );
+    assert_eq!(record, json!({"status": 2, "reason": reason}));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn a_missing_runtime_dir_is_one_line() {
     let kernel = busy_guest();
     let out = ferrovisor(&[
@@ -435,6 +557,15 @@ fn affinity_pins_each_vcpu_thread() {
     let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
     assert_eq!(cpus_allowed(vmm.pid(), u64::from(vmm.pid())), online.trim());
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_affinity_flag_pins_every_vcpu_thread() {
+    let vmm = Vmm::start("affinity-flag", &["--cpus", "2", "--affinity", "1"]);
+    let info = vmm.request("{\"op\":\"info\"}");
+    for tid in info["vcpu_tids"].as_array().unwrap() {
+        assert_eq!(cpus_allowed(vmm.pid(), tid.as_u64().unwrap()), "1");
+    }
 }
 
 #[test]

@@ -78,12 +78,19 @@ pub enum RuntimeError {
     Listen(PathBuf, #[source] io::Error),
     #[error("cannot open the console log {0}")]
     Log(PathBuf, #[source] io::Error),
+    #[error("{0} is in use by another running VMM")]
+    InUse(PathBuf),
     #[error("cannot remove the stale {0}")]
     Stale(PathBuf, #[source] io::Error),
     #[error("cannot create the console's wake-up eventfd")]
     EventFd(#[source] io::Error),
     #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] io::Error),
+}
+
+/// Whether another VMM is serving `dir` (its control socket answers).
+pub fn dir_in_use(dir: &Path) -> bool {
+    UnixStream::connect(dir.join(CONTROL_SOCKET)).is_ok()
 }
 
 /// Writes `DIR/exit.json` atomically: a temporary file, then a rename.
@@ -106,7 +113,12 @@ fn remove_stale(path: &Path) -> Result<(), RuntimeError> {
     }
 }
 
+/// Listens on `path`, replacing a socket left behind by a VMM that is gone
+/// but never one that still answers.
 fn listen(path: &Path) -> Result<UnixListener, RuntimeError> {
+    if UnixStream::connect(path).is_ok() {
+        return Err(RuntimeError::InUse(path.to_path_buf()));
+    }
     remove_stale(path)?;
     UnixListener::bind(path).map_err(|e| RuntimeError::Listen(path.to_path_buf(), e))
 }
@@ -153,8 +165,15 @@ impl ConsoleLog {
     pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.file.write_all(bytes)?;
         self.size += bytes.len() as u64;
-        if self.size > self.limit {
-            self.rotate()?;
+        if self.size > self.limit && self.rotate().is_err() {
+            // Someone removed or cut the log under us: start a fresh one
+            // rather than fail on every write from now on.
+            self.file = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&self.path)?;
+            self.size = 0;
         }
         Ok(())
     }
@@ -218,6 +237,8 @@ struct Client {
     backlog: Vec<u8>,
     /// False once the client closed its sending side.
     reading: bool,
+    /// The client closed the connection (or it failed).
+    hung_up: bool,
 }
 
 impl Client {
@@ -263,8 +284,11 @@ impl ConsoleServer {
             if closing {
                 break;
             }
-            self.accept();
             self.read_input();
+            // A client that hung up is dropped once its last input is read;
+            // left in the poll set it would wake the loop for ever.
+            self.clients.retain(|c| !c.hung_up);
+            self.accept();
             self.feed_input();
         }
         let mut state = self.hub.lock();
@@ -272,9 +296,9 @@ impl ConsoleServer {
         self.hub.done_changed.notify_all();
     }
 
-    /// Waits until there is output, a new client, input, or room for
-    /// pending input.
-    fn wait(&self) {
+    /// Waits until there is output, a new client, input, a client hanging
+    /// up, or room for pending input.
+    fn wait(&mut self) {
         let mut fds = vec![
             libc::pollfd {
                 fd: self.hub.wake.as_raw_fd(),
@@ -304,7 +328,15 @@ impl ConsoleServer {
         // Input the guest's FIFO could not take yet is offered again soon.
         let timeout = if self.pending_input.is_empty() { -1 } else { 5 };
         // SAFETY: `fds` is a valid array of pollfd of the length given.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if ready <= 0 {
+            return;
+        }
+        for (client, fd) in self.clients.iter_mut().zip(&fds[2..]) {
+            if fd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+                client.hung_up = true;
+            }
+        }
     }
 
     fn send_output(&mut self, output: &[u8]) {
@@ -328,6 +360,7 @@ impl ConsoleServer {
                             stream,
                             backlog: Vec::new(),
                             reading: true,
+                            hung_up: false,
                         });
                     }
                 }
@@ -607,8 +640,8 @@ impl Runtime {
         if !dir.is_dir() {
             return Err(RuntimeError::NotADirectory(dir.to_path_buf()));
         }
-        remove_stale(&dir.join(EXIT_RECORD))?;
         let control = listen(&dir.join(CONTROL_SOCKET))?;
+        remove_stale(&dir.join(EXIT_RECORD))?;
         let console = listen(&dir.join(CONSOLE_SOCKET))?;
         console
             .set_nonblocking(true)
@@ -735,6 +768,30 @@ mod tests {
         }
     }
 
+    #[test]
+    fn mangled_requests_are_refused_on_one_line() {
+        let seed = b"{\"op\":\"pause\"}";
+        let alphabet = b"{}[]\":,op \\u0aZ\n";
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as usize
+        };
+        for _ in 0..5000 {
+            let mut bytes = seed.to_vec();
+            for _ in 0..1 + next() % 3 {
+                let at = next() % bytes.len();
+                bytes[at] = alphabet[next() % alphabet.len()];
+            }
+            let line = String::from_utf8_lossy(&bytes);
+            if let Err(e) = parse_request(&line) {
+                assert!(!e.contains('\n'), "{line}: {e}");
+            }
+        }
+    }
+
     /// A VM that records what it was asked.
     #[derive(Default)]
     struct FakeVm {
@@ -821,6 +878,20 @@ mod tests {
             json!({"status": 2, "reason": "vCPU 0 triple-faulted \"badly\""})
         );
         assert!(!dir.join(".exit.json.tmp").exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_console_log_removed_under_the_vmm_is_started_again() {
+        let dir = scratch("log-removed");
+        let path = dir.join(CONSOLE_LOG);
+        let mut log = ConsoleLog::with_limits(&path, 16, 8).unwrap();
+        log.append(b"0123456789").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        log.append(b"abcdefghij").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        log.append(b"xyz").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"xyz");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

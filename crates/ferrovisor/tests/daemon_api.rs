@@ -123,11 +123,48 @@ fn a_guest_process_killed_from_outside_shows_crashed_with_its_reason() {
     let d = TestDaemon::start();
     d.create_echo("victim", true);
     d.wait_console("victim", "ready");
+    let client = daemon::Client::new(&d.socket);
+    let mut events = client.events().expect("subscribe");
+    events
+        .stream()
+        .set_read_timeout(Some(LIMIT))
+        .expect("timeout");
     let pid = d.info("victim")["pid"].as_i64().expect("pid") as i32;
     daemon::process::signal(pid, libc::SIGKILL);
     let info = d.wait_state("victim", "crashed");
     assert_eq!(info["exit"]["reason"], "killed by signal 9", "{info}");
     assert_eq!(info["pid"], Value::Null);
+    let event = events.next_event().expect("event").expect("stream open");
+    control::openapi::check_event(&event).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(event["event"], "crashed", "{event}");
+    assert_eq!(event["reason"], "killed by signal 9", "{event}");
+}
+
+#[test]
+fn concurrent_operations_on_one_guest_are_serialized() {
+    let d = TestDaemon::start();
+    d.create_echo("contended", true);
+    d.wait_console("contended", "ready");
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..6)
+            .map(|_| s.spawn(|| d.call("POST", "/guests/contended/pause", None).0))
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("worker"))
+            .collect()
+    });
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 409).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(d.info("contended")["state"], "paused");
 }
 
 #[test]
@@ -136,8 +173,11 @@ fn a_restarted_daemon_readopts_running_guests_and_sees_those_that_died() {
     d.create_echo("stays", true);
     d.create_echo("dies", true);
     d.create_echo("idle", false);
+    d.create_echo("frozen", true);
     d.wait_console("stays", "ready");
     d.wait_console("dies", "ready");
+    d.wait_console("frozen", "ready");
+    d.expect("POST", "/guests/frozen/pause", None, 200);
     let stays_pid = d.info("stays")["pid"].clone();
     let dies_pid = d.info("dies")["pid"].as_i64().expect("pid") as i32;
 
@@ -151,6 +191,9 @@ fn a_restarted_daemon_readopts_running_guests_and_sees_those_that_died() {
     let dies = d.wait_state("dies", "crashed");
     assert_eq!(dies["exit"]["reason"], "the guest process disappeared");
     assert_eq!(d.info("idle")["state"], "created");
+    assert_eq!(d.info("frozen")["state"], "paused");
+    d.expect("POST", "/guests/frozen/resume", None, 200);
+    assert_eq!(d.info("frozen")["state"], "running");
 
     // The adopted guest is under control: pause, resume, and its end is seen.
     d.expect("POST", "/guests/stays/pause", None, 200);

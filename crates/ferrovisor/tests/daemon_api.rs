@@ -518,3 +518,88 @@ fn up_creates_a_system_and_starts_the_guests_marked_for_boot() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cpus"));
     d.expect("GET", "/guests/third", None, 404);
 }
+
+/// A pseudo-terminal: the master end for the test, the slave for the CLI.
+fn open_pty() -> (std::fs::File, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: both pointers are valid for writes; a null name, termios and
+    // window size are allowed.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty failed");
+    // SAFETY: openpty returned two fresh descriptors that we now own.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::os::fd::OwnedFd::from_raw_fd(slave),
+        )
+    }
+}
+
+/// Whether the terminal is in canonical (line) mode.
+fn canonical(fd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: all-zero termios is valid storage for tcgetattr.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is an open terminal and `t` valid storage.
+    assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
+    t.c_lflag & libc::ICANON != 0
+}
+
+#[test]
+fn the_console_command_is_raw_while_attached_and_ctrl_bracket_detaches() {
+    let d = TestDaemon::start();
+    d.create_echo("tty", true);
+    d.wait_console("tty", "ready");
+    let (mut master, slave) = open_pty();
+    assert!(canonical(&slave));
+    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_ferrovisor"))
+        .args(["console", "tty", "--socket"])
+        .arg(&d.socket)
+        .stdin(std::process::Stdio::from(slave.try_clone().expect("dup")))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ferrovisor console");
+    let mut err = cli.stderr.take().expect("stderr");
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("attached") {
+        let mut b = [0u8; 1];
+        assert_eq!(err.read(&mut b).expect("read"), 1, "{seen:?}");
+        seen.push(b[0]);
+    }
+    assert!(
+        !canonical(&slave),
+        "the terminal should be raw while attached"
+    );
+    // Keys without a newline reach the guest at once; its echo comes back.
+    master.write_all(b"hi!").expect("type");
+    let mut out = cli.stdout.take().expect("stdout");
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("hi!") {
+        let mut buf = [0u8; 64];
+        let n = out.read(&mut buf).expect("read");
+        assert!(n > 0, "console output ended: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    master.write_all(&[0x1d]).expect("Ctrl-]");
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(status) = cli.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "Ctrl-] did not detach");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success());
+    assert!(canonical(&slave), "the terminal should be restored");
+    assert_eq!(d.info("tty")["state"], "running");
+}

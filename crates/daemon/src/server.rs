@@ -169,6 +169,8 @@ fn peer_closed(stream: &UnixStream) -> bool {
 
 fn stream_events(daemon: &Daemon, mut stream: UnixStream) {
     let events = daemon.events.subscribe();
+    // A client that stops reading is dropped rather than waited for.
+    let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
     if http::write_chunked_head(&mut stream, "application/x-ndjson").is_err() {
         return;
     }

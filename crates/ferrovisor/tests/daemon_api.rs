@@ -506,6 +506,12 @@ fn up_creates_a_system_and_starts_the_guests_marked_for_boot() {
     d.wait_console("first", "ready");
     assert_eq!(d.info("first")["state"], "running");
     assert_eq!(d.info("second")["state"], "created");
+    // Up again: nothing is created twice; a stopped boot guest starts.
+    d.expect("POST", "/guests/first/kill", None, 200);
+    let again = stdout_json(&d.cli(&["up", system.to_str().expect("utf-8"), "--json"]));
+    assert_eq!(again["guests"][0]["state"], "running", "{again}");
+    assert_eq!(again["guests"][1]["state"], "created", "{again}");
+    assert_eq!(d.guest_dirs(), ["first", "second"]);
     // A system with a bad guest creates nothing.
     let bad = d.dir.join("bad.toml");
     std::fs::write(

@@ -319,6 +319,36 @@ fn info(rest: &[String]) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Brings up one guest of a system: created if it does not exist yet (an
+/// existing guest keeps its description), started if it boots with the
+/// system and is not running.
+fn up_one(
+    client: &Client,
+    name: &str,
+    config: &config::VmConfig,
+    boot: bool,
+) -> Result<Value, CliError> {
+    let path = format!("/guests/{name}");
+    match client.call("GET", &path, None) {
+        Ok(info) => {
+            let state = info["state"].as_str().unwrap_or("");
+            if boot && matches!(state, "created" | "stopped" | "crashed") {
+                return Ok(client.call("POST", &format!("{path}/start"), None)?);
+            }
+            Ok(info)
+        }
+        Err(ClientError::Api { status: 404, .. }) => {
+            let body = json!({
+                "name": name,
+                "config": config::to_guest_toml(config),
+                "start": boot,
+            });
+            Ok(client.call("POST", "/guests", Some(&body))?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn up(rest: &[String]) -> Result<ExitCode, CliError> {
     let words = Words::parse(rest, &["socket"], &["json"])?;
     let file = PathBuf::from(&words.exactly(1, "one system file")?[0]);
@@ -326,12 +356,8 @@ fn up(rest: &[String]) -> Result<ExitCode, CliError> {
     let client = words.client();
     let mut results = Vec::new();
     for guest in &system.guests {
-        let body = json!({
-            "name": guest.name,
-            "config": config::to_guest_toml(&guest.config),
-            "start": guest.start == config::StartPolicy::Boot,
-        });
-        let info = client.call("POST", "/guests", Some(&body))?;
+        let boot = guest.start == config::StartPolicy::Boot;
+        let info = up_one(&client, &guest.name, &guest.config, boot)?;
         if !words.switch("json") {
             println!("{}: {}", guest.name, info["state"].as_str().unwrap_or("?"));
         }

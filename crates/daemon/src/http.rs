@@ -491,6 +491,42 @@ mod tests {
     }
 
     #[test]
+    fn random_and_mangled_requests_never_panic() {
+        let pieces: [&[u8]; 12] = [
+            b"GET ",
+            b"POST ",
+            b"/guests",
+            b"?a=%zz&b=%4",
+            b" HTTP/1.1",
+            b"\r\n",
+            b"Content-Length: 3",
+            b"Content-Length: 99999999999999999999",
+            b"Expect: 100-continue",
+            b":",
+            b"\xff\xc3",
+            b"%",
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..5000 {
+            let mut input = Vec::new();
+            for _ in 0..next() % 12 {
+                match next() % 4 {
+                    0 => input.push(next() as u8),
+                    _ => input.extend_from_slice(pieces[(next() % 12) as usize]),
+                }
+            }
+            let _ = read_request(&mut BufReader::new(&input[..]), 64);
+            let _ = read_response(&mut BufReader::new(&input[..]), 64);
+        }
+    }
+
+    #[test]
     fn oversized_head_is_refused() {
         let mut text = b"GET / HTTP/1.1\r\nX: ".to_vec();
         text.extend(std::iter::repeat_n(b'a', MAX_HEAD));

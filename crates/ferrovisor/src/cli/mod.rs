@@ -273,7 +273,7 @@ fn list(rest: &[String]) -> Result<ExitCode, CliError> {
             "{:<20} {:<8} {:>5} {:>7} {:>8} {:>9}",
             g["name"].as_str().unwrap_or("?"),
             g["state"].as_str().unwrap_or("?"),
-            g["vcpus"],
+            g["vcpus"].as_u64().unwrap_or(0),
             human_size(g["memory_bytes"].as_u64().unwrap_or(0)),
             g["pid"].as_i64().map_or("-".to_string(), |p| p.to_string()),
             g["uptime_ms"]

@@ -86,7 +86,7 @@ fn print_table(rows: &[Value]) {
             "{:<20} {:<8} {:>5} {:>7} {:>8} {:>10}",
             r["name"].as_str().unwrap_or("?"),
             r["state"].as_str().unwrap_or("?"),
-            r["vcpus"],
+            r["vcpus"].as_u64().unwrap_or(0),
             num(&r["cpu_percent"]),
             human_size(r["memory_bytes"].as_u64().unwrap_or(0)),
             num(&r["exits_per_sec"]),

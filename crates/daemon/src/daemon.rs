@@ -37,11 +37,32 @@ pub fn check_name(name: &str) -> Result<(), RegistryError> {
     description::check_name(name).map_err(|e| RegistryError::BadName(e.0))
 }
 
+/// Takes `STATE_DIR/daemon.lock`, so that two daemons never manage the
+/// same guests.
+fn lock_state_dir(state_dir: &Path) -> std::io::Result<fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(state_dir.join("daemon.lock"))?;
+    // SAFETY: flock has no memory effects; the descriptor is open.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            "another daemon is using it",
+        ));
+    }
+    Ok(file)
+}
+
 /// The daemon's shared state.
 #[derive(Debug)]
 pub struct Daemon {
     /// Where guest directories live (`STATE_DIR/guests`).
     guests_dir: PathBuf,
+    /// Held (flock) while the daemon runs: one daemon per state directory.
+    _lock: fs::File,
     /// The binary that runs guests.
     exe: PathBuf,
     guests: Mutex<BTreeMap<String, Arc<Guest>>>,
@@ -56,8 +77,10 @@ impl Daemon {
     pub fn open(state_dir: &Path, exe: PathBuf) -> std::io::Result<Daemon> {
         let guests_dir = state_dir.join("guests");
         fs::create_dir_all(&guests_dir)?;
+        let lock = lock_state_dir(state_dir)?;
         let mut daemon = Daemon {
             guests_dir,
+            _lock: lock,
             exe,
             guests: Mutex::new(BTreeMap::new()),
             events: Arc::new(EventBus::default()),

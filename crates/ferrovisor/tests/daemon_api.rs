@@ -609,3 +609,34 @@ fn the_console_command_is_raw_while_attached_and_ctrl_bracket_detaches() {
     assert!(canonical(&slave), "the terminal should be restored");
     assert_eq!(d.info("tty")["state"], "running");
 }
+
+#[test]
+fn the_daemon_skips_broken_guest_directories_and_owns_its_state_alone() {
+    let mut d = TestDaemon::start();
+    d.create_echo("fine", false);
+    // A second daemon on the same state directory is refused.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrovisor"))
+        .arg("daemon")
+        .arg("--socket")
+        .arg(d.dir.join("other.sock"))
+        .arg("--state-dir")
+        .arg(&d.state_dir)
+        .output()
+        .expect("second daemon");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another daemon"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+
+    d.kill_daemon();
+    let guests = d.state_dir.join("guests");
+    std::fs::create_dir_all(guests.join("junk")).expect("junk");
+    std::fs::write(guests.join("junk/state.json"), "not json").expect("junk");
+    std::fs::create_dir_all(guests.join(".new-half-1")).expect("leftover");
+    d.spawn();
+    let list = d.expect("GET", "/guests", None, 200);
+    assert_eq!(list["guests"].as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list["guests"][0]["name"], "fine");
+    assert!(d.log().contains("skipping guest 'junk'"), "{}", d.log());
+    assert!(!guests.join(".new-half-1").exists());
+}

@@ -428,6 +428,10 @@ fn console_log_and_attach_carry_the_guest_console() {
     d.wait_console("chatty", "ping!");
     let tail = client.console_log("chatty", Some(3)).expect("tail");
     assert_eq!(tail, b"ng!");
+    d.expect("GET", "/guests/chatty/console?tail=lots", None, 400);
+    // Attaching needs the upgrade headers.
+    let reply = d.expect("GET", "/guests/chatty/console/attach", None, 400);
+    assert!(reply["error"].as_str().expect("error").contains("Upgrade"));
     // No console to attach to once the guest has stopped.
     d.expect("POST", "/guests/chatty/kill", None, 200);
     match client.attach("chatty") {

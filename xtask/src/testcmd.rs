@@ -90,8 +90,9 @@ fn host_tiers() -> Result<Tally> {
     Ok(tally)
 }
 
-/// Builds the lab-tests binary and returns its path.
-pub fn build_lab_tests() -> Result<PathBuf> {
+/// Builds the lab-tests test binary `name` (`lab`, `control_plane`) and
+/// returns its path.
+pub fn build_lab_tests(name: &str) -> Result<PathBuf> {
     let out = util::output(
         cargo()
             .args([
@@ -105,13 +106,15 @@ pub fn build_lab_tests() -> Result<PathBuf> {
     )?;
     out.lines()
         .filter(|l| l.contains("\"reason\":\"compiler-artifact\""))
-        .filter(|l| l.contains("\"name\":\"lab\"") && l.contains("\"kind\":[\"test\"]"))
+        .filter(|l| {
+            l.contains(&format!("\"name\":\"{name}\"")) && l.contains("\"kind\":[\"test\"]")
+        })
         .find_map(|l| {
             let at = l.find("\"executable\":\"")? + "\"executable\":\"".len();
             let end = l[at..].find('"')?;
             Some(PathBuf::from(&l[at..at + end]))
         })
-        .ok_or_else(|| fail!("cargo built no lab-tests test binary"))
+        .ok_or_else(|| fail!("cargo built no lab-tests test binary {name}"))
 }
 
 /// Tier 3: the lab tests, in one lab boot. With `qemu_stand_in`, QEMU takes
@@ -129,14 +132,25 @@ fn lab_tier(qemu_stand_in: bool) -> Result<Tally> {
     } else {
         Some(lab::build_ferrovisor()?)
     };
-    let tests = build_lab_tests()?;
+    let tests = build_lab_tests("lab")?;
     // One guest at a time: two nested guests side by side make the lab's
     // emulated SVM fail now and then (docs/lab.md, "One guest at a time").
-    let mut spec = Spec::new(Some(
-        "/lab/bin/lab-tests --ignored --test-threads=1".to_string(),
-    ));
+    // The control-plane test runs the daemon, which QEMU cannot stand in for.
+    let command = if qemu_stand_in {
+        "/lab/bin/lab-tests --ignored --test-threads=1"
+    } else {
+        "/lab/bin/lab-tests --ignored --test-threads=1; a=$?; \
+         /lab/bin/control-plane-tests --ignored --test-threads=1; b=$?; \
+         [ $a = 0 ] && [ $b = 0 ]"
+    };
+    let mut spec = Spec::new(Some(command.to_string()));
     spec.interactive = false;
     spec.files.push((tests, "/lab/bin/lab-tests".to_string()));
+    if !qemu_stand_in {
+        let control_plane = build_lab_tests("control_plane")?;
+        spec.files
+            .push((control_plane, "/lab/bin/control-plane-tests".to_string()));
+    }
     if qemu_stand_in {
         let shim = util::workspace_root().join("lab/qemu-stand-in");
         spec.files

@@ -2,6 +2,7 @@
 //! VM configuration to the VMM; everything else lives in the library crates.
 
 mod args;
+mod cli;
 
 use std::error::Error;
 use std::process::ExitCode;
@@ -179,6 +180,9 @@ fn main() -> ExitCode {
         eprintln!("ferrovisor: an argument is not valid UTF-8");
         return ExitCode::from(2);
     };
+    if words.first().is_some_and(|w| cli::is_management(w)) {
+        return cli::main(&words);
+    }
     match args::parse(words) {
         Ok(Command::Run(run_args)) => run(*run_args, start),
         Ok(Command::Help) => {

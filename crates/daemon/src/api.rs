@@ -1,0 +1,241 @@
+//! The management API: routes requests to guest operations and maps their
+//! errors to status codes (400 bad body or description, 404 unknown guest,
+//! 409 not allowed in the guest's state). docs/api/openapi.json describes
+//! every path.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::daemon::{Daemon, RegistryError};
+use crate::description::one_line;
+use crate::guest::GuestError;
+use crate::http::Request;
+
+/// The longest stop timeout accepted, in seconds.
+pub const MAX_STOP_TIMEOUT: u64 = 3600;
+/// The stop timeout when none is given, in seconds.
+pub const DEFAULT_STOP_TIMEOUT: u64 = 30;
+
+/// A finished API answer: status and JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Reply {
+    fn ok(body: Value) -> Reply {
+        Reply { status: 200, body }
+    }
+
+    /// An error reply `{"error": message}`.
+    pub fn error(status: u16, message: impl Into<String>) -> Reply {
+        Reply {
+            status,
+            body: json!({ "error": message.into() }),
+        }
+    }
+}
+
+impl From<RegistryError> for Reply {
+    fn from(e: RegistryError) -> Reply {
+        let status = match &e {
+            RegistryError::BadName(_) | RegistryError::Description(_) => 400,
+            RegistryError::Exists(_) => 409,
+            RegistryError::Unknown(_) => 404,
+            RegistryError::Guest(g) => return Reply::from_guest(g),
+            RegistryError::Io(_) => 500,
+        };
+        Reply::error(status, one_line(&e))
+    }
+}
+
+impl Reply {
+    fn from_guest(e: &GuestError) -> Reply {
+        let status = match e {
+            GuestError::Conflict { .. } => 409,
+            _ => 500,
+        };
+        Reply::error(status, one_line(e))
+    }
+}
+
+impl From<GuestError> for Reply {
+    fn from(e: GuestError) -> Reply {
+        Reply::from_guest(&e)
+    }
+}
+
+/// The body of `POST /guests`.
+#[derive(Debug)]
+struct CreateBody {
+    name: String,
+    /// The guest description, TOML text.
+    config: String,
+    /// Start the guest right after creating it.
+    start: bool,
+}
+
+impl CreateBody {
+    /// Parses the body field by field, so that an error names the field.
+    fn parse(body: &[u8]) -> Result<CreateBody, String> {
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| format!("body: not JSON: {e}"))?;
+        let Value::Object(fields) = value else {
+            return Err("body: not a JSON object".into());
+        };
+        if let Some(key) = fields
+            .keys()
+            .find(|k| !["name", "config", "start"].contains(&k.as_str()))
+        {
+            return Err(format!("{key}: unknown field"));
+        }
+        let text = |key: &str| match fields.get(key) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(_) => Err(format!("{key}: not a string")),
+            None => Err(format!("{key}: missing")),
+        };
+        let start = match fields.get("start") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err("start: not true or false".into()),
+        };
+        Ok(CreateBody {
+            name: text("name")?,
+            config: text("config")?,
+            start,
+        })
+    }
+}
+
+/// What the connection layer must do beyond a plain JSON reply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    Reply(Reply),
+    /// Stream lifecycle events.
+    Events,
+    /// Send the console log of this guest (its last `tail` bytes).
+    ConsoleLog(String, Option<u64>),
+    /// Upgrade to a raw byte stream bridged to this guest's console.
+    ConsoleAttach(String),
+}
+
+/// Routes one request.
+pub fn route(daemon: &Daemon, req: &Request) -> Route {
+    let segments: Vec<&str> = req.path.trim_end_matches('/').split('/').skip(1).collect();
+    let method = req.method.as_str();
+    match (method, segments.as_slice()) {
+        ("GET", ["guests"]) => Route::Reply(list(daemon)),
+        ("POST", ["guests"]) => Route::Reply(create(daemon, &req.body)),
+        ("GET", ["events"]) => Route::Events,
+        ("GET", ["guests", name]) => Route::Reply(guest_info(daemon, name)),
+        ("DELETE", ["guests", name]) => Route::Reply(match daemon.delete(name) {
+            Ok(()) => Reply::ok(json!({ "name": name, "state": "deleted" })),
+            Err(e) => e.into(),
+        }),
+        ("GET", ["guests", name, "console"]) => match daemon.get(name) {
+            Ok(_) => match req.query("tail").map(str::parse::<u64>) {
+                None => Route::ConsoleLog(name.to_string(), None),
+                Some(Ok(n)) => Route::ConsoleLog(name.to_string(), Some(n)),
+                Some(Err(_)) => Route::Reply(Reply::error(400, "tail: not a byte count")),
+            },
+            Err(e) => Route::Reply(e.into()),
+        },
+        ("GET", ["guests", name, "console", "attach"]) => match daemon.get(name) {
+            Ok(_) => Route::ConsoleAttach(name.to_string()),
+            Err(e) => Route::Reply(e.into()),
+        },
+        ("POST", ["guests", name, action]) => Route::Reply(action_on(daemon, name, action, req)),
+        (_, ["guests"] | ["events"] | ["guests", _] | ["guests", _, _] | ["guests", _, _, _]) => {
+            Route::Reply(Reply::error(
+                405,
+                format!("{method} is not allowed on {}", req.path),
+            ))
+        }
+        _ => Route::Reply(Reply::error(404, format!("no such path: {}", req.path))),
+    }
+}
+
+fn list(daemon: &Daemon) -> Reply {
+    let guests: Vec<Value> = daemon.all().iter().map(|g| g.info(false)).collect();
+    Reply::ok(json!({ "guests": guests }))
+}
+
+fn guest_info(daemon: &Daemon, name: &str) -> Reply {
+    match daemon.get(name) {
+        Ok(guest) => Reply::ok(guest.info(true)),
+        Err(e) => e.into(),
+    }
+}
+
+fn create(daemon: &Daemon, body: &[u8]) -> Reply {
+    let body = match CreateBody::parse(body) {
+        Ok(b) => b,
+        Err(e) => return Reply::error(400, format!("bad request body: {e}")),
+    };
+    let guest = match daemon.create(&body.name, &body.config) {
+        Ok(g) => g,
+        Err(e) => return e.into(),
+    };
+    if body.start {
+        let _op = guest.begin();
+        if let Err(e) = guest.start(daemon.exe(), &daemon.events) {
+            return e.into();
+        }
+    }
+    Reply {
+        status: 201,
+        body: guest.info(true),
+    }
+}
+
+/// Reads `?timeout=SECONDS` of a stop.
+fn stop_timeout(req: &Request) -> Result<Duration, Reply> {
+    match req.query("timeout") {
+        None => Ok(Duration::from_secs(DEFAULT_STOP_TIMEOUT)),
+        Some(text) => match text.parse::<u64>() {
+            Ok(n) if n <= MAX_STOP_TIMEOUT => Ok(Duration::from_secs(n)),
+            _ => Err(Reply::error(
+                400,
+                format!(
+                    "timeout: '{text}' is not a number of seconds from 0 to {MAX_STOP_TIMEOUT}"
+                ),
+            )),
+        },
+    }
+}
+
+fn action_on(daemon: &Daemon, name: &str, action: &str, req: &Request) -> Reply {
+    let guest = match daemon.get(name) {
+        Ok(g) => g,
+        Err(e) => return e.into(),
+    };
+    let timeout = if action == "stop" {
+        match stop_timeout(req) {
+            Ok(t) => t,
+            Err(reply) => return reply,
+        }
+    } else {
+        Duration::ZERO
+    };
+    let _op = guest.begin();
+    let done: Result<Option<&str>, GuestError> = match action {
+        "start" => guest.start(daemon.exe(), &daemon.events).map(|()| None),
+        "pause" => guest.set_paused(true, &daemon.events).map(|()| None),
+        "resume" => guest.set_paused(false, &daemon.events).map(|()| None),
+        "stop" => guest.stop(timeout, &daemon.events).map(Some),
+        "kill" => guest.kill().map(|()| None),
+        _ => return Reply::error(404, format!("no such action: {action}")),
+    };
+    match done {
+        Ok(how) => {
+            let mut info = guest.info(true);
+            if let Some(how) = how {
+                info["stopped_by"] = json!(how);
+            }
+            Reply::ok(info)
+        }
+        Err(e) => e.into(),
+    }
+}

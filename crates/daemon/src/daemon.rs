@@ -1,0 +1,217 @@
+//! The daemon's registry of guests: creating (atomically, through a temporary
+//! directory), finding, deleting, and re-adopting guests from the state
+//! directory when the daemon starts.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use thiserror::Error;
+
+use crate::description::{self, DescriptionError};
+use crate::events::{now_ms, EventBus};
+use crate::guest::{self, Guest, GuestError, Record, State};
+
+/// Errors of registry operations.
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    #[error(
+        "'{0}' is not a guest name (1 to 64 of A-Z a-z 0-9 . _ -, not starting with '.' or '-')"
+    )]
+    BadName(String),
+    #[error("bad guest description")]
+    Description(#[from] DescriptionError),
+    #[error("guest '{0}' already exists")]
+    Exists(String),
+    #[error("no guest named '{0}'")]
+    Unknown(String),
+    #[error("cannot write the guest's directory")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+}
+
+/// Checks a guest name: it becomes a directory name and a URL path segment.
+pub fn check_name(name: &str) -> Result<(), RegistryError> {
+    description::check_name(name).map_err(|e| RegistryError::BadName(e.0))
+}
+
+/// Takes `STATE_DIR/daemon.lock`, so that two daemons never manage the
+/// same guests.
+fn lock_state_dir(state_dir: &Path) -> std::io::Result<fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(state_dir.join("daemon.lock"))?;
+    // SAFETY: flock has no memory effects; the descriptor is open.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            "another daemon is using it",
+        ));
+    }
+    Ok(file)
+}
+
+/// The daemon's shared state.
+#[derive(Debug)]
+pub struct Daemon {
+    /// Where guest directories live (`STATE_DIR/guests`).
+    guests_dir: PathBuf,
+    /// Held (flock) while the daemon runs: one daemon per state directory.
+    _lock: fs::File,
+    /// The binary that runs guests.
+    exe: PathBuf,
+    guests: Mutex<BTreeMap<String, Arc<Guest>>>,
+    pub events: Arc<EventBus>,
+    /// Guests that could not be read back at start, with why.
+    pub broken: Vec<(String, String)>,
+}
+
+impl Daemon {
+    /// Opens (creating if needed) `state_dir`, reads back every guest in it
+    /// and re-adopts those whose process still runs.
+    pub fn open(state_dir: &Path, exe: PathBuf) -> std::io::Result<Daemon> {
+        let guests_dir = state_dir.join("guests");
+        fs::create_dir_all(&guests_dir)?;
+        let lock = lock_state_dir(state_dir)?;
+        let mut daemon = Daemon {
+            guests_dir,
+            _lock: lock,
+            exe,
+            guests: Mutex::new(BTreeMap::new()),
+            events: Arc::new(EventBus::default()),
+            broken: Vec::new(),
+        };
+        let mut found = BTreeMap::new();
+        for entry in fs::read_dir(&daemon.guests_dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                // A create or delete that did not finish.
+                let _ = fs::remove_dir_all(entry.path());
+                continue;
+            }
+            match Guest::load(&name, entry.path()) {
+                Ok(guest) => {
+                    found.insert(name, Arc::new(guest));
+                }
+                Err(why) => daemon.broken.push((name, why)),
+            }
+        }
+        for guest in found.values() {
+            guest.adopt(&daemon.events);
+        }
+        daemon.guests = Mutex::new(found);
+        Ok(daemon)
+    }
+
+    fn map(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Guest>>> {
+        self.guests.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The guest named `name`.
+    pub fn get(&self, name: &str) -> Result<Arc<Guest>, RegistryError> {
+        self.map()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| RegistryError::Unknown(name.to_string()))
+    }
+
+    /// Every guest, by name.
+    pub fn all(&self) -> Vec<Arc<Guest>> {
+        self.map().values().cloned().collect()
+    }
+
+    /// The binary that runs guests.
+    pub fn exe(&self) -> &Path {
+        &self.exe
+    }
+
+    /// Creates guest `name` from `text`: checked in full, written to a
+    /// temporary directory, renamed into place.
+    pub fn create(&self, name: &str, text: &str) -> Result<Arc<Guest>, RegistryError> {
+        check_name(name)?;
+        let (summary, text) = description::check(text)?;
+        let text = text.as_str();
+        let mut map = self.map();
+        if map.contains_key(name) {
+            return Err(RegistryError::Exists(name.to_string()));
+        }
+        let tmp = self
+            .guests_dir
+            .join(format!(".new-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        let made = (|| -> Result<Record, RegistryError> {
+            fs::create_dir(&tmp)?;
+            fs::create_dir(tmp.join(guest::RUNTIME))?;
+            fs::write(tmp.join(guest::DESCRIPTION), text)?;
+            let record = Record {
+                state: State::Created,
+                pid: None,
+                start_ticks: None,
+                started_ms: None,
+                exit: None,
+                runs: 0,
+                created_ms: now_ms(),
+            };
+            guest::write_json(&tmp.join(guest::RECORD), &record)?;
+            let dir = self.guests_dir.join(name);
+            fs::rename(&tmp, dir)?;
+            Ok(record)
+        })();
+        let record = match made {
+            Ok(record) => record,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
+        let guest = Arc::new(Guest::new(
+            name,
+            self.guests_dir.join(name),
+            text.to_string(),
+            summary,
+            record,
+        ));
+        map.insert(name.to_string(), guest.clone());
+        drop(map);
+        self.events.emit(name, "created", "created", None);
+        Ok(guest)
+    }
+
+    /// Deletes a guest that is not running: its directory goes too.
+    pub fn delete(&self, name: &str) -> Result<(), RegistryError> {
+        let guest = self.get(name)?;
+        let _op = guest.begin();
+        let mut map = self.map();
+        guest.mark_deleted()?;
+        map.remove(name);
+        drop(map);
+        let doomed = self
+            .guests_dir
+            .join(format!(".del-{name}-{}", std::process::id()));
+        fs::rename(&guest.dir, &doomed)?;
+        let _ = fs::remove_dir_all(&doomed);
+        self.events.emit(name, "deleted", "deleted", None);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["a", "web-1", "db2"] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".hidden", "a/b", "a b", "ü", "A", &"x".repeat(33)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! Guest descriptions as the daemon sees them: TOML text, checked in full
+//! before anything is written, and the few facts the daemon reports.
+
+use std::path::Path;
+
+use thiserror::Error;
+
+/// A guest description that failed to parse; the message names the field.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("{0}")]
+pub struct DescriptionError(pub String);
+
+/// What the daemon reports about a description without running it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub cpus: u32,
+    pub memory_bytes: u64,
+}
+
+/// The name descriptions are given in errors.
+const ORIGIN: &str = "config";
+
+/// Parses `text` as a guest description; every field is checked. Relative
+/// paths are taken from `/`. Returns the summary and the description
+/// written back in canonical form (absolute paths, every field explicit),
+/// which is what the daemon stores and hands to the VMM.
+pub fn check(text: &str) -> Result<(Summary, String), DescriptionError> {
+    let config = config::parse_guest(text, ORIGIN, Path::new("/"))
+        .map_err(|e| DescriptionError(one_line(&e)))?;
+    let summary = Summary {
+        cpus: u32::from(config.cpus),
+        memory_bytes: config.memory,
+    };
+    Ok((summary, config::to_guest_toml(&config)))
+}
+
+/// Checks a guest name as system files do: 1 to 32 of a-z, 0-9 and -.
+pub fn check_name(name: &str) -> Result<(), DescriptionError> {
+    config::check_guest_name(name).map_err(|e| DescriptionError(e.to_string()))
+}
+
+/// An error and its causes on one line.
+pub fn one_line(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line.replace('\n', "\\n")
+}

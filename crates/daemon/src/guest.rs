@@ -1,0 +1,653 @@
+//! One guest under the daemon: its directory, its persisted record, its
+//! lifecycle (created, running, paused, stopped, crashed) and the watcher
+//! that notices when its process ends.
+//!
+//! A guest's directory holds `guest.toml` (the description), `state.json`
+//! (the record below), `run/` (the VMM's runtime directory: control and
+//! console sockets, `console.log`, `exit.json`), and `vmm.out` / `vmm.err`
+//! (the VMM process's stdout and stderr).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use thiserror::Error;
+
+use crate::description::{self, Summary};
+use crate::events::{now_ms, EventBus};
+use crate::process::{self, Identity};
+
+/// The description file inside a guest's directory.
+pub const DESCRIPTION: &str = "guest.toml";
+/// The record file inside a guest's directory.
+pub const RECORD: &str = "state.json";
+/// The VMM's runtime directory inside a guest's directory.
+pub const RUNTIME: &str = "run";
+/// How often a guest process the daemon did not start is checked.
+const POLL: Duration = Duration::from_millis(200);
+/// How long a start waits for the new VMM's control socket.
+const CONTROL_READY: Duration = Duration::from_secs(10);
+
+/// Errors of a guest operation; the API maps them to status codes.
+#[derive(Debug, Error)]
+pub enum GuestError {
+    #[error("guest '{name}' is {state}; cannot {op} it")]
+    Conflict {
+        name: String,
+        state: State,
+        op: &'static str,
+    },
+    #[error("cannot write the guest's files")]
+    Io(#[from] io::Error),
+    #[error("guest process")]
+    Process(#[from] process::ProcessError),
+    #[error("cannot record the guest's state")]
+    Json(#[from] serde_json::Error),
+}
+
+/// A guest's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Described, never started.
+    Created,
+    Running,
+    Paused,
+    /// Its process ended on its own or on request, and left an exit report.
+    Stopped,
+    /// Its process failed (guest failure status), died of a signal the
+    /// daemon did not send, or disappeared without an exit report.
+    Crashed,
+}
+
+impl State {
+    /// The state's name as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Created => "created",
+            State::Running => "running",
+            State::Paused => "paused",
+            State::Stopped => "stopped",
+            State::Crashed => "crashed",
+        }
+    }
+
+    /// Whether a process exists for the guest.
+    pub fn is_live(self) -> bool {
+        matches!(self, State::Running | State::Paused)
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a guest process ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    /// The process's exit status, when it exited rather than died.
+    pub status: Option<i32>,
+    pub reason: String,
+}
+
+/// What `state.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub state: State,
+    pub pid: Option<i32>,
+    /// The process's start time in clock ticks after boot (identity).
+    pub start_ticks: Option<u64>,
+    /// When the current or last run started, ms since the epoch.
+    pub started_ms: Option<u64>,
+    pub exit: Option<ExitRecord>,
+    /// Runs so far; a watcher only reports on its own run.
+    pub runs: u64,
+    pub created_ms: u64,
+}
+
+/// The end of one run, as its watcher saw it.
+#[derive(Debug, Default)]
+struct RunEnd {
+    end: Mutex<Option<(ExitRecord, State)>>,
+    ended: Condvar,
+}
+
+impl RunEnd {
+    fn set(&self, value: (ExitRecord, State)) {
+        *self.end.lock().unwrap_or_else(PoisonError::into_inner) = Some(value);
+        self.ended.notify_all();
+    }
+
+    /// Waits up to `timeout` for the run to end.
+    fn wait(&self, timeout: Duration) -> Option<(ExitRecord, State)> {
+        let deadline = Instant::now() + timeout;
+        let mut end = self.end.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(value) = end.as_ref() {
+                return Some(value.clone());
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            end = self
+                .ended
+                .wait_timeout(end, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// The mutable part of a guest, held only briefly.
+#[derive(Debug)]
+pub struct GuestData {
+    pub record: Record,
+    pub deleted: bool,
+    run_end: Option<Arc<RunEnd>>,
+    /// The daemon asked the process to die: its end is a stop, not a crash.
+    killing: bool,
+}
+
+/// One guest. `op` serializes lifecycle operations on it; `data` is the
+/// state, locked only for short reads and updates.
+#[derive(Debug)]
+pub struct Guest {
+    pub name: String,
+    pub dir: PathBuf,
+    pub description: String,
+    pub summary: Summary,
+    op: Mutex<()>,
+    data: Mutex<GuestData>,
+}
+
+/// Locks a mutex, recovering from a panicked holder.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Writes `value` as JSON to `path` atomically (temp file + rename).
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), GuestError> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Reads the VMM's exit report, if it wrote one.
+fn read_exit_report(runtime: &Path) -> Option<ExitRecord> {
+    let text = fs::read_to_string(runtime.join("exit.json")).ok()?;
+    let value: Value = serde_json::from_str(&text).ok()?;
+    Some(ExitRecord {
+        status: value.get("status")?.as_i64().map(|s| s as i32),
+        reason: value.get("reason")?.as_str()?.to_string(),
+    })
+}
+
+/// The VMM's status for a failed guest (triple fault, panic, KVM error).
+const STATUS_GUEST_FAILED: i32 = 2;
+
+/// Classifies the end of a run from the exit report (if any) and what the
+/// daemon knows: `signal` when it reaped the process itself, `killing` when
+/// it asked for the end.
+fn classify(
+    report: Option<ExitRecord>,
+    signal: Option<i32>,
+    code: Option<i32>,
+    killing: bool,
+) -> (ExitRecord, State) {
+    if let Some(report) = report {
+        let state = if report.status == Some(STATUS_GUEST_FAILED) && !killing {
+            State::Crashed
+        } else {
+            State::Stopped
+        };
+        return (report, state);
+    }
+    let state = if killing {
+        State::Stopped
+    } else {
+        State::Crashed
+    };
+    let reason = match (signal, code) {
+        (Some(n), _) if killing => format!("killed by signal {n} on request"),
+        (Some(n), _) => format!("killed by signal {n}"),
+        (None, Some(c)) => {
+            format!("the guest process exited with status {c} without an exit report")
+        }
+        (None, None) if killing => "killed on request".to_string(),
+        (None, None) => "the guest process disappeared".to_string(),
+    };
+    (
+        ExitRecord {
+            status: code,
+            reason,
+        },
+        state,
+    )
+}
+
+impl Guest {
+    /// A guest read back from its directory.
+    pub fn load(name: &str, dir: PathBuf) -> Result<Guest, String> {
+        let description = fs::read_to_string(dir.join(DESCRIPTION))
+            .map_err(|e| format!("cannot read {DESCRIPTION}: {e}"))?;
+        let (summary, _) = description::check(&description).map_err(|e| e.0)?;
+        let text = fs::read_to_string(dir.join(RECORD))
+            .map_err(|e| format!("cannot read {RECORD}: {e}"))?;
+        let record: Record =
+            serde_json::from_str(&text).map_err(|e| format!("bad {RECORD}: {e}"))?;
+        Ok(Guest::new(name, dir, description, summary, record))
+    }
+
+    /// A guest with the given parts.
+    pub fn new(
+        name: &str,
+        dir: PathBuf,
+        description: String,
+        summary: Summary,
+        record: Record,
+    ) -> Guest {
+        Guest {
+            name: name.to_string(),
+            dir,
+            description,
+            summary,
+            op: Mutex::new(()),
+            data: Mutex::new(GuestData {
+                record,
+                deleted: false,
+                run_end: None,
+                killing: false,
+            }),
+        }
+    }
+
+    /// The VMM's runtime directory.
+    pub fn runtime(&self) -> PathBuf {
+        self.dir.join(RUNTIME)
+    }
+
+    /// A copy of the record.
+    pub fn record(&self) -> Record {
+        lock(&self.data).record.clone()
+    }
+
+    /// Takes the guest's operation lock.
+    pub fn begin(&self) -> MutexGuard<'_, ()> {
+        lock(&self.op)
+    }
+
+    fn save(&self, data: &GuestData) -> Result<(), GuestError> {
+        if data.deleted {
+            return Ok(());
+        }
+        write_json(&self.dir.join(RECORD), &data.record)
+    }
+
+    fn conflict(&self, state: State, op: &'static str) -> GuestError {
+        GuestError::Conflict {
+            name: self.name.clone(),
+            state,
+            op,
+        }
+    }
+
+    /// Records the end of run `run`, once; later reports are ignored.
+    fn finish(&self, run: u64, end: (ExitRecord, State), events: &EventBus) {
+        let mut data = lock(&self.data);
+        if data.deleted || data.record.runs != run || !data.record.state.is_live() {
+            return;
+        }
+        let (exit, state) = end;
+        data.record.state = state;
+        data.record.pid = None;
+        data.record.start_ticks = None;
+        data.record.exit = Some(exit.clone());
+        data.killing = false;
+        // A failure to save is not fatal: the state is right in memory and
+        // the next save writes it.
+        let _ = self.save(&data);
+        drop(data);
+        let event = if state == State::Crashed {
+            "crashed"
+        } else {
+            "stopped"
+        };
+        events.emit(&self.name, event, state.as_str(), Some(exit.reason));
+    }
+
+    /// Starts the guest's VMM process (`exe`) and a thread that reaps it.
+    pub fn start(self: &Arc<Self>, exe: &Path, events: &Arc<EventBus>) -> Result<(), GuestError> {
+        let state = lock(&self.data).record.state;
+        if state.is_live() {
+            return Err(self.conflict(state, "start"));
+        }
+        let runtime = self.runtime();
+        fs::create_dir_all(&runtime)?;
+        for stale in ["control.sock", "console.sock", "exit.json", "exit.json.tmp"] {
+            let _ = fs::remove_file(runtime.join(stale));
+        }
+        let mut child = process::spawn_vmm(
+            exe,
+            &self.dir.join(DESCRIPTION),
+            &runtime,
+            &self.dir.join("vmm.out"),
+            &self.dir.join("vmm.err"),
+        )?;
+        let pid = child.id() as i32;
+        let run_end = Arc::new(RunEnd::default());
+        let run = {
+            let mut data = lock(&self.data);
+            data.record.runs += 1;
+            data.record.state = State::Running;
+            data.record.pid = Some(pid);
+            data.record.start_ticks = process::start_ticks(pid);
+            data.record.started_ms = Some(now_ms());
+            data.record.exit = None;
+            data.killing = false;
+            data.run_end = Some(run_end.clone());
+            self.save(&data)?;
+            data.record.runs
+        };
+        events.emit(&self.name, "started", "running", None);
+        let guest = self.clone();
+        let events = events.clone();
+        std::thread::spawn(move || {
+            use std::os::unix::process::ExitStatusExt;
+            let status = child.wait().ok();
+            let killing = lock(&guest.data).killing;
+            let end = classify(
+                read_exit_report(&guest.runtime()),
+                status.and_then(|s| s.signal()),
+                status.and_then(|s| s.code()),
+                killing,
+            );
+            run_end.set(end.clone());
+            guest.finish(run, end, &events);
+        });
+        self.wait_control();
+        Ok(())
+    }
+
+    /// Waits until a just-started VMM answers on its control socket (or its
+    /// run ended), so that the next operation finds it ready.
+    fn wait_control(&self) {
+        let deadline = Instant::now() + CONTROL_READY;
+        let socket = self.runtime().join("control.sock");
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                return;
+            }
+            if self
+                .run_end()
+                .is_none_or(|end| end.wait(Duration::ZERO).is_some())
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Takes over a guest whose process outlived an earlier daemon: if the
+    /// process is still the one recorded, watch it; else record its end.
+    pub fn adopt(self: &Arc<Self>, events: &Arc<EventBus>) {
+        let (record, run) = {
+            let data = lock(&self.data);
+            (data.record.clone(), data.record.runs)
+        };
+        if !record.state.is_live() {
+            return;
+        }
+        let identity = match (record.pid, record.start_ticks) {
+            (Some(pid), Some(start_ticks)) => Some(Identity { pid, start_ticks }),
+            _ => None,
+        };
+        let runtime = self.runtime();
+        let alive = identity.filter(|&id| process::is_alive(id, &runtime));
+        let Some(identity) = alive else {
+            let end = classify(read_exit_report(&runtime), None, None, false);
+            self.finish(run, end, events);
+            return;
+        };
+        // The process may have been paused or resumed behind our back.
+        if let Ok(info) = process::control(&runtime, &json!({"op": "info"}), Duration::from_secs(2))
+        {
+            let state = match info.get("state").and_then(Value::as_str) {
+                Some("paused") => State::Paused,
+                _ => State::Running,
+            };
+            let mut data = lock(&self.data);
+            data.record.state = state;
+            let _ = self.save(&data);
+        }
+        let run_end = Arc::new(RunEnd::default());
+        lock(&self.data).run_end = Some(run_end.clone());
+        let state = lock(&self.data).record.state;
+        events.emit(&self.name, "adopted", state.as_str(), None);
+        let guest = self.clone();
+        let events = events.clone();
+        std::thread::spawn(move || {
+            while process::is_alive(identity, &runtime) {
+                std::thread::sleep(POLL);
+            }
+            let killing = lock(&guest.data).killing;
+            let end = classify(read_exit_report(&runtime), None, None, killing);
+            run_end.set(end.clone());
+            guest.finish(run, end, &events);
+        });
+    }
+
+    /// The live process, checked against pid reuse.
+    fn live_identity(&self) -> Option<Identity> {
+        let data = lock(&self.data);
+        let id = Identity {
+            pid: data.record.pid?,
+            start_ticks: data.record.start_ticks?,
+        };
+        drop(data);
+        process::is_alive(id, &self.runtime()).then_some(id)
+    }
+
+    /// Pauses (`pause == true`) or resumes a guest.
+    pub fn set_paused(&self, pause: bool, events: &EventBus) -> Result<(), GuestError> {
+        let state = lock(&self.data).record.state;
+        let (from, op, to, event) = if pause {
+            (State::Running, "pause", State::Paused, "paused")
+        } else {
+            (State::Paused, "resume", State::Running, "resumed")
+        };
+        if state != from {
+            return Err(self.conflict(state, op));
+        }
+        process::control(
+            &self.runtime(),
+            &json!({ "op": op }),
+            Duration::from_secs(5),
+        )?;
+        let mut data = lock(&self.data);
+        if data.record.state == from {
+            data.record.state = to;
+            self.save(&data)?;
+            drop(data);
+            events.emit(&self.name, event, to.as_str(), None);
+        }
+        Ok(())
+    }
+
+    fn run_end(&self) -> Option<Arc<RunEnd>> {
+        lock(&self.data).run_end.clone()
+    }
+
+    /// Kills the process with SIGKILL and waits for its end to be recorded.
+    pub fn kill(&self) -> Result<(), GuestError> {
+        let state = lock(&self.data).record.state;
+        if !state.is_live() {
+            return Err(self.conflict(state, "kill"));
+        }
+        lock(&self.data).killing = true;
+        if let Some(id) = self.live_identity() {
+            process::signal(id.pid, libc::SIGKILL);
+        }
+        self.wait_end(Duration::from_secs(10));
+        Ok(())
+    }
+
+    /// Waits until the run's end is recorded (or `timeout`); true if it was.
+    fn wait_end(&self, timeout: Duration) -> bool {
+        let Some(run_end) = self.run_end() else {
+            return true;
+        };
+        if run_end.wait(timeout).is_none() {
+            return false;
+        }
+        // The watcher records the end right after announcing it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lock(&self.data).record.state.is_live() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Stops the guest: Ctrl-Alt-Del through the VMM (resuming a paused
+    /// guest first), up to `timeout` for it to power off, then a clean VMM
+    /// stop (as SIGTERM), then SIGKILL. Returns how it ended.
+    pub fn stop(&self, timeout: Duration, events: &EventBus) -> Result<&'static str, GuestError> {
+        let state = lock(&self.data).record.state;
+        if !state.is_live() {
+            return Err(self.conflict(state, "stop"));
+        }
+        let runtime = self.runtime();
+        let short = Duration::from_secs(5);
+        if state == State::Paused && self.set_paused(false, events).is_err() {
+            // A VMM that cannot resume cannot shut its guest down either.
+        }
+        let asked = process::control(&runtime, &json!({"op": "shutdown"}), short).is_ok();
+        if asked && self.wait_end(timeout) {
+            return Ok("shutdown");
+        }
+        lock(&self.data).killing = true;
+        if process::control(&runtime, &json!({"op": "stop"}), short).is_err() {
+            if let Some(id) = self.live_identity() {
+                process::signal(id.pid, libc::SIGTERM);
+            }
+        }
+        if self.wait_end(short) {
+            return Ok("stop");
+        }
+        if let Some(id) = self.live_identity() {
+            process::signal(id.pid, libc::SIGKILL);
+        }
+        self.wait_end(short);
+        Ok("kill")
+    }
+
+    /// Marks the guest deleted if it is not live; the caller removes the
+    /// directory.
+    pub fn mark_deleted(&self) -> Result<(), GuestError> {
+        let mut data = lock(&self.data);
+        if data.record.state.is_live() {
+            return Err(self.conflict(data.record.state, "delete"));
+        }
+        data.deleted = true;
+        Ok(())
+    }
+
+    /// Seconds-level facts for listings: the record plus, for a live guest,
+    /// what its VMM reports (vCPU thread ids, exits, uptime) and CPU time.
+    pub fn info(&self, detailed: bool) -> Value {
+        let record = self.record();
+        let mut info = json!({
+            "name": self.name,
+            "state": record.state.as_str(),
+            "vcpus": self.summary.cpus,
+            "memory_bytes": self.summary.memory_bytes,
+            "pid": record.pid,
+            "exit": record.exit,
+            "cpu_time_ms": null,
+            "exits": null,
+            "uptime_ms": null,
+            "vcpu_tids": null,
+        });
+        if record.state.is_live() {
+            if let Some(id) = self.live_identity() {
+                info["cpu_time_ms"] = json!(process::cpu_time_ms(id.pid));
+                let ask = json!({"op": "info"});
+                if let Ok(reply) = process::control(&self.runtime(), &ask, Duration::from_secs(2)) {
+                    info["exits"] = reply.get("exits").cloned().unwrap_or(Value::Null);
+                    info["uptime_ms"] = reply.get("uptime_ms").cloned().unwrap_or(Value::Null);
+                    info["vcpu_tids"] = reply.get("vcpu_tids").cloned().unwrap_or(Value::Null);
+                }
+            }
+        }
+        if detailed {
+            info["config"] = json!(self.description);
+            info["created_ms"] = json!(record.created_ms);
+            info["started_ms"] = json!(record.started_ms);
+        }
+        info
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exit_report_means_stopped_unless_the_guest_failed() {
+        let report = |status| ExitRecord {
+            status: Some(status),
+            reason: "the guest powered off".into(),
+        };
+        assert_eq!(
+            classify(Some(report(0)), None, Some(0), false).1,
+            State::Stopped
+        );
+        assert_eq!(
+            classify(Some(report(2)), None, Some(2), false).1,
+            State::Crashed
+        );
+        assert_eq!(
+            classify(Some(report(2)), None, Some(2), true).1,
+            State::Stopped
+        );
+    }
+
+    #[test]
+    fn a_process_without_report_crashed_and_says_how() {
+        let (exit, state) = classify(None, Some(9), None, false);
+        assert_eq!(state, State::Crashed);
+        assert_eq!(exit.reason, "killed by signal 9");
+        let (exit, state) = classify(None, None, None, false);
+        assert_eq!(state, State::Crashed);
+        assert_eq!(exit.reason, "the guest process disappeared");
+        let (exit, state) = classify(None, Some(9), None, true);
+        assert_eq!(state, State::Stopped);
+        assert_eq!(exit.reason, "killed by signal 9 on request");
+        let (exit, state) = classify(None, None, None, true);
+        assert_eq!(state, State::Stopped);
+        assert_eq!(exit.reason, "killed on request");
+    }
+
+    #[test]
+    fn record_round_trips_through_json() {
+        let record = Record {
+            state: State::Paused,
+            pid: Some(7),
+            start_ticks: Some(99),
+            started_ms: Some(1),
+            exit: None,
+            runs: 3,
+            created_ms: 0,
+        };
+        let text = serde_json::to_string(&record).expect("serializes");
+        assert!(text.contains("\"paused\""));
+        assert_eq!(
+            serde_json::from_str::<Record>(&text).expect("parses"),
+            record
+        );
+    }
+}

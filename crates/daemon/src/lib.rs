@@ -1,0 +1,27 @@
+//! The Ferrovisor control daemon: it runs each guest in its own VMM process
+//! (`ferrovisor run --config ... --runtime-dir ...`), supervises and records
+//! those processes under a state directory, re-adopts them after a restart,
+//! and serves the HTTP/JSON management API on a unix socket.
+//!
+//! - [`http`]: the minimal HTTP/1.1 codec;
+//! - [`server`]: the listener and the streamed routes (events, console);
+//! - [`api`]: routing and the mapping of errors to status codes;
+//! - [`daemon`]: the registry of guests and the state directory;
+//! - [`guest`]: one guest's lifecycle and its process watcher;
+//! - [`process`]: process identity, spawning, the VMM's control socket;
+//! - [`events`]: the lifecycle event bus;
+//! - [`client`]: the API client used by the CLI;
+//! - [`description`]: checking guest descriptions.
+
+pub mod api;
+pub mod client;
+pub mod daemon;
+pub mod description;
+pub mod events;
+pub mod guest;
+pub mod http;
+pub mod process;
+pub mod server;
+
+pub use client::{Client, ClientError};
+pub use server::{serve, Options, ServeError, DEFAULT_SOCKET, DEFAULT_STATE_DIR};

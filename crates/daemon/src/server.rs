@@ -1,0 +1,295 @@
+//! The daemon's listener: a unix socket, one thread per connection, one
+//! request per connection. Streams (events, console attach) keep their
+//! connection until either side ends.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::api::{self, Reply, Route};
+use crate::daemon::Daemon;
+use crate::http::{self, HttpError, MAX_BODY};
+
+/// The API socket when `--socket` is not given.
+pub const DEFAULT_SOCKET: &str = "/run/ferrovisor/api.sock";
+/// The state directory when `--state-dir` is not given.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferrovisor";
+/// Connections served at once; more get 503.
+const MAX_CONNECTIONS: usize = 256;
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The upgrade token of a console attach.
+pub const CONSOLE_PROTOCOL: &str = "ferrovisor-console";
+
+/// Errors starting the daemon.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("cannot open the state directory {0}")]
+    StateDir(String, #[source] std::io::Error),
+    #[error("another daemon is already listening on {0}")]
+    InUse(String),
+    #[error("cannot listen on {0}")]
+    Bind(String, #[source] std::io::Error),
+    #[error("cannot find the daemon's own executable")]
+    Exe(#[source] std::io::Error),
+}
+
+/// Where the daemon listens and keeps its guests.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+/// Binds `socket`, replacing a stale socket file nobody listens on.
+fn bind(socket: &Path) -> Result<UnixListener, ServeError> {
+    let shown = socket.display().to_string();
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| ServeError::Bind(shown.clone(), e))?;
+    }
+    if socket.exists() {
+        if UnixStream::connect(socket).is_ok() {
+            return Err(ServeError::InUse(shown));
+        }
+        let _ = std::fs::remove_file(socket);
+    }
+    let listener = UnixListener::bind(socket).map_err(|e| ServeError::Bind(shown.clone(), e))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| ServeError::Bind(shown, e))?;
+    Ok(listener)
+}
+
+/// Runs the daemon until it is killed.
+pub fn serve(options: &Options) -> Result<(), ServeError> {
+    // /proc/self/exe stays valid even if the binary is replaced on disk.
+    let exe = PathBuf::from("/proc/self/exe");
+    std::fs::metadata(&exe).map_err(ServeError::Exe)?;
+    let shown = options.state_dir.display().to_string();
+    let daemon =
+        Daemon::open(&options.state_dir, exe).map_err(|e| ServeError::StateDir(shown, e))?;
+    for (name, why) in &daemon.broken {
+        eprintln!("ferrovisor daemon: skipping guest '{name}': {why}");
+    }
+    let listener = bind(&options.socket)?;
+    eprintln!(
+        "ferrovisor daemon: listening on {} with {} guest(s) from {}",
+        options.socket.display(),
+        daemon.all().len(),
+        options.state_dir.display()
+    );
+    let daemon = Arc::new(daemon);
+    let active = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            let body = Reply::error(503, "too many connections").body.to_string();
+            let _ = http::write_response(&mut stream, 503, "application/json", body.as_bytes());
+            continue;
+        }
+        let daemon = daemon.clone();
+        let active = active.clone();
+        std::thread::spawn(move || {
+            serve_connection(&daemon, stream);
+            active.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+    Ok(())
+}
+
+fn send(stream: &mut UnixStream, reply: &Reply) {
+    let body = reply.body.to_string();
+    let _ = http::write_response(stream, reply.status, "application/json", body.as_bytes());
+}
+
+/// Serves one connection: one request, one response or stream.
+pub fn serve_connection(daemon: &Daemon, mut stream: UnixStream) {
+    let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half);
+    let Ok(mut continue_half) = stream.try_clone() else {
+        return;
+    };
+    let mut on_continue = || continue_half.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+    let request = match http::read_request_with(&mut reader, MAX_BODY, &mut on_continue) {
+        Ok(r) => r,
+        Err(HttpError::Closed) => return,
+        Err(HttpError::Io(_)) => return,
+        Err(e @ HttpError::BodyTooLarge(_)) => {
+            return send(&mut stream, &Reply::error(413, e.to_string()));
+        }
+        Err(e) => {
+            let reply = Reply::error(400, format!("malformed request: {e}"));
+            return send(&mut stream, &reply);
+        }
+    };
+    match api::route(daemon, &request) {
+        Route::Reply(reply) => send(&mut stream, &reply),
+        Route::Events => stream_events(daemon, stream),
+        Route::ConsoleLog(name, tail) => console_log(daemon, &name, tail, &mut stream),
+        Route::ConsoleAttach(name) => {
+            let upgrade = request.header("upgrade").unwrap_or("");
+            if !upgrade.eq_ignore_ascii_case(CONSOLE_PROTOCOL) {
+                let reply = Reply::error(
+                    400,
+                    format!("console attach needs 'Connection: Upgrade' and 'Upgrade: {CONSOLE_PROTOCOL}'"),
+                );
+                return send(&mut stream, &reply);
+            }
+            console_attach(daemon, &name, reader, stream);
+        }
+    }
+}
+
+/// Whether the peer has closed its end (a read would return 0 now).
+fn peer_closed(stream: &UnixStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: recv writes at most one byte into `byte`, which outlives the
+    // call; MSG_PEEK leaves the data in place and MSG_DONTWAIT never blocks.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+}
+
+fn stream_events(daemon: &Daemon, mut stream: UnixStream) {
+    let events = daemon.events.subscribe();
+    // A client that stops reading is dropped rather than waited for.
+    let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
+    if http::write_chunked_head(&mut stream, "application/x-ndjson").is_err() {
+        return;
+    }
+    loop {
+        match events.recv_timeout(Duration::from_secs(1)) {
+            Ok(event) => {
+                let mut line = serde_json::to_string(&event).unwrap_or_default();
+                line.push('\n');
+                if http::write_chunk(&mut stream, line.as_bytes()).is_err() {
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if peer_closed(&stream) {
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = http::write_last_chunk(&mut stream);
+                return;
+            }
+        }
+    }
+}
+
+fn console_log(daemon: &Daemon, name: &str, tail: Option<u64>, stream: &mut UnixStream) {
+    let Ok(guest) = daemon.get(name) else {
+        return send(
+            stream,
+            &Reply::error(404, format!("no guest named '{name}'")),
+        );
+    };
+    let path = guest.runtime().join("console.log");
+    let mut bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            return send(
+                stream,
+                &Reply::error(500, format!("cannot read the console log: {e}")),
+            );
+        }
+    };
+    if let Some(tail) = tail {
+        let keep = usize::try_from(tail).unwrap_or(usize::MAX).min(bytes.len());
+        bytes.drain(..bytes.len() - keep);
+    }
+    let _ = http::write_response(stream, 200, "text/plain; charset=utf-8", &bytes);
+}
+
+fn console_attach(
+    daemon: &Daemon,
+    name: &str,
+    mut reader: BufReader<UnixStream>,
+    mut stream: UnixStream,
+) {
+    let Ok(guest) = daemon.get(name) else {
+        return send(
+            &mut stream,
+            &Reply::error(404, format!("no guest named '{name}'")),
+        );
+    };
+    let state = guest.record().state;
+    if !state.is_live() {
+        let reply = Reply::error(
+            409,
+            format!("guest '{name}' is {state}; cannot attach to its console"),
+        );
+        return send(&mut stream, &reply);
+    }
+    let console = match UnixStream::connect(guest.runtime().join("console.sock")) {
+        Ok(c) => c,
+        Err(e) => {
+            let reply = Reply::error(409, format!("guest '{name}' has no console socket: {e}"));
+            return send(&mut stream, &reply);
+        }
+    };
+    let head = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: {CONSOLE_PROTOCOL}\r\nConnection: Upgrade\r\n\r\n"
+    );
+    if stream.write_all(head.as_bytes()).is_err() {
+        return;
+    }
+    let _ = stream.set_read_timeout(None);
+    bridge(&mut reader, stream, console);
+}
+
+/// Copies bytes both ways until either side closes.
+fn bridge(client_in: &mut BufReader<UnixStream>, client_out: UnixStream, console: UnixStream) {
+    let Ok(mut console_in) = console.try_clone() else {
+        return;
+    };
+    let mut console_out = console;
+    // Bytes the client sent right after its request head.
+    let early = client_in.buffer().to_vec();
+    client_in.consume(early.len());
+    if console_out.write_all(&early).is_err() {
+        return;
+    }
+    let Ok(mut client_raw) = client_in.get_ref().try_clone() else {
+        return;
+    };
+    let upstream = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut client_raw, &mut console_out);
+        let _ = console_out.shutdown(std::net::Shutdown::Both);
+    });
+    let mut client_out_w = client_out;
+    let mut buf = [0u8; 4096];
+    loop {
+        match console_in.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if client_out_w.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = client_out_w.shutdown(std::net::Shutdown::Both);
+    let _ = console_in.shutdown(std::net::Shutdown::Both);
+    let _ = upstream.join();
+}

@@ -1,0 +1,370 @@
+//! The management subcommands: `ferrovisor daemon` and the commands that
+//! talk to it over its API socket (up, create, start, pause, resume, stop,
+//! kill, delete, list, info, console, top).
+//!
+//! Every command takes `--socket PATH`; listings take `--json`. An error is
+//! one line on stderr and exit status 1 (2 for a usage error).
+
+mod console;
+mod top;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use daemon::{Client, ClientError};
+use serde_json::{json, Value};
+use thiserror::Error;
+
+/// The subcommands handled here.
+const COMMANDS: &[&str] = &[
+    "daemon", "up", "create", "start", "pause", "resume", "stop", "kill", "delete", "list", "info",
+    "console", "top",
+];
+
+const USAGE: &str = "\
+Management commands (all take --socket PATH, default /run/ferrovisor/api.sock):
+  ferrovisor daemon [--socket PATH] [--state-dir DIR]   serve the API (state: /var/lib/ferrovisor)
+  ferrovisor up SYSTEM.toml             create a system's guests, start those marked to start
+  ferrovisor create FILE [--name N] [--start]   create a guest from a description
+  ferrovisor start|pause|resume|kill|delete NAME
+  ferrovisor stop NAME [--timeout SECS] graceful power-off, then kill after SECS (default 30)
+  ferrovisor list [--json]              guests and their state
+  ferrovisor info NAME [--json]         one guest in detail
+  ferrovisor console NAME [--log]       attach to the console (Ctrl-] detaches); --log prints the log
+  ferrovisor top [--once] [--json]      live per-guest table, refreshed each second
+";
+
+/// Errors of the management commands.
+#[derive(Debug, Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("cannot start the daemon")]
+    Serve(#[from] daemon::ServeError),
+    #[error("{0}")]
+    Description(String),
+    #[error("terminal")]
+    Terminal(#[source] std::io::Error),
+}
+
+/// Whether `word` names a management subcommand.
+pub fn is_management(word: &str) -> bool {
+    COMMANDS.contains(&word)
+}
+
+/// The words of one command line after the subcommand: flags with values,
+/// switches, and positional words.
+#[derive(Debug, Default)]
+struct Words {
+    flags: Vec<(String, String)>,
+    switches: Vec<String>,
+    positional: Vec<String>,
+}
+
+impl Words {
+    /// Splits `words`; `valued` lists flags that take a value.
+    fn parse(words: &[String], valued: &[&str], switches: &[&str]) -> Result<Words, CliError> {
+        let mut out = Words::default();
+        let mut it = words.iter();
+        while let Some(word) = it.next() {
+            if let Some(flag) = word.strip_prefix("--") {
+                let (flag, inline) = match flag.split_once('=') {
+                    Some((f, v)) => (f, Some(v.to_string())),
+                    None => (flag, None),
+                };
+                if valued.contains(&flag) {
+                    let value = match inline {
+                        Some(v) => v,
+                        None => it
+                            .next()
+                            .cloned()
+                            .ok_or_else(|| CliError::Usage(format!("--{flag} needs a value")))?,
+                    };
+                    if out.flags.iter().any(|(f, _)| f == flag) {
+                        return Err(CliError::Usage(format!("--{flag} given twice")));
+                    }
+                    out.flags.push((flag.to_string(), value));
+                } else if switches.contains(&flag) && inline.is_none() {
+                    out.switches.push(flag.to_string());
+                } else {
+                    return Err(CliError::Usage(format!(
+                        "unknown flag '{word}'; try 'ferrovisor --help'"
+                    )));
+                }
+            } else {
+                out.positional.push(word.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    fn flag(&self, name: &str) -> Option<&str> {
+        self.flags
+            .iter()
+            .find(|(f, _)| f == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn switch(&self, name: &str) -> bool {
+        self.switches.iter().any(|s| s == name)
+    }
+
+    fn client(&self) -> Client {
+        Client::new(self.flag("socket").unwrap_or(daemon::DEFAULT_SOCKET))
+    }
+
+    /// Exactly `n` positional words, named `what` in the error.
+    fn exactly(&self, n: usize, what: &str) -> Result<&[String], CliError> {
+        if self.positional.len() == n {
+            Ok(&self.positional)
+        } else {
+            Err(CliError::Usage(format!("expected {what}")))
+        }
+    }
+}
+
+/// Prints `value` as pretty JSON.
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+    );
+}
+
+/// Runs management command `words[0]` with the rest of `words`.
+pub fn main(words: &[String]) -> ExitCode {
+    let Some((command, rest)) = words.split_first() else {
+        return ExitCode::from(2);
+    };
+    match run(command, rest) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferrovisor {command}: {}", one_line(&e));
+            match e {
+                CliError::Usage(_) => ExitCode::from(2),
+                _ => ExitCode::from(1),
+            }
+        }
+    }
+}
+
+fn one_line(err: &dyn std::error::Error) -> String {
+    daemon::description::one_line(err)
+}
+
+fn run(command: &str, rest: &[String]) -> Result<ExitCode, CliError> {
+    if rest.iter().any(|w| w == "--help" || w == "-h") {
+        print!("{USAGE}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    match command {
+        "daemon" => serve(rest),
+        "up" => up(rest),
+        "create" => create(rest),
+        "start" | "pause" | "resume" | "kill" | "delete" | "stop" => action(command, rest),
+        "list" => list(rest),
+        "info" => info(rest),
+        "console" => console::main(rest),
+        "top" => top::main(rest),
+        _ => Err(CliError::Usage(format!("unknown command '{command}'"))),
+    }
+}
+
+fn serve(rest: &[String]) -> Result<ExitCode, CliError> {
+    let words = Words::parse(rest, &["socket", "state-dir"], &[])?;
+    words.exactly(0, "no arguments besides --socket and --state-dir")?;
+    let options = daemon::Options {
+        socket: PathBuf::from(words.flag("socket").unwrap_or(daemon::DEFAULT_SOCKET)),
+        state_dir: PathBuf::from(words.flag("state-dir").unwrap_or(daemon::DEFAULT_STATE_DIR)),
+    };
+    daemon::serve(&options)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A guest's name from its file name: `web.toml` → `web`.
+fn name_from_file(path: &Path) -> Result<String, CliError> {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .map(str::to_string)
+        .ok_or_else(|| CliError::Usage(format!("cannot name a guest after {}", path.display())))
+}
+
+fn create(rest: &[String]) -> Result<ExitCode, CliError> {
+    let words = Words::parse(rest, &["socket", "name"], &["json", "start"])?;
+    let file = PathBuf::from(&words.exactly(1, "one description file")?[0]);
+    let name = match words.flag("name") {
+        Some(n) => n.to_string(),
+        None => name_from_file(&file)?,
+    };
+    // Read here, so that relative paths are taken from the file's directory.
+    let guest = config::load_guest(&file).map_err(|e| CliError::Description(e.to_string()))?;
+    let text = config::to_guest_toml(&guest);
+    let body = json!({ "name": name, "config": text, "start": words.switch("start") });
+    let info = words.client().call("POST", "/guests", Some(&body))?;
+    if words.switch("json") {
+        print_json(&info);
+    } else {
+        println!("{name}: {}", info["state"].as_str().unwrap_or("?"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn action(command: &str, rest: &[String]) -> Result<ExitCode, CliError> {
+    let valued: &[&str] = if command == "stop" {
+        &["socket", "timeout"]
+    } else {
+        &["socket"]
+    };
+    let words = Words::parse(rest, valued, &["json"])?;
+    let name = &words.exactly(1, "one guest name")?[0];
+    let client = words.client();
+    let result = if command == "delete" {
+        client.call("DELETE", &format!("/guests/{name}"), None)?
+    } else {
+        let target = match words.flag("timeout") {
+            Some(t) => format!("/guests/{name}/{command}?timeout={t}"),
+            None => format!("/guests/{name}/{command}"),
+        };
+        client.call("POST", &target, None)?
+    };
+    if words.switch("json") {
+        print_json(&result);
+    } else {
+        let mut line = format!("{name}: {}", result["state"].as_str().unwrap_or("?"));
+        if let Some(reason) = result["exit"]["reason"].as_str() {
+            line.push_str(&format!(" ({reason})"));
+        }
+        println!("{line}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A size in bytes shown as M or G.
+pub fn human_size(bytes: u64) -> String {
+    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
+        format!("{}G", bytes >> 30)
+    } else {
+        format!("{}M", bytes >> 20)
+    }
+}
+
+/// Milliseconds shown as h:mm:ss.
+fn human_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+fn list(rest: &[String]) -> Result<ExitCode, CliError> {
+    let words = Words::parse(rest, &["socket"], &["json"])?;
+    words.exactly(0, "no arguments")?;
+    let listing = words.client().call("GET", "/guests", None)?;
+    if words.switch("json") {
+        print_json(&listing);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<20} {:<8} {:>5} {:>7} {:>8} {:>9}",
+        "NAME", "STATE", "VCPUS", "MEMORY", "PID", "UPTIME"
+    );
+    for g in listing["guests"].as_array().into_iter().flatten() {
+        println!(
+            "{:<20} {:<8} {:>5} {:>7} {:>8} {:>9}",
+            g["name"].as_str().unwrap_or("?"),
+            g["state"].as_str().unwrap_or("?"),
+            g["vcpus"].as_u64().unwrap_or(0),
+            human_size(g["memory_bytes"].as_u64().unwrap_or(0)),
+            g["pid"].as_i64().map_or("-".to_string(), |p| p.to_string()),
+            g["uptime_ms"]
+                .as_u64()
+                .map_or("-".to_string(), human_duration),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn info(rest: &[String]) -> Result<ExitCode, CliError> {
+    let words = Words::parse(rest, &["socket"], &["json"])?;
+    let name = &words.exactly(1, "one guest name")?[0];
+    let info = words
+        .client()
+        .call("GET", &format!("/guests/{name}"), None)?;
+    if words.switch("json") {
+        print_json(&info);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let show = |v: &Value| match v {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    for key in [
+        "name",
+        "state",
+        "vcpus",
+        "memory_bytes",
+        "pid",
+        "vcpu_tids",
+        "uptime_ms",
+        "cpu_time_ms",
+        "exits",
+    ] {
+        println!("{key:<13} {}", show(&info[key]));
+    }
+    if let Some(reason) = info["exit"]["reason"].as_str() {
+        println!("{:<13} {reason}", "exit");
+    }
+    println!("config:\n{}", info["config"].as_str().unwrap_or(""));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Brings up one guest of a system: created if it does not exist yet (an
+/// existing guest keeps its description), started if it boots with the
+/// system and is not running.
+fn up_one(
+    client: &Client,
+    name: &str,
+    config: &config::VmConfig,
+    boot: bool,
+) -> Result<Value, CliError> {
+    let path = format!("/guests/{name}");
+    match client.call("GET", &path, None) {
+        Ok(info) => {
+            let state = info["state"].as_str().unwrap_or("");
+            if boot && matches!(state, "created" | "stopped" | "crashed") {
+                return Ok(client.call("POST", &format!("{path}/start"), None)?);
+            }
+            Ok(info)
+        }
+        Err(ClientError::Api { status: 404, .. }) => {
+            let body = json!({
+                "name": name,
+                "config": config::to_guest_toml(config),
+                "start": boot,
+            });
+            Ok(client.call("POST", "/guests", Some(&body))?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn up(rest: &[String]) -> Result<ExitCode, CliError> {
+    let words = Words::parse(rest, &["socket"], &["json"])?;
+    let file = PathBuf::from(&words.exactly(1, "one system file")?[0]);
+    let system = config::load_system(&file).map_err(|e| CliError::Description(e.to_string()))?;
+    let client = words.client();
+    let mut results = Vec::new();
+    for guest in &system.guests {
+        let boot = guest.start == config::StartPolicy::Boot;
+        let info = up_one(&client, &guest.name, &guest.config, boot)?;
+        if !words.switch("json") {
+            println!("{}: {}", guest.name, info["state"].as_str().unwrap_or("?"));
+        }
+        results.push(info);
+    }
+    if words.switch("json") {
+        print_json(&json!({ "guests": results }));
+    }
+    Ok(ExitCode::SUCCESS)
+}

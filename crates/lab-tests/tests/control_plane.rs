@@ -1,0 +1,210 @@
+//! Lab tier: the control daemon runs two Debian guests of the guest kit side
+//! by side. `ferrovisor up` brings up a system of two (1 vCPU, 256M each),
+//! both reach /init, `list` shows them running, `console` talks to one,
+//! and `stop` powers both off through Ctrl-Alt-Del.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use lab_tests::{tail, timeout, GuestConfig, INIT_MARKER};
+
+fn env_path(name: &str) -> PathBuf {
+    std::env::var_os(name)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("{name} is not set: run this test with `cargo xtask test`"))
+}
+
+/// A daemon in a fresh directory, killed (with its guests) on drop.
+struct Daemon {
+    dir: PathBuf,
+    socket: PathBuf,
+    child: Child,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let dir = std::env::current_dir()
+            .expect("cwd")
+            .join(format!("cp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let socket = dir.join("api.sock");
+        let log = std::fs::File::create(dir.join("daemon.log")).expect("log");
+        let child = Command::new(env_path("FERROVISOR_BIN"))
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start the daemon");
+        let daemon = Daemon { dir, socket, child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !daemon.cli(&["list"]).status.success() {
+            assert!(Instant::now() < deadline, "daemon did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        daemon
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env_path("FERROVISOR_BIN"));
+        command.args(args).arg("--socket").arg(&self.socket);
+        command
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        self.command(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the CLI")
+    }
+
+    /// The CLI's stdout; its failure fails the test.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "ferrovisor {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.describe()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn console(&self, name: &str) -> String {
+        String::from_utf8_lossy(&self.cli(&["console", name, "--log"]).stdout).into_owned()
+    }
+
+    /// Waits until `name`'s console log contains `needle`.
+    fn wait_console(&self, name: &str, needle: &str) {
+        let deadline = Instant::now() + timeout();
+        while !self.console(name).contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "{name} never printed {needle:?}\n{}",
+                self.describe()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Everything worth seeing when a step fails.
+    fn describe(&self) -> String {
+        let mut text = String::new();
+        for name in ["alpha", "beta"] {
+            text.push_str(&format!(
+                "--- {name} console (tail) ---\n{}\n--- {name} info ---\n{}\n",
+                tail(&self.console(name), 30),
+                String::from_utf8_lossy(&self.cli(&["info", name]).stdout)
+            ));
+        }
+        let log = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
+        text.push_str(&format!("--- daemon log ---\n{}", tail(&log, 20)));
+        text
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        for name in ["alpha", "beta"] {
+            let _ = self.cli(&["kill", name]);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A guest file for the kit's kernel: no command, so /init starts a shell
+/// on the console.
+fn write_guest_file(dir: &Path) {
+    let text = format!(
+        "kernel = \"{}\"\ninitramfs = \"{}\"\ncmdline = \"{}\"\ncpus = 1\nmemory = \"256M\"\n",
+        env_path("FERROVISOR_KERNEL").display(),
+        env_path("FERROVISOR_INITRAMFS").display(),
+        GuestConfig::default().cmdline(),
+    );
+    std::fs::write(dir.join("guest.toml"), text).expect("write guest file");
+    std::fs::write(
+        dir.join("system.toml"),
+        "[guests.alpha]\nfile = \"guest.toml\"\n\n[guests.beta]\nfile = \"guest.toml\"\n",
+    )
+    .expect("write system file");
+}
+
+/// Types a line into `name`'s console through `ferrovisor console`, waits
+/// for its answer in the log, and detaches with Ctrl-].
+fn talk(daemon: &Daemon, name: &str) {
+    let mut console = daemon
+        .command(&["console", name])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ferrovisor console");
+    let mut keys = console.stdin.take().expect("stdin");
+    keys.write_all(b"echo console-says-$((6*7))\n")
+        .expect("type");
+    daemon.wait_console(name, "console-says-42");
+    keys.write_all(&[0x1d]).expect("Ctrl-]");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while console.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "Ctrl-] did not detach");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = console.wait_with_output().expect("output");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("console-says-42"),
+        "the attached console did not show the guest's answer"
+    );
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn up_runs_two_debian_guests_that_stop_cleanly() {
+    let daemon = Daemon::start();
+    write_guest_file(&daemon.dir);
+    let system = daemon.dir.join("system.toml");
+    daemon.ok(&["up", system.to_str().expect("utf-8")]);
+
+    daemon.wait_console("alpha", INIT_MARKER);
+    daemon.wait_console("beta", INIT_MARKER);
+    let list = daemon.ok(&["list", "--json"]);
+    assert_eq!(
+        list.matches("\"state\": \"running\"").count(),
+        2,
+        "{list}\n{}",
+        daemon.describe()
+    );
+
+    // The shell is up once the kit says so; then talk to it.
+    daemon.wait_console("alpha", "starting a shell");
+    talk(&daemon, "alpha");
+    assert!(daemon
+        .ok(&["info", "alpha", "--json"])
+        .contains("\"state\": \"running\""));
+
+    for name in ["alpha", "beta"] {
+        let stopped = daemon.ok(&["stop", name, "--timeout", "120", "--json"]);
+        assert!(
+            stopped.contains("\"stopped_by\": \"shutdown\""),
+            "{name} did not power off on Ctrl-Alt-Del: {stopped}\n{}",
+            daemon.describe()
+        );
+        // The kit's init powers off on Ctrl-Alt-Del; a kit without that
+        // handler lets the kernel reboot, which ends the VMM as cleanly.
+        assert!(stopped.contains("\"state\": \"stopped\""), "{stopped}");
+        assert!(stopped.contains("\"status\": 0"), "{stopped}");
+    }
+    let list = daemon.ok(&["list", "--json"]);
+    assert_eq!(list.matches("\"state\": \"stopped\"").count(), 2, "{list}");
+}

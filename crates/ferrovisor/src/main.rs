@@ -20,7 +20,14 @@ Usage:
                  [--console serial|virtio] [--rng] [--vsock cid=N,socket=PATH]
                  [--affinity CPUS | --affinity VCPU=CPUS...] [--runtime-dir DIR] [--stats]
   ferrovisor run --config GUEST.toml [--runtime-dir DIR] [--stats]
+  ferrovisor daemon [--socket PATH] [--state-dir DIR]
+  ferrovisor up SYSTEM.toml | create FILE [--name N] [--start]
+  ferrovisor start|pause|resume|stop|kill|delete|info|console NAME
+  ferrovisor list | top
   ferrovisor --help | --version
+
+The management commands talk to the daemon; 'ferrovisor list --help' lists
+their options (docs/control-plane.md).
 ";
 
 const RUN_USAGE: &str = "\

@@ -331,7 +331,10 @@ fn total_len(bufs: &[Buffer]) -> u64 {
 /// IN: file to guest memory. Returns the status and the bytes written.
 fn read(disk: &Disk, mem: &Memory, sector: u64, bufs: &[Buffer]) -> (u32, u32) {
     let len = total_len(bufs);
-    let Some(mut offset) = disk.range(sector, len).filter(|_| len.is_multiple_of(SECTOR_SIZE)) else {
+    let Some(mut offset) = disk
+        .range(sector, len)
+        .filter(|_| len.is_multiple_of(SECTOR_SIZE))
+    else {
         return (VIRTIO_BLK_S_IOERR, 0);
     };
     for b in bufs {
@@ -351,7 +354,10 @@ fn read(disk: &Disk, mem: &Memory, sector: u64, bufs: &[Buffer]) -> (u32, u32) {
 /// OUT: guest memory to file.
 fn write(disk: &Disk, mem: &Memory, sector: u64, bufs: &[Buffer]) -> u32 {
     let len = total_len(bufs);
-    let Some(mut offset) = disk.range(sector, len).filter(|_| len.is_multiple_of(SECTOR_SIZE)) else {
+    let Some(mut offset) = disk
+        .range(sector, len)
+        .filter(|_| len.is_multiple_of(SECTOR_SIZE))
+    else {
         return VIRTIO_BLK_S_IOERR;
     };
     for b in bufs {

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 pub mod block;
+pub mod console;
 pub mod queue;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]

@@ -342,6 +342,19 @@ impl MockDriver {
         u16::from_le(self.mem.read_obj(at).expect("avail_event"))
     }
 
+    /// Waits (bounded by [`WAIT`]) until the device's `avail_event` of
+    /// queue `q` is `value`.
+    pub fn wait_avail_event(&self, q: usize, value: u16) -> bool {
+        let deadline = Instant::now() + WAIT;
+        while self.avail_event(q) != value {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
     /// The used ring's index of queue `q`.
     pub fn used_idx(&self, q: usize) -> u16 {
         let mq = &self.queues[q];

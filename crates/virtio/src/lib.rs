@@ -27,6 +27,9 @@ pub mod testing;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod net;
+pub mod vsock;
+
 /// Guest memory as devices see it.
 pub type Memory = vm_memory::GuestMemoryMmap<()>;
 

@@ -32,10 +32,12 @@ use pci::{
     SharedRoot, VirtioPciDevice,
 };
 use thiserror::Error;
+use virtio::console::ConsoleInput;
 use virtio::VirtioDevice;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::VmConfig;
+use crate::config::{ConsoleMode, DiskConfig, NetConfig, VmConfig};
+use crate::console::InputSink;
 use crate::memory::GuestMemory;
 
 /// The highest GSI handed out for MSI-X vectors.
@@ -239,37 +241,87 @@ where
 }
 
 /// The `--disk` option as the user wrote it.
-fn disk_flag(disk: &crate::config::DiskConfig) -> String {
+fn disk_flag(disk: &DiskConfig) -> String {
     let readonly = if disk.readonly { ",readonly=on" } else { "" };
     format!("--disk path={}{readonly}", disk.path.display())
 }
 
-/// The virtio devices `config` asks for, in bus order: disks, then the
-/// entropy source.
-pub fn devices_from_config(config: &VmConfig) -> Result<Vec<DeviceSpec>, PciError> {
-    let mut specs = Vec::new();
+/// The `--net` option as the user wrote it.
+fn net_flag(net: &NetConfig) -> String {
+    match net.mac {
+        Some(m) => format!(
+            "--net tap={},mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            net.tap, m[0], m[1], m[2], m[3], m[4], m[5]
+        ),
+        None => format!("--net tap={}", net.tap),
+    }
+}
+
+/// The MAC of a NIC given none: locally administered, from this VMM's
+/// process id (unique among running VMs) and the NIC's index.
+fn default_mac(index: usize) -> [u8; 6] {
+    virtio::net::local_mac(u64::from(std::process::id()) << 16 | index as u64)
+}
+
+/// The virtio devices a configuration asks for, and the console's input
+/// when the console is a virtio one.
+#[derive(Debug, Default)]
+pub struct DeviceSet {
+    pub specs: Vec<DeviceSpec>,
+    pub console_input: Option<ConsoleInput>,
+}
+
+impl DeviceSet {
+    fn push(&mut self, flag: String, device: Box<dyn VirtioDevice>) {
+        self.specs.push(DeviceSpec { flag, device });
+    }
+}
+
+/// Builds the virtio devices `config` asks for, in bus order: disks, NICs,
+/// the console, the entropy source, vsock. Opens their files, taps and
+/// sockets, so a bad option fails here, before the VM exists.
+pub fn devices_from_config(config: &VmConfig) -> Result<DeviceSet, PciError> {
+    let mut set = DeviceSet::default();
     for (index, disk) in config.disks.iter().enumerate() {
         let flag = disk_flag(disk);
         let serial = format!("fvdisk{index}");
         let block = virtio::block::Block::open(&disk.path, disk.readonly, &serial)
             .map_err(device_error(flag.clone()))?;
-        specs.push(DeviceSpec {
-            flag,
-            device: Box::new(block),
-        });
+        set.push(flag, Box::new(block));
+    }
+    for (index, net) in config.nets.iter().enumerate() {
+        let flag = net_flag(net);
+        let tap = virtio::net::Tap::open(&net.tap).map_err(device_error(flag.clone()))?;
+        let mac = net.mac.unwrap_or_else(|| default_mac(index));
+        set.push(flag, Box::new(virtio::net::Net::new(Box::new(tap), mac)));
+    }
+    if config.console == ConsoleMode::Virtio {
+        let flag = "--console virtio".to_string();
+        let console = virtio::console::Console::new(Box::new(std::io::stdout()))
+            .map_err(device_error(flag.clone()))?;
+        set.console_input = Some(console.input());
+        set.push(flag, Box::new(console));
     }
     if config.rng {
-        specs.push(DeviceSpec {
-            flag: "--rng".into(),
-            device: Box::new(virtio::rng::Rng::new()),
-        });
+        set.push("--rng".into(), Box::new(virtio::rng::Rng::new()));
     }
-    Ok(specs)
+    if let Some(vsock) = &config.vsock {
+        let flag = format!(
+            "--vsock cid={},socket={}",
+            vsock.cid,
+            vsock.socket.display()
+        );
+        let device = virtio::vsock::Vsock::new(u64::from(vsock.cid), &vsock.socket)
+            .map_err(device_error(flag.clone()))?;
+        set.push(flag, Box::new(device));
+    }
+    Ok(set)
 }
 
 /// The PCI bus of one VM.
 pub struct PciDevices {
     root: SharedRoot,
+    console_input: Option<ConsoleInput>,
 }
 
 impl std::fmt::Debug for PciDevices {
@@ -281,18 +333,14 @@ impl std::fmt::Debug for PciDevices {
 impl PciDevices {
     /// Builds the root complex and puts each device on it with its
     /// interrupts and notify ioeventfds.
-    pub fn create(
-        vm: &Arc<VmFd>,
-        mem: &GuestMemory,
-        specs: Vec<DeviceSpec>,
-    ) -> Result<Self, PciError> {
+    pub fn create(vm: &Arc<VmFd>, mem: &GuestMemory, set: DeviceSet) -> Result<Self, PciError> {
         let router = Arc::new(GsiRouter::new(vm.clone()));
         let io_events: Arc<dyn IoEvents> = Arc::new(KvmIoEvents { vm: vm.clone() });
         let root = Arc::new(Mutex::new(PciRoot::new(vec![(
             PCI_MMIO_START,
             PCI_MMIO_SIZE,
         )])));
-        for spec in specs {
+        for spec in set.specs {
             let vectors = spec.device.queue_max_sizes().len() as u32 + 1;
             let first_gsi = router.allocate(vectors)?;
             let mut irqfds = Vec::new();
@@ -323,7 +371,16 @@ impl PciDevices {
             // The irqfd holds its own reference to the eventfd.
             drop(intx_irqfd);
         }
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            console_input: set.console_input,
+        })
+    }
+
+    /// Where console input goes when the console is virtio (hvc0).
+    pub fn console_input(&self) -> Option<InputSink> {
+        let input = self.console_input.clone()?;
+        Some(Box::new(move |bytes: &[u8]| input.push(bytes)))
     }
 
     /// Puts the configuration ports on the port bus.
@@ -382,7 +439,7 @@ mod tests {
     #[test]
     fn a_missing_disk_is_one_line_naming_the_flag() {
         let config = VmConfig {
-            disks: vec![crate::config::DiskConfig {
+            disks: vec![DiskConfig {
                 path: "/nonexistent/x.img".into(),
                 readonly: true,
             }],

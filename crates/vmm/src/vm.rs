@@ -165,7 +165,10 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunReport, VmError> {
     } else {
         None
     };
-    console::spawn_stdin_reader(devices.console_input(), control.clone(), interactive);
+    let console_input = pci
+        .console_input()
+        .unwrap_or_else(|| devices.console_input());
+    console::spawn_stdin_reader(console_input, control.clone(), interactive);
 
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {

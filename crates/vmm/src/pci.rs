@@ -302,7 +302,7 @@ pub fn devices_from_config(config: &VmConfig) -> Result<DeviceSet, PciError> {
     }
     if config.console == ConsoleMode::Virtio {
         let flag = "--console virtio".to_string();
-        let console = virtio::console::Console::new(Box::new(std::io::stdout()))
+        let console = virtio::console::Console::new(crate::console::output())
             .map_err(device_error(flag.clone()))?;
         set.console_input = Some(console.input());
         set.push(flag, Box::new(console));

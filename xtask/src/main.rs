@@ -6,6 +6,7 @@ mod bench;
 mod cpio;
 mod deb;
 mod demo;
+mod elf;
 mod guestkit;
 mod kmod;
 mod lab;

@@ -3,6 +3,7 @@
 #[macro_use]
 mod util;
 mod bench;
+mod bench_blk;
 mod cpio;
 mod deb;
 mod demo;
@@ -35,6 +36,8 @@ commands:
                             the host's KVM is PVM); --run: run CMD, exit with its status
   bench boot [--runs N] [--q35]
                             boot-time, VM-exit and memory comparison with QEMU (in the lab)
+  bench blk [--runs N] [--size MIB] [--secs N]
+                            virtio-blk MiB/s and IOPS in the guest, against QEMU (in the lab)
   help                      show this text";
 
 /// What a command asks the process to exit with.

@@ -6,12 +6,9 @@
 use std::path::PathBuf;
 
 use thiserror::Error;
+use vmm::config::{self, ConfigError, ConsoleMode, DiskConfig, NetConfig, VmConfig, VsockConfig};
 
-/// The command line used when `--cmdline` is not given: serial console, and a
-/// reboot through the keyboard controller after a panic.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
-/// Guest memory when `--memory` is not given.
-pub const DEFAULT_MEMORY: u64 = 512 << 20;
+pub use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEMORY};
 
 /// Errors in the command line.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -24,55 +21,57 @@ pub enum ArgsError {
     UnknownFlag(String),
     #[error("{0} needs a value")]
     MissingValue(&'static str),
+    #[error("{0} takes no value")]
+    NoValue(String),
     #[error("{0} given twice")]
     Repeated(&'static str),
-    #[error("--kernel is required")]
+    #[error("--kernel or --config is required")]
     NoKernel,
+    #[error("--config cannot be combined with {0}: give it in the guest file instead")]
+    ConfigWithFlag(&'static str),
     #[error("--cpus: '{0}' is not a number of vCPUs from 1 to 254")]
     BadCpus(String),
     #[error("--memory: '{0}' is not a size (examples: 512M, 2G, 1048576K)")]
     BadSize(String),
     #[error("unexpected argument '{0}'")]
     Unexpected(String),
+    /// A device option string (`--disk`, `--net`, ...) is wrong; the cause
+    /// says how.
+    #[error("{flag}")]
+    Option {
+        flag: &'static str,
+        #[source]
+        source: ConfigError,
+    },
+}
+
+/// Where the guest's description comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Guest {
+    /// The flags describe it.
+    Flags(VmConfig),
+    /// A guest file (`--config`) describes it.
+    File(PathBuf),
 }
 
 /// Options of `ferrovisor run`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunArgs {
-    pub kernel: PathBuf,
-    pub initramfs: Option<PathBuf>,
-    pub cmdline: String,
-    pub cpus: u8,
-    pub memory: u64,
+    pub guest: Guest,
     /// Print a line of run statistics on stderr at exit.
     pub stats: bool,
+    /// The runtime directory (control socket, console log and socket, exit
+    /// record), when the VMM runs under a supervisor.
+    pub runtime_dir: Option<PathBuf>,
 }
 
 /// What the user asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     Help,
     RunHelp,
     Version,
-}
-
-/// Parses a size such as `512M`, `2G`, `64m`, `1048576K` or a plain byte count.
-pub fn parse_size(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let (digits, shift) = match text.chars().last()? {
-        'k' | 'K' => (&text[..text.len() - 1], 10),
-        'm' | 'M' => (&text[..text.len() - 1], 20),
-        'g' | 'G' => (&text[..text.len() - 1], 30),
-        't' | 'T' => (&text[..text.len() - 1], 40),
-        _ => (text, 0),
-    };
-    // Accept an optional trailing "iB"-less form only; digits must be plain.
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let value: u64 = digits.parse().ok()?;
-    value.checked_mul(1u64 << shift)
 }
 
 fn parse_cpus(text: &str) -> Result<u8, ArgsError> {
@@ -80,6 +79,15 @@ fn parse_cpus(text: &str) -> Result<u8, ArgsError> {
         Ok(n) if (1..=254).contains(&n) => Ok(n),
         _ => Err(ArgsError::BadCpus(text.into())),
     }
+}
+
+/// Parses a device option string, naming `flag` in the error.
+fn option<T: std::str::FromStr<Err = ConfigError>>(
+    flag: &'static str,
+    text: &str,
+) -> Result<T, ArgsError> {
+    text.parse()
+        .map_err(|source| ArgsError::Option { flag, source })
 }
 
 /// Parses the arguments after the program name.
@@ -102,50 +110,160 @@ fn set_once<T>(slot: &mut Option<T>, value: T, flag: &'static str) -> Result<(),
     Ok(())
 }
 
+/// The flags that describe the machine, which a guest file replaces.
+const MACHINE_FLAGS: [&str; 11] = [
+    "--kernel",
+    "--initramfs",
+    "--initrd",
+    "--cmdline",
+    "--cpus",
+    "--memory",
+    "--disk",
+    "--net",
+    "--console",
+    "--rng",
+    "--vsock",
+];
+
+/// The flags of `run`, as given (each one at most once unless repeatable).
+#[derive(Debug, Default)]
+struct RunFlags {
+    kernel: Option<PathBuf>,
+    initramfs: Option<PathBuf>,
+    cmdline: Option<String>,
+    cpus: Option<u8>,
+    memory: Option<u64>,
+    disks: Vec<DiskConfig>,
+    nets: Vec<NetConfig>,
+    console: Option<ConsoleMode>,
+    rng: bool,
+    vsock: Option<VsockConfig>,
+    stats: bool,
+    config: Option<PathBuf>,
+    runtime_dir: Option<PathBuf>,
+    /// The first flag seen that describes the machine (not allowed with
+    /// `--config`).
+    machine_flag: Option<&'static str>,
+}
+
+impl RunFlags {
+    /// Takes one flag and its value (`value` is called only by flags that
+    /// have one). Returns `Ok(false)` for `--help`.
+    fn take(
+        &mut self,
+        flag: &str,
+        mut value: impl FnMut(&'static str) -> Result<String, ArgsError>,
+    ) -> Result<bool, ArgsError> {
+        if let Some(name) = MACHINE_FLAGS.iter().find(|f| **f == flag) {
+            self.machine_flag.get_or_insert(name);
+        }
+        match flag {
+            "--kernel" => set_once(
+                &mut self.kernel,
+                PathBuf::from(value("--kernel")?),
+                "--kernel",
+            )?,
+            "--initramfs" | "--initrd" => set_once(
+                &mut self.initramfs,
+                PathBuf::from(value("--initramfs")?),
+                "--initramfs",
+            )?,
+            "--cmdline" => set_once(&mut self.cmdline, value("--cmdline")?, "--cmdline")?,
+            "--cpus" => set_once(&mut self.cpus, parse_cpus(&value("--cpus")?)?, "--cpus")?,
+            "--memory" => {
+                let text = value("--memory")?;
+                let size = config::parse_size(&text).ok_or(ArgsError::BadSize(text))?;
+                set_once(&mut self.memory, size, "--memory")?
+            }
+            "--disk" => self.disks.push(option("--disk", &value("--disk")?)?),
+            "--net" => self.nets.push(option("--net", &value("--net")?)?),
+            "--console" => set_once(
+                &mut self.console,
+                option("--console", &value("--console")?)?,
+                "--console",
+            )?,
+            "--rng" => self.rng = true,
+            "--vsock" => set_once(
+                &mut self.vsock,
+                option("--vsock", &value("--vsock")?)?,
+                "--vsock",
+            )?,
+            "--stats" => self.stats = true,
+            "--config" => set_once(
+                &mut self.config,
+                PathBuf::from(value("--config")?),
+                "--config",
+            )?,
+            "--runtime-dir" => set_once(
+                &mut self.runtime_dir,
+                PathBuf::from(value("--runtime-dir")?),
+                "--runtime-dir",
+            )?,
+            "-h" | "--help" => return Ok(false),
+            f => return Err(ArgsError::UnknownFlag(f.into())),
+        }
+        Ok(true)
+    }
+
+    fn into_run_args(self) -> Result<RunArgs, ArgsError> {
+        if let Some(file) = self.config {
+            if let Some(flag) = self.machine_flag {
+                return Err(ArgsError::ConfigWithFlag(flag));
+            }
+            return Ok(RunArgs {
+                guest: Guest::File(file),
+                stats: self.stats,
+                runtime_dir: self.runtime_dir,
+            });
+        }
+        let vm = VmConfig {
+            kernel: self.kernel.ok_or(ArgsError::NoKernel)?,
+            initramfs: self.initramfs,
+            cmdline: self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),
+            cpus: self.cpus.unwrap_or(config::DEFAULT_CPUS),
+            memory: self.memory.unwrap_or(DEFAULT_MEMORY),
+            disks: self.disks,
+            nets: self.nets,
+            console: self.console.unwrap_or_default(),
+            rng: self.rng,
+            vsock: self.vsock,
+            affinity: Vec::new(),
+        };
+        Ok(RunArgs {
+            guest: Guest::Flags(vm),
+            stats: self.stats,
+            runtime_dir: self.runtime_dir,
+        })
+    }
+}
+
 fn parse_run<I: Iterator<Item = String>>(mut args: I) -> Result<Command, ArgsError> {
-    let (mut kernel, mut initramfs, mut cmdline, mut cpus, mut memory) =
-        (None, None, None, None, None);
-    let mut stats = false;
+    let mut flags = RunFlags::default();
     while let Some(arg) = args.next() {
+        if !arg.starts_with('-') {
+            return Err(ArgsError::Unexpected(arg));
+        }
         // Accept both "--flag value" and "--flag=value".
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
         };
-        let mut value = |name: &'static str| {
+        let used = std::cell::Cell::new(false);
+        let value = |name: &'static str| {
+            used.set(true);
             inline
                 .clone()
                 .or_else(|| args.next())
                 .ok_or(ArgsError::MissingValue(name))
         };
-        match flag.as_str() {
-            "--kernel" => set_once(&mut kernel, PathBuf::from(value("--kernel")?), "--kernel")?,
-            "--initramfs" | "--initrd" => set_once(
-                &mut initramfs,
-                PathBuf::from(value("--initramfs")?),
-                "--initramfs",
-            )?,
-            "--cmdline" => set_once(&mut cmdline, value("--cmdline")?, "--cmdline")?,
-            "--cpus" => set_once(&mut cpus, parse_cpus(&value("--cpus")?)?, "--cpus")?,
-            "--memory" => {
-                let text = value("--memory")?;
-                let size = parse_size(&text).ok_or(ArgsError::BadSize(text))?;
-                set_once(&mut memory, size, "--memory")?
-            }
-            "--stats" => stats = true,
-            "-h" | "--help" => return Ok(Command::RunHelp),
-            f if f.starts_with('-') => return Err(ArgsError::UnknownFlag(f.into())),
-            _ => return Err(ArgsError::Unexpected(arg)),
+        if !flags.take(&flag, value)? {
+            return Ok(Command::RunHelp);
+        }
+        if inline.is_some() && !used.get() {
+            return Err(ArgsError::NoValue(flag));
         }
     }
-    Ok(Command::Run(RunArgs {
-        kernel: kernel.ok_or(ArgsError::NoKernel)?,
-        initramfs,
-        cmdline: cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),
-        cpus: cpus.unwrap_or(1),
-        memory: memory.unwrap_or(DEFAULT_MEMORY),
-        stats,
-    }))
+    Ok(Command::Run(Box::new(flags.into_run_args()?)))
 }
 
 #[cfg(test)]
@@ -156,28 +274,156 @@ mod tests {
         parse(line.split_whitespace().map(String::from))
     }
 
-    fn run(line: &str) -> RunArgs {
+    fn run_args(line: &str) -> RunArgs {
         match parse_str(line).unwrap() {
-            Command::Run(r) => r,
+            Command::Run(r) => *r,
             other => panic!("expected run, got {other:?}"),
         }
+    }
+
+    /// The flags' VM and the run options.
+    struct Run {
+        vm: VmConfig,
+        stats: bool,
+    }
+
+    fn run(line: &str) -> Run {
+        let r = run_args(line);
+        match r.guest {
+            Guest::Flags(vm) => Run { vm, stats: r.stats },
+            Guest::File(f) => panic!("expected flags, got file {f:?}"),
+        }
+    }
+
+    /// The error as the binary prints it: the message and its causes.
+    fn message(line: &str) -> String {
+        let err = parse_str(line).unwrap_err();
+        let mut text = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        text
     }
 
     #[test]
     fn run_takes_every_flag() {
         let r = run("run --kernel k --initramfs i --cmdline x=1 --cpus 2 --memory 1G --stats");
-        assert_eq!(r.kernel, PathBuf::from("k"));
-        assert_eq!(r.initramfs, Some(PathBuf::from("i")));
-        assert_eq!(r.cmdline, "x=1");
-        assert_eq!((r.cpus, r.memory, r.stats), (2, 1 << 30, true));
+        assert_eq!(r.vm.kernel, PathBuf::from("k"));
+        assert_eq!(r.vm.initramfs, Some(PathBuf::from("i")));
+        assert_eq!(r.vm.cmdline, "x=1");
+        assert_eq!((r.vm.cpus, r.vm.memory, r.stats), (2, 1 << 30, true));
     }
 
     #[test]
     fn defaults_apply() {
         let r = run("run --kernel=vmlinuz");
-        assert_eq!((r.cpus, r.memory), (1, DEFAULT_MEMORY));
-        assert_eq!(r.cmdline, DEFAULT_CMDLINE);
-        assert_eq!(r.initramfs, None);
+        assert_eq!((r.vm.cpus, r.vm.memory), (1, DEFAULT_MEMORY));
+        assert_eq!(r.vm.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(r.vm.initramfs, None);
+        assert_eq!(r.vm.console, ConsoleMode::Serial);
+        assert!(r.vm.disks.is_empty() && r.vm.nets.is_empty());
+        assert!(!r.vm.rng && r.vm.vsock.is_none());
+    }
+
+    #[test]
+    fn device_flags_fill_the_vm_config() {
+        let r = run(
+            "run --kernel k --disk path=a.img --disk path=b.img,readonly=on \
+             --net tap=fv0 --net tap=fv1,mac=52:54:00:00:00:02 --console virtio --rng \
+             --vsock cid=3,socket=/run/v.sock",
+        );
+        assert_eq!(
+            r.vm.disks,
+            vec![
+                DiskConfig {
+                    path: "a.img".into(),
+                    readonly: false
+                },
+                DiskConfig {
+                    path: "b.img".into(),
+                    readonly: true
+                }
+            ]
+        );
+        assert_eq!(r.vm.nets.len(), 2);
+        assert_eq!(r.vm.nets[0].tap, "fv0");
+        assert_eq!(r.vm.nets[1].mac, Some([0x52, 0x54, 0, 0, 0, 2]));
+        assert_eq!(r.vm.console, ConsoleMode::Virtio);
+        assert!(r.vm.rng);
+        assert_eq!(
+            r.vm.vsock,
+            Some(VsockConfig {
+                cid: 3,
+                socket: "/run/v.sock".into()
+            })
+        );
+    }
+
+    #[test]
+    fn device_flag_errors_name_the_flag() {
+        assert_eq!(
+            message("run --kernel k --disk path=a,size=3"),
+            "--disk: unknown key 'size'"
+        );
+        assert_eq!(
+            message("run --kernel k --disk readonly=on"),
+            "--disk: 'path' is required"
+        );
+        assert_eq!(
+            message("run --kernel k --disk path=a,readonly=maybe"),
+            "--disk: readonly: 'maybe' is not on or off"
+        );
+        assert_eq!(
+            message("run --kernel k --net tap=fv0,mac=01:00:00:00:00:01"),
+            "--net: '01:00:00:00:00:01' is a multicast MAC address; a NIC needs a unicast one"
+        );
+        assert_eq!(
+            message("run --kernel k --console hvc"),
+            "--console: 'hvc' is not virtio or serial"
+        );
+        assert_eq!(
+            message("run --kernel k --vsock cid=2,socket=/v"),
+            "--vsock: cid: '2' is not a guest CID (3 to 4294967294)"
+        );
+        assert_eq!(
+            message("run --kernel k --vsock cid=3 --vsock cid=4"),
+            "--vsock: 'socket' is required"
+        );
+        assert_eq!(
+            message("run --kernel k --console serial --console virtio"),
+            "--console given twice"
+        );
+        assert_eq!(message("run --kernel k --disk"), "--disk needs a value");
+        assert_eq!(message("run --kernel k --rng=on"), "--rng takes no value");
+    }
+
+    #[test]
+    fn config_file_with_run_options() {
+        let r = run_args("run --config g.toml --runtime-dir /run/fv/web --stats");
+        assert_eq!(r.guest, Guest::File("g.toml".into()));
+        assert_eq!(r.runtime_dir, Some("/run/fv/web".into()));
+        assert!(r.stats);
+        let r = run_args("run --kernel k --runtime-dir=/run/x");
+        assert_eq!(r.runtime_dir, Some("/run/x".into()));
+    }
+
+    #[test]
+    fn config_file_excludes_machine_flags() {
+        assert_eq!(
+            message("run --config g.toml --cpus 2"),
+            "--config cannot be combined with --cpus: give it in the guest file instead"
+        );
+        assert_eq!(
+            message("run --rng --config g.toml"),
+            "--config cannot be combined with --rng: give it in the guest file instead"
+        );
+        assert_eq!(
+            message("run --config a.toml --config b.toml"),
+            "--config given twice"
+        );
+        assert_eq!(message("run --stats"), "--kernel or --config is required");
     }
 
     #[test]
@@ -186,18 +432,8 @@ mod tests {
         let Command::Run(r) = parse(args.map(String::from)).unwrap() else {
             panic!()
         };
-        assert_eq!(r.cmdline, "console=ttyS0 quiet");
-    }
-
-    #[test]
-    fn sizes_parse_with_suffixes() {
-        assert_eq!(parse_size("512M"), Some(512 << 20));
-        assert_eq!(parse_size("2g"), Some(2 << 30));
-        assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size("12X"), None);
-        assert_eq!(parse_size("M"), None);
-        assert_eq!(parse_size("-1G"), None);
-        assert_eq!(parse_size("99999999999T"), None);
+        let Guest::Flags(vm) = r.guest else { panic!() };
+        assert_eq!(vm.cmdline, "console=ttyS0 quiet");
     }
 
     #[test]

@@ -7,19 +7,23 @@ use std::error::Error;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use args::{Command, RunArgs};
-use vmm::{RunReport, VmConfig, VmExit};
+use args::{Command, Guest, RunArgs};
+use vmm::{RunReport, VmExit};
 
 const USAGE: &str = "\
 ferrovisor: a hypervisor for Linux hosts with KVM
 
 Usage:
-  ferrovisor run --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus N] [--memory SIZE] [--stats]
+  ferrovisor run --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus N] [--memory SIZE]
+                 [--disk path=FILE[,readonly=on]]... [--net tap=NAME[,mac=MAC]]...
+                 [--console serial|virtio] [--rng] [--vsock cid=N,socket=PATH] [--stats]
+  ferrovisor run --config GUEST.toml [--runtime-dir DIR] [--stats]
   ferrovisor --help | --version
 ";
 
 const RUN_USAGE: &str = "\
 Usage: ferrovisor run --kernel PATH [options]
+       ferrovisor run --config GUEST.toml [--runtime-dir DIR] [--stats]
 
 Boots one guest in the foreground. Its serial console is this terminal;
 Ctrl-A x stops it.
@@ -29,6 +33,21 @@ Ctrl-A x stops it.
   --cmdline STR      kernel command line (default: \"console=ttyS0 reboot=k panic=1\")
   --cpus N           vCPUs, 1-254 (default 1)
   --memory SIZE      guest RAM, e.g. 512M or 2G (default 512M)
+  --disk path=FILE[,readonly=on]
+                     a virtio-blk disk backed by a raw image (repeatable)
+  --net tap=NAME[,mac=MAC]
+                     a virtio-net interface on a host tap device (repeatable)
+  --console serial|virtio
+                     where the console is: the UART (ttyS0, default) or
+                     virtio-console (hvc0)
+  --rng              a virtio-rng device fed from the host's getrandom
+  --vsock cid=N,socket=PATH
+                     a virtio-vsock device; host side on the unix socket PATH
+  --config FILE      read the guest from a TOML guest file (docs/config.md)
+                     instead of the flags above
+  --runtime-dir DIR  serve DIR/control.sock, write the console to
+                     DIR/console.log and DIR/console.sock, and DIR/exit.json
+                     at exit (docs/running.md)
   --stats            print run statistics as JSON on stderr at exit
 
 Exit status: 0 when the guest powers off, reboots or halts, or on SIGINT/SIGTERM;
@@ -79,16 +98,18 @@ fn print_stats(report: &RunReport) {
 }
 
 fn run(args: RunArgs, start: Instant) -> ExitCode {
-    warn_if_pvm();
-    let config = VmConfig {
-        kernel: args.kernel,
-        initramfs: args.initramfs,
-        cmdline: args.cmdline,
-        cpus: args.cpus,
-        memory: args.memory,
-        ..VmConfig::default()
+    let vm = match args.guest {
+        Guest::Flags(vm) => vm,
+        Guest::File(path) => match config::load_guest(&path) {
+            Ok(vm) => vm,
+            Err(e) => {
+                eprintln!("ferrovisor: {}", one_line(&e));
+                return ExitCode::from(2);
+            }
+        },
     };
-    match vmm::run(&config, start) {
+    warn_if_pvm();
+    match vmm::run(&vm, start) {
         Ok(report) => {
             if args.stats {
                 print_stats(&report);
@@ -132,7 +153,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     match args::parse(words) {
-        Ok(Command::Run(run_args)) => run(run_args, start),
+        Ok(Command::Run(run_args)) => run(*run_args, start),
         Ok(Command::Help) => {
             print!("{USAGE}");
             ExitCode::SUCCESS

@@ -16,8 +16,19 @@
 use std::sync::Arc;
 
 use thiserror::Error;
+
+pub mod block;
+pub mod console;
+pub mod queue;
+pub mod rng;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
+
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
+
+pub mod net;
+pub mod vsock;
 
 /// Guest memory as devices see it.
 pub type Memory = vm_memory::GuestMemoryMmap<()>;
@@ -119,4 +130,18 @@ pub trait VirtioDevice: Send {
     /// Stops serving the queues and returns to the state before activation.
     /// When it returns, the device no longer touches guest memory.
     fn reset(&mut self);
+}
+
+/// Copies the part of a device's configuration space at `offset` into
+/// `data`; bytes past its end read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - start);
+    data[..n].copy_from_slice(&config[start..start + n]);
 }

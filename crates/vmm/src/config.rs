@@ -34,7 +34,20 @@ pub enum ConfigError {
     BadTapName(String),
     #[error("'{0}' is empty")]
     Empty(&'static str),
+    #[error("'{0}' is not a list of host CPUs like 0,2-3 (each below {MAX_HOST_CPUS})")]
+    BadCpuList(String),
 }
+
+/// The kernel command line when none is given: serial console, and a
+/// reboot through the keyboard controller after a panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+/// Guest memory when none is given.
+pub const DEFAULT_MEMORY: u64 = 512 << 20;
+/// vCPUs when none are given.
+pub const DEFAULT_CPUS: u8 = 1;
+
+/// Host CPU numbers must be below this (the kernel's `cpu_set_t` size).
+pub const MAX_HOST_CPUS: usize = 1024;
 
 /// A virtio-blk disk backed by a raw image file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +124,74 @@ fn pairs<'a>(text: &'a str, known: &[&str]) -> Result<Vec<(&'a str, &'a str)>, C
 
 fn find<'a>(pairs: &[(&'a str, &'a str)], key: &str) -> Option<&'a str> {
     pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+}
+
+/// Parses a size such as `512M`, `2G`, `64m`, `1048576K` or a plain byte
+/// count (suffixes are binary: K is 1024). `None` when it is not one.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let (digits, shift) = match text.chars().last()? {
+        'k' | 'K' => (&text[..text.len() - 1], 10),
+        'm' | 'M' => (&text[..text.len() - 1], 20),
+        'g' | 'G' => (&text[..text.len() - 1], 30),
+        't' | 'T' => (&text[..text.len() - 1], 40),
+        _ => (text, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let value: u64 = digits.parse().ok()?;
+    value.checked_mul(1u64 << shift)
+}
+
+/// Parses a host CPU list in the kernel's `cpulist` format (`0`, `1-3`,
+/// `0,2-3`) into sorted, distinct CPU numbers.
+pub fn parse_cpu_list(text: &str) -> Result<Vec<usize>, ConfigError> {
+    let bad = || ConfigError::BadCpuList(text.to_string());
+    let number = |s: &str| -> Result<usize, ConfigError> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        match s.parse::<usize>() {
+            Ok(n) if n < MAX_HOST_CPUS => Ok(n),
+            _ => Err(bad()),
+        }
+    };
+    let mut cpus = Vec::new();
+    for item in text.split(',') {
+        let (first, last) = match item.split_once('-') {
+            Some((a, b)) => (number(a)?, number(b)?),
+            None => (number(item)?, number(item)?),
+        };
+        if first > last {
+            return Err(bad());
+        }
+        cpus.extend(first..=last);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
+/// Formats CPU numbers back into the `cpulist` format (`0,2-3`).
+pub fn format_cpu_list(cpus: &[usize]) -> String {
+    let mut sorted = cpus.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let mut j = i;
+        while j + 1 < sorted.len() && sorted[j + 1] == sorted[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            sorted[i].to_string()
+        } else {
+            format!("{}-{}", sorted[i], sorted[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
 }
 
 /// Parses `on`/`off` (also `true`/`false`, `yes`/`no`).
@@ -224,6 +305,16 @@ impl FromStr for VsockConfig {
     }
 }
 
+impl ConsoleMode {
+    /// The name used in flags and files: `serial` or `virtio`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsoleMode::Serial => "serial",
+            ConsoleMode::Virtio => "virtio",
+        }
+    }
+}
+
 impl FromStr for ConsoleMode {
     type Err = ConfigError;
 
@@ -284,6 +375,43 @@ mod tests {
         assert!("tap=a/b".parse::<NetConfig>().is_err());
         assert!("tap=sixteen-chars-xx".parse::<NetConfig>().is_err());
         assert!("mac=52:54:00:ab:cd:ef".parse::<NetConfig>().is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("2g"), Some(2 << 30));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("12X"), None);
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("-1G"), None);
+        assert_eq!(parse_size(" 1G"), None);
+        assert_eq!(parse_size("99999999999T"), None);
+    }
+
+    #[test]
+    fn cpu_lists_parse_and_format() {
+        assert_eq!(parse_cpu_list("0"), Ok(vec![0]));
+        assert_eq!(parse_cpu_list("3,0-1,1"), Ok(vec![0, 1, 3]));
+        assert_eq!(format_cpu_list(&[3, 0, 1, 2, 5]), "0-3,5");
+        assert_eq!(format_cpu_list(&[7]), "7");
+        for bad in [
+            "",
+            "a",
+            "1-",
+            "-1",
+            "3-1",
+            "1,,2",
+            "1024",
+            "0-99999999999999999999",
+        ] {
+            assert_eq!(
+                parse_cpu_list(bad),
+                Err(ConfigError::BadCpuList(bad.into())),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::control::Control;
 use crate::exit::VmExit;
 use crate::loader::{self, BootSpec, LoaderError};
 use crate::memory::{self, GuestMemory, MemoryError};
+use crate::pci::{self, PciDevices};
 use crate::vcpu::{self, Vcpu, VcpuError};
 use crate::{console, machine};
 
@@ -60,6 +61,8 @@ pub enum VmError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Machine(#[from] machine::MachineError),
+    #[error(transparent)]
+    Pci(#[from] pci::PciError),
     /// A VMM thread could not be started.
     #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] std::io::Error),
@@ -111,9 +114,10 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunReport, VmError> {
         return Err(VmError::Cpus(config.cpus));
     }
     let regions = memmap::ram_regions(config.memory)?;
+    let pci_devices = pci::devices_from_config(config)?;
     memory::check_host_fits(config.memory)?;
     let kvm = open_kvm()?;
-    let vm = create_vm(&kvm)?;
+    let vm = Arc::new(create_vm(&kvm)?);
     let mem = memory::create(&regions)?;
     memory::register(&vm, &mem)?;
 
@@ -136,8 +140,9 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunReport, VmError> {
     let control = Arc::new(Control::new(usize::from(config.cpus), start));
     let interactive = console::stdin_is_tty();
     let devices = machine::LegacyDevices::create(&vm)?;
-    let io_bus = Arc::new(devices.io_bus()?);
-    let mmio_bus = Arc::new(devices::Bus::new());
+    let pci = PciDevices::create(&vm, &mem, pci_devices)?;
+    let (io_bus, mmio_bus) = machine::buses(&devices, &pci)?;
+    let (io_bus, mmio_bus) = (Arc::new(io_bus), Arc::new(mmio_bus));
 
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -160,7 +165,10 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunReport, VmError> {
     } else {
         None
     };
-    console::spawn_stdin_reader(devices.console_input(), control.clone(), interactive);
+    let console_input = pci
+        .console_input()
+        .unwrap_or_else(|| devices.console_input());
+    console::spawn_stdin_reader(console_input, control.clone(), interactive);
 
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {

@@ -1,0 +1,255 @@
+//! The guest file: one VM, with everything `ferrovisor run` takes, plus the
+//! host CPUs each vCPU may run on.
+//!
+//! ```toml
+//! kernel = "vmlinuz"             # required; relative to this file
+//! initramfs = "initramfs.cpio"
+//! cmdline = "console=ttyS0"
+//! cpus = 2                       # 1 to 254
+//! memory = "512M"                # or a byte count
+//! console = "serial"             # or "virtio"
+//! rng = true
+//! affinity = "2-3"               # every vCPU on host CPUs 2-3, or one
+//!                                # entry per vCPU: ["2", "3"]
+//!
+//! [[disk]]
+//! path = "root.img"
+//! readonly = true
+//!
+//! [[net]]
+//! tap = "fv0"
+//! mac = "52:54:00:12:34:56"
+//!
+//! [vsock]
+//! cid = 3
+//! socket = "vsock.sock"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use vmm::config::{
+    self as vmcfg, ConsoleMode, DiskConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE,
+    DEFAULT_CPUS, DEFAULT_MEMORY,
+};
+
+use crate::fields::{kind, Fields};
+use crate::{parse_table, read_file, FileError};
+
+/// The most vCPUs a guest may have.
+const MAX_CPUS: i64 = 254;
+/// An affinity entry that leaves its vCPU unpinned.
+pub const AFFINITY_ANY: &str = "any";
+
+/// Parses a guest file's text. `origin` names the file in errors;
+/// relative paths in it are taken relative to `base_dir`.
+pub fn parse_guest(text: &str, origin: &str, base_dir: &Path) -> Result<VmConfig, FileError> {
+    let table = parse_table(text, origin)?;
+    let mut fields = Fields::root(table, origin);
+    let config = guest_fields(&mut fields, base_dir)?;
+    fields.finish()?;
+    Ok(config)
+}
+
+/// Reads and parses the guest file at `path`; its relative paths are taken
+/// relative to the file's own directory (made absolute).
+pub fn load_guest(path: &Path) -> Result<VmConfig, FileError> {
+    let (text, origin, base_dir) = read_file(path)?;
+    parse_guest(&text, &origin, &base_dir)
+}
+
+/// A path from the file, relative to `base_dir` unless absolute.
+fn resolve(base_dir: &Path, text: &str) -> PathBuf {
+    let path = Path::new(text);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base_dir.join(path)
+    }
+}
+
+/// Reads the guest's keys from `f`, leaving any others in place (a system
+/// file adds its own), so the caller finishes the walk.
+pub(crate) fn guest_fields(f: &mut Fields, base_dir: &Path) -> Result<VmConfig, FileError> {
+    let kernel = resolve(base_dir, &f.required_string("kernel")?);
+    let initramfs = optional_path(f, "initramfs", base_dir)?;
+    let cmdline = f
+        .string("cmdline")?
+        .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    if cmdline.contains('\0') {
+        return Err(f.error("cmdline", "contains a NUL character"));
+    }
+    let cpus = cpus(f)?;
+    let memory = memory(f)?;
+    let console = match f.string("console")? {
+        None => ConsoleMode::default(),
+        Some(text) => text.parse().map_err(|_| {
+            f.error(
+                "console",
+                format!("'{text}' is not \"serial\" or \"virtio\""),
+            )
+        })?,
+    };
+    let rng = f.boolean("rng")?.unwrap_or(false);
+    let affinity = affinity(f, cpus)?;
+    let disks = f
+        .tables("disk")?
+        .into_iter()
+        .map(|d| disk(d, base_dir))
+        .collect::<Result<_, _>>()?;
+    let nets = f
+        .tables("net")?
+        .into_iter()
+        .map(net)
+        .collect::<Result<_, _>>()?;
+    let vsock = f.table("vsock")?.map(|v| vsock(v, base_dir)).transpose()?;
+    Ok(VmConfig {
+        kernel,
+        initramfs,
+        cmdline,
+        cpus,
+        memory,
+        disks,
+        nets,
+        console,
+        rng,
+        vsock,
+        affinity,
+    })
+}
+
+fn optional_path(
+    f: &mut Fields,
+    key: &'static str,
+    base_dir: &Path,
+) -> Result<Option<PathBuf>, FileError> {
+    match f.string(key)? {
+        None => Ok(None),
+        Some(s) if s.is_empty() => Err(f.error(key, "is empty")),
+        Some(s) => Ok(Some(resolve(base_dir, &s))),
+    }
+}
+
+fn cpus(f: &mut Fields) -> Result<u8, FileError> {
+    match f.integer("cpus")? {
+        None => Ok(DEFAULT_CPUS),
+        Some(n) if (1..=MAX_CPUS).contains(&n) => Ok(n as u8),
+        Some(n) => Err(f.error(
+            "cpus",
+            format!("{n} is not a number of vCPUs from 1 to {MAX_CPUS}"),
+        )),
+    }
+}
+
+fn memory(f: &mut Fields) -> Result<u64, FileError> {
+    let size = match f.take("memory") {
+        None => return Ok(DEFAULT_MEMORY),
+        Some(toml::Value::String(text)) => vmcfg::parse_size(&text).ok_or_else(|| {
+            f.error(
+                "memory",
+                format!("'{text}' is not a size (examples: 512M, 2G, 1048576K)"),
+            )
+        })?,
+        Some(toml::Value::Integer(n)) => {
+            u64::try_from(n).map_err(|_| f.error("memory", format!("{n} is not a size")))?
+        }
+        Some(other) => {
+            return Err(f.error(
+                "memory",
+                format!(
+                    "expected a size such as \"512M\" or a byte count, found {}",
+                    kind(&other)
+                ),
+            ))
+        }
+    };
+    if size < arch::memmap::MIN_MEMORY {
+        return Err(f.error(
+            "memory",
+            format!(
+                "{size} bytes is too small: at least {} MiB is needed",
+                arch::memmap::MIN_MEMORY >> 20
+            ),
+        ));
+    }
+    if !size.is_multiple_of(4096) {
+        return Err(f.error("memory", format!("{size} bytes is not a multiple of 4 KiB")));
+    }
+    Ok(size)
+}
+
+/// `affinity = "LIST"` (every vCPU) or `affinity = ["LIST", ...]` (one
+/// entry per vCPU, at most `cpus`; `"any"` leaves that vCPU unpinned).
+fn affinity(f: &mut Fields, cpus: u8) -> Result<Vec<Vec<usize>>, FileError> {
+    let list = |text: &str| vmcfg::parse_cpu_list(text).map_err(|e| e.to_string());
+    match f.take("affinity") {
+        None => Ok(Vec::new()),
+        Some(toml::Value::String(text)) => {
+            let cpus_allowed = list(&text).map_err(|e| f.error("affinity", e))?;
+            Ok(vec![cpus_allowed; usize::from(cpus)])
+        }
+        Some(toml::Value::Array(items)) => {
+            if items.len() > usize::from(cpus) {
+                return Err(f.error(
+                    "affinity",
+                    format!("{} entries for {cpus} vCPU(s)", items.len()),
+                ));
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    toml::Value::String(s) if s == AFFINITY_ANY => Ok(Vec::new()),
+                    toml::Value::String(s) => list(s).map_err(|e| f.item_error("affinity", i, e)),
+                    other => Err(f.item_error(
+                        "affinity",
+                        i,
+                        format!("expected a CPU list such as \"0-3\", found {}", kind(other)),
+                    )),
+                })
+                .collect()
+        }
+        Some(other) => Err(f.error(
+            "affinity",
+            format!(
+                "expected a CPU list such as \"0-3\" or an array of them, found {}",
+                kind(&other)
+            ),
+        )),
+    }
+}
+
+fn disk(mut d: Fields, base_dir: &Path) -> Result<DiskConfig, FileError> {
+    let path = resolve(base_dir, &d.required_string("path")?);
+    let readonly = d.boolean("readonly")?.unwrap_or(false);
+    d.finish()?;
+    Ok(DiskConfig { path, readonly })
+}
+
+fn net(mut n: Fields) -> Result<NetConfig, FileError> {
+    let tap = n.required_string("tap")?;
+    vmcfg::check_tap_name(&tap).map_err(|_| {
+        n.error(
+            "tap",
+            format!("'{tap}' is not an interface name (1 to 15 characters, no '/', ':' or spaces)"),
+        )
+    })?;
+    let mac = match n.string("mac")? {
+        None => None,
+        Some(text) => Some(vmcfg::parse_mac(&text).map_err(|e| n.error("mac", e.to_string()))?),
+    };
+    n.finish()?;
+    Ok(NetConfig { tap, mac })
+}
+
+fn vsock(mut v: Fields, base_dir: &Path) -> Result<VsockConfig, FileError> {
+    let cid = match v.integer("cid")? {
+        None => return Err(v.error("cid", "is required")),
+        Some(n) => u32::try_from(n)
+            .ok()
+            .filter(|c| (3..u32::MAX).contains(c))
+            .ok_or_else(|| v.error("cid", format!("{n} is not a guest CID (3 to 4294967294)")))?,
+    };
+    let socket = resolve(base_dir, &v.required_string("socket")?);
+    v.finish()?;
+    Ok(VsockConfig { cid, socket })
+}

@@ -1,0 +1,359 @@
+//! Unit tests of the guest and system files: what each key means, and one
+//! test per error, each checking the exact line a user sees.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use vmm::config::{ConsoleMode, DiskConfig, NetConfig, VsockConfig, DEFAULT_CMDLINE};
+
+use super::*;
+
+const BASE: &str = "/srv/guests";
+
+fn guest(text: &str) -> Result<VmConfig, FileError> {
+    parse_guest(text, "guest.toml", Path::new(BASE))
+}
+
+fn guest_err(text: &str) -> String {
+    guest(text).unwrap_err().to_string()
+}
+
+fn system(text: &str) -> Result<System, FileError> {
+    parse_system(text, "system.toml", Path::new(BASE))
+}
+
+fn system_err(text: &str) -> String {
+    system(text).unwrap_err().to_string()
+}
+
+const FULL: &str = r#"
+kernel = "vmlinuz"
+initramfs = "/boot/initrd.img"
+cmdline = "console=hvc0 quiet"
+cpus = 2
+memory = "1G"
+console = "virtio"
+rng = true
+affinity = ["0", "1-3"]
+
+[[disk]]
+path = "root.img"
+readonly = true
+
+[[disk]]
+path = "data.img"
+
+[[net]]
+tap = "fv0"
+mac = "52:54:00:12:34:56"
+
+[vsock]
+cid = 7
+socket = "v.sock"
+"#;
+
+#[test]
+fn a_full_guest_file_fills_every_field() {
+    let c = guest(FULL).unwrap();
+    assert_eq!(c.kernel, PathBuf::from("/srv/guests/vmlinuz"));
+    assert_eq!(c.initramfs, Some(PathBuf::from("/boot/initrd.img")));
+    assert_eq!(c.cmdline, "console=hvc0 quiet");
+    assert_eq!((c.cpus, c.memory), (2, 1 << 30));
+    assert_eq!(c.console, ConsoleMode::Virtio);
+    assert!(c.rng);
+    assert_eq!(c.affinity, vec![vec![0], vec![1, 2, 3]]);
+    assert_eq!(
+        c.disks,
+        vec![
+            DiskConfig {
+                path: "/srv/guests/root.img".into(),
+                readonly: true
+            },
+            DiskConfig {
+                path: "/srv/guests/data.img".into(),
+                readonly: false
+            }
+        ]
+    );
+    assert_eq!(
+        c.nets,
+        vec![NetConfig {
+            tap: "fv0".into(),
+            mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+        }]
+    );
+    assert_eq!(
+        c.vsock,
+        Some(VsockConfig {
+            cid: 7,
+            socket: "/srv/guests/v.sock".into()
+        })
+    );
+}
+
+#[test]
+fn a_minimal_guest_file_takes_the_run_defaults() {
+    let c = guest("kernel = \"k\"").unwrap();
+    assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+    assert_eq!((c.cpus, c.memory), (1, 512 << 20));
+    assert_eq!(c.console, ConsoleMode::Serial);
+    assert!(!c.rng && c.disks.is_empty() && c.nets.is_empty() && c.vsock.is_none());
+    assert!(c.affinity.is_empty());
+}
+
+#[test]
+fn memory_may_be_a_byte_count() {
+    assert_eq!(
+        guest("kernel = \"k\"\nmemory = 33554432").unwrap().memory,
+        32 << 20
+    );
+}
+
+#[test]
+fn one_affinity_string_pins_every_vcpu() {
+    let c = guest("kernel = \"k\"\ncpus = 3\naffinity = \"0,2\"").unwrap();
+    assert_eq!(c.affinity, vec![vec![0, 2]; 3]);
+}
+
+#[test]
+fn any_leaves_one_vcpu_unpinned() {
+    let c = guest("kernel = \"k\"\ncpus = 2\naffinity = [\"any\", \"1\"]").unwrap();
+    assert_eq!(c.affinity, vec![vec![], vec![1]]);
+}
+
+#[test]
+fn written_toml_reads_back_to_the_same_config() {
+    for text in [
+        FULL,
+        "kernel = \"k\"",
+        "kernel = \"k\"\ncpus = 2\naffinity = \"3\"\nmemory = 16781312",
+        "kernel = \"a \\\"quoted\\\" path\"\ncmdline = \"x='1' \\\\ y\"\naffinity = [\"any\"]",
+    ] {
+        let first = guest(text).unwrap();
+        let written = to_guest_toml(&first);
+        let again = parse_guest(&written, "written.toml", Path::new("/elsewhere")).unwrap();
+        assert_eq!(again, first, "{written}");
+    }
+}
+
+#[test]
+fn memory_is_written_with_a_suffix_when_exact() {
+    let c = guest("kernel = \"k\"\nmemory = \"2G\"").unwrap();
+    assert!(to_guest_toml(&c).contains("memory = \"2G\""));
+}
+
+#[test]
+fn syntax_errors_give_line_and_column() {
+    assert!(guest_err("kernel = \"k\"\ncpus = = 2").starts_with("guest.toml: line 2, column "));
+    let err = guest_err("kernel = \"k\"\nkernel = \"j\"");
+    assert!(err.starts_with("guest.toml: line 2, column 1: "), "{err}");
+    assert!(!err.contains('\n'));
+}
+
+#[test]
+fn guest_field_errors() {
+    let cases = [
+        ("cpus = 1", "guest.toml: kernel: is required"),
+        ("kernel = \"\"", "guest.toml: kernel: is empty"),
+        ("kernel = 3", "guest.toml: kernel: expected a string, found an integer"),
+        ("kernel = \"k\"\ninitramfs = \"\"", "guest.toml: initramfs: is empty"),
+        ("kernel = \"k\"\ncmdline = \"a\\u0000b\"", "guest.toml: cmdline: contains a NUL character"),
+        ("kernel = \"k\"\ncpus = 0", "guest.toml: cpus: 0 is not a number of vCPUs from 1 to 254"),
+        ("kernel = \"k\"\ncpus = 255", "guest.toml: cpus: 255 is not a number of vCPUs from 1 to 254"),
+        ("kernel = \"k\"\ncpus = \"2\"", "guest.toml: cpus: expected an integer, found a string"),
+        ("kernel = \"k\"\nmemory = \"12X\"", "guest.toml: memory: '12X' is not a size (examples: 512M, 2G, 1048576K)"),
+        ("kernel = \"k\"\nmemory = -1", "guest.toml: memory: -1 is not a size"),
+        ("kernel = \"k\"\nmemory = 1.5", "guest.toml: memory: expected a size such as \"512M\" or a byte count, found a float"),
+        ("kernel = \"k\"\nmemory = \"1M\"", "guest.toml: memory: 1048576 bytes is too small: at least 16 MiB is needed"),
+        ("kernel = \"k\"\nmemory = 16777217", "guest.toml: memory: 16777217 bytes is not a multiple of 4 KiB"),
+        ("kernel = \"k\"\nconsole = \"hvc\"", "guest.toml: console: 'hvc' is not \"serial\" or \"virtio\""),
+        ("kernel = \"k\"\nrng = \"yes\"", "guest.toml: rng: expected true or false, found a string"),
+        ("kernel = \"k\"\nsize = 3", "guest.toml: size: unknown field (known here: affinity, cmdline, console, cpus, disk, initramfs, kernel, memory, net, rng, vsock)"),
+    ];
+    for (text, expected) in cases {
+        assert_eq!(guest_err(text), expected, "{text}");
+    }
+}
+
+#[test]
+fn affinity_errors() {
+    let cases = [
+        ("affinity = \"0-\"", "guest.toml: affinity: '0-' is not a list of host CPUs like 0,2-3 (each below 1024)"),
+        ("affinity = [\"0\", \"x\"]", "guest.toml: affinity[1]: 'x' is not a list of host CPUs like 0,2-3 (each below 1024)"),
+        ("affinity = [\"0\", \"1\", \"2\"]", "guest.toml: affinity: 3 entries for 2 vCPU(s)"),
+        ("affinity = [0]", "guest.toml: affinity[0]: expected a CPU list such as \"0-3\", found an integer"),
+        ("affinity = 1", "guest.toml: affinity: expected a CPU list such as \"0-3\" or an array of them, found an integer"),
+    ];
+    for (text, expected) in cases {
+        let text = format!("kernel = \"k\"\ncpus = 2\n{text}");
+        assert_eq!(guest_err(&text), expected, "{text}");
+    }
+}
+
+#[test]
+fn device_errors() {
+    let cases = [
+        ("[[disk]]\nreadonly = true", "guest.toml: disk[0].path: is required"),
+        ("[[disk]]\npath = \"a\"\n[[disk]]\npath = \"b\"\nsize = 1", "guest.toml: disk[1].size: unknown field (known here: path, readonly)"),
+        ("[[disk]]\npath = \"a\"\nreadonly = \"on\"", "guest.toml: disk[0].readonly: expected true or false, found a string"),
+        ("disk = \"a.img\"", "guest.toml: disk: expected an array of tables, found a string"),
+        ("[[net]]\ntap = \"a/b\"", "guest.toml: net[0].tap: 'a/b' is not an interface name (1 to 15 characters, no '/', ':' or spaces)"),
+        ("[[net]]\ntap = \"t\"\nmac = \"01:00:00:00:00:01\"", "guest.toml: net[0].mac: '01:00:00:00:00:01' is a multicast MAC address; a NIC needs a unicast one"),
+        ("[[net]]\ntap = \"t\"\nmac = \"52:54\"", "guest.toml: net[0].mac: '52:54' is not a MAC address like 52:54:00:12:34:56"),
+        ("[vsock]\nsocket = \"s\"", "guest.toml: vsock.cid: is required"),
+        ("[vsock]\ncid = 2\nsocket = \"s\"", "guest.toml: vsock.cid: 2 is not a guest CID (3 to 4294967294)"),
+        ("[vsock]\ncid = 4294967295\nsocket = \"s\"", "guest.toml: vsock.cid: 4294967295 is not a guest CID (3 to 4294967294)"),
+        ("[vsock]\ncid = 3", "guest.toml: vsock.socket: is required"),
+        ("vsock = 3", "guest.toml: vsock: expected a table, found an integer"),
+    ];
+    for (text, expected) in cases {
+        let text = format!("kernel = \"k\"\n{text}");
+        assert_eq!(guest_err(&text), expected, "{text}");
+    }
+}
+
+#[test]
+fn guest_names_are_checked() {
+    assert!(check_guest_name("web-1").is_ok());
+    assert!(check_guest_name(&"a".repeat(32)).is_ok());
+    for bad in ["", "Web", "a_b", "a.b", "ü", &"a".repeat(33)] {
+        assert_eq!(check_guest_name(bad), Err(NameError(bad.to_string())));
+    }
+}
+
+#[test]
+fn a_system_lists_guests_in_file_order_with_their_start() {
+    let s = system(
+        "[guests.zeta]\nkernel = \"z\"\nstart = \"held\"\n\n[guests.alpha]\nkernel = \"a\"\nmemory = \"64M\"\n",
+    )
+    .unwrap();
+    let names: Vec<_> = s.guests.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["zeta", "alpha"]);
+    assert_eq!(s.guests[0].start, StartPolicy::Held);
+    assert_eq!(s.guests[1].start, StartPolicy::Boot);
+    assert_eq!(s.guests[1].config.memory, 64 << 20);
+    assert_eq!(s.guests[1].config.kernel, PathBuf::from("/srv/guests/a"));
+    assert_eq!(s.guests[0].file, None);
+}
+
+/// A fresh directory for tests that need real files.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fv-config-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn a_guest_by_file_resolves_paths_against_its_own_directory() {
+    let dir = scratch("byfile");
+    std::fs::create_dir_all(dir.join("db")).unwrap();
+    std::fs::write(dir.join("db/db.toml"), "kernel = \"vmlinuz\"\ncpus = 2\n").unwrap();
+    let s = parse_system(
+        "[guests.db]\nfile = \"db/db.toml\"\nstart = \"held\"\n",
+        "system.toml",
+        &dir,
+    )
+    .unwrap();
+    let g = &s.guests[0];
+    assert_eq!(g.config.kernel, dir.join("db/vmlinuz"));
+    assert_eq!(g.config.cpus, 2);
+    assert_eq!(g.start, StartPolicy::Held);
+    assert_eq!(g.file, Some(dir.join("db/db.toml")));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn an_error_inside_a_referenced_guest_file_names_that_file() {
+    let dir = scratch("badref");
+    std::fs::write(dir.join("db.toml"), "kernel = \"k\"\nmemory = \"12X\"\n").unwrap();
+    let err = parse_system("[guests.db]\nfile = \"db.toml\"\n", "system.toml", &dir)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}: memory: '12X' is not a size (examples: 512M, 2G, 1048576K)",
+            dir.join("db.toml").display()
+        )
+    );
+    let err = parse_system("[guests.db]\nfile = \"nope.toml\"\n", "system.toml", &dir)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}: cannot read: No such file or directory (os error 2)",
+            dir.join("nope.toml").display()
+        )
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn load_guest_reads_a_real_file_and_refuses_others() {
+    let dir = scratch("load");
+    std::fs::write(dir.join("g.toml"), "kernel = \"k\"\n").unwrap();
+    assert_eq!(
+        load_guest(&dir.join("g.toml")).unwrap().kernel,
+        dir.join("k")
+    );
+    assert_eq!(
+        load_guest(&dir).unwrap_err().to_string(),
+        format!("{}: cannot read: not a regular file", dir.display())
+    );
+    std::fs::write(dir.join("bin.toml"), b"kernel = \"\xff\"").unwrap();
+    assert_eq!(
+        load_guest(&dir.join("bin.toml")).unwrap_err().to_string(),
+        format!(
+            "{}: cannot read: not UTF-8 text",
+            dir.join("bin.toml").display()
+        )
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn system_errors() {
+    let cases = [
+        ("", "system.toml: guests: is required: name at least one guest"),
+        ("[guests]", "system.toml: guests: names no guest"),
+        ("guests = 1", "system.toml: guests: expected a table, found an integer"),
+        ("name = \"x\"\n[guests.a]\nkernel = \"k\"", "system.toml: name: unknown field (known here: guests)"),
+        ("[guests.Web]\nkernel = \"k\"", "system.toml: guests.Web: 'Web' is not a guest name (1 to 32 characters: a-z, 0-9 and -)"),
+        ("[guests.\"a b\"]\nkernel = \"k\"", "system.toml: guests.\"a b\": 'a b' is not a guest name (1 to 32 characters: a-z, 0-9 and -)"),
+        ("[guests]\nweb = 3", "system.toml: guests.web: expected a table, found an integer"),
+        ("[guests.web]\nkernel = \"k\"\nmemory = \"12X\"", "system.toml: guests.web.memory: '12X' is not a size (examples: 512M, 2G, 1048576K)"),
+        ("[guests.web]\nkernel = \"k\"\nstart = \"later\"", "system.toml: guests.web.start: 'later' is not \"boot\" or \"held\""),
+        ("[guests.web]\nkernel = \"k\"\nsize = 1", "system.toml: guests.web.size: unknown field (known here: affinity, cmdline, console, cpus, disk, initramfs, kernel, memory, net, rng, start, vsock)"),
+        ("[guests.web]\nfile = \"w.toml\"\ncpus = 2", "system.toml: guests.web.cpus: a guest given by 'file' takes only 'start' beside it; put this in the guest file"),
+        ("[guests.web]\nfile = \"\"", "system.toml: guests.web.file: is empty"),
+        ("[guests.web]\nstart = \"boot\"", "system.toml: guests.web.kernel: is required"),
+        ("[guests.a]\nkernel = \"k\"\n[guests.a.vsock]\ncid = 3\nsocket = \"s\"\n[guests.b]\nkernel = \"k\"\n[guests.b.vsock]\ncid = 3\nsocket = \"t\"",
+         "system.toml: guests.b.vsock.cid: CID 3 is also guest 'a''s"),
+        ("[guests.a]\nkernel = \"k\"\nnet = [{tap = \"fv0\"}]\n[guests.b]\nkernel = \"k\"\nnet = [{tap = \"fv1\"}, {tap = \"fv0\"}]",
+         "system.toml: guests.b.net[1].tap: tap 'fv0' is also used by guest 'a'"),
+        ("[guests.a]\nkernel = \"k\"\ndisk = [{path = \"d.img\", readonly = true}]\n[guests.b]\nkernel = \"k\"\ndisk = [{path = \"d.img\"}]",
+         "system.toml: guests.b.disk[0].path: '/srv/guests/d.img' is also a disk of guest 'a', and one of them may write it"),
+    ];
+    for (text, expected) in cases {
+        assert_eq!(system_err(text), expected, "{text}");
+    }
+}
+
+#[test]
+fn a_read_only_disk_may_be_shared() {
+    let s = system(
+        "[guests.a]\nkernel = \"k\"\ndisk = [{path = \"d.img\", readonly = true}]\n\
+         [guests.b]\nkernel = \"k\"\ndisk = [{path = \"d.img\", readonly = true}]",
+    )
+    .unwrap();
+    assert_eq!(s.guests.len(), 2);
+}
+
+#[test]
+fn every_error_is_one_line() {
+    let err = guest_err("kernel = \"a\nb\"");
+    assert!(!err.contains('\n'), "{err}");
+}

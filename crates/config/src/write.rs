@@ -1,0 +1,91 @@
+//! Writes a [`VmConfig`] back as guest-file TOML, so that a description can
+//! be stored and read again with [`crate::parse_guest`] to the same value.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use toml::Value;
+use vmm::config::{format_cpu_list, VmConfig};
+
+use crate::guest::AFFINITY_ANY;
+
+/// A TOML string literal, escaped as TOML requires.
+fn quoted(text: &str) -> String {
+    Value::String(text.to_string()).to_string()
+}
+
+/// A path as a TOML string. Paths come from UTF-8 flags and files; any
+/// other byte would be replaced.
+fn path(p: &Path) -> String {
+    quoted(&p.to_string_lossy())
+}
+
+/// A size with the largest binary suffix that keeps it exact.
+fn size(bytes: u64) -> String {
+    for (shift, suffix) in [(40, 'T'), (30, 'G'), (20, 'M'), (10, 'K')] {
+        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
+            return quoted(&format!("{}{suffix}", bytes >> shift));
+        }
+    }
+    bytes.to_string()
+}
+
+fn affinity(config: &VmConfig) -> Option<String> {
+    let lists = &config.affinity;
+    let first = lists.first()?;
+    let uniform = lists.len() == usize::from(config.cpus)
+        && !first.is_empty()
+        && lists.iter().all(|l| l == first);
+    if uniform {
+        return Some(quoted(&format_cpu_list(first)));
+    }
+    let entries: Vec<String> = lists
+        .iter()
+        .map(|l| {
+            if l.is_empty() {
+                quoted(AFFINITY_ANY)
+            } else {
+                quoted(&format_cpu_list(l))
+            }
+        })
+        .collect();
+    Some(format!("[{}]", entries.join(", ")))
+}
+
+/// The guest file that describes `config`. Every key is written, defaults
+/// included, so the text stands on its own.
+pub fn to_guest_toml(config: &VmConfig) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "kernel = {}", path(&config.kernel));
+    if let Some(initramfs) = &config.initramfs {
+        let _ = writeln!(out, "initramfs = {}", path(initramfs));
+    }
+    let _ = writeln!(out, "cmdline = {}", quoted(&config.cmdline));
+    let _ = writeln!(out, "cpus = {}", config.cpus);
+    let _ = writeln!(out, "memory = {}", size(config.memory));
+    let _ = writeln!(out, "console = {}", quoted(config.console.as_str()));
+    let _ = writeln!(out, "rng = {}", config.rng);
+    if let Some(list) = affinity(config) {
+        let _ = writeln!(out, "affinity = {list}");
+    }
+    for disk in &config.disks {
+        let _ = writeln!(out, "\n[[disk]]\npath = {}", path(&disk.path));
+        let _ = writeln!(out, "readonly = {}", disk.readonly);
+    }
+    for net in &config.nets {
+        let _ = writeln!(out, "\n[[net]]\ntap = {}", quoted(&net.tap));
+        if let Some(m) = net.mac {
+            let mac = format!(
+                "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                m[0], m[1], m[2], m[3], m[4], m[5]
+            );
+            let _ = writeln!(out, "mac = {}", quoted(&mac));
+        }
+    }
+    if let Some(vsock) = &config.vsock {
+        let _ = writeln!(out, "\n[vsock]\ncid = {}", vsock.cid);
+        let _ = writeln!(out, "socket = {}", path(&vsock.socket));
+    }
+    out
+}

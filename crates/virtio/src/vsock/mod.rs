@@ -1,0 +1,197 @@
+//! virtio-vsock in the hybrid model: guest stream sockets meet host unix
+//! sockets.
+//!
+//! * A guest program connects to host (CID 2) port P: the device connects to
+//!   the unix socket `{uds_path}_{P}` and answers RESPONSE, or RST when
+//!   nothing listens there.
+//! * A host program connects to the unix socket `uds_path` and writes
+//!   `CONNECT <port>\n`: the device sends REQUEST to the guest's port; when
+//!   the guest answers RESPONSE the program reads `OK <host_port>\n`, and
+//!   the stream is connected. An RST from the guest closes the program's
+//!   socket.
+//!
+//! Data flows both ways under virtio-vsock's credit scheme: the device
+//! advertises a bounded buffer per connection for guest data the host
+//! socket has not taken yet, and sends the guest only as much as the guest
+//! advertised room for. Packets for unknown connections get RST. A
+//! malformed packet (short header, a length past its buffers or over
+//! 64 KiB) is a driver error: the device asks for a reset and stops that
+//! queue.
+
+mod conn;
+mod muxer;
+pub mod packet;
+
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thiserror::Error;
+use vmm_sys_util::epoll::EventSet;
+
+use crate::queue::{QueueSet, Worker};
+use crate::{
+    device_type, ActivateError, ActiveQueue, Interrupt, Memory, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+pub use conn::BUF_ALLOC;
+use muxer::Muxer;
+pub use muxer::{MAX_CONNS, MAX_PAYLOAD};
+
+/// Size of each of the three queues (rx, tx, event).
+pub const QUEUE_SIZE: u16 = 256;
+/// The longest `uds_path`: the per-port paths add `_` and up to ten digits
+/// and must fit a unix socket address (107 bytes).
+pub const MAX_UDS_PATH: usize = 107 - 11;
+
+/// Errors from creating a vsock device.
+#[derive(Debug, Error)]
+pub enum VsockError {
+    /// The CID is reserved (0, 1, 2) or does not fit 32 bits.
+    #[error("invalid guest CID {0}: use 3 to 4294967294")]
+    Cid(u64),
+    /// The socket path is too long for a unix socket address.
+    #[error("vsock socket path {0} is too long: at most {MAX_UDS_PATH} bytes")]
+    PathTooLong(PathBuf),
+    /// Something other than a socket is at the path.
+    #[error("{0} exists and is not a socket; remove it or choose another vsock path")]
+    NotSocket(PathBuf),
+    /// Another program listens on the path.
+    #[error("vsock socket {0} is in use by another program")]
+    InUse(PathBuf),
+    /// Binding the socket failed.
+    #[error("cannot listen on vsock socket {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A virtio-vsock device.
+#[derive(Debug)]
+pub struct Vsock {
+    cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    worker: Option<Worker>,
+}
+
+impl Vsock {
+    /// A device for the guest CID `guest_cid` whose host side listens on
+    /// the unix socket `uds_path`. A stale socket file there (nothing
+    /// listening) is replaced; a live one is an error.
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Vsock, VsockError> {
+        if !(3..u64::from(u32::MAX)).contains(&guest_cid) {
+            return Err(VsockError::Cid(guest_cid));
+        }
+        if uds_path.as_os_str().len() > MAX_UDS_PATH {
+            return Err(VsockError::PathTooLong(uds_path.to_path_buf()));
+        }
+        if let Ok(meta) = std::fs::symlink_metadata(uds_path) {
+            if !meta.file_type().is_socket() {
+                return Err(VsockError::NotSocket(uds_path.to_path_buf()));
+            }
+            if UnixStream::connect(uds_path).is_ok() {
+                return Err(VsockError::InUse(uds_path.to_path_buf()));
+            }
+            // Stale: left by a process that is gone.
+            let _ = std::fs::remove_file(uds_path);
+        }
+        let bind_err = |source| VsockError::Bind {
+            path: uds_path.to_path_buf(),
+            source,
+        };
+        let listener = UnixListener::bind(uds_path).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        Ok(Vsock {
+            cid: guest_cid,
+            uds_path: uds_path.to_path_buf(),
+            listener,
+            worker: None,
+        })
+    }
+
+    /// The guest's CID.
+    pub fn cid(&self) -> u64 {
+        self.cid
+    }
+
+    /// The host-side listening socket's path.
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        self.reset();
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        device_type::VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.cid.to_le_bytes();
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| config.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // guest_cid is read-only.
+    }
+
+    fn activate(
+        &mut self,
+        mem: Memory,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+        features: u64,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 3 {
+            return Err(ActivateError::QueueCount {
+                want: 3,
+                got: queues.len(),
+            });
+        }
+        self.reset();
+        let listener = self.listener.try_clone().map_err(ActivateError::Worker)?;
+        let muxer =
+            Muxer::new(self.cid, &self.uds_path, listener).map_err(ActivateError::Worker)?;
+        let fd = muxer.epoll_fd();
+        let set = QueueSet::new("virtio-vsock", mem, interrupt, queues, features);
+        let worker = Worker::spawn("virtio-vsock", set, muxer, &[(fd, 0, EventSet::IN)])
+            .map_err(ActivateError::Worker)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // Dropping the worker's state closes every connection's socket.
+        if let Some(mut worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,718 @@
+//! The virtio-vsock worker: moves packets between the guest's queues and
+//! host unix sockets in the hybrid model.
+//!
+//! All host sockets (the listening socket, host programs still sending their
+//! `CONNECT` line, and connections) sit in one inner epoll set, registered
+//! edge-triggered; the worker waits on that set's fd next to the queue kicks.
+//! Each connection remembers that its socket may hold data until a read
+//! drains it, so the worker reads only when the guest has a receive buffer
+//! and credit, and never spins on a socket it cannot serve yet.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::conn::{Conn, State};
+use super::packet::{op, shutdown, Header, HDR_LEN, HOST_CID, TYPE_STREAM};
+use crate::queue::{Chain, QueueError, QueueHandler, QueueSet};
+use crate::Memory;
+
+/// Queue positions.
+pub(crate) const RX: usize = 0;
+pub(crate) const TX: usize = 1;
+
+/// The largest payload of one packet either way (Linux's default too).
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+/// Connections (and host programs still handshaking) at once.
+pub const MAX_CONNS: usize = 1024;
+/// Control packets waiting for receive buffers before the device stops
+/// reading the transmit queue (each guest packet may need an answer).
+const MAX_CONTROL: usize = 1024;
+/// Longest `CONNECT <port>\n` line accepted from a host program.
+const MAX_LINE: usize = 32;
+/// First port the device gives host-initiated connections on its side.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Inner-epoll token of the listening socket; other tokens are fds.
+const LISTENER: u64 = u64::MAX;
+
+/// (host-side port, guest-side port).
+type Key = (u32, u32);
+
+/// A packet without payload waiting for a receive buffer.
+#[derive(Debug)]
+enum Control {
+    /// For a live connection; credit fields are filled in when sent.
+    Conn { key: Key, op: u16, flags: u32 },
+    /// A complete header (RST to a connection that is gone or never was).
+    Raw(Header),
+}
+
+/// The worker's state.
+#[derive(Debug)]
+pub(crate) struct Muxer {
+    cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    epoll: Epoll,
+    conns: HashMap<Key, Conn>,
+    fds: HashMap<RawFd, Key>,
+    handshakes: HashMap<RawFd, (UnixStream, Vec<u8>)>,
+    control: VecDeque<Control>,
+    /// A receive chain taken while there seemed to be data, kept for the
+    /// next packet.
+    held: Option<Chain>,
+    next_port: u32,
+    last_served: Option<Key>,
+    tx_paused: bool,
+    rx_buf: Vec<u8>,
+    tx_buf: Vec<u8>,
+}
+
+impl Muxer {
+    /// A muxer serving `listener` (non-blocking) for the guest `cid`.
+    pub fn new(cid: u64, uds_path: &Path, listener: UnixListener) -> io::Result<Muxer> {
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, LISTENER),
+        )?;
+        Ok(Muxer {
+            cid,
+            uds_path: uds_path.to_path_buf(),
+            listener,
+            epoll,
+            conns: HashMap::new(),
+            fds: HashMap::new(),
+            handshakes: HashMap::new(),
+            control: VecDeque::new(),
+            held: None,
+            next_port: FIRST_LOCAL_PORT,
+            last_served: None,
+            tx_paused: false,
+            rx_buf: vec![0; MAX_PAYLOAD],
+            tx_buf: vec![0; MAX_PAYLOAD],
+        })
+    }
+
+    /// The inner epoll set's fd, for the worker to wait on.
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Serves both directions until neither can make progress.
+    fn service(&mut self, set: &mut QueueSet) {
+        loop {
+            if !self.tx_paused {
+                self.process_tx(set);
+            }
+            self.process_rx(set);
+            if self.tx_paused && self.control.len() <= MAX_CONTROL / 2 {
+                self.tx_paused = false;
+                continue;
+            }
+            return;
+        }
+    }
+
+    // ---- guest to host -------------------------------------------------
+
+    pub(crate) fn process_tx(&mut self, set: &mut QueueSet) {
+        if set.queues[TX].is_broken() {
+            return;
+        }
+        let mut added = 0;
+        let result = self.tx_chains(set, &mut added);
+        if added > 0 {
+            set.notify(TX);
+        }
+        if let Err(e) = result {
+            set.fail(TX, &e);
+        }
+    }
+
+    fn tx_chains(&mut self, set: &mut QueueSet, added: &mut usize) -> Result<(), QueueError> {
+        let q = &mut set.queues[TX];
+        loop {
+            if self.control.len() >= MAX_CONTROL {
+                // The guest is not taking answers: stop reading its
+                // requests until it does.
+                self.tx_paused = true;
+                return Ok(());
+            }
+            let Some(chain) = q.pop(&set.mem)? else {
+                if q.enable_notification(&set.mem)? {
+                    continue;
+                }
+                return Ok(());
+            };
+            self.tx_packet(&set.mem, &chain)?;
+            q.add_used(&set.mem, chain.head(), 0)?;
+            *added += 1;
+        }
+    }
+
+    /// Checks and handles one packet from the guest.
+    fn tx_packet(&mut self, mem: &Memory, chain: &Chain) -> Result<(), QueueError> {
+        let total = chain.readable_len() as usize;
+        if total < HDR_LEN {
+            return Err(QueueError::Malformed(
+                "a packet is shorter than the virtio-vsock header",
+            ));
+        }
+        let mut reader = chain.reader();
+        let mut raw = [0u8; HDR_LEN];
+        reader.read_exact(mem, &mut raw)?;
+        let hdr = Header::parse(&raw);
+        let len = hdr.len as usize;
+        if len > total - HDR_LEN {
+            return Err(QueueError::Malformed(
+                "a packet's length runs past its buffers",
+            ));
+        }
+        if len > MAX_PAYLOAD {
+            return Err(QueueError::Malformed("a packet's payload is over 64 KiB"));
+        }
+        let mut payload = std::mem::take(&mut self.tx_buf);
+        let read = reader.read_exact(mem, &mut payload[..len]);
+        if read.is_ok() {
+            self.handle_packet(hdr, &payload[..len]);
+        }
+        self.tx_buf = payload;
+        read
+    }
+
+    /// Acts on one well-formed packet from the guest.
+    fn handle_packet(&mut self, hdr: Header, payload: &[u8]) {
+        if hdr.src_cid != self.cid {
+            // Not from this guest's address: nobody to answer.
+            return;
+        }
+        if hdr.dst_cid != HOST_CID || hdr.type_ != TYPE_STREAM {
+            self.rst_reply(&hdr);
+            return;
+        }
+        let key = (hdr.dst_port, hdr.src_port);
+        if let Some(c) = self.conns.get_mut(&key) {
+            c.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
+        }
+        let Some(state) = self.conns.get(&key).map(|c| c.state) else {
+            match hdr.op {
+                op::REQUEST => self.guest_connect(&hdr),
+                op::RST => {}
+                _ => self.rst_reply(&hdr),
+            }
+            return;
+        };
+        match hdr.op {
+            op::RESPONSE if state == State::HostConnecting => self.host_connected(key),
+            op::RW if state != State::HostConnecting => self.guest_data(key, payload),
+            op::CREDIT_UPDATE => {}
+            op::CREDIT_REQUEST => self.queue_conn(key, op::CREDIT_UPDATE, 0),
+            op::SHUTDOWN => self.guest_shutdown(key, hdr.flags),
+            op::RST => self.remove_conn(key),
+            // REQUEST on a live connection, RESPONSE out of turn, unknown
+            // operations: the connection is broken.
+            _ => self.reset_conn(key),
+        }
+    }
+
+    /// The guest connects to host port `dst_port`: connect to the unix
+    /// socket `{uds_path}_{port}`, answer RESPONSE or RST.
+    fn guest_connect(&mut self, hdr: &Header) {
+        if self.conns.len() + self.handshakes.len() >= MAX_CONNS {
+            self.rst_reply(hdr);
+            return;
+        }
+        let mut path = OsString::from(self.uds_path.as_os_str());
+        path.push(format!("_{}", hdr.dst_port));
+        let stream = match connect_nonblocking(Path::new(&path)) {
+            Ok(s) => s,
+            Err(_) => {
+                self.rst_reply(hdr);
+                return;
+            }
+        };
+        let key = (hdr.dst_port, hdr.src_port);
+        let mut conn = Conn::new(stream, key.0, State::Established);
+        conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
+        if self.add_conn(key, conn).is_err() {
+            self.rst_reply(hdr);
+            return;
+        }
+        self.queue_conn(key, op::RESPONSE, 0);
+    }
+
+    /// The guest accepted a host program's connection: tell the program.
+    fn host_connected(&mut self, key: Key) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let line = format!("OK {}\n", c.local_port);
+        // A fresh socket's send buffer takes a short line whole.
+        match c.stream.write(line.as_bytes()) {
+            Ok(n) if n == line.len() => {
+                c.state = State::Established;
+                c.readable = true;
+            }
+            _ => self.reset_conn(key),
+        }
+    }
+
+    fn guest_data(&mut self, key: Key, payload: &[u8]) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if c.take_guest_data(payload).is_err() || c.flush().is_err() {
+            // Overran its credit, or the host program is gone.
+            self.reset_conn(key);
+            return;
+        }
+        self.maybe_credit_update(key);
+    }
+
+    fn guest_shutdown(&mut self, key: Key, flags: u32) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        c.peer_shutdown |= flags & (shutdown::RCV | shutdown::SEND);
+        let flushed = c.flush();
+        if c.peer_shutdown == shutdown::RCV | shutdown::SEND || flushed.is_err() {
+            // Both directions closed: what the host socket still takes was
+            // written; finish with RST as the guest expects.
+            self.reset_conn(key);
+        }
+    }
+
+    // ---- host side -----------------------------------------------------
+
+    /// Handles everything the inner epoll set reports.
+    fn host_events(&mut self) {
+        let mut events = [EpollEvent::default(); 64];
+        loop {
+            let n = match self.epoll.wait(0, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            for ev in &events[..n] {
+                let token = ev.data();
+                if token == LISTENER {
+                    self.accept_all();
+                    continue;
+                }
+                let fd = token as RawFd;
+                if self.handshakes.contains_key(&fd) {
+                    self.handshake(fd);
+                } else if let Some(&key) = self.fds.get(&fd) {
+                    self.conn_event(key, ev.event_set());
+                }
+            }
+            if n < events.len() {
+                return;
+            }
+        }
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if self.conns.len() + self.handshakes.len() >= MAX_CONNS {
+                        continue;
+                    }
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let fd = stream.as_raw_fd();
+                    if self.register(fd).is_ok() {
+                        self.handshakes.insert(fd, (stream, Vec::new()));
+                        // Its line may already be there.
+                        self.handshake(fd);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Reads a host program's `CONNECT <port>\n` byte by byte, so nothing
+    /// it sends after the line is taken early.
+    fn handshake(&mut self, fd: RawFd) {
+        let Some((stream, line)) = self.handshakes.get_mut(&fd) else {
+            return;
+        };
+        let mut byte = [0u8; 1];
+        let done = loop {
+            match stream.read(&mut byte) {
+                Ok(0) => break Err(()),
+                Ok(_) if byte[0] == b'\n' => break Ok(()),
+                Ok(_) if line.len() >= MAX_LINE => break Err(()),
+                Ok(_) => line.push(byte[0]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => break Err(()),
+            }
+        };
+        let Some((stream, line)) = self.handshakes.remove(&fd) else {
+            return;
+        };
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        let Some(port) = done.ok().and_then(|()| parse_connect(&line)) else {
+            // A malformed line: hang up on the program.
+            return;
+        };
+        let local = self.free_local_port(port);
+        let key = (local, port);
+        if self
+            .add_conn(key, Conn::new(stream, local, State::HostConnecting))
+            .is_ok()
+        {
+            self.queue_conn(key, op::REQUEST, 0);
+        }
+    }
+
+    fn conn_event(&mut self, key: Key, events: EventSet) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if events
+            .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR)
+        {
+            c.readable = true;
+        }
+        if c.buffered() > 0 && events.intersects(EventSet::OUT | EventSet::ERROR) {
+            if c.flush().is_err() {
+                self.reset_conn(key);
+                return;
+            }
+            self.maybe_credit_update(key);
+        }
+    }
+
+    fn free_local_port(&mut self, peer: u32) -> u32 {
+        loop {
+            let p = self.next_port;
+            self.next_port = self.next_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            if !self.conns.contains_key(&(p, peer)) {
+                return p;
+            }
+        }
+    }
+
+    // ---- connections ---------------------------------------------------
+
+    fn register(&self, fd: RawFd) -> io::Result<()> {
+        let events =
+            EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(events, fd as u64),
+        )
+    }
+
+    fn add_conn(&mut self, key: Key, conn: Conn) -> io::Result<()> {
+        let fd = conn.stream.as_raw_fd();
+        self.register(fd)?;
+        self.fds.insert(fd, key);
+        self.conns.insert(key, conn);
+        Ok(())
+    }
+
+    /// Forgets a connection and closes its host socket.
+    fn remove_conn(&mut self, key: Key) {
+        if let Some(c) = self.conns.remove(&key) {
+            let fd = c.stream.as_raw_fd();
+            self.fds.remove(&fd);
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+    }
+
+    /// Closes a connection and tells the guest with RST.
+    fn reset_conn(&mut self, key: Key) {
+        self.remove_conn(key);
+        self.control.push_back(Control::Raw(Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cid,
+            src_port: key.0,
+            dst_port: key.1,
+            type_: TYPE_STREAM,
+            op: op::RST,
+            ..Header::default()
+        }));
+    }
+
+    /// Answers a packet that has no connection with RST.
+    fn rst_reply(&mut self, hdr: &Header) {
+        self.control.push_back(Control::Raw(Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cid,
+            src_port: hdr.dst_port,
+            dst_port: hdr.src_port,
+            type_: TYPE_STREAM,
+            op: op::RST,
+            ..Header::default()
+        }));
+    }
+
+    fn queue_conn(&mut self, key: Key, op: u16, flags: u32) {
+        self.control.push_back(Control::Conn { key, op, flags });
+    }
+
+    fn maybe_credit_update(&mut self, key: Key) {
+        let wants = self
+            .conns
+            .get(&key)
+            .is_some_and(|c| c.wants_credit_update());
+        let queued = self.control.iter().any(
+            |c| matches!(c, Control::Conn { key: k, op: o, .. } if *k == key && *o == op::CREDIT_UPDATE),
+        );
+        if wants && !queued {
+            self.queue_conn(key, op::CREDIT_UPDATE, 0);
+        }
+    }
+
+    // ---- host to guest -------------------------------------------------
+
+    pub(crate) fn process_rx(&mut self, set: &mut QueueSet) {
+        if set.queues[RX].is_broken() {
+            return;
+        }
+        let mut added = 0;
+        let result = self.rx_chains(set, &mut added);
+        if added > 0 {
+            set.notify(RX);
+        }
+        if let Err(e) = result {
+            self.held = None;
+            set.fail(RX, &e);
+        }
+    }
+
+    fn has_rx_work(&self) -> bool {
+        !self.control.is_empty() || self.conns.values().any(Conn::can_send_to_guest)
+    }
+
+    fn rx_chains(&mut self, set: &mut QueueSet, added: &mut usize) -> Result<(), QueueError> {
+        let q = &mut set.queues[RX];
+        while self.has_rx_work() {
+            let chain = match self.held.take() {
+                Some(c) => c,
+                None => match q.pop(&set.mem)? {
+                    Some(c) => c,
+                    None => {
+                        // No buffer: ask for a kick, and look once more in
+                        // case one came meanwhile.
+                        if q.enable_notification(&set.mem)? {
+                            continue;
+                        }
+                        return Ok(());
+                    }
+                },
+            };
+            if (chain.writable_len() as usize) < HDR_LEN {
+                return Err(QueueError::Malformed(
+                    "a receive buffer is shorter than the virtio-vsock header",
+                ));
+            }
+            match self.next_packet(&set.mem, &chain)? {
+                Some(len) => {
+                    q.add_used(&set.mem, chain.head(), len)?;
+                    *added += 1;
+                }
+                None => {
+                    self.held = Some(chain);
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the next packet for the guest into `chain`: control packets
+    /// first, then data, taking connections in turn. Returns the bytes
+    /// written, or `None` when there was nothing after all.
+    fn next_packet(&mut self, mem: &Memory, chain: &Chain) -> Result<Option<u32>, QueueError> {
+        while let Some(ctl) = self.control.pop_front() {
+            let hdr = match ctl {
+                Control::Raw(h) => h,
+                Control::Conn { key, op, flags } => {
+                    let Some(c) = self.conns.get_mut(&key) else {
+                        continue;
+                    };
+                    let (buf_alloc, fwd_cnt) = c.credit_fields();
+                    self.conn_header(key, op, flags, 0, buf_alloc, fwd_cnt)
+                }
+            };
+            chain.writer().write(mem, &hdr.to_bytes())?;
+            return Ok(Some(HDR_LEN as u32));
+        }
+        let space = (chain.writable_len() as usize - HDR_LEN).min(MAX_PAYLOAD);
+        if space == 0 {
+            return Ok(None);
+        }
+        while let Some(key) = self.next_ready() {
+            self.last_served = Some(key);
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            let (op, flags, len) = match c.read_for_guest(&mut self.rx_buf[..space]) {
+                Ok(0) => {
+                    // The host program closed: the guest gets SHUTDOWN and
+                    // answers with RST.
+                    c.readable = false;
+                    c.state = State::Closing;
+                    (op::SHUTDOWN, shutdown::RCV | shutdown::SEND, 0)
+                }
+                Ok(n) => (op::RW, 0, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.readable = false;
+                    continue;
+                }
+                Err(_) => {
+                    self.reset_conn(key);
+                    return self.next_packet(mem, chain);
+                }
+            };
+            let (buf_alloc, fwd_cnt) = c.credit_fields();
+            let hdr = self.conn_header(key, op, flags, len as u32, buf_alloc, fwd_cnt);
+            let mut w = chain.writer();
+            w.write(mem, &hdr.to_bytes())?;
+            w.write(mem, &self.rx_buf[..len])?;
+            return Ok(Some((HDR_LEN + len) as u32));
+        }
+        Ok(None)
+    }
+
+    /// The next connection with data for the guest, after the last one
+    /// served.
+    fn next_ready(&self) -> Option<Key> {
+        let mut ready: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.can_send_to_guest())
+            .map(|(k, _)| *k)
+            .collect();
+        ready.sort_unstable();
+        let after = self
+            .last_served
+            .and_then(|last| ready.iter().find(|k| **k > last).copied());
+        after.or_else(|| ready.first().copied())
+    }
+
+    fn conn_header(
+        &self,
+        key: Key,
+        op: u16,
+        flags: u32,
+        len: u32,
+        buf_alloc: u32,
+        fwd_cnt: u32,
+    ) -> Header {
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cid,
+            src_port: key.0,
+            dst_port: key.1,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc,
+            fwd_cnt,
+        }
+    }
+}
+
+impl QueueHandler for Muxer {
+    fn queue_event(&mut self, set: &mut QueueSet, _qi: usize) {
+        // The event queue is only held (no events are sent); any kick may
+        // unblock either direction.
+        self.service(set);
+    }
+
+    fn backend_event(&mut self, set: &mut QueueSet, _token: u32, _events: EventSet) {
+        self.host_events();
+        self.service(set);
+    }
+}
+
+/// Parses `CONNECT <port>` (a trailing `\r` is allowed).
+fn parse_connect(line: &[u8]) -> Option<u32> {
+    let line = std::str::from_utf8(line).ok()?;
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    let port = line.strip_prefix("CONNECT ")?;
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    port.parse().ok()
+}
+
+/// Connects to a unix stream socket without blocking: a listener whose
+/// backlog is full refuses instead of stalling the worker.
+pub(crate) fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    // SAFETY: sockaddr_un is plain data; zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket creation; the fd is owned right below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `addr` is a sockaddr_un of the size given; the fd is ours.
+    let ret = unsafe {
+        libc::connect(
+            owned.as_raw_fd(),
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(owned))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_lines() {
+        assert_eq!(parse_connect(b"CONNECT 52"), Some(52));
+        assert_eq!(parse_connect(b"CONNECT 4294967295\r"), Some(u32::MAX));
+        assert_eq!(parse_connect(b"CONNECT 4294967296"), None);
+        assert_eq!(parse_connect(b"CONNECT "), None);
+        assert_eq!(parse_connect(b"CONNECT +5"), None);
+        assert_eq!(parse_connect(b"connect 5"), None);
+        assert_eq!(parse_connect(b"CONNECT 5 6"), None);
+        assert_eq!(parse_connect(&[0xff, 0xfe]), None);
+    }
+}

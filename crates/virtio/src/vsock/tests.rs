@@ -1,0 +1,543 @@
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use vm_memory::GuestAddress;
+
+use super::packet::{op, shutdown, Header, HDR_LEN, HOST_CID, TYPE_STREAM};
+use super::*;
+use crate::testing::{Buf, MockDriver, Used};
+
+const CID: u64 = 3;
+const RX: usize = 0;
+const TX: usize = 1;
+const RX_BUF: u32 = 4096 + HDR_LEN as u32;
+
+/// A directory removed when the test ends.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("fv-vsock-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The guest's side: a mock driver on an active device.
+struct Guest {
+    drv: MockDriver,
+    dev: Vsock,
+    rx_bufs: HashMap<u32, GuestAddress>,
+    /// Used receive entries not looked at yet.
+    pending: VecDeque<Used>,
+    uds: PathBuf,
+    _dir: TempDir,
+}
+
+impl Guest {
+    fn new() -> Guest {
+        let dir = TempDir::new();
+        let uds = dir.0.join("v.sock");
+        let mut dev = Vsock::new(CID, &uds).expect("vsock");
+        let mut drv = MockDriver::new(64 << 20, &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]);
+        let features = dev.device_features();
+        drv.activate(&mut dev, features).expect("activate");
+        let mut g = Guest {
+            drv,
+            dev,
+            rx_bufs: HashMap::new(),
+            pending: VecDeque::new(),
+            uds,
+            _dir: dir,
+        };
+        for _ in 0..8 {
+            g.post_rx();
+        }
+        g.drv.kick(RX);
+        g
+    }
+
+    fn post_rx(&mut self) {
+        let a = self.drv.alloc(RX_BUF);
+        let head = self.drv.add_chain(RX, &[Buf::writable(a, RX_BUF)]);
+        self.rx_bufs.insert(u32::from(head), a);
+    }
+
+    /// The guest sends a packet with its payload.
+    fn send(&mut self, mut hdr: Header, payload: &[u8]) {
+        hdr.len = payload.len() as u32;
+        let mut bytes = hdr.to_bytes().to_vec();
+        bytes.extend(payload);
+        let a = self.drv.put(&bytes);
+        self.drv
+            .add_chain(TX, &[Buf::readable(a, bytes.len() as u32)]);
+        self.drv.kick(TX);
+    }
+
+    /// The next packet the device sent the guest; the buffer is posted
+    /// again.
+    fn recv(&mut self) -> (Header, Vec<u8>) {
+        if self.pending.is_empty() {
+            self.pending.extend(self.drv.wait_used(RX, 1));
+        }
+        let used = self
+            .pending
+            .pop_front()
+            .expect("the device sent the guest nothing");
+        let addr = self.rx_bufs[&used.id];
+        let bytes = self.drv.read(addr, used.len as usize);
+        let mut raw = [0u8; HDR_LEN];
+        raw.copy_from_slice(&bytes[..HDR_LEN]);
+        let hdr = Header::parse(&raw);
+        assert_eq!(hdr.len as usize, bytes.len() - HDR_LEN);
+        assert_eq!(
+            (hdr.src_cid, hdr.dst_cid, hdr.type_),
+            (HOST_CID, CID, TYPE_STREAM)
+        );
+        self.post_rx();
+        self.drv.kick(RX);
+        (hdr, bytes[HDR_LEN..].to_vec())
+    }
+
+    /// Asserts the device sends nothing for a moment.
+    fn expect_silence(&mut self) {
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(self.pending.is_empty(), "unexpected packet");
+        assert!(self.drv.take_used(RX).is_empty(), "unexpected packet");
+    }
+
+    /// A unix socket listening for guest connections to host `port`.
+    fn listen(&self, port: u32) -> UnixListener {
+        let mut p = self.uds.clone().into_os_string();
+        p.push(format!("_{port}"));
+        UnixListener::bind(PathBuf::from(p)).expect("port listener")
+    }
+
+    /// Connects guest port `gport` to host port `hport`, whose listener
+    /// accepts; returns the host end.
+    fn connect(&mut self, gport: u32, hport: u32) -> UnixStream {
+        let l = self.listen(hport);
+        self.connect_via(&l, gport, hport)
+    }
+
+    /// Like [`Guest::connect`] with an existing listener.
+    fn connect_via(&mut self, l: &UnixListener, gport: u32, hport: u32) -> UnixStream {
+        self.send(hdr(gport, hport, op::REQUEST), &[]);
+        let (h, _) = self.recv();
+        assert_eq!((h.op, h.src_port, h.dst_port), (op::RESPONSE, hport, gport));
+        let (s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s
+    }
+}
+
+/// A guest packet header from `src` to host port `dst`.
+fn hdr(src: u32, dst: u32, op: u16) -> Header {
+    Header {
+        src_cid: CID,
+        dst_cid: HOST_CID,
+        src_port: src,
+        dst_port: dst,
+        type_: TYPE_STREAM,
+        op,
+        buf_alloc: 64 * 1024,
+        ..Header::default()
+    }
+}
+
+fn read_exact(s: &mut UnixStream, n: usize) -> Vec<u8> {
+    let mut v = vec![0; n];
+    s.read_exact(&mut v).expect("read from the host socket");
+    v
+}
+
+#[test]
+fn guest_connects_to_a_host_port_and_data_flows_both_ways() {
+    let mut g = Guest::new();
+    let mut host = g.connect(1234, 5000);
+    g.send(hdr(1234, 5000, op::RW), b"hello host");
+    assert_eq!(read_exact(&mut host, 10), b"hello host");
+    host.write_all(b"hello guest").expect("write");
+    let (h, data) = g.recv();
+    assert_eq!((h.op, h.src_port, h.dst_port), (op::RW, 5000, 1234));
+    assert_eq!(data, b"hello guest");
+    assert_eq!(h.buf_alloc, BUF_ALLOC);
+    assert_eq!(h.fwd_cnt, 10, "the guest learns what the host took");
+}
+
+#[test]
+fn guest_connect_to_a_port_nobody_listens_on_gets_rst() {
+    let mut g = Guest::new();
+    g.send(hdr(1234, 6000, op::REQUEST), &[]);
+    let (h, _) = g.recv();
+    assert_eq!((h.op, h.src_port, h.dst_port), (op::RST, 6000, 1234));
+    assert!(!g.drv.interrupt().needs_reset());
+}
+
+#[test]
+fn host_program_connects_with_connect_line() {
+    let mut g = Guest::new();
+    let mut host = UnixStream::connect(&g.uds).expect("connect");
+    host.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    host.write_all(b"CONNECT 52\n").expect("write");
+    let (req, _) = g.recv();
+    assert_eq!((req.op, req.dst_port), (op::REQUEST, 52));
+    assert!(req.src_port >= 1 << 30);
+    // The guest accepts.
+    let mut resp = hdr(52, req.src_port, op::RESPONSE);
+    resp.buf_alloc = 4096;
+    g.send(resp, &[]);
+    let mut line = String::new();
+    BufReader::new(&mut host)
+        .read_line(&mut line)
+        .expect("OK line");
+    assert_eq!(line, format!("OK {}\n", req.src_port));
+    // Data both ways.
+    host.write_all(b"ping").expect("write");
+    let (h, data) = g.recv();
+    assert_eq!(
+        (h.op, h.dst_port, data.as_slice()),
+        (op::RW, 52, &b"ping"[..])
+    );
+    g.send(hdr(52, req.src_port, op::RW), b"pong");
+    assert_eq!(read_exact(&mut host, 4), b"pong");
+}
+
+#[test]
+fn host_program_refused_by_the_guest_is_hung_up_on() {
+    let mut g = Guest::new();
+    let mut host = UnixStream::connect(&g.uds).expect("connect");
+    host.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    host.write_all(b"CONNECT 53\n").expect("write");
+    let (req, _) = g.recv();
+    g.send(hdr(53, req.src_port, op::RST), &[]);
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        host.read(&mut buf).expect("read"),
+        0,
+        "expected end-of-file"
+    );
+}
+
+#[test]
+fn host_program_with_a_bad_line_is_hung_up_on() {
+    let mut g = Guest::new();
+    for line in [&b"HELLO\n"[..], b"CONNECT x\n", &[b'C'; 40]] {
+        let mut host = UnixStream::connect(&g.uds).expect("connect");
+        host.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        host.write_all(line).expect("write");
+        let mut buf = [0u8; 16];
+        // Closed with unread bytes the peer sees a reset, else end-of-file.
+        match host.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("{line:?}: not hung up on: {other:?}"),
+        }
+    }
+    g.expect_silence();
+}
+
+#[test]
+fn host_close_sends_shutdown_then_guest_rst_forgets_the_connection() {
+    let mut g = Guest::new();
+    let host = g.connect(1234, 5001);
+    drop(host);
+    let (h, _) = g.recv();
+    assert_eq!(
+        (h.op, h.flags),
+        (op::SHUTDOWN, shutdown::RCV | shutdown::SEND)
+    );
+    g.send(hdr(1234, 5001, op::RST), &[]);
+    g.expect_silence();
+    // The connection is gone: data for it gets RST.
+    g.send(hdr(1234, 5001, op::RW), b"late");
+    assert_eq!(g.recv().0.op, op::RST);
+}
+
+#[test]
+fn guest_shutdown_flushes_closes_the_host_socket_and_answers_rst() {
+    let mut g = Guest::new();
+    let mut host = g.connect(1234, 5002);
+    g.send(hdr(1234, 5002, op::RW), b"last words");
+    let mut sd = hdr(1234, 5002, op::SHUTDOWN);
+    sd.flags = shutdown::RCV | shutdown::SEND;
+    g.send(sd, &[]);
+    assert_eq!(g.recv().0.op, op::RST);
+    let mut all = Vec::new();
+    host.read_to_end(&mut all).expect("read");
+    assert_eq!(all, b"last words");
+}
+
+#[test]
+fn guest_send_shutdown_gives_the_host_end_of_file() {
+    let mut g = Guest::new();
+    let mut host = g.connect(1234, 5003);
+    g.send(hdr(1234, 5003, op::RW), b"abc");
+    let mut sd = hdr(1234, 5003, op::SHUTDOWN);
+    sd.flags = shutdown::SEND;
+    g.send(sd, &[]);
+    let mut all = Vec::new();
+    host.read_to_end(&mut all).expect("read");
+    assert_eq!(all, b"abc");
+    // The other direction still works.
+    host.write_all(b"reply").expect("write");
+    assert_eq!(g.recv().1, b"reply");
+}
+
+#[test]
+fn packets_for_unknown_connections_get_rst() {
+    let mut g = Guest::new();
+    for o in [op::RW, op::CREDIT_UPDATE, op::RESPONSE, op::SHUTDOWN] {
+        g.send(hdr(777, 888, o), b"");
+        let (h, _) = g.recv();
+        assert_eq!((h.op, h.src_port, h.dst_port), (op::RST, 888, 777));
+    }
+    // RST for an unknown connection is not answered.
+    g.send(hdr(777, 888, op::RST), &[]);
+    // Nor is a packet claiming another guest's CID.
+    let mut spoof = hdr(777, 888, op::REQUEST);
+    spoof.src_cid = 9;
+    g.send(spoof, &[]);
+    g.expect_silence();
+}
+
+#[test]
+fn host_to_guest_data_respects_the_guest_credit() {
+    let mut g = Guest::new();
+    let l = g.listen(5004);
+    let mut req = hdr(1234, 5004, op::REQUEST);
+    req.buf_alloc = 10;
+    g.send(req, &[]);
+    assert_eq!(g.recv().0.op, op::RESPONSE);
+    let (mut host, _) = l.accept().expect("accept");
+    host.write_all(&[7u8; 25]).expect("write");
+    let (h, data) = g.recv();
+    assert_eq!((h.op, data.len()), (op::RW, 10));
+    g.expect_silence();
+    // The guest consumed 10 bytes and says so.
+    let mut upd = hdr(1234, 5004, op::CREDIT_UPDATE);
+    upd.buf_alloc = 10;
+    upd.fwd_cnt = 10;
+    g.send(upd, &[]);
+    assert_eq!(g.recv().1.len(), 10);
+    upd.fwd_cnt = 20;
+    g.send(upd, &[]);
+    assert_eq!(g.recv().1.len(), 5);
+}
+
+#[test]
+fn credit_request_gets_credit_update() {
+    let mut g = Guest::new();
+    let _host = g.connect(1234, 5005);
+    g.send(hdr(1234, 5005, op::CREDIT_REQUEST), &[]);
+    let (h, _) = g.recv();
+    assert_eq!((h.op, h.buf_alloc), (op::CREDIT_UPDATE, BUF_ALLOC));
+}
+
+#[test]
+fn device_reports_freed_credit_as_the_host_reads() {
+    let mut g = Guest::new();
+    let mut host = g.connect(1234, 5006);
+    let chunk = vec![1u8; 32 * 1024];
+    let reader = std::thread::spawn(move || {
+        let mut total = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        while total < 6 * 32 * 1024 {
+            total += host.read(&mut buf).expect("read");
+        }
+        total
+    });
+    for _ in 0..6 {
+        g.send(hdr(1234, 5006, op::RW), &chunk);
+    }
+    let (h, _) = g.recv();
+    assert_eq!(h.op, op::CREDIT_UPDATE);
+    assert!(h.fwd_cnt >= BUF_ALLOC / 2, "fwd_cnt {}", h.fwd_cnt);
+    assert_eq!(reader.join().expect("reader"), 6 * 32 * 1024);
+}
+
+#[test]
+fn guest_overrunning_its_credit_is_reset() {
+    let mut g = Guest::new();
+    let _host = g.connect(1234, 5007);
+    // The host never reads: its socket buffer fills, then the device's.
+    let chunk = vec![2u8; MAX_PAYLOAD];
+    let mut ops = Vec::new();
+    for _ in 0..64 {
+        g.send(hdr(1234, 5007, op::RW), &chunk);
+        std::thread::sleep(Duration::from_millis(2));
+        let new = g.drv.take_used(RX);
+        g.pending.extend(new);
+        while !g.pending.is_empty() {
+            ops.push(g.recv().0.op);
+        }
+        if ops.contains(&op::RST) {
+            break;
+        }
+    }
+    // Credit updates may come first (the host socket took some); the
+    // connection ends with RST.
+    assert_eq!(ops.last(), Some(&op::RST), "{ops:?}");
+    assert!(ops[..ops.len() - 1].iter().all(|&o| o == op::CREDIT_UPDATE));
+    assert!(!g.drv.interrupt().needs_reset());
+}
+
+#[test]
+fn connections_are_independent() {
+    let mut g = Guest::new();
+    let l = g.listen(5008);
+    let mut a = g.connect_via(&l, 1000, 5008);
+    let mut b = g.connect_via(&l, 1001, 5008);
+    g.send(hdr(1001, 5008, op::RW), b"to b");
+    g.send(hdr(1000, 5008, op::RW), b"to a");
+    assert_eq!(read_exact(&mut a, 4), b"to a");
+    assert_eq!(read_exact(&mut b, 4), b"to b");
+    b.write_all(b"from b").expect("write");
+    let (h, data) = g.recv();
+    assert_eq!((h.dst_port, data.as_slice()), (1001, &b"from b"[..]));
+}
+
+fn expect_tx_reset(g: &mut Guest, bytes: &[u8], buf_len: u32) {
+    let a = g.drv.alloc(buf_len.max(bytes.len() as u32));
+    g.drv.memory().write_slice(bytes, a).expect("write");
+    g.drv.add_chain(TX, &[Buf::readable(a, buf_len)]);
+    g.drv.kick(TX);
+    assert!(g.drv.interrupt().wait_needs_reset());
+}
+
+use vm_memory::Bytes;
+
+#[test]
+fn short_header_needs_reset() {
+    let mut g = Guest::new();
+    let bytes = hdr(1, 2, op::REQUEST).to_bytes();
+    expect_tx_reset(&mut g, &bytes[..40], 40);
+}
+
+#[test]
+fn length_past_the_buffer_needs_reset() {
+    let mut g = Guest::new();
+    let mut h = hdr(1, 2, op::RW);
+    h.len = 100;
+    expect_tx_reset(&mut g, &h.to_bytes(), HDR_LEN as u32 + 50);
+}
+
+#[test]
+fn overflowing_length_needs_reset() {
+    let mut g = Guest::new();
+    let mut h = hdr(1, 2, op::RW);
+    h.len = u32::MAX;
+    expect_tx_reset(&mut g, &h.to_bytes(), HDR_LEN as u32 + 16);
+}
+
+#[test]
+fn payload_over_64k_needs_reset() {
+    let mut g = Guest::new();
+    let mut h = hdr(1, 2, op::RW);
+    h.len = MAX_PAYLOAD as u32 + 1;
+    expect_tx_reset(&mut g, &h.to_bytes(), HDR_LEN as u32 + h.len);
+}
+
+#[test]
+fn receive_buffer_shorter_than_a_header_needs_reset() {
+    let dir = TempDir::new();
+    let uds = dir.0.join("v.sock");
+    let mut dev = Vsock::new(CID, &uds).expect("vsock");
+    let mut drv = MockDriver::new(4 << 20, &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]);
+    let features = dev.device_features();
+    drv.activate(&mut dev, features).expect("activate");
+    let a = drv.alloc(16);
+    drv.add_chain(RX, &[Buf::writable(a, 16)]);
+    // Something to say: RST to an unknown connection.
+    let p = drv.put(&hdr(1, 2, op::RW).to_bytes());
+    drv.add_chain(TX, &[Buf::readable(p, HDR_LEN as u32)]);
+    drv.kick(TX);
+    assert!(drv.interrupt().wait_needs_reset());
+}
+
+#[test]
+fn config_space_holds_the_cid() {
+    let dir = TempDir::new();
+    let dev = Vsock::new(0x1_0000_0003 & 0xffff_ffff, &dir.0.join("c.sock")).expect("vsock");
+    let mut c = [0xffu8; 10];
+    dev.read_config(0, &mut c);
+    assert_eq!(c, [3, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(dev.device_type(), device_type::VSOCK);
+    assert_eq!(dev.queue_max_sizes().len(), 3);
+}
+
+#[test]
+fn bad_cids_and_paths_are_one_line_errors() {
+    let dir = TempDir::new();
+    for cid in [0, 1, 2, u64::from(u32::MAX), 1 << 40] {
+        let err = Vsock::new(cid, &dir.0.join("x.sock")).unwrap_err();
+        assert!(matches!(err, VsockError::Cid(_)), "{cid}: {err}");
+    }
+    let file = dir.0.join("plain-file");
+    std::fs::write(&file, b"not a socket").expect("write");
+    let err = Vsock::new(3, &file).unwrap_err();
+    assert!(err.to_string().contains("not a socket"), "{err}");
+    assert!(file.exists(), "a regular file must not be removed");
+    let long = dir.0.join("l".repeat(MAX_UDS_PATH));
+    assert!(matches!(
+        Vsock::new(3, &long).unwrap_err(),
+        VsockError::PathTooLong(_)
+    ));
+    let err = Vsock::new(3, Path::new("/nonexistent-dir/v.sock")).unwrap_err();
+    assert!(err.to_string().contains("/nonexistent-dir/v.sock"), "{err}");
+}
+
+#[test]
+fn live_socket_is_in_use_and_stale_socket_is_replaced() {
+    let dir = TempDir::new();
+    let path = dir.0.join("s.sock");
+    let first = Vsock::new(3, &path).expect("first");
+    assert!(matches!(
+        Vsock::new(4, &path).unwrap_err(),
+        VsockError::InUse(_)
+    ));
+    drop(first);
+    assert!(!path.exists(), "the device removes its socket");
+    // A socket file left by a process that died.
+    let stale = UnixListener::bind(&path).expect("bind");
+    drop(stale);
+    assert!(path.exists());
+    let second = Vsock::new(4, &path).expect("replaces the stale socket");
+    assert!(UnixStream::connect(&path).is_ok());
+    drop(second);
+}
+
+#[test]
+fn reset_closes_connections_and_reactivation_works() {
+    let mut g = Guest::new();
+    let mut host = g.connect(1234, 5009);
+    g.dev.reset();
+    let mut buf = [0u8; 4];
+    assert_eq!(host.read(&mut buf).expect("read"), 0, "connection closed");
+    g.drv.reset_rings();
+    let features = g.dev.device_features();
+    g.drv.activate(&mut g.dev, features).expect("activate");
+    g.rx_bufs.clear();
+    for _ in 0..4 {
+        g.post_rx();
+    }
+    g.drv.kick(RX);
+    let _again = g.connect(1234, 5010);
+}

@@ -414,4 +414,61 @@ mod tests {
         }
         assert!(INIT.contains("portio outb 0x80"));
     }
+
+    #[test]
+    fn init_traps_sigint_while_the_command_runs() {
+        assert!(INIT.contains("trap stop INT"));
+        // The command runs in the background (so the trap can run) with its
+        // signals restored.
+        assert!(INIT.contains(r#"sigreset /bin/sh -c "$run" </dev/console &"#));
+        assert!(INIT.contains("wait $!"));
+    }
+
+    /// Builds one of the static helpers into a scratch directory.
+    fn build_tool(name: &str) -> PathBuf {
+        let dir = util::target_dir().join(format!("tool-test-{name}-{}", std::process::id()));
+        util::mkdir(&dir).expect("mkdir");
+        let out = dir.join(name);
+        let source = util::workspace_root().join(format!("guest/tools/{name}.rs"));
+        build_std_tool(&source, &out).expect("build the helper");
+        out
+    }
+
+    #[test]
+    fn blkbench_measures_and_checks_a_file() {
+        let tool = build_tool("blkbench");
+        let image = tool.with_file_name("image");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(4 << 20))
+            .expect("image");
+        let out = Command::new(&tool)
+            .arg(&image)
+            .args(["4", "1"])
+            .output()
+            .expect("run blkbench");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for name in ["seq_write", "seq_read", "rand_read"] {
+            assert!(text.contains(&format!("blkbench: {name} ")), "{text}");
+        }
+        // The pattern it wrote is on the file.
+        assert!(std::fs::read(&image).expect("read").iter().any(|&b| b != 0));
+        let bad = Command::new(&tool).arg("x").output().expect("run");
+        assert_eq!(bad.status.code(), Some(1));
+        let _ = std::fs::remove_dir_all(tool.parent().expect("dir"));
+    }
+
+    #[test]
+    fn vsock_helper_rejects_bad_arguments() {
+        let tool = build_tool("vsock");
+        for args in [&["connect", "2"][..], &["listen", "x", "hi"], &["send"]] {
+            let out = Command::new(&tool).args(args).output().expect("run");
+            assert_eq!(out.status.code(), Some(1), "{args:?}");
+        }
+        let _ = std::fs::remove_dir_all(tool.parent().expect("dir"));
+    }
 }

@@ -226,3 +226,44 @@ fn a_missing_disk_image_is_one_line_naming_the_flag() {
     );
     assert!(err.contains("No such file or directory"), "stderr: {err}");
 }
+
+/// `exits_mmio` from the `--stats` line.
+fn mmio_exits(out: &std::process::Output) -> u64 {
+    let err = stderr(out);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("ferrovisor-stats:"))
+        .unwrap_or_else(|| panic!("no stats line: {err}"));
+    let at = line.find("\"exits_mmio\":").expect("exits_mmio") + "\"exits_mmio\":".len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("a number")
+}
+
+#[test]
+fn queue_kicks_go_to_an_ioeventfd_that_follows_the_bar() {
+    const KICKS: u32 = 40;
+    let notify = BAR0 + 0x3000;
+    let moved = BAR0 + 0x10_0000;
+    let mut c = Checks::new();
+    for _ in 0..KICKS {
+        c.mmio_write32(notify, 0);
+    }
+    // Move the BAR: one exit for the ECAM write.
+    c.mmio_write32(ECAM | 1 << 15 | 0x10, moved);
+    for _ in 0..KICKS {
+        c.mmio_write32(moved + 0x3000, 0);
+    }
+    // The old notify address decodes nothing now: every write there exits.
+    for _ in 0..KICKS {
+        c.mmio_write32(notify, 0);
+    }
+    let code = c.finish();
+    let out = boot_tiny(&code, &["--rng", "--stats"]);
+    assert_eq!(out.status.code(), Some(PASSED), "stderr: {}", stderr(&out));
+    let exits = mmio_exits(&out);
+    let expected = u64::from(KICKS) + 1;
+    assert_eq!(exits, expected, "stderr: {}", stderr(&out));
+}

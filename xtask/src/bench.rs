@@ -340,8 +340,10 @@ fn print_table(results: &[(Vmm, Vec<Sample>)], runs: usize) {
 
 /// `xtask bench-in-lab boot [RUNS]`: the measuring half, run inside the lab.
 pub fn in_lab(args: &[String]) -> Result<u8> {
-    if args.first().map(String::as_str) != Some("boot") {
-        return Err(fail!("bench-in-lab: only `boot` is known"));
+    match args.first().map(String::as_str) {
+        Some("boot") => {}
+        Some("blk") => return crate::bench_blk::in_lab(args),
+        _ => return Err(fail!("bench-in-lab: only `boot` and `blk` are known")),
     }
     let runs: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(3);
     let with_q35 = args.get(2).is_some_and(|a| a == "q35");
@@ -374,7 +376,15 @@ pub fn in_lab(args: &[String]) -> Result<u8> {
 
 /// `cargo xtask bench boot [--runs N] [--q35]`.
 pub fn command(args: &[String]) -> Result<u8> {
-    let usage = || fail!("usage: cargo xtask bench boot [--runs N] [--q35]");
+    if args.first().map(String::as_str) == Some("blk") {
+        return crate::bench_blk::command(&args[1..]);
+    }
+    let usage = || {
+        fail!(
+            "usage: cargo xtask bench boot [--runs N] [--q35] | \
+             cargo xtask bench blk [--runs N] [--size MIB] [--secs N]"
+        )
+    };
     let mut runs = 3;
     let mut q35 = "";
     let mut it = args.iter();

@@ -112,3 +112,10 @@ pub fn extract(deb: &Path, dir: &Path) -> Result<()> {
     util::mkdir(dir)?;
     util::run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dir))
 }
+
+/// Unpacks a .deb's files into `dir`, keeping what is there (for unpacking
+/// several packages into one tree).
+pub fn extract_into(deb: &Path, dir: &Path) -> Result<()> {
+    util::mkdir(dir)?;
+    util::run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dir))
+}

@@ -65,11 +65,39 @@ pub fn detect_host() -> Result<Host> {
     Ok(Host::Hardware)
 }
 
+/// The shell text the demo guest runs first: what devices it sees.
+const LIST_DEVICES: &str = r#"echo "demo: the guest sees these devices:"
+for v in /sys/bus/virtio/devices/*; do
+    [ -e "$v/driver" ] && echo "  ${v##*/}: $(basename "$(readlink "$v/driver")")"
+done
+for d in /sys/block/vd*; do
+    [ -e "$d" ] && echo "  disk /dev/${d##*/}: $(($(cat "$d/size") / 2048)) MiB"
+done
+for n in /sys/class/net/*; do
+    [ "${n##*/}" = lo ] || echo "  network ${n##*/}: MAC $(cat "$n/address")"
+done
+[ -e /dev/hwrng ] && echo "  rng /dev/hwrng: $(cat /sys/class/misc/hw_random/rng_current)"
+echo "  console: $(cat /sys/class/tty/console/active)"
+"#;
+
+/// The demo's scratch disk size.
+const SCRATCH_BYTES: u64 = 256 << 20;
+/// The demo's tap, and the address its host end gets in the lab.
+const TAP: &str = "fvdemo0";
+
+/// The guest's command: the device list, then CMD or a shell.
+fn guest_command(opts: &Options) -> String {
+    match &opts.run {
+        Some(run) => format!("{LIST_DEVICES}{run}"),
+        None => format!("{LIST_DEVICES}exec setsid cttyhack sh"),
+    }
+}
+
 fn vmm_args(opts: &Options, kernel: &str, initramfs: &str) -> Vec<String> {
     let mut cmdline = guestkit::DEFAULT_CMDLINE.to_string();
-    if let Some(run) = &opts.run {
-        cmdline.push_str(" ferrovisor.run64=");
-        cmdline.push_str(&util::base64(run.as_bytes()));
+    cmdline.push_str(" ferrovisor.run64=");
+    cmdline.push_str(&util::base64(guest_command(opts).as_bytes()));
+    if opts.run.is_some() {
         cmdline.push_str(" ferrovisor.exit=debug");
     }
     let mut args = vec![
@@ -87,7 +115,19 @@ fn vmm_args(opts: &Options, kernel: &str, initramfs: &str) -> Vec<String> {
     if let Some(memory) = &opts.memory {
         args.extend(["--memory".into(), memory.clone()]);
     }
+    args.push("--rng".into());
     args
+}
+
+/// Whether this process may create a tap (root, and the tun device exists).
+fn can_create_tap() -> std::result::Result<(), &'static str> {
+    if !Path::new("/dev/net/tun").exists() {
+        return Err("there is no /dev/net/tun (is the tun module loaded?)");
+    }
+    if !util::is_root() {
+        return Err("creating a tap needs root (CAP_NET_ADMIN)");
+    }
+    Ok(())
 }
 
 /// Turns the VMM's exit status and console into the guest command's status.
@@ -113,11 +153,31 @@ fn command_status(vmm_status: i32, console: &str) -> u8 {
 }
 
 fn run_direct(opts: &Options, kit: &Kit, ferrovisor: &Path) -> Result<u8> {
-    let args = vmm_args(
+    let mut args = vmm_args(
         opts,
         &kit.vmlinuz.to_string_lossy(),
         &kit.initramfs.to_string_lossy(),
     );
+    let dir = util::target_dir().join("demo");
+    util::mkdir(&dir)?;
+    let scratch = dir.join("scratch.img");
+    let file =
+        std::fs::File::create(&scratch).ctx(|| format!("cannot create {}", scratch.display()))?;
+    file.set_len(SCRATCH_BYTES)
+        .ctx(|| format!("cannot size {}", scratch.display()))?;
+    eprintln!(
+        "demo: scratch disk {} ({} MiB, sparse) is the guest's /dev/vda",
+        scratch.display(),
+        SCRATCH_BYTES >> 20
+    );
+    args.extend(["--disk".into(), format!("path={}", scratch.display())]);
+    match can_create_tap() {
+        Ok(()) => {
+            eprintln!("demo: network: the VMM creates tap {TAP} (the guest's eth0)");
+            args.extend(["--net".into(), format!("tap={TAP}")]);
+        }
+        Err(why) => eprintln!("demo: no network interface: {why}"),
+    }
     let mut cmd = Command::new(ferrovisor);
     cmd.args(&args);
     if opts.run.is_none() {
@@ -158,12 +218,27 @@ fn run_in_lab(opts: &Options, kit: &Kit, ferrovisor: &Path) -> Result<u8> {
             line.push_str(&util::shell_quote(arg));
         }
     }
+    // The scratch disk lives in the lab's tmpfs: a host file cannot reach it.
+    let setup = format!(
+        "truncate -s {SCRATCH_BYTES} /tmp/scratch.img\n\
+         echo 'demo: scratch disk /tmp/scratch.img in the lab ({} MiB, sparse) is /dev/vda'\n\
+         devices='--disk path=/tmp/scratch.img'\n\
+         if [ -c /dev/net/tun ]; then\n\
+         devices=\"$devices --net tap={TAP}\"\n\
+         echo 'demo: network: tap {TAP} (guest eth0); its lab end gets 10.0.88.1/24 \
+         (in the guest: ip link set eth0 up; ip addr add 10.0.88.2/24 dev eth0; ping 10.0.88.1)'\n\
+         (while [ ! -e /sys/class/net/{TAP} ]; do sleep 0.2; done; \
+         ip addr add 10.0.88.1/24 dev {TAP}; ip link set {TAP} up) &\n\
+         else echo 'demo: no network interface: the lab has no /dev/net/tun'; fi\n",
+        SCRATCH_BYTES >> 20
+    );
+    let line = format!("{line} $devices");
     let interactive = opts.run.is_none();
     let command = if interactive {
         // The lab console passes keystrokes through untouched to the guest.
-        format!("stty raw -echo\n{line}\nstatus=$?\nstty sane\nexit $status")
+        format!("{setup}stty raw -echo\n{line}\nstatus=$?\nstty sane\nexit $status")
     } else {
-        line
+        format!("{setup}{line}")
     };
     let mut spec = Spec::new(Some(command));
     spec.interactive = interactive;
@@ -209,6 +284,24 @@ mod tests {
         assert_eq!(command_status(0, "x\nferrovisor-guest: exit status 5\n"), 5);
         assert_eq!(command_status(0, "no status"), 0);
         assert_eq!(command_status(2, "ferrovisor-guest: exit status 0"), 2);
+    }
+
+    #[test]
+    fn guest_lists_its_devices_before_the_command() {
+        let opts = Options {
+            run: Some("echo hi".into()),
+            ..Options::default()
+        };
+        let command = guest_command(&opts);
+        assert!(command.starts_with(LIST_DEVICES));
+        assert!(command.ends_with("echo hi"));
+        let args = vmm_args(&opts, "k", "i");
+        assert!(args.contains(&"--rng".to_string()));
+        let cmdline = &args[args.iter().position(|a| a == "--cmdline").expect("cmdline") + 1];
+        assert!(cmdline.contains(&util::base64(command.as_bytes())));
+        assert!(cmdline.ends_with("ferrovisor.exit=debug"));
+        let shell = guest_command(&Options::default());
+        assert!(shell.ends_with("exec setsid cttyhack sh"));
     }
 
     #[test]

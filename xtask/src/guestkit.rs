@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 
 use crate::cpio::Archive;
 use crate::deb::{self, Package};
+use crate::elf;
 use crate::kmod::{self, ModuleTree};
 use crate::util::{self, Context, Fnv, Result};
 
@@ -13,8 +14,26 @@ use crate::util::{self, Context, Fnv, Result};
 const INIT: &str = include_str!("../../guest/init");
 /// Source of the port-I/O helper; built with rustc for the guest.
 const PORTIO_SRC: &str = "guest/tools/portio.rs";
+/// Guest helpers written with Rust's standard library, linked statically:
+/// (source, name in the guest's /bin).
+const STD_TOOLS: &[(&str, &str)] = &[
+    ("guest/tools/vsock.rs", "vsock"),
+    ("guest/tools/blkbench.rs", "blkbench"),
+    ("guest/tools/sigreset.rs", "sigreset"),
+];
 /// Bump when the layout of the kit changes in a way the inputs do not show.
-const KIT_FORMAT: &str = "guest-kit-1";
+const KIT_FORMAT: &str = "guest-kit-2";
+
+/// Debian packages whose files the guest needs for ext4: `mke2fs` and the
+/// shared libraries it loads (libc6 brings the C library and the loader).
+const E2FS_PACKAGES: &[&str] = &[
+    "e2fsprogs",
+    "libext2fs2",
+    "libcom-err2",
+    "libblkid1",
+    "libuuid1",
+    "libc6",
+];
 
 /// The metapackage whose dependency is the kernel.
 pub const KERNEL_META: &str = "linux-image-cloud-amd64";
@@ -52,6 +71,10 @@ pub struct Kit {
     pub initramfs: PathBuf,
     /// The static port-I/O helper.
     pub portio: PathBuf,
+    /// The statically linked guest helpers (`vsock`, `blkbench`), by guest name.
+    pub tools: Vec<(String, PathBuf)>,
+    /// Where the e2fsprogs packages and their libraries are unpacked.
+    pub e2fs_root: PathBuf,
     /// The unpacked kernel package.
     pub kernel_root: PathBuf,
     /// The static busybox binary.
@@ -73,20 +96,36 @@ pub fn build() -> Result<Kit> {
     util::ensure_tool("lz4", "lz4")?;
     let kernel = deb::resolve_dependency(KERNEL_META, "linux-image-", "-cloud-amd64")?;
     let busybox = deb::resolve("busybox-static")?;
+    let e2fs = E2FS_PACKAGES
+        .iter()
+        .map(|name| deb::resolve(name))
+        .collect::<Result<Vec<_>>>()?;
     let portio_src = util::workspace_root().join(PORTIO_SRC);
-    let key = Fnv::default()
-        .add(KIT_FORMAT.as_bytes())
+    let mut key = Fnv::default();
+    key.add(KIT_FORMAT.as_bytes())
         .add(kernel.file_name().as_bytes())
         .add(busybox.file_name().as_bytes())
         .add(INIT.as_bytes())
         .add(&util::read(&portio_src)?)
-        .add(GUEST_MODULES.join(",").as_bytes())
-        .hex();
+        .add(GUEST_MODULES.join(",").as_bytes());
+    for package in &e2fs {
+        key.add(package.file_name().as_bytes());
+    }
+    for (source, name) in STD_TOOLS {
+        key.add(name.as_bytes())
+            .add(&util::read(&util::workspace_root().join(source))?);
+    }
+    let key = key.hex();
     let kit = Kit {
         vmlinuz: dir.join("vmlinuz"),
         vmlinux: dir.join("vmlinux"),
         initramfs: dir.join("initramfs.cpio"),
         portio: dir.join("portio"),
+        tools: STD_TOOLS
+            .iter()
+            .map(|(_, name)| (name.to_string(), dir.join("tools").join(name)))
+            .collect(),
+        e2fs_root: dir.join("e2fs"),
         kernel_root: dir.join("kernel"),
         busybox: dir.join("busybox/bin/busybox"),
         release: kernel.name.trim_start_matches("linux-image-").to_string(),
@@ -100,7 +139,8 @@ pub fn build() -> Result<Kit> {
         &kit.busybox,
     ];
     let fresh = std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == key)
-        && outputs.iter().all(|p| p.is_file());
+        && outputs.iter().all(|p| p.is_file())
+        && kit.tools.iter().all(|(_, p)| p.is_file());
     if fresh {
         return Ok(kit);
     }
@@ -109,8 +149,12 @@ pub fn build() -> Result<Kit> {
         "xtask: building the guest kit ({} {})",
         kernel.name, kernel.version
     );
-    fetch(&kernel, &busybox, &kit)?;
+    fetch(&kernel, &busybox, &e2fs, &kit)?;
     build_portio(&portio_src, &kit.portio)?;
+    util::mkdir(&dir.join("tools"))?;
+    for ((source, _), (_, out)) in STD_TOOLS.iter().zip(&kit.tools) {
+        build_std_tool(&util::workspace_root().join(source), out)?;
+    }
     copy(&kernel_image(&kit)?, &kit.vmlinuz)?;
     cut_vmlinux(&kit.vmlinuz, &kit.vmlinux)?;
     guest_initramfs(&kit)?;
@@ -118,18 +162,29 @@ pub fn build() -> Result<Kit> {
     Ok(kit)
 }
 
-fn fetch(kernel: &Package, busybox: &Package, kit: &Kit) -> Result<()> {
+fn fetch(kernel: &Package, busybox: &Package, e2fs: &[Package], kit: &Kit) -> Result<()> {
     let debs = kit_dir().join("debs");
     let kernel_deb = kernel.download(&debs)?;
     let busybox_deb = busybox.download(&debs)?;
     deb::extract(&kernel_deb, &kit.kernel_root)?;
     deb::extract(&busybox_deb, &kit_dir().join("busybox"))?;
+    let mut keep = vec![kernel_deb, busybox_deb];
+    // The e2fsprogs set is unpacked into one tree, one package after another.
+    if kit.e2fs_root.exists() {
+        std::fs::remove_dir_all(&kit.e2fs_root)
+            .ctx(|| format!("cannot remove {}", kit.e2fs_root.display()))?;
+    }
+    for package in e2fs {
+        let file = package.download(&debs)?;
+        deb::extract_into(&file, &kit.e2fs_root)?;
+        keep.push(file);
+    }
     // Old package versions are not needed again.
     for entry in std::fs::read_dir(&debs).ctx(|| format!("cannot list {}", debs.display()))? {
         let path = entry
             .ctx(|| format!("cannot list {}", debs.display()))?
             .path();
-        if path != kernel_deb && path != busybox_deb {
+        if !keep.contains(&path) {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -176,6 +231,20 @@ fn build_portio(source: &Path, out: &Path) -> Result<()> {
     .arg("-o")
     .arg(out)
     .arg(source);
+    util::run(&mut cmd)
+}
+
+/// Compiles a guest helper that uses Rust's standard library into a static
+/// binary (the C library linked in), so that it needs nothing in the guest.
+fn build_std_tool(source: &Path, out: &Path) -> Result<()> {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
+    let mut cmd = Command::new(rustc);
+    cmd.args(["--edition", "2021", "--crate-type", "bin"])
+        .args(["-C", "opt-level=2", "-C", "panic=abort"])
+        .args(["-C", "target-feature=+crt-static", "-C", "strip=symbols"])
+        .arg("-o")
+        .arg(out)
+        .arg(source);
     util::run(&mut cmd)
 }
 
@@ -277,6 +346,10 @@ fn guest_initramfs(kit: &Kit) -> Result<()> {
     let mut archive = Archive::new();
     add_busybox(&mut archive, &kit.busybox)?;
     archive.host_file("/bin/portio", 0o755, &kit.portio);
+    for (name, path) in &kit.tools {
+        archive.host_file(&format!("/bin/{name}"), 0o755, path);
+    }
+    elf::add_mke2fs(&mut archive, &kit.e2fs_root)?;
     archive.bytes("/init", 0o755, INIT);
     let (tree, _) = ModuleTree::open(&kit.kernel_root)?;
     let (modules, missing) = tree.load_order(GUEST_MODULES)?;
@@ -340,5 +413,62 @@ mod tests {
             assert!(INIT.contains(word), "{word}");
         }
         assert!(INIT.contains("portio outb 0x80"));
+    }
+
+    #[test]
+    fn init_traps_sigint_while_the_command_runs() {
+        assert!(INIT.contains("trap stop INT"));
+        // The command runs in the background (so the trap can run) with its
+        // signals restored.
+        assert!(INIT.contains(r#"sigreset /bin/sh -c "$run" </dev/console &"#));
+        assert!(INIT.contains("wait $!"));
+    }
+
+    /// Builds one of the static helpers into a scratch directory.
+    fn build_tool(name: &str) -> PathBuf {
+        let dir = util::target_dir().join(format!("tool-test-{name}-{}", std::process::id()));
+        util::mkdir(&dir).expect("mkdir");
+        let out = dir.join(name);
+        let source = util::workspace_root().join(format!("guest/tools/{name}.rs"));
+        build_std_tool(&source, &out).expect("build the helper");
+        out
+    }
+
+    #[test]
+    fn blkbench_measures_and_checks_a_file() {
+        let tool = build_tool("blkbench");
+        let image = tool.with_file_name("image");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(4 << 20))
+            .expect("image");
+        let out = Command::new(&tool)
+            .arg(&image)
+            .args(["4", "1"])
+            .output()
+            .expect("run blkbench");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for name in ["seq_write", "seq_read", "rand_read"] {
+            assert!(text.contains(&format!("blkbench: {name} ")), "{text}");
+        }
+        // The pattern it wrote is on the file.
+        assert!(std::fs::read(&image).expect("read").iter().any(|&b| b != 0));
+        let bad = Command::new(&tool).arg("x").output().expect("run");
+        assert_eq!(bad.status.code(), Some(1));
+        let _ = std::fs::remove_dir_all(tool.parent().expect("dir"));
+    }
+
+    #[test]
+    fn vsock_helper_rejects_bad_arguments() {
+        let tool = build_tool("vsock");
+        for args in [&["connect", "2"][..], &["listen", "x", "hi"], &["send"]] {
+            let out = Command::new(&tool).args(args).output().expect("run");
+            assert_eq!(out.status.code(), Some(1), "{args:?}");
+        }
+        let _ = std::fs::remove_dir_all(tool.parent().expect("dir"));
     }
 }

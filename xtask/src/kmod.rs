@@ -158,50 +158,9 @@ fn decompress(path: &Path) -> Result<Vec<u8>> {
     }
 }
 
-fn le_u16(d: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from(u16::from_le_bytes(
-        d.get(at..at + 2)?.try_into().ok()?,
-    )))
-}
-
-fn le_u32(d: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from(u32::from_le_bytes(
-        d.get(at..at + 4)?.try_into().ok()?,
-    )))
-}
-
-fn le_u64(d: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(d.get(at..at + 8)?.try_into().ok()?))
-}
-
-/// Finds the contents of the ELF64 section called `wanted`.
-fn elf_section<'a>(d: &'a [u8], wanted: &str) -> Option<&'a [u8]> {
-    if d.get(..4)? != b"\x7fELF" || *d.get(4)? != 2 || *d.get(5)? != 1 {
-        return None;
-    }
-    let shoff = usize::try_from(le_u64(d, 0x28)?).ok()?;
-    let shentsize = usize::try_from(le_u16(d, 0x3a)?).ok()?;
-    let shnum = usize::try_from(le_u16(d, 0x3c)?).ok()?;
-    let shstrndx = usize::try_from(le_u16(d, 0x3e)?).ok()?;
-    let section = |i: usize| -> Option<(u64, &'a [u8])> {
-        let h = shoff.checked_add(i.checked_mul(shentsize)?)?;
-        let name = le_u32(d, h)?;
-        let off = usize::try_from(le_u64(d, h + 0x18)?).ok()?;
-        let size = usize::try_from(le_u64(d, h + 0x20)?).ok()?;
-        Some((name, d.get(off..off.checked_add(size)?)?))
-    };
-    let (_, names) = section(shstrndx)?;
-    (0..shnum).find_map(|i| {
-        let (name_off, body) = section(i)?;
-        let name = names.get(usize::try_from(name_off).ok()?..)?;
-        let end = name.iter().position(|&b| b == 0)?;
-        (&name[..end] == wanted.as_bytes()).then_some(body)
-    })
-}
-
 /// The module names listed in the `depends=` entry of `.modinfo`.
 pub fn depends(module: &[u8]) -> Result<Vec<String>> {
-    let info = elf_section(module, ".modinfo")
+    let info = crate::elf::section(module, ".modinfo")
         .ok_or_else(|| fail!("not an ELF64 module with a .modinfo section"))?;
     let deps = info
         .split(|&b| b == 0)

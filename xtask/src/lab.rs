@@ -18,8 +18,9 @@ const INIT: &str = include_str!("../../lab/init");
 pub const STATUS_MARKER: &str = "@@ferrovisor-lab@@ exit-status=";
 /// The lab's first own line; console output before it is firmware noise.
 const HELLO: &str = "ferrovisor-lab: up";
-/// Modules that make /dev/kvm (dependencies are added).
-const KVM_MODULES: &[&str] = &["kvm_amd"];
+/// Modules the lab loads (dependencies are added): KVM, and tun for the
+/// taps of guests' network interfaces.
+const LAB_MODULES: &[&str] = &["kvm_amd", "tun"];
 /// The lab kernel's command line.
 /// `loglevel=2` keeps the lab kernel's KVM chatter about nested guests off the
 /// console; its own panics still show.
@@ -159,7 +160,7 @@ fn build_initramfs(spec: &Spec, kit: &Kit, ferrovisor: Option<&Path>) -> Result<
     archive.host_file("/bin/portio", 0o755, &kit.portio);
     archive.bytes("/init", 0o755, INIT);
     let (tree, _) = ModuleTree::open(&kit.kernel_root)?;
-    let (modules, missing) = tree.load_order(KVM_MODULES)?;
+    let (modules, missing) = tree.load_order(LAB_MODULES)?;
     if !missing.is_empty() {
         return Err(fail!("the kernel package lacks {}", missing.join(", ")));
     }

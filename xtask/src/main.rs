@@ -3,9 +3,11 @@
 #[macro_use]
 mod util;
 mod bench;
+mod bench_blk;
 mod cpio;
 mod deb;
 mod demo;
+mod elf;
 mod guestkit;
 mod kmod;
 mod lab;
@@ -34,6 +36,8 @@ commands:
                             the host's KVM is PVM); --run: run CMD, exit with its status
   bench boot [--runs N] [--q35]
                             boot-time, VM-exit and memory comparison with QEMU (in the lab)
+  bench blk [--runs N] [--size MIB] [--secs N]
+                            virtio-blk MiB/s and IOPS in the guest, against QEMU (in the lab)
   help                      show this text";
 
 /// What a command asks the process to exit with.

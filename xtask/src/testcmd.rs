@@ -90,9 +90,9 @@ fn host_tiers() -> Result<Tally> {
     Ok(tally)
 }
 
-/// Builds the lab-tests test binary `name` (`lab`, `control_plane`) and
-/// returns its path.
-pub fn build_lab_tests(name: &str) -> Result<PathBuf> {
+/// Builds the lab-tests test binaries and returns (name, path) for each
+/// (one per file in crates/lab-tests/tests/).
+pub fn build_lab_tests() -> Result<Vec<(String, PathBuf)>> {
     let out = util::output(
         cargo()
             .args([
@@ -104,18 +104,34 @@ pub fn build_lab_tests(name: &str) -> Result<PathBuf> {
             ])
             .stdin(Stdio::null()),
     )?;
-    out.lines()
-        .filter(|l| l.contains("\"reason\":\"compiler-artifact\""))
-        .filter(|l| {
-            l.contains(&format!("\"name\":\"{name}\"")) && l.contains("\"kind\":[\"test\"]")
-        })
-        .find_map(|l| {
-            let at = l.find("\"executable\":\"")? + "\"executable\":\"".len();
-            let end = l[at..].find('"')?;
-            Some(PathBuf::from(&l[at..at + end]))
-        })
-        .ok_or_else(|| fail!("cargo built no lab-tests test binary {name}"))
+    let binaries = test_binaries(&out);
+    if binaries.is_empty() {
+        return Err(fail!("cargo built no lab-tests test binary"));
+    }
+    Ok(binaries)
 }
+
+/// Picks the test executables out of cargo's JSON messages.
+fn test_binaries(json_lines: &str) -> Vec<(String, PathBuf)> {
+    let field = |line: &str, key: &str| -> Option<String> {
+        let key = format!("\"{key}\":\"");
+        let at = line.find(&key)? + key.len();
+        let end = line[at..].find('"')?;
+        Some(line[at..at + end].to_string())
+    };
+    let mut found: Vec<(String, PathBuf)> = json_lines
+        .lines()
+        .filter(|l| l.contains("\"reason\":\"compiler-artifact\""))
+        .filter(|l| l.contains("\"kind\":[\"test\"]"))
+        .filter_map(|l| Some((field(l, "name")?, PathBuf::from(field(l, "executable")?))))
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// Host programs the lab tests use to check disk images.
+const LAB_TOOLS: &[&str] = &["debugfs", "e2fsck"];
 
 /// Tier 3: the lab tests, in one lab boot. With `qemu_stand_in`, QEMU takes
 /// the VMM's place: a check of the tests and the guest kit themselves.
@@ -132,24 +148,34 @@ fn lab_tier(qemu_stand_in: bool) -> Result<Tally> {
     } else {
         Some(lab::build_ferrovisor()?)
     };
-    let tests = build_lab_tests("lab")?;
+    let tests = build_lab_tests()?;
     // One guest at a time: two nested guests side by side make the lab's
     // emulated SVM fail now and then (docs/lab.md, "One guest at a time").
-    // The control-plane test runs the daemon, which QEMU cannot stand in for.
-    let command = if qemu_stand_in {
-        "/lab/bin/lab-tests --ignored --test-threads=1"
-    } else {
-        "/lab/bin/lab-tests --ignored --test-threads=1; a=$?; \
-         /lab/bin/control-plane-tests --ignored --test-threads=1; b=$?; \
-         [ $a = 0 ] && [ $b = 0 ]"
-    };
-    let mut spec = Spec::new(Some(command.to_string()));
+    // Every binary runs even if one fails; the status says if any did.
+    let mut script = String::from("failed=0\n");
+    let mut spec = Spec::new(None);
+    for (name, path) in tests {
+        // The control-plane test runs the daemon, which QEMU cannot stand in for.
+        if qemu_stand_in && name == "control_plane" {
+            continue;
+        }
+        let at = format!("/lab/bin/lab-tests-{name}");
+        script.push_str(&format!(
+            "echo 'xtask: lab tests: {name}'\n{at} --ignored --test-threads=1 || failed=1\n"
+        ));
+        spec.files.push((path, at));
+    }
+    script.push_str("exit $failed");
+    spec.command = Some(script);
     spec.interactive = false;
-    spec.files.push((tests, "/lab/bin/lab-tests".to_string()));
-    if !qemu_stand_in {
-        let control_plane = build_lab_tests("control_plane")?;
-        spec.files
-            .push((control_plane, "/lab/bin/control-plane-tests".to_string()));
+    for tool in LAB_TOOLS {
+        match util::which(tool) {
+            Some(path) => spec.files.push((path, format!("/lab/bin/{tool}"))),
+            None => eprintln!(
+                "xtask: warning: no {tool} on this host (apt-get install e2fsprogs); \
+                 the disk tests that use it will fail"
+            ),
+        }
     }
     if qemu_stand_in {
         let shim = util::workspace_root().join("lab/qemu-stand-in");
@@ -238,6 +264,27 @@ mod tests {
             })
         );
         assert_eq!(parse_result_line("test foo ... ok"), None);
+    }
+
+    #[test]
+    fn finds_every_test_binary() {
+        let json = concat!(
+            r#"{"reason":"compiler-artifact","target":{"kind":["lib"],"name":"lab_tests"},"executable":null}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","target":{"kind":["test"],"name":"lab"},"executable":"/t/lab-1"}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","target":{"kind":["test"],"name":"devices"},"executable":"/t/devices-2"}"#,
+            "\n",
+            r#"{"reason":"build-finished","success":true}"#,
+        );
+        let found = test_binaries(json);
+        assert_eq!(
+            found,
+            vec![
+                ("devices".to_string(), PathBuf::from("/t/devices-2")),
+                ("lab".to_string(), PathBuf::from("/t/lab-1")),
+            ]
+        );
     }
 
     #[test]

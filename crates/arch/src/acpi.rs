@@ -1,4 +1,4 @@
-//! ACPI tables for the guest: RSDP, XSDT, FADT, FACS, DSDT and MADT.
+//! ACPI tables for the guest: RSDP, XSDT, FADT, FACS, DSDT, MADT and MCFG.
 //!
 //! They are written into the BIOS area at [`ACPI_START`], the RSDP first, so
 //! that a guest that scans 0xE0000-0xFFFFF for "RSD PTR " finds it; the VMM
@@ -20,13 +20,13 @@ mod madt;
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::{facs::FACS, rsdp::Rsdp, xsdt::XSDT, Aml};
+use acpi_tables::{facs::FACS, mcfg::MCFG, rsdp::Rsdp, xsdt::XSDT, Aml};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
 use crate::layout::{
     ACPI_PM1A_CNT_LEN, ACPI_PM1A_CNT_OFFSET, ACPI_PM1A_EVT_LEN, ACPI_PM1A_EVT_OFFSET, ACPI_PM_PORT,
-    ACPI_RESET_OFFSET, ACPI_RESET_VALUE, ACPI_SCI_IRQ, ACPI_SIZE, ACPI_START,
+    ACPI_RESET_OFFSET, ACPI_RESET_VALUE, ACPI_SCI_IRQ, ACPI_SIZE, ACPI_START, PCI_ECAM_START,
 };
 
 /// The OEM ID in every table header.
@@ -125,9 +125,16 @@ fn to_bytes(table: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
+/// The MCFG: ECAM for segment 0, bus 0 only.
+fn mcfg() -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(PCI_ECAM_START, 0, 0, 0);
+    to_bytes(&mcfg)
+}
+
 /// The tables the XSDT lists besides the FADT, with their signatures.
 fn system_tables(num_cpus: u8) -> Vec<(&'static str, Vec<u8>)> {
-    vec![("APIC", madt::madt(num_cpus))]
+    vec![("APIC", madt::madt(num_cpus)), ("MCFG", mcfg())]
 }
 
 fn io_register(address: u64, len: u8, access: AccessSize) -> GAS {

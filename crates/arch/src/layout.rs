@@ -43,6 +43,14 @@ pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO hole.
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// PCI: the 32-bit window BARs are assigned from (512 MiB at the start of
+/// the hole). Described in the host bridge's `_CRS`.
+pub const PCI_MMIO_START: u64 = 0xc000_0000;
+pub const PCI_MMIO_SIZE: u64 = 0x2000_0000;
+/// PCI: ECAM configuration space for bus 0 only (32 devices, 8 functions,
+/// 4 KiB each), listed in the MCFG and reserved in the e820 map.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
 /// The IOAPIC's registers.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// The local APICs' registers.
@@ -88,5 +96,21 @@ pub const ACPI_RESET_VALUE: u8 = 0x1;
 pub const ACPI_S5_SLP_TYP: u8 = 5;
 /// The SCI interrupt.
 pub const ACPI_SCI_IRQ: u32 = 9;
+/// PCI configuration mechanism #1: address at 0xCF8, data at 0xCFC-0xCFF.
+pub const PCI_CONFIG_PORT: u64 = 0xcf8;
+pub const PCI_CONFIG_PORT_LEN: u64 = 8;
+/// PCI INTx: pin `p` (0 = INTA) of slot `s` raises GSI
+/// `PCI_INTX_GSI_BASE + (s + p) % PCI_INTX_GSIS` (IOAPIC pins 16-19), as the
+/// host bridge's `_PRT` says.
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+pub const PCI_INTX_GSIS: u32 = 4;
+/// The IOAPIC has 24 pins, GSIs 0-23.
+pub const IOAPIC_PINS: u32 = 24;
+
+/// The GSI that INTx pin `pin` (0 = INTA) of PCI slot `slot` raises.
+pub const fn pci_intx_gsi(slot: u32, pin: u32) -> u32 {
+    PCI_INTX_GSI_BASE + (slot + pin) % PCI_INTX_GSIS
+}
+
 /// The pvpanic port (QEMU's default), described to the guest in the DSDT.
 pub const PVPANIC_PORT: u64 = 0x505;

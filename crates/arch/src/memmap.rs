@@ -4,6 +4,7 @@ use thiserror::Error;
 
 use crate::layout::{
     ACPI_SIZE, ACPI_START, EBDA_START, HIGH_MEMORY_START, MMIO_GAP_END, MMIO_GAP_START,
+    PCI_ECAM_SIZE, PCI_ECAM_START,
 };
 
 /// The smallest guest we build: room for the boot structures, a kernel and a stack.
@@ -55,7 +56,8 @@ pub fn ram_regions(mem_size: u64) -> Result<Vec<(u64, u64)>, MemMapError> {
 }
 
 /// The e820 map for the given RAM regions: conventional memory, the reserved
-/// BIOS area where the ACPI tables live, and RAM from 1 MiB on.
+/// BIOS area where the ACPI tables live, RAM from 1 MiB on, and the PCI ECAM
+/// range, reserved so that the guest trusts the MCFG table.
 pub fn e820_map(regions: &[(u64, u64)]) -> Vec<E820Entry> {
     let mut map = vec![
         E820Entry {
@@ -80,6 +82,12 @@ pub fn e820_map(regions: &[(u64, u64)]) -> Vec<E820Entry> {
             });
         }
     }
+    map.push(E820Entry {
+        addr: PCI_ECAM_START,
+        size: PCI_ECAM_SIZE,
+        kind: E820Type::Reserved,
+    });
+    map.sort_by_key(|e| e.addr);
     map
 }
 
@@ -98,11 +106,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn small_guest_has_one_region_and_three_e820_entries() {
+    fn small_guest_has_one_region_and_four_e820_entries() {
         let regions = ram_regions(256 << 20).unwrap();
         assert_eq!(regions, vec![(0, 256 << 20)]);
         let map = e820_map(&regions);
-        assert_eq!(map.len(), 3);
+        assert_eq!(map.len(), 4);
         assert_eq!(
             map[0],
             E820Entry {
@@ -120,6 +128,23 @@ mod tests {
                 size: (256 << 20) - HIGH_MEMORY_START,
                 kind: E820Type::Ram
             }
+        );
+    }
+
+    #[test]
+    fn ecam_is_reserved_outside_ram() {
+        let map = e820_map(&ram_regions(4 << 30).unwrap());
+        let ecam = map
+            .iter()
+            .find(|e| e.addr == PCI_ECAM_START)
+            .expect("an ECAM entry");
+        assert_eq!(ecam.size, PCI_ECAM_SIZE);
+        assert_eq!(ecam.kind, E820Type::Reserved);
+        assert!(
+            map.iter()
+                .filter(|e| e.kind == E820Type::Ram)
+                .all(|e| e.addr + e.size <= PCI_ECAM_START
+                    || e.addr >= PCI_ECAM_START + PCI_ECAM_SIZE)
         );
     }
 
@@ -143,6 +168,7 @@ mod tests {
         assert_eq!(total_ram, (4 << 30) - (HIGH_MEMORY_START - EBDA_START));
         assert!(map
             .iter()
+            .filter(|e| e.kind == E820Type::Ram)
             .all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
         assert_eq!(low_ram_end(&regions), MMIO_GAP_START);
     }

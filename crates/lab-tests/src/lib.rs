@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+pub mod net;
+
 /// The line the guest kit's /init prints first.
 pub const INIT_MARKER: &str = "ferrovisor-guest: init reached";
 /// The prefix of the line the guest kit prints after a command.
@@ -50,6 +52,40 @@ pub enum KernelImage {
     Pvh,
 }
 
+/// A virtio-blk disk (`--disk path=FILE[,readonly=on]`); the guest sees the
+/// disks in order as /dev/vda, /dev/vdb, ...
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub readonly: bool,
+}
+
+/// A virtio-net interface on a host tap (`--net tap=NAME[,mac=MAC]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Net {
+    pub tap: String,
+    pub mac: Option<String>,
+}
+
+/// Where the guest's console is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Console {
+    /// The 8250 UART (`console=ttyS0`).
+    #[default]
+    Serial,
+    /// A virtio console (`--console virtio`, `console=hvc0`).
+    Virtio,
+}
+
+/// A virtio-vsock device (`--vsock cid=N,socket=PATH`): guest connections to
+/// host port P reach the unix socket `PATH_P`; host programs connect to PATH
+/// and write `CONNECT <port>\n`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vsock {
+    pub cid: u32,
+    pub socket: PathBuf,
+}
+
 /// How to start one guest.
 #[derive(Debug, Clone)]
 pub struct GuestConfig {
@@ -62,6 +98,12 @@ pub struct GuestConfig {
     pub run: Option<String>,
     /// Ask /init to report the command's status through the debug-exit port.
     pub debug_exit: bool,
+    pub disks: Vec<Disk>,
+    pub nets: Vec<Net>,
+    pub console: Console,
+    /// A virtio-rng device.
+    pub rng: bool,
+    pub vsock: Option<Vsock>,
 }
 
 impl Default for GuestConfig {
@@ -73,6 +115,11 @@ impl Default for GuestConfig {
             extra_cmdline: Vec::new(),
             run: None,
             debug_exit: false,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            console: Console::Serial,
+            rng: false,
+            vsock: None,
         }
     }
 }
@@ -117,6 +164,9 @@ impl GuestConfig {
     pub fn cmdline(&self) -> String {
         let mut cmdline =
             std::env::var("FERROVISOR_CMDLINE").unwrap_or_else(|_| FALLBACK_CMDLINE.into());
+        if self.console == Console::Virtio {
+            cmdline = cmdline.replace("console=ttyS0", "console=hvc0");
+        }
         for word in &self.extra_cmdline {
             cmdline.push(' ');
             cmdline.push_str(word);
@@ -148,17 +198,50 @@ impl GuestConfig {
             .arg(self.cpus.to_string())
             .arg("--memory")
             .arg(&self.memory);
+        cmd.args(self.device_args());
         Ok(cmd)
+    }
+
+    /// The VMM's device flags for this guest.
+    pub fn device_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        for disk in &self.disks {
+            let mut value = format!("path={}", disk.path.display());
+            if disk.readonly {
+                value.push_str(",readonly=on");
+            }
+            args.extend(["--disk".to_string(), value]);
+        }
+        for net in &self.nets {
+            let mut value = format!("tap={}", net.tap);
+            if let Some(mac) = &net.mac {
+                value.push_str(&format!(",mac={mac}"));
+            }
+            args.extend(["--net".to_string(), value]);
+        }
+        if self.console == Console::Virtio {
+            args.extend(["--console".to_string(), "virtio".to_string()]);
+        }
+        if self.rng {
+            args.push("--rng".to_string());
+        }
+        if let Some(vsock) = &self.vsock {
+            args.extend([
+                "--vsock".to_string(),
+                format!("cid={},socket={}", vsock.cid, vsock.socket.display()),
+            ]);
+        }
+        args
     }
 }
 
 #[derive(Debug, Default)]
-struct Console {
+struct Output {
     text: String,
     closed: bool,
 }
 
-type Shared = Arc<(Mutex<Console>, Condvar)>;
+type Shared = Arc<(Mutex<Output>, Condvar)>;
 
 /// A running guest.
 #[derive(Debug)]
@@ -204,7 +287,7 @@ impl Exit {
 }
 
 fn pump(mut from: impl Read + Send + 'static) -> Shared {
-    let shared: Shared = Arc::new((Mutex::new(Console::default()), Condvar::new()));
+    let shared: Shared = Arc::new((Mutex::new(Output::default()), Condvar::new()));
     let writer = shared.clone();
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
@@ -292,6 +375,17 @@ impl Guest {
             .write_all(text.as_bytes())
             .and_then(|()| stdin.flush())
             .map_err(HarnessError::Input)
+    }
+
+    /// The console so far.
+    pub fn console(&self) -> String {
+        snapshot(&self.stdout)
+    }
+
+    /// Kills the VMM at once (SIGKILL) and returns how it ended.
+    pub fn kill(mut self) -> Result<Exit, HarnessError> {
+        self.child.kill().map_err(HarnessError::Wait)?;
+        self.wait_exit()
     }
 
     /// Waits for the VMM to exit; kills it at the deadline.

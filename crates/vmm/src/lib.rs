@@ -8,6 +8,7 @@ pub mod exit;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod pci;
 pub mod runtime;
 pub mod stats;
 pub mod vcpu;

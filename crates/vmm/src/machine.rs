@@ -1,6 +1,6 @@
-//! The PC around the vCPUs: ACPI tables, boot tables, and the legacy devices
+//! The PC around the vCPUs: ACPI tables, boot tables, the legacy devices
 //! on the port bus (serial, i8042, RTC, debug exit, ACPI PM, boot marker,
-//! pvpanic).
+//! pvpanic), and the buses that also carry the PCI bus.
 
 use std::sync::{Arc, Mutex};
 
@@ -13,6 +13,7 @@ use vm_memory::GuestMemory;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::InputSink;
+use crate::pci::{PciDevices, PciError};
 
 /// Errors from building the machine around the vCPUs.
 #[derive(Debug, Error)]
@@ -33,6 +34,18 @@ pub enum MachineError {
     /// Two devices claim the same ports.
     #[error("cannot place a device on the port bus")]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Pci(#[from] PciError),
+}
+
+/// The port bus and the MMIO bus with every device in place: the legacy
+/// devices, PCI configuration ports, ECAM and the PCI BAR window.
+pub fn buses(legacy: &LegacyDevices, pci: &PciDevices) -> Result<(Bus, Bus), MachineError> {
+    let mut io_bus = legacy.io_bus()?;
+    pci.attach_io(&mut io_bus)?;
+    let mut mmio_bus = Bus::new();
+    pci.attach_mmio(&mut mmio_bus)?;
+    Ok((io_bus, mmio_bus))
 }
 
 /// Writes the ACPI tables and returns the RSDP's address.

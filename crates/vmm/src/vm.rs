@@ -22,6 +22,7 @@ use crate::control::Control;
 use crate::exit::VmExit;
 use crate::loader::{self, BootSpec, LoaderError};
 use crate::memory::{self, GuestMemory, MemoryError};
+use crate::pci::{self, PciDevices};
 use crate::runtime::{RunOptions, Runtime, RuntimeError, VmParts};
 use crate::vcpu::{self, Vcpu, VcpuError};
 use crate::{console, machine};
@@ -61,6 +62,8 @@ pub enum VmError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Machine(#[from] machine::MachineError),
+    #[error(transparent)]
+    Pci(#[from] pci::PciError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     /// A VMM thread could not be started.
@@ -124,9 +127,10 @@ pub fn run_with(
     }
     vcpu::check_affinity(&config.affinity, config.cpus)?;
     let regions = memmap::ram_regions(config.memory)?;
+    let pci_devices = pci::devices_from_config(config)?;
     memory::check_host_fits(config.memory)?;
     let kvm = open_kvm()?;
-    let vm = create_vm(&kvm)?;
+    let vm = Arc::new(create_vm(&kvm)?);
     let mem = memory::create(&regions)?;
     memory::register(&vm, &mem)?;
 
@@ -156,8 +160,9 @@ pub fn run_with(
         .transpose()?;
     let interactive = runtime.is_none() && console::stdin_is_tty();
     let devices = machine::LegacyDevices::create(&vm)?;
-    let io_bus = Arc::new(devices.io_bus()?);
-    let mmio_bus = Arc::new(devices::Bus::new());
+    let pci = PciDevices::create(&vm, &mem, pci_devices)?;
+    let (io_bus, mmio_bus) = machine::buses(&devices, &pci)?;
+    let (io_bus, mmio_bus) = (Arc::new(io_bus), Arc::new(mmio_bus));
 
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -180,14 +185,17 @@ pub fn run_with(
     } else {
         None
     };
+    let console_input = pci
+        .console_input()
+        .unwrap_or_else(|| devices.console_input());
     match runtime.as_mut() {
         Some(rt) => rt.start(VmParts {
             control: control.clone(),
             keyboard: devices.keyboard(),
-            input: devices.console_input(),
+            input: console_input,
             memory_bytes: config.memory,
         })?,
-        None => console::spawn_stdin_reader(devices.console_input(), control.clone(), interactive),
+        None => console::spawn_stdin_reader(console_input, control.clone(), interactive),
     }
 
     let mut threads = Vec::with_capacity(vcpus.len());

@@ -3,15 +3,30 @@
 //! It holds the `\_S5_` sleep-type package, which the OS needs to power
 //! off, and the devices that cannot be found by probing (the pvpanic port).
 //! The body is a list of AML objects built with the `acpi_tables::aml`
-//! builder; a PCI host bridge with `_CRS`/`_PRT` is added by appending to
-//! that list (or to the `\_SB` scope).
+//! builder.
+//!
+//! The PCI host bridge `\_SB.PCI0` (PNP0A08, segment 0, bus 0) owns the
+//! configuration ports, an I/O window, the 32-bit MMIO window BARs live in,
+//! and routes each slot's INTA-INTD to IOAPIC GSIs 16-19 through `_PRT`. A
+//! motherboard resource device (PNP0C02) claims the ECAM range, which is
+//! what Linux wants to see before it trusts the MCFG table.
 
-use acpi_tables::aml::{Device, Name, Package, Path, ResourceTemplate, Scope, IO};
+use acpi_tables::aml::{
+    AddressSpace, AddressSpaceCacheable, Device, EISAName, Memory32Fixed, Name, Package, Path,
+    ResourceTemplate, Scope, IO,
+};
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
 
 use super::{OEM_ID, OEM_REVISION, OEM_TABLE_ID};
-use crate::layout::{ACPI_S5_SLP_TYP, PVPANIC_PORT};
+use crate::layout::{
+    pci_intx_gsi, ACPI_S5_SLP_TYP, PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN, PCI_ECAM_SIZE,
+    PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START, PVPANIC_PORT,
+};
+
+/// PCI device slots on bus 0 that `_PRT` describes (slot 0 is the host
+/// bridge, which raises no interrupt).
+const PCI_SLOTS: u32 = 32;
 
 /// Revision 2: AML integers are 64 bits wide.
 const DSDT_REVISION: u8 = 2;
@@ -41,6 +56,76 @@ fn pvpanic() -> Vec<u8> {
     aml
 }
 
+fn aml_bytes(object: &dyn Aml) -> Vec<u8> {
+    let mut aml = Vec::new();
+    object.to_aml_bytes(&mut aml);
+    aml
+}
+
+/// `_PRT`: pin p of slot s (address 0xSSSSFFFF) to GSI 16 + (s + p) % 4,
+/// with no link device (source 0, index = the GSI).
+fn pci_routing() -> Vec<u8> {
+    let mut entries = Vec::new();
+    for slot in 1..PCI_SLOTS {
+        for pin in 0..4u32 {
+            let address = (slot << 16) | 0xffff;
+            let pin_byte = pin as u8;
+            let source = 0u8;
+            let gsi = pci_intx_gsi(slot, pin);
+            entries.push(aml_bytes(&Package::new(vec![
+                &address, &pin_byte, &source, &gsi,
+            ])));
+        }
+    }
+    let raws: Vec<Raw> = entries.into_iter().map(Raw).collect();
+    let refs: Vec<&dyn Aml> = raws.iter().map(|r| r as &dyn Aml).collect();
+    aml_bytes(&Name::new(Path::new("_PRT"), &Package::new(refs)))
+}
+
+/// The host bridge's resources: bus 0, the configuration ports, the I/O
+/// space around them, and the 32-bit MMIO window.
+fn pci_resources() -> Vec<u8> {
+    let buses = AddressSpace::<u16>::new_bus_number(0, 0);
+    let config_port = PCI_CONFIG_PORT as u16;
+    let config_io = IO::new(config_port, config_port, 1, PCI_CONFIG_PORT_LEN as u8);
+    let io_low = AddressSpace::<u16>::new_io(0, config_port - 1, None);
+    let io_high = AddressSpace::<u16>::new_io(0x0d00, 0xffff, None);
+    let mmio = AddressSpace::<u32>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO_START as u32,
+        (PCI_MMIO_START + PCI_MMIO_SIZE - 1) as u32,
+        None,
+    );
+    let resources = ResourceTemplate::new(vec![&buses, &config_io, &io_low, &io_high, &mmio]);
+    aml_bytes(&Name::new(Path::new("_CRS"), &resources))
+}
+
+/// `\_SB.PCI0`, the PCI Express host bridge.
+fn pci_host_bridge() -> Vec<u8> {
+    let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0A08"));
+    let cid = Name::new(Path::new("_CID"), &EISAName::new("PNP0A03"));
+    let adr = Name::new(Path::new("_ADR"), &0u8);
+    let seg = Name::new(Path::new("_SEG"), &0u8);
+    let bbn = Name::new(Path::new("_BBN"), &0u8);
+    let uid = Name::new(Path::new("_UID"), &0u8);
+    let crs = Raw(pci_resources());
+    let prt = Raw(pci_routing());
+    aml_bytes(&Device::new(
+        Path::new("PCI0"),
+        vec![&hid, &cid, &adr, &seg, &bbn, &uid, &crs, &prt],
+    ))
+}
+
+/// A motherboard resource device that reserves the ECAM range.
+fn ecam_reservation() -> Vec<u8> {
+    let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0C02"));
+    let uid = Name::new(Path::new("_UID"), &1u8);
+    let ecam = Memory32Fixed::new(false, PCI_ECAM_START as u32, PCI_ECAM_SIZE as u32);
+    let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&ecam]));
+    aml_bytes(&Device::new(Path::new("ECAM"), vec![&hid, &uid, &crs]))
+}
+
 /// Raw AML bytes, for objects whose builders borrow their children.
 struct Raw(Vec<u8>);
 
@@ -54,7 +139,9 @@ impl Aml for Raw {
 pub fn dsdt() -> Vec<u8> {
     let s5 = sleep_state_s5();
     let pvpanic = Raw(pvpanic());
-    let system_bus = Scope::new(Path::new("\\_SB_"), vec![&pvpanic]);
+    let pci = Raw(pci_host_bridge());
+    let ecam = Raw(ecam_reservation());
+    let system_bus = Scope::new(Path::new("\\_SB_"), vec![&pvpanic, &pci, &ecam]);
     let body: Vec<&dyn Aml> = vec![&s5, &system_bus];
 
     let mut table = Sdt::new(

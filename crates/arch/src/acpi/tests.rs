@@ -104,13 +104,110 @@ fn every_table_has_a_valid_checksum_and_length() {
 }
 
 #[test]
-fn xsdt_lists_fadt_and_madt() {
+fn xsdt_lists_fadt_madt_and_mcfg() {
     let (mem, rsdp) = tables(1);
     let signatures: Vec<_> = xsdt_tables(&mem, rsdp)
         .iter()
         .map(|t| t[..4].to_vec())
         .collect();
-    assert_eq!(signatures, [b"FACP".to_vec(), b"APIC".to_vec()]);
+    assert_eq!(
+        signatures,
+        [b"FACP".to_vec(), b"APIC".to_vec(), b"MCFG".to_vec()]
+    );
+}
+
+#[test]
+fn mcfg_points_at_the_ecam_for_bus_0() {
+    let (mem, rsdp) = tables(1);
+    let tables = xsdt_tables(&mem, rsdp);
+    let m = find(&tables, b"MCFG");
+    assert_eq!(m.len(), 44 + 16, "header, reserved, one allocation");
+    assert_eq!(u64_at(m, 44), crate::layout::PCI_ECAM_START);
+    assert_eq!(u16_at(m, 52), 0, "segment");
+    assert_eq!((m[54], m[55]), (0, 0), "bus range 0-0");
+}
+
+fn dsdt_bytes() -> Vec<u8> {
+    let (mem, rsdp) = tables(1);
+    let tables = xsdt_tables(&mem, rsdp);
+    table(&mem, u64_at(find(&tables, b"FACP"), 140))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn dsdt_has_a_pci_express_host_bridge() {
+    let dsdt = dsdt_bytes();
+    assert!(contains(&dsdt, b"PCI0"));
+    // _HID EisaId("PNP0A08") and _CID EisaId("PNP0A03"), as DWord constants.
+    assert!(contains(
+        &dsdt,
+        &[b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x08]
+    ));
+    assert!(contains(
+        &dsdt,
+        &[b'_', b'C', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x03]
+    ));
+    for name in [b"_SEG", b"_BBN", b"_UID", b"_CRS", b"_PRT"] {
+        assert!(contains(&dsdt, name), "{}", String::from_utf8_lossy(name));
+    }
+}
+
+#[test]
+fn host_bridge_resources_cover_the_config_ports_and_the_mmio_window() {
+    use crate::layout::{PCI_MMIO_SIZE, PCI_MMIO_START};
+    let dsdt = dsdt_bytes();
+    // IO(Decode16, 0xCF8, 0xCF8, 1, 8)
+    assert!(contains(
+        &dsdt,
+        &[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]
+    ));
+    // DWordMemory: min and max of the window, back to back.
+    let mut window = (PCI_MMIO_START as u32).to_le_bytes().to_vec();
+    window.extend_from_slice(&((PCI_MMIO_START + PCI_MMIO_SIZE - 1) as u32).to_le_bytes());
+    assert!(contains(&dsdt, &window));
+    // WordBusNumber 0-0: type 2.
+    assert!(contains(&dsdt, &[0x88, 0x0d, 0x00, 0x02]));
+}
+
+#[test]
+fn prt_routes_each_slot_pin_to_gsi_16_to_19() {
+    let dsdt = dsdt_bytes();
+    // Package { 0x0003FFFF, 1 (INTB), 0, 16 }: slot 3 INTB goes to
+    // 16 + (3 + 1) % 4 = 16.
+    let entry = [
+        0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x03, 0x00, 0x01, 0x00, 0x0a, 0x10,
+    ];
+    assert!(contains(&dsdt, &entry));
+    // Slot 1 INTA → GSI 17.
+    let entry = [
+        0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x01, 0x00, 0x00, 0x00, 0x0a, 0x11,
+    ];
+    assert!(contains(&dsdt, &entry));
+}
+
+/// Writes the DSDT to `$FERROVISOR_DUMP_DSDT` for `iasl -d`, when set.
+#[test]
+fn dsdt_can_be_dumped_for_disassembly() {
+    let dsdt = dsdt_bytes();
+    assert!(sums_to_zero(&dsdt));
+    if let Ok(path) = std::env::var("FERROVISOR_DUMP_DSDT") {
+        std::fs::write(path, &dsdt).unwrap();
+    }
+}
+
+#[test]
+fn ecam_is_claimed_by_a_motherboard_resource() {
+    let dsdt = dsdt_bytes();
+    // _HID EisaId("PNP0C02")
+    assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0c, 0x02]));
+    // Memory32Fixed(ReadOnly, ECAM base, ECAM size)
+    let mut fixed = vec![0x86, 0x09, 0x00, 0x00];
+    fixed.extend_from_slice(&(crate::layout::PCI_ECAM_START as u32).to_le_bytes());
+    fixed.extend_from_slice(&(crate::layout::PCI_ECAM_SIZE as u32).to_le_bytes());
+    assert!(contains(&dsdt, &fixed));
 }
 
 #[test]

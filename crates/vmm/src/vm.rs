@@ -134,21 +134,7 @@ pub fn run_with(
     let mem = memory::create(&regions)?;
     memory::register(&vm, &mem)?;
 
-    let rsdp = machine::write_acpi_tables(&mem, config.cpus)?;
-    let e820 = memmap::e820_map(&regions);
-    let kernel = loader::load(
-        &mem,
-        &BootSpec {
-            kernel: &config.kernel,
-            initramfs: config.initramfs.as_deref(),
-            cmdline: &config.cmdline,
-            e820: &e820,
-            low_ram_end: memmap::low_ram_end(&regions),
-            mem_size: config.memory,
-            rsdp_addr: rsdp,
-        },
-    )?;
-    machine::write_boot_tables(&mem, kernel.mode)?;
+    let kernel = load_guest(&mem, config, &regions)?;
 
     let control = Arc::new(
         Control::new(usize::from(config.cpus), start).with_affinity(config.affinity.clone()),
@@ -164,18 +150,14 @@ pub fn run_with(
     let (io_bus, mmio_bus) = machine::buses(&devices, &pci)?;
     let (io_bus, mmio_bus) = (Arc::new(io_bus), Arc::new(mmio_bus));
 
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| VmError::Kvm("read KVM's supported CPUID", e))?;
-    let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
-    for index in 0..config.cpus {
-        let fd = vm
-            .create_vcpu(u64::from(index))
-            .map_err(|e| VmError::Kvm("create a vCPU", e))?;
-        let vcpu = Vcpu::new(index, fd, io_bus.clone(), mmio_bus.clone(), control.clone());
-        vcpu.configure(&supported, config.cpus, (index == 0).then_some(&kernel))?;
-        vcpus.push(vcpu);
-    }
+    let vcpus = create_vcpus(
+        &kvm,
+        &vm,
+        config.cpus,
+        &kernel,
+        (io_bus, mmio_bus),
+        &control,
+    )?;
 
     vcpu::install_kick_handler()?;
     block_stop_signals();
@@ -198,21 +180,15 @@ pub fn run_with(
         None => console::spawn_stdin_reader(console_input, control.clone(), interactive),
     }
 
-    let mut threads = Vec::with_capacity(vcpus.len());
-    for vcpu in vcpus {
-        let spawned = std::thread::Builder::new()
-            .name("vcpu".into())
-            .spawn(move || vcpu.run());
-        match spawned {
-            Ok(handle) => threads.push(handle),
-            Err(e) => {
-                // Stop the vCPUs already running before guest memory goes.
-                control.request_exit(VmExit::Stopped("a failed vCPU start".into()));
-                stop_vcpus(threads, mem);
-                return Err(VmError::Thread("vCPU", e));
-            }
+    let threads = match start_vcpus(vcpus) {
+        Ok(threads) => threads,
+        Err((threads, e)) => {
+            // Stop the vCPUs already running before guest memory goes.
+            control.request_exit(VmExit::Stopped("a failed vCPU start".into()));
+            stop_vcpus(threads, mem);
+            return Err(VmError::Thread("vCPU", e));
         }
-    }
+    };
 
     let exit = supervise(&control, &threads);
     stop_vcpus(threads, mem);
@@ -228,6 +204,72 @@ pub fn run_with(
         exits_mmio: exits.mmio.load(Relaxed),
         exits_other: exits.other.load(Relaxed),
     })
+}
+
+/// Writes the ACPI tables, loads the kernel, initramfs and command line, and
+/// writes the boot tables for the kernel's entry mode.
+fn load_guest(
+    mem: &GuestMemory,
+    config: &VmConfig,
+    regions: &[(u64, u64)],
+) -> Result<loader::LoadedKernel, VmError> {
+    let rsdp = machine::write_acpi_tables(mem, config.cpus)?;
+    let e820 = memmap::e820_map(regions);
+    let kernel = loader::load(
+        mem,
+        &BootSpec {
+            kernel: &config.kernel,
+            initramfs: config.initramfs.as_deref(),
+            cmdline: &config.cmdline,
+            e820: &e820,
+            low_ram_end: memmap::low_ram_end(regions),
+            mem_size: config.memory,
+            rsdp_addr: rsdp,
+        },
+    )?;
+    machine::write_boot_tables(mem, kernel.mode)?;
+    Ok(kernel)
+}
+
+/// Creates and configures every vCPU; the first gets the kernel's entry.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    cpus: u8,
+    kernel: &loader::LoadedKernel,
+    (io_bus, mmio_bus): (Arc<devices::Bus>, Arc<devices::Bus>),
+    control: &Arc<Control>,
+) -> Result<Vec<Vcpu>, VmError> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmError::Kvm("read KVM's supported CPUID", e))?;
+    let mut vcpus = Vec::with_capacity(usize::from(cpus));
+    for index in 0..cpus {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|e| VmError::Kvm("create a vCPU", e))?;
+        let vcpu = Vcpu::new(index, fd, io_bus.clone(), mmio_bus.clone(), control.clone());
+        vcpu.configure(&supported, cpus, (index == 0).then_some(kernel))?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+/// Starts a thread per vCPU. On failure, returns the threads already started
+/// with the error, so that the caller stops them before guest memory goes.
+type StartFailure = (Vec<JoinHandle<()>>, std::io::Error);
+fn start_vcpus(vcpus: Vec<Vcpu>) -> Result<Vec<JoinHandle<()>>, StartFailure> {
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        let spawned = std::thread::Builder::new()
+            .name("vcpu".into())
+            .spawn(move || vcpu.run());
+        match spawned {
+            Ok(handle) => threads.push(handle),
+            Err(e) => return Err((threads, e)),
+        }
+    }
+    Ok(threads)
 }
 
 fn kick(threads: &[JoinHandle<()>]) {

@@ -80,10 +80,10 @@ struct CreateBody {
 impl CreateBody {
     /// Parses the body field by field, so that an error names the field.
     fn parse(body: &[u8]) -> Result<CreateBody, String> {
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| format!("body: not JSON: {e}"))?;
-        let Value::Object(fields) = value else {
-            return Err("body: not a JSON object".into());
+        let fields = match serde_json::from_slice::<UniqueObject>(body) {
+            Ok(UniqueObject(fields)) => fields,
+            Err(e) if e.is_data() => return Err(format!("body: {e}")),
+            Err(e) => return Err(format!("body: not JSON: {e}")),
         };
         if let Some(key) = fields
             .keys()
@@ -106,6 +106,36 @@ impl CreateBody {
             config: text("config")?,
             start,
         })
+    }
+}
+
+/// A JSON object whose keys are all different (serde_json alone keeps the
+/// last of two equal keys, so `{"name":"a","name":"b"}` would pass).
+struct UniqueObject(serde_json::Map<String, Value>);
+
+impl<'de> serde::Deserialize<'de> for UniqueObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = UniqueObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UniqueObject, A::Error> {
+                let mut fields = serde_json::Map::new();
+                while let Some((key, value)) = map.next_entry::<String, Value>()? {
+                    if fields.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format!("{key}: given twice")));
+                    }
+                    fields.insert(key, value);
+                }
+                Ok(UniqueObject(fields))
+            }
+        }
+        d.deserialize_any(Visit)
     }
 }
 
@@ -158,7 +188,16 @@ pub fn route(daemon: &Daemon, req: &Request) -> Route {
 }
 
 fn list(daemon: &Daemon) -> Reply {
-    let guests: Vec<Value> = daemon.all().iter().map(|g| g.info(false)).collect();
+    // Each guest is asked in its own thread, so that one stalled VMM costs
+    // a listing at most one short timeout, not one per guest.
+    let all = daemon.all();
+    let guests: Vec<Value> = std::thread::scope(|s| {
+        let asks: Vec<_> = all.iter().map(|g| s.spawn(|| g.info(false))).collect();
+        asks.into_iter()
+            .zip(&all)
+            .map(|(ask, g)| ask.join().unwrap_or_else(|_| json!({ "name": g.name })))
+            .collect()
+    });
     Reply::ok(json!({ "guests": guests }))
 }
 
@@ -180,8 +219,21 @@ fn create(daemon: &Daemon, body: &[u8]) -> Reply {
     };
     if body.start {
         let _op = guest.begin();
+        if guest.is_deleted() {
+            return Reply::error(404, format!("no guest named '{}'", body.name));
+        }
         if let Err(e) = guest.start(daemon.exe(), &daemon.events) {
-            return e.into();
+            // All or nothing: a guest that did not start is not kept.
+            let mut reply = Reply::from(e);
+            let undone = daemon.delete_locked(&body.name, &guest).is_ok();
+            if let Some(Value::String(message)) = reply.body.get_mut("error") {
+                message.push_str(if undone {
+                    "; the guest was not created"
+                } else {
+                    "; the guest was created but not started"
+                });
+            }
+            return reply;
         }
     }
     Reply {
@@ -220,6 +272,10 @@ fn action_on(daemon: &Daemon, name: &str, action: &str, req: &Request) -> Reply 
         Duration::ZERO
     };
     let _op = guest.begin();
+    // The guest may have been deleted while this waited for its lock.
+    if guest.is_deleted() {
+        return Reply::error(404, format!("no guest named '{name}'"));
+    }
     let done: Result<Option<&str>, GuestError> = match action {
         "start" => guest.start(daemon.exe(), &daemon.events).map(|()| None),
         "pause" => guest.set_paused(true, &daemon.events).map(|()| None),

@@ -16,9 +16,8 @@ use crate::guest::{self, Guest, GuestError, Record, State};
 /// Errors of registry operations.
 #[derive(Debug, Error)]
 pub enum RegistryError {
-    #[error(
-        "'{0}' is not a guest name (1 to 64 of A-Z a-z 0-9 . _ -, not starting with '.' or '-')"
-    )]
+    /// The message is the config crate's own (`config::check_guest_name`).
+    #[error("{0}")]
     BadName(String),
     #[error("bad guest description")]
     Description(#[from] DescriptionError),
@@ -135,7 +134,7 @@ impl Daemon {
     /// temporary directory, renamed into place.
     pub fn create(&self, name: &str, text: &str) -> Result<Arc<Guest>, RegistryError> {
         check_name(name)?;
-        let (summary, text) = description::check(text)?;
+        let (summary, text) = description::check_new(text)?;
         let text = text.as_str();
         let mut map = self.map();
         if map.contains_key(name) {
@@ -184,10 +183,25 @@ impl Daemon {
     }
 
     /// Deletes a guest that is not running: its directory goes too.
+    ///
+    /// The guest is looked up, then its operation lock is waited for; by
+    /// then another delete may have removed it, and a new guest may have
+    /// been created under the same name. So the guest found first must
+    /// still be the registered one, and not yet deleted.
     pub fn delete(&self, name: &str) -> Result<(), RegistryError> {
         let guest = self.get(name)?;
         let _op = guest.begin();
+        self.delete_locked(name, &guest)
+    }
+
+    /// Deletes `guest` (registered as `name`) whose operation lock the
+    /// caller holds.
+    pub fn delete_locked(&self, name: &str, guest: &Arc<Guest>) -> Result<(), RegistryError> {
         let mut map = self.map();
+        let registered = map.get(name).is_some_and(|g| Arc::ptr_eq(g, guest));
+        if guest.is_deleted() || !registered {
+            return Err(RegistryError::Unknown(name.to_string()));
+        }
         guest.mark_deleted()?;
         map.remove(name);
         drop(map);

@@ -25,13 +25,55 @@ const ORIGIN: &str = "config";
 /// written back in canonical form (absolute paths, every field explicit),
 /// which is what the daemon stores and hands to the VMM.
 pub fn check(text: &str) -> Result<(Summary, String), DescriptionError> {
-    let config = config::parse_guest(text, ORIGIN, Path::new("/"))
-        .map_err(|e| DescriptionError(one_line(&e)))?;
+    let config = parse(text)?;
+    Ok(summarize(&config))
+}
+
+/// Like [`check`], for a new guest: also the files it boots from (kernel,
+/// initramfs, disk images) must be readable regular files now, so that a
+/// guest that cannot start is refused at once, naming the field.
+pub fn check_new(text: &str) -> Result<(Summary, String), DescriptionError> {
+    let config = parse(text)?;
+    check_file("kernel", &config.kernel)?;
+    if let Some(initramfs) = &config.initramfs {
+        check_file("initramfs", initramfs)?;
+    }
+    for (i, disk) in config.disks.iter().enumerate() {
+        check_file(&format!("disk[{i}].path"), &disk.path)?;
+    }
+    Ok(summarize(&config))
+}
+
+/// Checks that `path` (the value of `field`) is a readable regular file.
+fn check_file(field: &str, path: &Path) -> Result<(), DescriptionError> {
+    let fail = |why: String| DescriptionError(format!("{field}: {}: {why}", path.display()));
+    let meta = std::fs::metadata(path).map_err(|e| fail(io_text(&e)))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    std::fs::File::open(path).map_err(|e| fail(io_text(&e)))?;
+    Ok(())
+}
+
+/// An I/O error's text without the "(os error N)" suffix.
+fn io_text(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
+}
+
+fn parse(text: &str) -> Result<config::VmConfig, DescriptionError> {
+    config::parse_guest(text, ORIGIN, Path::new("/")).map_err(|e| DescriptionError(one_line(&e)))
+}
+
+fn summarize(config: &config::VmConfig) -> (Summary, String) {
     let summary = Summary {
         cpus: u32::from(config.cpus),
         memory_bytes: config.memory,
     };
-    Ok((summary, config::to_guest_toml(&config)))
+    (summary, config::to_guest_toml(config))
 }
 
 /// Checks a guest name as system files do: 1 to 32 of a-z, 0-9 and -.

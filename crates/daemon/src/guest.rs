@@ -31,6 +31,9 @@ pub const RUNTIME: &str = "run";
 const POLL: Duration = Duration::from_millis(200);
 /// How long a start waits for the new VMM's control socket.
 const CONTROL_READY: Duration = Duration::from_secs(10);
+/// How long a listing waits for a VMM's own facts before it shows the last
+/// ones it had, marked stale.
+pub const INFO_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Errors of a guest operation; the API maps them to status codes.
 #[derive(Debug, Error)]
@@ -47,6 +50,10 @@ pub enum GuestError {
     Process(#[from] process::ProcessError),
     #[error("cannot record the guest's state")]
     Json(#[from] serde_json::Error),
+    #[error("guest '{name}' did not start: {reason}")]
+    StartFailed { name: String, reason: String },
+    #[error("guest '{name}' is still {state} after SIGKILL")]
+    StillLive { name: String, state: State },
 }
 
 /// A guest's lifecycle state.
@@ -162,6 +169,9 @@ pub struct Guest {
     pub summary: Summary,
     op: Mutex<()>,
     data: Mutex<GuestData>,
+    /// The VMM's last answer to `info` (run number, reply), shown marked
+    /// stale when the VMM does not answer in time.
+    last_vmm_info: Mutex<Option<(u64, Value)>>,
 }
 
 /// Locks a mutex, recovering from a panicked holder.
@@ -263,6 +273,7 @@ impl Guest {
                 run_end: None,
                 killing: false,
             }),
+            last_vmm_info: Mutex::new(None),
         }
     }
 
@@ -369,27 +380,34 @@ impl Guest {
             run_end.set(end.clone());
             guest.finish(run, end, &events);
         });
-        self.wait_control();
-        Ok(())
+        self.wait_control()
     }
 
-    /// Waits until a just-started VMM answers on its control socket (or its
-    /// run ended), so that the next operation finds it ready.
-    fn wait_control(&self) {
+    /// Waits until a just-started VMM answers on its control socket, so
+    /// that the next operation finds it ready. A VMM that ends first did not
+    /// start: the error carries its exit reason (the guest is then stopped
+    /// or crashed, as recorded).
+    fn wait_control(&self) -> Result<(), GuestError> {
         let deadline = Instant::now() + CONTROL_READY;
         let socket = self.runtime().join("control.sock");
         while Instant::now() < deadline {
             if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-                return;
+                return Ok(());
             }
-            if self
-                .run_end()
-                .is_none_or(|end| end.wait(Duration::ZERO).is_some())
-            {
-                return;
+            let Some(run_end) = self.run_end() else {
+                return Ok(());
+            };
+            if let Some((exit, _)) = run_end.wait(Duration::ZERO) {
+                // Let the watcher record the end before answering.
+                self.wait_end(Duration::from_secs(5));
+                return Err(GuestError::StartFailed {
+                    name: self.name.clone(),
+                    reason: exit.reason,
+                });
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        Ok(())
     }
 
     /// Takes over a guest whose process outlived an earlier daemon: if the
@@ -493,6 +511,18 @@ impl Guest {
             process::signal(id.pid, libc::SIGKILL);
         }
         self.wait_end(Duration::from_secs(10));
+        self.check_ended()
+    }
+
+    /// After a SIGKILL: an error if the guest is still recorded live.
+    fn check_ended(&self) -> Result<(), GuestError> {
+        let state = lock(&self.data).record.state;
+        if state.is_live() {
+            return Err(GuestError::StillLive {
+                name: self.name.clone(),
+                state,
+            });
+        }
         Ok(())
     }
 
@@ -542,7 +572,14 @@ impl Guest {
             process::signal(id.pid, libc::SIGKILL);
         }
         self.wait_end(short);
+        self.check_ended()?;
         Ok("kill")
+    }
+
+    /// Whether the guest was deleted (a lifecycle operation that waited for
+    /// its lock must then do nothing).
+    pub fn is_deleted(&self) -> bool {
+        lock(&self.data).deleted
     }
 
     /// Marks the guest deleted if it is not live; the caller removes the
@@ -554,6 +591,23 @@ impl Guest {
         }
         data.deleted = true;
         Ok(())
+    }
+
+    /// What the VMM of run `run` reports about itself, asked with a short
+    /// timeout; when it does not answer, the last answer of this run, and
+    /// `true` (stale).
+    fn vmm_facts(&self, run: u64) -> (Option<Value>, bool) {
+        let ask = json!({"op": "info"});
+        match process::control(&self.runtime(), &ask, INFO_TIMEOUT) {
+            Ok(reply) => {
+                *lock(&self.last_vmm_info) = Some((run, reply.clone()));
+                (Some(reply), false)
+            }
+            Err(_) => {
+                let cached = lock(&self.last_vmm_info).clone();
+                (cached.filter(|(r, _)| *r == run).map(|(_, v)| v), true)
+            }
+        }
     }
 
     /// Seconds-level facts for listings: the record plus, for a live guest,
@@ -571,16 +625,18 @@ impl Guest {
             "exits": null,
             "uptime_ms": null,
             "vcpu_tids": null,
+            "stale": false,
         });
         if record.state.is_live() {
             if let Some(id) = self.live_identity() {
                 info["cpu_time_ms"] = json!(process::cpu_time_ms(id.pid));
-                let ask = json!({"op": "info"});
-                if let Ok(reply) = process::control(&self.runtime(), &ask, Duration::from_secs(2)) {
-                    info["exits"] = reply.get("exits").cloned().unwrap_or(Value::Null);
-                    info["uptime_ms"] = reply.get("uptime_ms").cloned().unwrap_or(Value::Null);
-                    info["vcpu_tids"] = reply.get("vcpu_tids").cloned().unwrap_or(Value::Null);
+                let (facts, stale) = self.vmm_facts(record.runs);
+                if let Some(reply) = facts {
+                    for key in ["exits", "uptime_ms", "vcpu_tids"] {
+                        info[key] = reply.get(key).cloned().unwrap_or(Value::Null);
+                    }
                 }
+                info["stale"] = json!(stale);
             }
         }
         if detailed {

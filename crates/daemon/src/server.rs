@@ -26,6 +26,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferrovisor";
 const MAX_CONNECTIONS: usize = 256;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the listener waits after a failed accept before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// The upgrade token of a console attach.
 pub const CONSOLE_PROTOCOL: &str = "ferrovisor-console";
 
@@ -88,7 +90,17 @@ pub fn serve(options: &Options) -> Result<(), ServeError> {
     let daemon = Arc::new(daemon);
     let active = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
-        let Ok(mut stream) = stream else { continue };
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                // Out of descriptors (EMFILE) or memory: retrying at once
+                // would spin; wait for connections to finish.
+                if !matches!(e.kind(), std::io::ErrorKind::Interrupted) {
+                    std::thread::sleep(ACCEPT_BACKOFF);
+                }
+                continue;
+            }
+        };
         if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::SeqCst);
             let body = Reply::error(503, "too many connections").body.to_string();

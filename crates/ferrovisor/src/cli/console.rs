@@ -51,7 +51,7 @@ impl Drop for RawMode {
 /// Runs `ferrovisor console`.
 pub fn main(rest: &[String]) -> Result<ExitCode, CliError> {
     let words = Words::parse(rest, &["socket", "tail"], &["log"])?;
-    let name = &words.exactly(1, "one guest name")?[0];
+    let name = words.guest_name()?;
     let client = words.client();
     if words.switch("log") {
         let tail = match words.flag("tail") {

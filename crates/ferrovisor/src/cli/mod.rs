@@ -115,6 +115,14 @@ impl Words {
         Client::new(self.flag("socket").unwrap_or(daemon::DEFAULT_SOCKET))
     }
 
+    /// The one positional word, a guest name checked before it goes into a
+    /// URL.
+    fn guest_name(&self) -> Result<&str, CliError> {
+        let name = &self.exactly(1, "one guest name")?[0];
+        check_name(name)?;
+        Ok(name)
+    }
+
     /// Exactly `n` positional words, named `what` in the error.
     fn exactly(&self, n: usize, what: &str) -> Result<&[String], CliError> {
         if self.positional.len() == n {
@@ -123,6 +131,11 @@ impl Words {
             Err(CliError::Usage(format!("expected {what}")))
         }
     }
+}
+
+/// Checks a guest name as the daemon will (a usage error otherwise).
+fn check_name(name: &str) -> Result<(), CliError> {
+    config::check_guest_name(name).map_err(|e| CliError::Usage(e.to_string()))
 }
 
 /// Prints `value` as pretty JSON.
@@ -198,6 +211,7 @@ fn create(rest: &[String]) -> Result<ExitCode, CliError> {
         Some(n) => n.to_string(),
         None => name_from_file(&file)?,
     };
+    check_name(&name)?;
     // Read here, so that relative paths are taken from the file's directory.
     let guest = config::load_guest(&file).map_err(|e| CliError::Description(e.to_string()))?;
     let text = config::to_guest_toml(&guest);
@@ -218,12 +232,18 @@ fn action(command: &str, rest: &[String]) -> Result<ExitCode, CliError> {
         &["socket"]
     };
     let words = Words::parse(rest, valued, &["json"])?;
-    let name = &words.exactly(1, "one guest name")?[0];
+    let name = words.guest_name()?;
+    let timeout = match words.flag("timeout") {
+        None => None,
+        Some(t) => Some(t.parse::<u64>().map_err(|_| {
+            CliError::Usage(format!("--timeout: '{t}' is not a number of seconds"))
+        })?),
+    };
     let client = words.client();
     let result = if command == "delete" {
         client.call("DELETE", &format!("/guests/{name}"), None)?
     } else {
-        let target = match words.flag("timeout") {
+        let target = match timeout {
             Some(t) => format!("/guests/{name}/{command}?timeout={t}"),
             None => format!("/guests/{name}/{command}"),
         };
@@ -286,7 +306,7 @@ fn list(rest: &[String]) -> Result<ExitCode, CliError> {
 
 fn info(rest: &[String]) -> Result<ExitCode, CliError> {
     let words = Words::parse(rest, &["socket"], &["json"])?;
-    let name = &words.exactly(1, "one guest name")?[0];
+    let name = words.guest_name()?;
     let info = words
         .client()
         .call("GET", &format!("/guests/{name}"), None)?;

@@ -132,14 +132,25 @@ impl TestDaemon {
         }
     }
 
-    /// One API call; the response is checked against openapi.json.
+    /// One API call; the request and the response are checked against
+    /// openapi.json. A request the document does not allow (tests send
+    /// some on purpose) must be refused: 400, or 404/405 for a path or
+    /// method it does not describe.
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let request = openapi::check_request(method, path, body.as_ref());
         let client = daemon::Client::new(&self.socket);
         let response = client
             .raw(method, path, body.as_ref())
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         if let Err(e) = openapi::check_response(method, path, response.status, &response.body) {
             panic!("{e}\nbody: {}", String::from_utf8_lossy(&response.body));
+        }
+        if let Err(e) = request {
+            assert!(
+                matches!(response.status, 400 | 404 | 405),
+                "{method} {path}: a request outside the document ({e}) got {}",
+                response.status
+            );
         }
         let value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
         (response.status, value)

@@ -158,6 +158,58 @@ pub fn check_response(method: &str, path: &str, status: u16, body: &[u8]) -> Res
     Ok(())
 }
 
+/// Checks one request against the document: the operation is described,
+/// each query parameter is one it lists with a value of its schema (an
+/// integer within its bounds), and a body is sent exactly when the
+/// operation takes one and matches its schema.
+pub fn check_request(method: &str, path: &str, body: Option<&Value>) -> Result<(), String> {
+    let doc = document();
+    let template =
+        template_for(doc, path).ok_or_else(|| format!("{path} is not in openapi.json"))?;
+    let operation = &doc["paths"][&template][method.to_ascii_lowercase()];
+    if operation.is_null() {
+        return Err(format!("{method} {template} is not in openapi.json"));
+    }
+    let params = operation["parameters"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let query = path.split_once('?').map_or("", |(_, q)| q);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, text) = pair.split_once('=').unwrap_or((pair, ""));
+        let param = params
+            .iter()
+            .find(|p| p["in"] == "query" && p["name"] == key)
+            .ok_or_else(|| {
+                format!("{method} {template}: query parameter '{key}' is not described")
+            })?;
+        let value = match param["schema"]["type"].as_str() {
+            Some("integer") => text
+                .parse::<i64>()
+                .map(Value::from)
+                .map_err(|_| format!("{method} {template}: {key}={text} is not an integer"))?,
+            _ => Value::from(text),
+        };
+        validate(
+            doc,
+            &param["schema"],
+            &value,
+            &format!("{method} {template} ?{key}"),
+        )?;
+    }
+    let schema = operation["requestBody"]["content"]["application/json"].get("schema");
+    match (schema, body) {
+        (Some(schema), Some(body)) => {
+            validate(doc, schema, body, &format!("{method} {template} body"))
+        }
+        (Some(_), None) if operation["requestBody"]["required"] == true => {
+            Err(format!("{method} {template}: the body is required"))
+        }
+        (None, Some(_)) => Err(format!("{method} {template} takes no body")),
+        _ => Ok(()),
+    }
+}
+
 /// Checks one event line against the Event schema.
 pub fn check_event(event: &Value) -> Result<(), String> {
     let doc = document();
@@ -181,7 +233,8 @@ fn the_validator_refuses_what_the_schema_forbids() {
     let info = &doc["components"]["schemas"]["GuestSummary"];
     let mut guest = serde_json::json!({
         "name": "a", "state": "running", "vcpus": 1, "memory_bytes": 1, "pid": 3,
-        "exit": null, "cpu_time_ms": null, "exits": 5, "uptime_ms": 1, "vcpu_tids": [4]
+        "exit": null, "cpu_time_ms": null, "exits": 5, "uptime_ms": 1, "vcpu_tids": [4],
+        "stale": false
     });
     assert!(validate(doc, info, &guest, "g").is_ok());
     guest["state"] = "dancing".into();
@@ -194,4 +247,32 @@ fn the_validator_refuses_what_the_schema_forbids() {
     assert!(check_response("PUT", "/guests/a", 405, b"{}").is_err());
     assert!(check_response("PUT", "/guests/a", 405, br#"{"error":"no"}"#).is_ok());
     assert!(check_response("GET", "/nowhere", 200, b"{}").is_err());
+}
+
+#[test]
+fn the_validator_checks_requests_too() {
+    let good = serde_json::json!({"name": "a", "config": "kernel = \"/k\"\n", "start": true});
+    assert!(check_request("POST", "/guests", Some(&good)).is_ok());
+    for bad in [
+        serde_json::json!({"config": "x"}),
+        serde_json::json!({"name": "a", "config": 5}),
+        serde_json::json!({"name": "a", "config": "x", "start": "yes"}),
+        serde_json::json!({"name": "a", "config": "x", "extra": 1}),
+        serde_json::json!([1]),
+    ] {
+        assert!(
+            check_request("POST", "/guests", Some(&bad)).is_err(),
+            "{bad}"
+        );
+    }
+    assert!(check_request("POST", "/guests", None).is_err());
+    assert!(check_request("GET", "/guests", Some(&good)).is_err());
+    assert!(check_request("POST", "/guests/a/stop?timeout=5", None).is_ok());
+    assert!(check_request("POST", "/guests/a/stop?timeout=soon", None).is_err());
+    assert!(check_request("POST", "/guests/a/stop?timeout=3601", None).is_err());
+    assert!(check_request("POST", "/guests/a/stop?wait=5", None).is_err());
+    assert!(check_request("POST", "/guests/a/start?timeout=5", None).is_err());
+    assert!(check_request("GET", "/guests/a/console?tail=3", None).is_ok());
+    assert!(check_request("GET", "/guests/a/console?tail=lots", None).is_err());
+    assert!(check_request("PUT", "/guests", None).is_err());
 }

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+#[cfg(test)]
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -218,6 +220,99 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A daemon in a fresh directory and a description whose kernel exists.
+    fn scratch(tag: &str) -> (PathBuf, Daemon, String) {
+        let dir = std::env::temp_dir().join(format!("fv-daemon-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("scratch dir");
+        let kernel = dir.join("vmlinuz");
+        fs::write(&kernel, b"not run").expect("kernel");
+        let daemon = Daemon::open(&dir.join("state"), PathBuf::from("/bin/false")).expect("open");
+        let text = format!("kernel = \"{}\"\n", kernel.display());
+        (dir, daemon, text)
+    }
+
+    #[test]
+    fn a_delete_that_waited_spares_a_new_guest_of_the_same_name() {
+        let (dir, daemon, text) = scratch("spare");
+        let old = daemon.create("web", &text).expect("create");
+        std::thread::scope(|s| {
+            // An operation holds the old guest; a delete queues behind it.
+            let op = old.begin();
+            let late = s.spawn(|| daemon.delete("web"));
+            while !late.is_finished() && daemon.get("web").is_ok() {
+                // Meanwhile the old guest goes (as another delete would do
+                // it) and a new one takes its name.
+                std::thread::sleep(Duration::from_millis(20));
+                old.mark_deleted().expect("mark");
+                daemon.map().remove("web");
+                fs::remove_dir_all(&old.dir).expect("remove");
+            }
+            let new = daemon.create("web", &text).expect("create again");
+            drop(op);
+            let outcome = late.join().expect("delete thread");
+            assert!(
+                matches!(outcome, Err(RegistryError::Unknown(ref n)) if n == "web"),
+                "{outcome:?}"
+            );
+            let still = daemon.get("web").expect("the new guest is still there");
+            assert!(Arc::ptr_eq(&still, &new));
+            assert!(new.dir.join(guest::DESCRIPTION).exists());
+        });
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_bad_name_is_one_message_the_config_rule() {
+        let e = check_name("../x").expect_err("bad name");
+        assert_eq!(
+            e.to_string(),
+            "'../x' is not a guest name (1 to 32 characters: a-z, 0-9 and -)"
+        );
+    }
+
+    #[test]
+    fn create_refuses_boot_files_that_are_not_there() {
+        let (dir, daemon, _) = scratch("files");
+        let cases = [
+            (
+                "kernel = \"/nonexistent/vmlinuz\"\n",
+                "bad guest description: kernel: /nonexistent/vmlinuz: No such file or directory",
+            ),
+            (
+                "kernel = \"/\"\n",
+                "bad guest description: kernel: /: not a regular file",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = daemon.create("x", text).expect_err("refused");
+            assert_eq!(crate::description::one_line(&e), want);
+        }
+        let kernel = dir.join("vmlinuz");
+        let text = format!(
+            "kernel = \"{}\"\ninitramfs = \"/nonexistent/initrd\"\n",
+            kernel.display()
+        );
+        let e = daemon.create("x", &text).expect_err("refused");
+        assert!(one(&e).contains(": initramfs: /nonexistent/initrd"), "{e}");
+        let text = format!(
+            "kernel = \"{}\"\n[[disk]]\npath = \"/nonexistent/disk.img\"\n",
+            kernel.display()
+        );
+        let e = daemon.create("x", &text).expect_err("refused");
+        assert!(
+            one(&e).contains(": disk[0].path: /nonexistent/disk.img"),
+            "{e}"
+        );
+        assert!(daemon.get("x").is_err());
+        assert_eq!(fs::read_dir(&daemon.guests_dir).expect("dir").count(), 0);
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    fn one(e: &RegistryError) -> String {
+        crate::description::one_line(e)
+    }
 
     #[test]
     fn names_are_checked() {

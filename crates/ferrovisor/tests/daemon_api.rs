@@ -258,7 +258,11 @@ fn bad_descriptions_and_bodies_get_400_and_change_nothing() {
         (json!({"name": "x", "config": "kernel = [\n"}), "line"),
         (
             json!({"name": "Bad Name", "config": echo_description()}),
-            "Bad Name",
+            "'Bad Name' is not a guest name (1 to 32 characters: a-z, 0-9 and -)",
+        ),
+        (
+            json!({"name": "../x", "config": echo_description()}),
+            "'../x' is not a guest name (1 to 32 characters: a-z, 0-9 and -)",
         ),
         (json!({"config": echo_description()}), "name"),
         (
@@ -643,4 +647,273 @@ fn the_daemon_skips_broken_guest_directories_and_owns_its_state_alone() {
     assert_eq!(list["guests"][0]["name"], "fine");
     assert!(d.log().contains("skipping guest 'junk'"), "{}", d.log());
     assert!(!guests.join(".new-half-1").exists());
+}
+
+/// A stop of the echo guest (which ignores Ctrl-Alt-Del) holds its lock
+/// for about `secs` seconds; returns the thread running it.
+fn slow_stop<'s, 'e>(
+    s: &'s std::thread::Scope<'s, 'e>,
+    d: &'e TestDaemon,
+    name: &'e str,
+    secs: u32,
+) -> std::thread::ScopedJoinHandle<'s, u16> {
+    let stop = s.spawn(move || {
+        d.call("POST", &format!("/guests/{name}/stop?timeout={secs}"), None)
+            .0
+    });
+    // Give the stop time to take the lock (it holds it for seconds).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    stop
+}
+
+#[test]
+fn racing_deletes_give_one_200_and_one_404() {
+    let d = TestDaemon::start();
+    d.create_echo("twice", true);
+    d.wait_console("twice", "ready");
+    let (stop, deletes) = std::thread::scope(|s| {
+        let stop = slow_stop(s, &d, "twice", 2);
+        let deletes: Vec<_> = (0..2)
+            .map(|_| s.spawn(|| d.call("DELETE", "/guests/twice", None)))
+            .collect();
+        let deletes: Vec<(u16, Value)> = deletes
+            .into_iter()
+            .map(|t| t.join().expect("delete"))
+            .collect();
+        (stop.join().expect("stop"), deletes)
+    });
+    assert_eq!(stop, 200);
+    let mut statuses: Vec<u16> = deletes.iter().map(|(s, _)| *s).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 404], "{deletes:?}");
+    let lost = deletes.iter().find(|(s, _)| *s == 404).expect("404");
+    assert_eq!(lost.1["error"], "no guest named 'twice'");
+    assert!(d.guest_dirs().is_empty(), "{:?}", d.guest_dirs());
+    d.create_echo("twice", false);
+}
+
+#[test]
+fn an_operation_queued_behind_a_delete_finds_no_guest_and_leaves_nothing() {
+    let d = &TestDaemon::start();
+    d.create_echo("doomed", true);
+    d.wait_console("doomed", "ready");
+    let (delete, start) = std::thread::scope(|s| {
+        let stop = slow_stop(s, &d, "doomed", 2);
+        let delete = s.spawn(|| d.call("DELETE", "/guests/doomed", None).0);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let start = s.spawn(|| d.call("POST", "/guests/doomed/start", None));
+        assert_eq!(stop.join().expect("stop"), 200);
+        (delete.join().expect("delete"), start.join().expect("start"))
+    });
+    if delete == 200 {
+        // The delete went first: the start must not bring back a directory.
+        assert_eq!(start.0, 404, "{}", start.1);
+        assert_eq!(start.1["error"], "no guest named 'doomed'");
+        assert!(d.guest_dirs().is_empty(), "{:?}", d.guest_dirs());
+        d.create_echo("doomed", false);
+    } else {
+        // The start went first: the delete was refused, the guest runs.
+        assert_eq!(delete, 409);
+        assert_eq!(start.0, 200, "{}", start.1);
+        assert_eq!(d.info("doomed")["state"], "running");
+        d.expect("POST", "/guests/doomed/kill", None, 200);
+    }
+    // Every other operation on a deleted guest is refused the same way.
+    let ops = std::thread::scope(|s| {
+        d.expect("POST", "/guests/doomed/start", None, 200);
+        d.wait_console("doomed", "ready");
+        let stop = slow_stop(s, &d, "doomed", 2);
+        let delete = s.spawn(|| d.call("DELETE", "/guests/doomed", None).0);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let ops: Vec<_> = ["pause", "resume", "kill", "stop"]
+            .into_iter()
+            .map(|op| {
+                s.spawn(move || (op, d.call("POST", &format!("/guests/doomed/{op}"), None).0))
+            })
+            .collect();
+        assert_eq!(stop.join().expect("stop"), 200);
+        assert_eq!(delete.join().expect("delete"), 200);
+        ops.into_iter()
+            .map(|t| t.join().expect("op"))
+            .collect::<Vec<_>>()
+    });
+    // Each queued operation found the guest gone, or (had it run before
+    // the delete) found it stopped.
+    for (op, status) in ops {
+        assert!(matches!(status, 404 | 409), "{op}: {status}");
+    }
+    assert!(d.guest_dirs().is_empty(), "{:?}", d.guest_dirs());
+}
+
+#[test]
+fn a_guest_that_cannot_boot_is_refused_at_create_or_start() {
+    let d = TestDaemon::start();
+    // Files that are not there: 400 at create, naming the field.
+    let (status, reply) = d.call(
+        "POST",
+        "/guests",
+        Some(json!({"name": "nokernel", "config": "kernel = \"/nonexistent/vmlinuz\"\n"})),
+    );
+    assert_eq!(status, 400, "{reply}");
+    assert_eq!(
+        reply["error"],
+        "bad guest description: kernel: /nonexistent/vmlinuz: No such file or directory"
+    );
+    let disk = format!(
+        "{}[[disk]]\npath = \"/nonexistent/disk.img\"\n",
+        echo_description()
+    );
+    let (status, reply) = d.call(
+        "POST",
+        "/guests",
+        Some(json!({"name": "nodisk", "config": disk})),
+    );
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .expect("error")
+            .ends_with("disk[0].path: /nonexistent/disk.img: No such file or directory"),
+        "{reply}"
+    );
+    assert!(d.guest_dirs().is_empty(), "{:?}", d.guest_dirs());
+
+    // A file that is not a kernel: the VMM ends at once; start says why.
+    let junk = d.dir.join("junk.bin");
+    std::fs::write(&junk, b"not a kernel").expect("write");
+    let config = format!("kernel = \"{}\"\n", junk.display());
+    d.expect(
+        "POST",
+        "/guests",
+        Some(json!({"name": "junk", "config": config})),
+        201,
+    );
+    let reply = d.expect("POST", "/guests/junk/start", None, 500);
+    let message = reply["error"].as_str().expect("error");
+    assert!(
+        message.starts_with("guest 'junk' did not start: ") && message.contains("is not a kernel"),
+        "{message}"
+    );
+    let info = d.info("junk");
+    assert_eq!(info["state"], "crashed", "{info}");
+    assert!(info["exit"]["reason"]
+        .as_str()
+        .expect("reason")
+        .contains("is not a kernel"));
+    // The CLI fails with that line.
+    let out = d.cli(&["start", "junk"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("did not start") && err.contains("is not a kernel"),
+        "{err}"
+    );
+
+    // More memory than the host has: the same, and create with start is
+    // all or nothing, so a corrected retry succeeds.
+    let huge = format!(
+        "{}memory = \"4096G\"\n",
+        echo_description().replace("memory = \"32M\"\n", "")
+    );
+    let (status, reply) = d.call(
+        "POST",
+        "/guests",
+        Some(json!({"name": "big", "config": huge, "start": true})),
+    );
+    assert_eq!(status, 500, "{reply}");
+    let message = reply["error"].as_str().expect("error");
+    assert!(
+        message.starts_with("guest 'big' did not start: "),
+        "{message}"
+    );
+    assert!(
+        message.ends_with("; the guest was not created"),
+        "{message}"
+    );
+    d.expect("GET", "/guests/big", None, 404);
+    assert_eq!(d.guest_dirs(), ["junk"]);
+    let retried = d.create_echo("big", true);
+    assert_eq!(retried["state"], "running", "{retried}");
+}
+
+#[test]
+fn a_stalled_vmm_shows_its_last_facts_marked_stale() {
+    let d = TestDaemon::start();
+    d.create_echo("stalled", true);
+    d.create_echo("lively", true);
+    d.wait_console("stalled", "ready");
+    d.wait_console("lively", "ready");
+    let before = d.info("stalled");
+    assert_eq!(before["stale"], false, "{before}");
+    let tids = before["vcpu_tids"].clone();
+    assert!(tids.is_array(), "{before}");
+    let pid = before["pid"].as_i64().expect("pid") as i32;
+    daemon::process::signal(pid, libc::SIGSTOP);
+    let list = d.expect("GET", "/guests", None, 200);
+    daemon::process::signal(pid, libc::SIGCONT);
+    let guests = list["guests"].as_array().expect("guests");
+    let stalled = guests
+        .iter()
+        .find(|g| g["name"] == "stalled")
+        .expect("stalled");
+    let lively = guests
+        .iter()
+        .find(|g| g["name"] == "lively")
+        .expect("lively");
+    assert_eq!(stalled["stale"], true, "{stalled}");
+    assert_eq!(stalled["state"], "running", "{stalled}");
+    assert_eq!(stalled["vcpu_tids"], tids, "{stalled}");
+    assert!(stalled["exits"].is_u64(), "{stalled}");
+    assert_eq!(lively["stale"], false, "{lively}");
+    // Once it answers again, the facts are fresh.
+    let deadline = Instant::now() + LIMIT;
+    while d.info("stalled")["stale"] != false {
+        assert!(Instant::now() < deadline, "never fresh again");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_request_body_with_a_repeated_key_is_refused() {
+    let d = TestDaemon::start();
+    let body = format!(
+        "{{\"name\":\"a\",\"name\":\"b\",\"config\":{}}}",
+        Value::from(echo_description())
+    );
+    let request = format!(
+        "POST /guests HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let reply = d.raw_exchange(request.as_bytes());
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.contains("name: given twice"), "{reply}");
+    assert!(d.guest_dirs().is_empty(), "{:?}", d.guest_dirs());
+}
+
+#[test]
+fn the_cli_checks_names_and_timeouts_before_asking() {
+    let d = TestDaemon::start();
+    for (args, want) in [
+        (
+            &["start", "../x"][..],
+            "ferrovisor start: '../x' is not a guest name (1 to 32 characters: a-z, 0-9 and -)",
+        ),
+        (
+            &["info", "a?b"],
+            "ferrovisor info: 'a?b' is not a guest name (1 to 32 characters: a-z, 0-9 and -)",
+        ),
+        (
+            &["stop", "web", "--timeout", "5&x=1"],
+            "ferrovisor stop: --timeout: '5&x=1' is not a number of seconds",
+        ),
+        (
+            &["console", "a/b", "--log"],
+            "ferrovisor console: 'a/b' is not a guest name (1 to 32 characters: a-z, 0-9 and -)",
+        ),
+    ] {
+        let out = d.cli(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr).trim_end(), want);
+    }
 }

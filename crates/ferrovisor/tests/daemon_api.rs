@@ -698,7 +698,7 @@ fn an_operation_queued_behind_a_delete_finds_no_guest_and_leaves_nothing() {
     d.create_echo("doomed", true);
     d.wait_console("doomed", "ready");
     let (delete, start) = std::thread::scope(|s| {
-        let stop = slow_stop(s, &d, "doomed", 2);
+        let stop = slow_stop(s, d, "doomed", 2);
         let delete = s.spawn(|| d.call("DELETE", "/guests/doomed", None).0);
         std::thread::sleep(std::time::Duration::from_millis(300));
         let start = s.spawn(|| d.call("POST", "/guests/doomed/start", None));
@@ -722,7 +722,7 @@ fn an_operation_queued_behind_a_delete_finds_no_guest_and_leaves_nothing() {
     let ops = std::thread::scope(|s| {
         d.expect("POST", "/guests/doomed/start", None, 200);
         d.wait_console("doomed", "ready");
-        let stop = slow_stop(s, &d, "doomed", 2);
+        let stop = slow_stop(s, d, "doomed", 2);
         let delete = s.spawn(|| d.call("DELETE", "/guests/doomed", None).0);
         std::thread::sleep(std::time::Duration::from_millis(300));
         let ops: Vec<_> = ["pause", "resume", "kill", "stop"]

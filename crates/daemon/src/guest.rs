@@ -689,6 +689,37 @@ mod tests {
     }
 
     #[test]
+    fn a_kill_that_leaves_the_guest_live_says_so() {
+        // Recorded running, but with no process the daemon can signal or
+        // see end: the kill cannot change the state and must not say 200.
+        let record = Record {
+            state: State::Running,
+            pid: None,
+            start_ticks: None,
+            started_ms: None,
+            exit: None,
+            runs: 1,
+            created_ms: 0,
+        };
+        let summary = Summary {
+            cpus: 1,
+            memory_bytes: 1 << 20,
+        };
+        let guest = Guest::new(
+            "stuck",
+            PathBuf::from("/nonexistent/stuck"),
+            String::new(),
+            summary,
+            record,
+        );
+        let e = guest.kill().expect_err("still live");
+        assert_eq!(
+            e.to_string(),
+            "guest 'stuck' is still running after SIGKILL"
+        );
+    }
+
+    #[test]
     fn record_round_trips_through_json() {
         let record = Record {
             state: State::Paused,

@@ -917,3 +917,33 @@ fn the_cli_checks_names_and_timeouts_before_asking() {
         assert_eq!(String::from_utf8_lossy(&out.stderr).trim_end(), want);
     }
 }
+
+#[test]
+fn connections_beyond_the_limit_get_503_and_the_daemon_recovers() {
+    let d = TestDaemon::start();
+    // Idle connections that have not sent their request yet hold a slot.
+    let held: Vec<_> = (0..256)
+        .map(|_| std::os::unix::net::UnixStream::connect(&d.socket).expect("connect"))
+        .collect();
+    let mut extra = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
+    extra.set_read_timeout(Some(LIMIT)).expect("timeout");
+    let mut reply = Vec::new();
+    let _ = extra.read_to_end(&mut reply);
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    let body = reply.split("\r\n\r\n").nth(1).unwrap_or("");
+    for (method, path) in [("GET", "/guests"), ("POST", "/guests/a/start")] {
+        control::openapi::check_response(method, path, 503, body.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    drop(held);
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let client = daemon::Client::new(&d.socket);
+        match client.raw("GET", "/guests", None) {
+            Ok(r) if r.status == 200 => break,
+            other => assert!(Instant::now() < deadline, "no recovery: {other:?}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

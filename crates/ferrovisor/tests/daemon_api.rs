@@ -837,6 +837,30 @@ fn a_guest_that_cannot_boot_is_refused_at_create_or_start() {
     assert_eq!(retried["state"], "running", "{retried}");
 }
 
+/// Waits until every thread of `pid` is stopped (a SIGSTOP takes effect
+/// on each thread as it next runs).
+fn wait_stopped(pid: i32) {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+        let all_stopped = tasks.flatten().all(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next();
+            matches!(state, Some("T" | "t"))
+        });
+        if all_stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{pid} never stopped");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn a_stalled_vmm_shows_its_last_facts_marked_stale() {
     let d = TestDaemon::start();
@@ -850,6 +874,7 @@ fn a_stalled_vmm_shows_its_last_facts_marked_stale() {
     assert!(tids.is_array(), "{before}");
     let pid = before["pid"].as_i64().expect("pid") as i32;
     daemon::process::signal(pid, libc::SIGSTOP);
+    wait_stopped(pid);
     let list = d.expect("GET", "/guests", None, 200);
     daemon::process::signal(pid, libc::SIGCONT);
     let guests = list["guests"].as_array().expect("guests");

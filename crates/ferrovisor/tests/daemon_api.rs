@@ -876,7 +876,15 @@ fn a_stalled_vmm_shows_its_last_facts_marked_stale() {
     daemon::process::signal(pid, libc::SIGSTOP);
     wait_stopped(pid);
     let list = d.expect("GET", "/guests", None, 200);
+    let table = d.cli(&["list"]);
     daemon::process::signal(pid, libc::SIGCONT);
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("stalled "))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains(" running* "), "{table}");
+    assert!(table.contains("did not answer in time"), "{table}");
     let guests = list["guests"].as_array().expect("guests");
     let stalled = guests
         .iter()

@@ -288,11 +288,17 @@ fn list(rest: &[String]) -> Result<ExitCode, CliError> {
         "{:<20} {:<8} {:>5} {:>7} {:>8} {:>9}",
         "NAME", "STATE", "VCPUS", "MEMORY", "PID", "UPTIME"
     );
+    let mut stale = false;
     for g in listing["guests"].as_array().into_iter().flatten() {
+        let mut state = g["state"].as_str().unwrap_or("?").to_string();
+        if g["stale"] == true {
+            state.push('*');
+            stale = true;
+        }
         println!(
             "{:<20} {:<8} {:>5} {:>7} {:>8} {:>9}",
             g["name"].as_str().unwrap_or("?"),
-            g["state"].as_str().unwrap_or("?"),
+            state,
             g["vcpus"].as_u64().unwrap_or(0),
             human_size(g["memory_bytes"].as_u64().unwrap_or(0)),
             g["pid"].as_i64().map_or("-".to_string(), |p| p.to_string()),
@@ -300,6 +306,9 @@ fn list(rest: &[String]) -> Result<ExitCode, CliError> {
                 .as_u64()
                 .map_or("-".to_string(), human_duration),
         );
+    }
+    if stale {
+        println!("* its VMM did not answer in time: last known figures");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -329,6 +338,7 @@ fn info(rest: &[String]) -> Result<ExitCode, CliError> {
         "uptime_ms",
         "cpu_time_ms",
         "exits",
+        "stale",
     ] {
         println!("{key:<13} {}", show(&info[key]));
     }

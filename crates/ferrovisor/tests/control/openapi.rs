@@ -117,11 +117,19 @@ pub fn validate(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<
 pub fn check_response(method: &str, path: &str, status: u16, body: &[u8]) -> Result<(), String> {
     let doc = document();
     let error_reply = |status: u16| -> Result<(), String> {
-        // Unknown paths (404) and methods (405) answer with an Error; the
-        // document's description says so.
+        // Unknown paths (404) answer with an Error, as the document's
+        // description says; a method a path lacks (405) with the
+        // MethodNotAllowed response of its components.
+        let schema = match status {
+            405 => doc["components"]["responses"]["MethodNotAllowed"]["content"]
+                ["application/json"]
+                .get("schema")
+                .ok_or("components.responses.MethodNotAllowed is not described")?,
+            _ => &doc["components"]["schemas"]["Error"],
+        };
         let value: Value = serde_json::from_slice(body)
             .map_err(|e| format!("{method} {path} {status}: body is not JSON: {e}"))?;
-        validate(doc, &doc["components"]["schemas"]["Error"], &value, path)
+        validate(doc, schema, &value, path)
     };
     let Some(template) = template_for(doc, path) else {
         return match status {

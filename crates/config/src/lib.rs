@@ -4,8 +4,8 @@
 //! flags, plus the host CPUs each vCPU may run on ([`parse_guest`],
 //! [`load_guest`]). A **system file** names several guests, inline or by
 //! guest file, and says which start with the system ([`parse_system`],
-//! [`load_system`]). [`to_guest_toml`] writes a [`VmConfig`] back as a guest
-//! file. `docs/config.md` describes both formats.
+//! [`load_system`]). [`to_guest_toml`] and [`to_system_toml`] write them
+//! back. `docs/config.md` describes both formats.
 //!
 //! The text is parsed into a TOML table and then walked key by key, so every
 //! error names the file, the exact field path and the problem, on one line:
@@ -27,7 +27,7 @@ pub use system::{
     MAX_NAME_LEN,
 };
 pub use vmm::config::VmConfig;
-pub use write::to_guest_toml;
+pub use write::{to_guest_toml, to_system_toml};
 
 /// Errors in a description file. Each displays as one line that starts with
 /// the file's name.

@@ -138,6 +138,19 @@ fn written_toml_reads_back_to_the_same_config() {
 }
 
 #[test]
+fn a_written_system_reads_back_with_guests_inline() {
+    let text = format!(
+        "[guests.web]\nstart = \"held\"\n{}\n[guests.db]\nkernel = \"k\"\n",
+        FULL.replace("[[", "[[guests.web.")
+            .replace("[vsock]", "[guests.web.vsock]")
+    );
+    let first = system(&text).unwrap();
+    let written = to_system_toml(&first);
+    let again = parse_system(&written, "written.toml", Path::new("/elsewhere")).unwrap();
+    assert_eq!(again, first, "{written}");
+}
+
+#[test]
 fn memory_is_written_with_a_suffix_when_exact() {
     let c = guest("kernel = \"k\"\nmemory = \"2G\"").unwrap();
     assert!(to_guest_toml(&c).contains("memory = \"2G\""));
@@ -356,4 +369,60 @@ fn a_read_only_disk_may_be_shared() {
 fn every_error_is_one_line() {
     let err = guest_err("kernel = \"a\nb\"");
     assert!(!err.contains('\n'), "{err}");
+}
+
+/// A small deterministic generator for the robustness tests.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn mangled_files_give_one_line_errors_and_never_panic() {
+    let alphabet = b"[]{}=\".,-_ \n\tabkz019#'\\";
+    let system_text = format!("[guests.web]\n{FULL}")
+        .replace("[[", "[[guests.web.")
+        .replace("[vsock]", "[guests.web.vsock]");
+    assert!(system(&system_text).is_ok(), "the seed itself must parse");
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    for round in 0..4000 {
+        let seed = if round % 2 == 0 {
+            FULL
+        } else {
+            system_text.as_str()
+        };
+        let mut bytes = seed.as_bytes().to_vec();
+        for _ in 0..1 + rng.next() % 4 {
+            let at = (rng.next() as usize) % bytes.len();
+            match rng.next() % 3 {
+                0 => bytes[at] = alphabet[(rng.next() as usize) % alphabet.len()],
+                1 => {
+                    bytes.remove(at);
+                }
+                _ => bytes.insert(at, alphabet[(rng.next() as usize) % alphabet.len()]),
+            }
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        let result = if round % 2 == 0 {
+            guest(&text).map(drop)
+        } else {
+            system(&text).map(drop)
+        };
+        if let Err(e) = result {
+            let line = e.to_string();
+            assert!(!line.contains('\n'), "{line}");
+            assert!(
+                line.starts_with("guest.toml: ")
+                    || line.starts_with("system.toml: ")
+                    || line.starts_with(BASE),
+                "{line}"
+            );
+        }
+    }
 }

@@ -1,5 +1,7 @@
-//! Writes a [`VmConfig`] back as guest-file TOML, so that a description can
-//! be stored and read again with [`crate::parse_guest`] to the same value.
+//! Writes a [`VmConfig`] back as guest-file TOML, and a [`System`] back as
+//! a system file, so that a description can be stored and read again with
+//! [`crate::parse_guest`] or [`crate::parse_system`] to the same value
+//! (guests given by file come back inline).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -8,6 +10,7 @@ use toml::Value;
 use vmm::config::{format_cpu_list, VmConfig};
 
 use crate::guest::AFFINITY_ANY;
+use crate::system::System;
 
 /// A TOML string literal, escaped as TOML requires.
 fn quoted(text: &str) -> String {
@@ -56,6 +59,27 @@ fn affinity(config: &VmConfig) -> Option<String> {
 /// included, so the text stands on its own.
 pub fn to_guest_toml(config: &VmConfig) -> String {
     let mut out = String::new();
+    write_guest(&mut out, config, "");
+    out
+}
+
+/// A system file with every guest inline, in order, with its `start`.
+pub fn to_system_toml(system: &System) -> String {
+    let mut out = String::new();
+    for (i, guest) in system.guests.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let prefix = format!("guests.{}.", guest.name);
+        let _ = writeln!(out, "[guests.{}]", guest.name);
+        let _ = writeln!(out, "start = {}", quoted(guest.start.as_str()));
+        write_guest(&mut out, &guest.config, &prefix);
+    }
+    out
+}
+
+/// Writes the guest's keys; its sub-tables are named with `prefix`.
+fn write_guest(out: &mut String, config: &VmConfig, prefix: &str) {
     // Writing to a String cannot fail.
     let _ = writeln!(out, "kernel = {}", path(&config.kernel));
     if let Some(initramfs) = &config.initramfs {
@@ -70,11 +94,11 @@ pub fn to_guest_toml(config: &VmConfig) -> String {
         let _ = writeln!(out, "affinity = {list}");
     }
     for disk in &config.disks {
-        let _ = writeln!(out, "\n[[disk]]\npath = {}", path(&disk.path));
+        let _ = writeln!(out, "\n[[{prefix}disk]]\npath = {}", path(&disk.path));
         let _ = writeln!(out, "readonly = {}", disk.readonly);
     }
     for net in &config.nets {
-        let _ = writeln!(out, "\n[[net]]\ntap = {}", quoted(&net.tap));
+        let _ = writeln!(out, "\n[[{prefix}net]]\ntap = {}", quoted(&net.tap));
         if let Some(m) = net.mac {
             let mac = format!(
                 "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
@@ -84,8 +108,7 @@ pub fn to_guest_toml(config: &VmConfig) -> String {
         }
     }
     if let Some(vsock) = &config.vsock {
-        let _ = writeln!(out, "\n[vsock]\ncid = {}", vsock.cid);
+        let _ = writeln!(out, "\n[{prefix}vsock]\ncid = {}", vsock.cid);
         let _ = writeln!(out, "socket = {}", path(&vsock.socket));
     }
-    out
 }

@@ -22,6 +22,13 @@
 //!   as an MF2 keyboard, raising IRQ 1 for each byte it sends, so `atkbd`
 //!   finishes its probe in a handful of exits instead of timing out.
 //!
+//! Ctrl-Alt-Del: [`I8042::inject_ctrl_alt_del`] makes the keyboard send
+//! the key presses and releases, one IRQ 1 per byte as for any key, in the
+//! scancode set the guest reads (set 1 through the controller's
+//! translation, which Linux keeps on; set 2 without it). Linux turns the
+//! combination into SIGINT for init, which is how a supervisor asks a guest
+//! to shut down.
+//!
 //! Reset: command 0xFE (pulse the reset line), or any 0xF0-0xFF pulse whose
 //! bit 0 is clear, or clearing bit 0 of the output port with 0xD1, returns
 //! [`VmAction::Reset`].
@@ -94,6 +101,14 @@ const KBD_ID_MF2: u8 = 0x83;
 /// The MF2 id byte as it reads through the controller's scancode translation.
 const KBD_ID_MF2_TRANSLATED: u8 = 0x41;
 const KBD_DEFAULT_SCANCODE_SET: u8 = 0x02;
+
+/// Ctrl, Alt and Delete pressed, then released, in scancode set 1 (what
+/// the guest reads with translation on).
+const CTRL_ALT_DEL_SET1: [u8; 8] = [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
+/// The same keys in scancode set 2 (translation off).
+const CTRL_ALT_DEL_SET2: [u8; 11] = [
+    0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14,
+];
 
 /// Where a byte in the output buffer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,6 +280,22 @@ impl I8042 {
             PendingWrite::Aux => {}
         }
         None
+    }
+
+    /// Presses and releases Ctrl-Alt-Del on the keyboard. Returns false,
+    /// sending nothing, when the keyboard's buffer has no room for the whole
+    /// sequence (the guest is not reading it).
+    pub fn inject_ctrl_alt_del(&mut self) -> bool {
+        let keys: &[u8] = if self.ctr() & CTR_TRANSLATE != 0 {
+            &CTRL_ALT_DEL_SET1
+        } else {
+            &CTRL_ALT_DEL_SET2
+        };
+        if self.output.len() + keys.len() > KEYBOARD_BUFFER {
+            return false;
+        }
+        self.keyboard_send(keys);
+        true
     }
 
     /// The keyboard's side: every command is acknowledged at once.
@@ -481,6 +512,53 @@ mod tests {
         let mut data = [0u8];
         dev.read(1, &mut data);
         assert_eq!(data, [0xff]);
+    }
+
+    /// Reads every byte the keyboard sends, one IRQ 1 each, as Linux's
+    /// interrupt handler does.
+    fn drain_keyboard(dev: &mut I8042, irq: &EventFd) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        while irq.read().is_ok() {
+            assert_ne!(status(dev) & STATUS_OUTPUT_FULL, 0);
+            bytes.push(read_data(dev));
+        }
+        assert_eq!(
+            status(dev) & STATUS_OUTPUT_FULL,
+            0,
+            "bytes left unannounced"
+        );
+        bytes
+    }
+
+    #[test]
+    fn ctrl_alt_del_is_pressed_and_released_with_an_irq_per_byte() {
+        let (mut dev, irq) = i8042();
+        assert!(dev.inject_ctrl_alt_del());
+        assert_eq!(
+            drain_keyboard(&mut dev, &irq),
+            [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d]
+        );
+    }
+
+    #[test]
+    fn ctrl_alt_del_uses_set_2_without_translation() {
+        let (mut dev, irq) = i8042();
+        command(&mut dev, CMD_WRITE_RAM);
+        dev.write(DATA_OFFSET, &[CTR_INITIAL & !CTR_TRANSLATE]);
+        assert!(dev.inject_ctrl_alt_del());
+        assert_eq!(
+            drain_keyboard(&mut dev, &irq),
+            [0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14]
+        );
+    }
+
+    #[test]
+    fn ctrl_alt_del_is_all_or_nothing_when_the_guest_does_not_read() {
+        let (mut dev, _irq) = i8042();
+        assert!(dev.inject_ctrl_alt_del());
+        assert!(dev.inject_ctrl_alt_del(), "16 bytes fit twice 8");
+        assert!(!dev.inject_ctrl_alt_del());
+        assert_eq!(dev.output.len(), KEYBOARD_BUFFER);
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub enum ArgsError {
     BadCpus(String),
     #[error("--memory: '{0}' is not a size (examples: 512M, 2G, 1048576K)")]
     BadSize(String),
+    #[error("--affinity: {0}")]
+    BadAffinity(String),
     #[error("unexpected argument '{0}'")]
     Unexpected(String),
     /// A device option string (`--disk`, `--net`, ...) is wrong; the cause
@@ -81,6 +83,11 @@ fn parse_cpus(text: &str) -> Result<u8, ArgsError> {
     }
 }
 
+/// Names `flag` in a device option error.
+fn option_with<T>(result: Result<T, ConfigError>, flag: &'static str) -> Result<T, ArgsError> {
+    result.map_err(|source| ArgsError::Option { flag, source })
+}
+
 /// Parses a device option string, naming `flag` in the error.
 fn option<T: std::str::FromStr<Err = ConfigError>>(
     flag: &'static str,
@@ -111,7 +118,7 @@ fn set_once<T>(slot: &mut Option<T>, value: T, flag: &'static str) -> Result<(),
 }
 
 /// The flags that describe the machine, which a guest file replaces.
-const MACHINE_FLAGS: [&str; 11] = [
+const MACHINE_FLAGS: [&str; 12] = [
     "--kernel",
     "--initramfs",
     "--initrd",
@@ -123,6 +130,7 @@ const MACHINE_FLAGS: [&str; 11] = [
     "--console",
     "--rng",
     "--vsock",
+    "--affinity",
 ];
 
 /// The flags of `run`, as given (each one at most once unless repeatable).
@@ -138,6 +146,10 @@ struct RunFlags {
     console: Option<ConsoleMode>,
     rng: bool,
     vsock: Option<VsockConfig>,
+    /// `--affinity LIST`: every vCPU.
+    affinity_all: Option<Vec<usize>>,
+    /// `--affinity VCPU=LIST`: one vCPU each.
+    affinity_each: Vec<(usize, Vec<usize>)>,
     stats: bool,
     config: Option<PathBuf>,
     runtime_dir: Option<PathBuf>,
@@ -188,6 +200,7 @@ impl RunFlags {
                 option("--vsock", &value("--vsock")?)?,
                 "--vsock",
             )?,
+            "--affinity" => self.affinity(&value("--affinity")?)?,
             "--stats" => self.stats = true,
             "--config" => set_once(
                 &mut self.config,
@@ -205,6 +218,49 @@ impl RunFlags {
         Ok(true)
     }
 
+    /// `--affinity LIST` or `--affinity VCPU=LIST`.
+    fn affinity(&mut self, text: &str) -> Result<(), ArgsError> {
+        let list = |t: &str| option_with(config::parse_cpu_list(t), "--affinity");
+        match text.split_once('=') {
+            None => set_once(&mut self.affinity_all, list(text)?, "--affinity"),
+            Some((vcpu, cpus)) => {
+                let index: usize = vcpu.parse().map_err(|_| {
+                    ArgsError::BadAffinity(format!("'{vcpu}' is not a vCPU number"))
+                })?;
+                if self.affinity_each.iter().any(|(i, _)| *i == index) {
+                    return Err(ArgsError::BadAffinity(format!("vCPU {index} given twice")));
+                }
+                self.affinity_each.push((index, list(cpus)?));
+                Ok(())
+            }
+        }
+    }
+
+    /// The per-vCPU affinity for `cpus` vCPUs.
+    fn affinity_for(&self, cpus: u8) -> Result<Vec<Vec<usize>>, ArgsError> {
+        if let Some(all) = &self.affinity_all {
+            if !self.affinity_each.is_empty() {
+                return Err(ArgsError::BadAffinity(
+                    "give one list for every vCPU, or VCPU=LIST for each, not both".into(),
+                ));
+            }
+            return Ok(vec![all.clone(); usize::from(cpus)]);
+        }
+        let mut lists = Vec::new();
+        for (index, cpus_allowed) in &self.affinity_each {
+            if *index >= usize::from(cpus) {
+                return Err(ArgsError::BadAffinity(format!(
+                    "vCPU {index} does not exist (the guest has {cpus})"
+                )));
+            }
+            if lists.len() <= *index {
+                lists.resize(index + 1, Vec::new());
+            }
+            lists[*index] = cpus_allowed.clone();
+        }
+        Ok(lists)
+    }
+
     fn into_run_args(self) -> Result<RunArgs, ArgsError> {
         if let Some(file) = self.config {
             if let Some(flag) = self.machine_flag {
@@ -216,18 +272,20 @@ impl RunFlags {
                 runtime_dir: self.runtime_dir,
             });
         }
+        let cpus = self.cpus.unwrap_or(config::DEFAULT_CPUS);
+        let affinity = self.affinity_for(cpus)?;
         let vm = VmConfig {
             kernel: self.kernel.ok_or(ArgsError::NoKernel)?,
             initramfs: self.initramfs,
             cmdline: self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),
-            cpus: self.cpus.unwrap_or(config::DEFAULT_CPUS),
+            cpus,
             memory: self.memory.unwrap_or(DEFAULT_MEMORY),
             disks: self.disks,
             nets: self.nets,
             console: self.console.unwrap_or_default(),
             rng: self.rng,
             vsock: self.vsock,
-            affinity: Vec::new(),
+            affinity,
         };
         Ok(RunArgs {
             guest: Guest::Flags(vm),
@@ -397,6 +455,49 @@ mod tests {
         );
         assert_eq!(message("run --kernel k --disk"), "--disk needs a value");
         assert_eq!(message("run --kernel k --rng=on"), "--rng takes no value");
+    }
+
+    #[test]
+    fn affinity_for_every_vcpu_or_each() {
+        assert_eq!(
+            run("run --kernel k --cpus 2 --affinity 0-1").vm.affinity,
+            vec![vec![0, 1], vec![0, 1]]
+        );
+        assert_eq!(
+            run("run --kernel k --cpus 3 --affinity 1=3 --affinity 0=2,4")
+                .vm
+                .affinity,
+            vec![vec![2, 4], vec![3]]
+        );
+        assert!(run("run --kernel k").vm.affinity.is_empty());
+    }
+
+    #[test]
+    fn affinity_errors_name_the_flag() {
+        assert_eq!(
+            message("run --kernel k --affinity 0-"),
+            "--affinity: '0-' is not a list of host CPUs like 0,2-3 (each below 1024)"
+        );
+        assert_eq!(
+            message("run --kernel k --affinity x=1"),
+            "--affinity: 'x' is not a vCPU number"
+        );
+        assert_eq!(
+            message("run --kernel k --affinity 0=1 --affinity 0=2"),
+            "--affinity: vCPU 0 given twice"
+        );
+        assert_eq!(
+            message("run --kernel k --cpus 2 --affinity 2=1"),
+            "--affinity: vCPU 2 does not exist (the guest has 2)"
+        );
+        assert_eq!(
+            message("run --kernel k --affinity 1 --affinity 0=1"),
+            "--affinity: give one list for every vCPU, or VCPU=LIST for each, not both"
+        );
+        assert_eq!(
+            message("run --kernel k --affinity 1 --affinity 2"),
+            "--affinity given twice"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use args::{Command, Guest, RunArgs};
-use vmm::{RunReport, VmExit};
+use vmm::{RunOptions, RunReport, VmExit};
 
 const USAGE: &str = "\
 ferrovisor: a hypervisor for Linux hosts with KVM
@@ -16,7 +16,8 @@ ferrovisor: a hypervisor for Linux hosts with KVM
 Usage:
   ferrovisor run --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus N] [--memory SIZE]
                  [--disk path=FILE[,readonly=on]]... [--net tap=NAME[,mac=MAC]]...
-                 [--console serial|virtio] [--rng] [--vsock cid=N,socket=PATH] [--stats]
+                 [--console serial|virtio] [--rng] [--vsock cid=N,socket=PATH]
+                 [--affinity CPUS | --affinity VCPU=CPUS...] [--runtime-dir DIR] [--stats]
   ferrovisor run --config GUEST.toml [--runtime-dir DIR] [--stats]
   ferrovisor --help | --version
 ";
@@ -43,6 +44,9 @@ Ctrl-A x stops it.
   --rng              a virtio-rng device fed from the host's getrandom
   --vsock cid=N,socket=PATH
                      a virtio-vsock device; host side on the unix socket PATH
+  --affinity CPUS    pin every vCPU thread to these host CPUs (e.g. 2-3)
+  --affinity VCPU=CPUS
+                     pin one vCPU thread (repeatable, e.g. 0=2 1=3)
   --config FILE      read the guest from a TOML guest file (docs/config.md)
                      instead of the flags above
   --runtime-dir DIR  serve DIR/control.sock, write the console to
@@ -97,19 +101,24 @@ fn print_stats(report: &RunReport) {
     );
 }
 
-fn run(args: RunArgs, start: Instant) -> ExitCode {
+/// Runs the guest; returns the exit status and its one-line reason.
+fn run_guest(args: RunArgs, start: Instant) -> (i32, String) {
     let vm = match args.guest {
         Guest::Flags(vm) => vm,
         Guest::File(path) => match config::load_guest(&path) {
             Ok(vm) => vm,
             Err(e) => {
-                eprintln!("ferrovisor: {}", one_line(&e));
-                return ExitCode::from(2);
+                let reason = one_line(&e);
+                eprintln!("ferrovisor: {reason}");
+                return (2, reason);
             }
         },
     };
     warn_if_pvm();
-    match vmm::run(&vm, start) {
+    let options = RunOptions {
+        runtime_dir: args.runtime_dir,
+    };
+    match vmm::run_with(&vm, start, &options) {
         Ok(report) => {
             if args.stats {
                 print_stats(&report);
@@ -119,13 +128,31 @@ fn run(args: RunArgs, start: Instant) -> ExitCode {
             {
                 eprintln!("ferrovisor: {}", report.exit);
             }
-            ExitCode::from(report.exit.status() as u8)
+            (report.exit.status(), report.exit.to_string())
         }
         Err(e) => {
-            eprintln!("ferrovisor: {}", one_line(&e));
-            ExitCode::from(vmm::STATUS_GUEST_FAILED as u8)
+            let reason = one_line(&e);
+            eprintln!("ferrovisor: {reason}");
+            (vmm::STATUS_GUEST_FAILED, reason)
         }
     }
+}
+
+fn run(args: RunArgs, start: Instant) -> ExitCode {
+    let runtime_dir = args.runtime_dir.clone();
+    let (status, reason) = run_guest(args, start);
+    // Without the directory there is nowhere to write the record, and a
+    // directory another VMM serves is not ours to write in; the error line
+    // already said why.
+    if let Some(dir) = runtime_dir.filter(|d| d.is_dir() && !vmm::runtime::dir_in_use(d)) {
+        if let Err(e) = vmm::runtime::write_exit_record(&dir, status, &reason) {
+            eprintln!(
+                "ferrovisor: cannot write {}: {e}",
+                dir.join(vmm::runtime::EXIT_RECORD).display()
+            );
+        }
+    }
+    ExitCode::from(status as u8)
 }
 
 fn main() -> ExitCode {

@@ -18,4 +18,4 @@ pub use root::{
     HostBridge, PciConfigIo, PciConfigMmio, PciFunction, PciMmioWindow, PciRoot, RootError,
     SharedRoot,
 };
-pub use virtio_pci::{IoEvents, VirtioPciDevice, VirtioPciError};
+pub use virtio_pci::{IntxResampler, IoEvents, VirtioPciDevice, VirtioPciError};

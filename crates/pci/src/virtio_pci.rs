@@ -155,6 +155,31 @@ impl Interrupt for PciInterrupt {
     }
 }
 
+/// Re-raises INTx after the guest's end of interrupt while the ISR still has
+/// a bit set: with a level-triggered line asserted through a KVM irqfd with a
+/// resample eventfd, KVM drops the line at EOI and signals the resample
+/// eventfd, and the VMM calls [`IntxResampler::resample`].
+#[derive(Clone)]
+pub struct IntxResampler(Arc<IrqState>);
+
+impl std::fmt::Debug for IntxResampler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntxResampler").finish_non_exhaustive()
+    }
+}
+
+impl IntxResampler {
+    /// Asserts INTx again if the ISR is non-zero and INTx is in use.
+    pub fn resample(&self) -> io::Result<()> {
+        let s = &self.0;
+        let pending = s.isr.load(Ordering::Acquire) != 0;
+        if !pending || s.intx_disabled.load(Ordering::Acquire) || s.msix().enabled() {
+            return Ok(());
+        }
+        s.intx.write(1)
+    }
+}
+
 /// What the driver wrote for one queue.
 #[derive(Debug, Clone, Copy)]
 struct QueueRegs {
@@ -312,6 +337,11 @@ impl VirtioPciDevice {
             queue_select: 0,
             activated: false,
         })
+    }
+
+    /// The handle that re-raises INTx after an end of interrupt.
+    pub fn intx_resampler(&self) -> IntxResampler {
+        IntxResampler(self.irq.clone())
     }
 
     /// The device status register.

@@ -66,7 +66,11 @@ impl Rig {
     }
 
     fn with_features(image: &TempImage, readonly: bool, features: u64) -> Rig {
-        let mut drv = MockDriver::new(MEM, &[QUEUE_SIZE]);
+        Rig::with_memory(image, readonly, features, MEM)
+    }
+
+    fn with_memory(image: &TempImage, readonly: bool, features: u64, mem: usize) -> Rig {
+        let mut drv = MockDriver::new(mem, &[QUEUE_SIZE]);
         let mut dev = Block::open(&image.0, readonly, "ferro-disk-1").unwrap();
         let offered = dev.device_features();
         drv.activate(&mut dev, features & offered).unwrap();
@@ -473,4 +477,124 @@ fn reset_then_reactivate_serves_again() {
     assert_eq!((st, data), (OK, vec![0x66; 512]));
     assert!(!rig.drv.interrupt().needs_reset());
     drop(image);
+}
+
+/// Runs `build` (which publishes a hostile chain) against a disk that
+/// negotiated indirect descriptors when `indirect`, kicks, and checks the
+/// device stops the queue and a second disk keeps working.
+fn hostile_case(indirect: bool, mem: usize, build: impl FnOnce(&mut MockDriver)) {
+    let image = TempImage::new(&[0x66u8; 4096]);
+    let features = if indirect {
+        FEATURES | VIRTIO_RING_F_INDIRECT_DESC
+    } else {
+        FEATURES
+    };
+    let mut rig = Rig::with_memory(&image, false, features, mem);
+    build(&mut rig.drv);
+    rig.drv.kick(0);
+    assert_stopped(&mut rig, &image);
+}
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+
+#[test]
+fn chain_longer_than_the_queue_needs_reset() {
+    hostile_case(true, MEM, |drv| {
+        // One direct descriptor, then an indirect table of QUEUE_SIZE.
+        let h = drv.put(&header(VIRTIO_BLK_T_FLUSH, 0));
+        let table = drv.alloc(16 * u32::from(QUEUE_SIZE));
+        for i in 0..QUEUE_SIZE {
+            let flags = if i + 1 < QUEUE_SIZE { F_NEXT } else { 0 } | F_WRITE;
+            let at = GuestAddress(table.0 + 16 * u64::from(i));
+            drv.write_raw_desc(at, h.0, 1, flags, i + 1);
+        }
+        drv.write_desc(0, 0, h.0, 16, F_NEXT, 1);
+        drv.write_desc(0, 1, table.0, 16 * u32::from(QUEUE_SIZE), F_INDIRECT, 0);
+        drv.publish(0, 0);
+    });
+}
+
+#[test]
+fn total_length_overflowing_u32_needs_reset() {
+    // Three overlapping 1.5 GiB buffers: each inside a 2 GiB memory,
+    // together past 4 GiB.
+    hostile_case(false, 2 << 30, |drv| {
+        let h = drv.put(&header(VIRTIO_BLK_T_IN, 0));
+        let big = 3 << 29;
+        drv.add_chain(
+            0,
+            &[
+                Buf::readable(h, 16),
+                Buf::writable(GuestAddress(0), big),
+                Buf::writable(GuestAddress(0), big),
+                Buf::writable(GuestAddress(0), big),
+            ],
+        );
+    });
+}
+
+#[test]
+fn malformed_indirect_table_needs_reset() {
+    hostile_case(true, MEM, |drv| {
+        let t = drv.alloc(64);
+        drv.write_desc(0, 0, t.0, 24, F_INDIRECT, 0);
+        drv.publish(0, 0);
+    });
+}
+
+#[test]
+fn nested_indirect_table_needs_reset() {
+    hostile_case(true, MEM, |drv| {
+        let t = drv.alloc(32);
+        drv.write_raw_desc(t, t.0, 32, F_INDIRECT, 0);
+        drv.write_desc(0, 0, t.0, 32, F_INDIRECT, 0);
+        drv.publish(0, 0);
+    });
+}
+
+#[test]
+fn indirect_without_the_feature_needs_reset() {
+    hostile_case(false, MEM, |drv| {
+        let h = drv.put(&header(VIRTIO_BLK_T_FLUSH, 0));
+        let s = drv.alloc(1);
+        drv.add_indirect_chain(0, &[Buf::readable(h, 16), Buf::writable(s, 1)]);
+    });
+}
+
+#[test]
+fn next_index_past_the_queue_needs_reset() {
+    hostile_case(false, MEM, |drv| {
+        let h = drv.put(&header(VIRTIO_BLK_T_FLUSH, 0));
+        drv.write_desc(0, 0, h.0, 16, F_NEXT, QUEUE_SIZE + 3);
+        drv.publish(0, 0);
+    });
+}
+
+#[test]
+fn head_index_past_the_queue_needs_reset() {
+    hostile_case(false, MEM, |drv| drv.publish(0, QUEUE_SIZE));
+}
+
+#[test]
+fn avail_index_jump_needs_reset() {
+    hostile_case(false, MEM, |drv| drv.set_avail_idx(0, QUEUE_SIZE + 1));
+}
+
+#[test]
+fn readable_after_writable_needs_reset() {
+    hostile_case(false, MEM, |drv| {
+        let h = drv.put(&header(VIRTIO_BLK_T_OUT, 0));
+        let s = drv.alloc(1);
+        let d = drv.alloc(512);
+        drv.add_chain(
+            0,
+            &[
+                Buf::readable(h, 16),
+                Buf::writable(s, 1),
+                Buf::readable(d, 512),
+            ],
+        );
+    });
 }

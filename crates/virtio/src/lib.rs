@@ -19,6 +19,8 @@ use thiserror::Error;
 
 pub mod block;
 pub mod console;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fuzzing;
 pub mod queue;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]

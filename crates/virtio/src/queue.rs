@@ -50,6 +50,9 @@ pub enum QueueError {
     /// The queue's rings do not lie inside guest memory.
     #[error("the queue's descriptor table or rings are outside guest memory")]
     RingsOutsideMemory,
+    /// The queue size is zero or not a power of two.
+    #[error("the queue size {0} is not a power of two")]
+    BadSize(u16),
     /// The avail ring or used ring could not be accessed.
     #[error("cannot access the queue's rings")]
     RingAccess,
@@ -408,6 +411,31 @@ fn check_buffer(mem: &Memory, desc: &Descriptor, index: u16) -> Result<Buffer, Q
     Ok(Buffer { addr, len })
 }
 
+/// Checks a queue's size and that its descriptor table and rings lie
+/// inside guest memory (`Queue::is_valid` also wants the ready flag, which
+/// is the transport's business).
+pub fn check_rings(mem: &Memory, queue: &Queue) -> Result<(), QueueError> {
+    let size = queue.size();
+    if size == 0 || !size.is_power_of_two() {
+        return Err(QueueError::BadSize(size));
+    }
+    let n = u64::from(size);
+    let areas = [
+        (queue.desc_table(), DESC_SIZE * n),
+        (queue.avail_ring(), 6 + 2 * n),
+        (queue.used_ring(), 6 + 8 * n),
+    ];
+    for (addr, len) in areas {
+        let addr = GuestAddress(addr);
+        if addr.checked_add(len).is_none()
+            || !GuestMemoryBackend::check_range(mem, addr, len as usize)
+        {
+            return Err(QueueError::RingsOutsideMemory);
+        }
+    }
+    Ok(())
+}
+
 /// One queue as a device serves it.
 #[derive(Debug)]
 pub struct DeviceQueue {
@@ -455,6 +483,9 @@ impl DeviceQueue {
             return Ok(None);
         }
         let size = self.queue.size();
+        if size == 0 {
+            return Err(QueueError::BadSize(size));
+        }
         let avail_idx = self
             .queue
             .avail_idx(mem, Ordering::Acquire)
@@ -519,6 +550,7 @@ pub struct QueueSet {
     pub queues: Vec<DeviceQueue>,
     name: &'static str,
     reported: bool,
+    epoll: Option<Arc<Epoll>>,
 }
 
 impl std::fmt::Debug for QueueSet {
@@ -547,13 +579,14 @@ impl QueueSet {
             mem,
             interrupt,
             reported: false,
+            epoll: None,
         };
         for q in queues {
-            let valid = q.queue.is_valid(&set.mem);
+            let check = check_rings(&set.mem, &q.queue);
             set.queues.push(DeviceQueue::new(q, indirect));
-            if !valid {
+            if let Err(e) = check {
                 let i = set.queues.len() - 1;
-                set.fail(i, &QueueError::RingsOutsideMemory);
+                set.fail(i, &e);
             }
         }
         set
@@ -575,6 +608,43 @@ impl QueueSet {
             self.reported = true;
             self.interrupt.set_needs_reset();
         }
+    }
+
+    /// Starts waiting on `fd` in the worker: `events` on it call
+    /// [`QueueHandler::backend_event`] with `token`. For backends whose fds
+    /// come and go (connections); fixed fds go to [`Worker::spawn`].
+    pub fn watch(&self, fd: RawFd, token: u32, events: EventSet) -> std::io::Result<()> {
+        self.epoll_ctl(ControlOperation::Add, fd, token, events)
+    }
+
+    /// Changes the events or token of a watched fd.
+    pub fn rewatch(&self, fd: RawFd, token: u32, events: EventSet) -> std::io::Result<()> {
+        self.epoll_ctl(ControlOperation::Modify, fd, token, events)
+    }
+
+    /// Stops waiting on `fd` (do this before closing it).
+    pub fn unwatch(&self, fd: RawFd) -> std::io::Result<()> {
+        self.epoll_ctl(ControlOperation::Delete, fd, 0, EventSet::empty())
+    }
+
+    fn epoll_ctl(
+        &self,
+        op: ControlOperation,
+        fd: RawFd,
+        token: u32,
+        events: EventSet,
+    ) -> std::io::Result<()> {
+        let epoll = self.epoll.as_ref().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the worker is not running",
+            )
+        })?;
+        epoll.ctl(
+            op,
+            fd,
+            EpollEvent::new(events, BACKEND_BASE + u64::from(token)),
+        )
     }
 
     /// Sends the queue's interrupt if the driver wants one.
@@ -650,12 +720,12 @@ impl Worker {
     /// passed to [`QueueHandler::backend_event`].
     pub fn spawn<H: QueueHandler>(
         name: &'static str,
-        set: QueueSet,
+        mut set: QueueSet,
         handler: H,
         backend: &[(RawFd, u32, EventSet)],
     ) -> std::io::Result<Worker> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
+        let epoll = Arc::new(Epoll::new()?);
         let add = |fd: RawFd, token: u64, events: EventSet| {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
         };
@@ -666,6 +736,7 @@ impl Worker {
         for &(fd, token, events) in backend {
             add(fd, BACKEND_BASE + u64::from(token), events)?;
         }
+        set.epoll = Some(epoll.clone());
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || run(epoll, set, handler))?;
@@ -694,7 +765,7 @@ impl Drop for Worker {
 
 /// The worker's loop; a panic in a handler marks the device as needing a
 /// reset instead of taking the VMM down.
-fn run<H: QueueHandler>(epoll: Epoll, mut set: QueueSet, mut handler: H) {
+fn run<H: QueueHandler>(epoll: Arc<Epoll>, mut set: QueueSet, mut handler: H) {
     let interrupt = set.interrupt.clone();
     let name = set.name;
     let result = catch_unwind(AssertUnwindSafe(|| {
@@ -1029,6 +1100,66 @@ mod tests {
                 size: SIZE
             }
         );
+    }
+
+    #[test]
+    fn ring_check_ignores_ready_and_catches_rings_past_memory() {
+        let mut drv = MockDriver::new(MEM, &[SIZE]);
+        let mut q = drv.active_queues(0).remove(0).queue;
+        q.set_ready(false);
+        assert_eq!(check_rings(drv.memory(), &q), Ok(()));
+        q.set_avail_ring_address(Some(MEM as u32 - 8), Some(0));
+        assert_eq!(
+            check_rings(drv.memory(), &q),
+            Err(QueueError::RingsOutsideMemory)
+        );
+    }
+
+    struct WatchOnStart {
+        fd: EventFd,
+        seen: std::sync::mpsc::Sender<u32>,
+        watched: bool,
+    }
+
+    impl QueueHandler for WatchOnStart {
+        fn queue_event(&mut self, set: &mut QueueSet, _qi: usize) {
+            if !self.watched {
+                set.watch(self.fd.as_raw_fd(), 7, EventSet::IN).unwrap();
+                self.watched = true;
+                self.seen.send(0).unwrap();
+            }
+        }
+        fn backend_event(&mut self, set: &mut QueueSet, token: u32, _events: EventSet) {
+            let _ = self.fd.read();
+            set.unwatch(self.fd.as_raw_fd()).unwrap();
+            self.seen.send(token).unwrap();
+        }
+    }
+
+    #[test]
+    fn handler_can_watch_fds_at_run_time() {
+        let mut drv = MockDriver::new(MEM, &[SIZE]);
+        let interrupt: Arc<dyn Interrupt> = drv.interrupt().clone();
+        let set = QueueSet::new(
+            "test",
+            drv.memory().clone(),
+            interrupt,
+            drv.active_queues(0),
+            0,
+        );
+        let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handler = WatchOnStart {
+            fd: fd.try_clone().unwrap(),
+            seen: tx,
+            watched: false,
+        };
+        let mut worker = Worker::spawn("test", set, handler, &[]).unwrap();
+        let wait = crate::testing::WAIT;
+        assert_eq!(rx.recv_timeout(wait).unwrap(), 0);
+        fd.write(1).unwrap();
+        assert_eq!(rx.recv_timeout(wait).unwrap(), 7);
+        worker.stop();
     }
 
     #[test]

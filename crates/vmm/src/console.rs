@@ -1,13 +1,17 @@
-//! The host side of the serial console: stdin in raw mode, and the thread that
-//! feeds it to the guest.
+//! The host side of the console: where guest output goes, stdin in raw
+//! mode, and the thread that feeds it to the guest.
+//!
+//! Guest console devices (the UART, virtio-console) write through
+//! [`output`]. That is stdout, unless a supervisor's runtime directory
+//! redirected it ([`redirect_output`]), in which case stdout is not written.
 //!
 //! When stdin is a terminal, it is put in raw mode so that every key reaches
 //! the guest, and restored on every way out: normal return, error, signal, and
 //! panic (see [`restore_terminal`]). Ctrl-A then x stops the VMM, as in QEMU;
 //! Ctrl-A Ctrl-A sends one Ctrl-A.
 
-use std::io::Read;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use crate::control::Control;
@@ -16,6 +20,52 @@ use crate::exit::VmExit;
 const CTRL_A: u8 = 0x01;
 
 static SAVED_TERMIOS: OnceLock<Mutex<Option<libc::termios>>> = OnceLock::new();
+
+/// Where console output goes instead of stdout.
+pub type OutputSink = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+static REDIRECT: RwLock<Option<OutputSink>> = RwLock::new(None);
+
+/// Sends all guest console output to `sink` instead of stdout from now on.
+pub fn redirect_output(sink: OutputSink) {
+    *REDIRECT.write().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+}
+
+/// Ends a redirection: console output goes to stdout again.
+pub fn clear_redirect() {
+    *REDIRECT.write().unwrap_or_else(|p| p.into_inner()) = None;
+}
+
+/// The writer a guest console device writes to: stdout, or the redirect.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ConsoleOutput;
+
+impl Write for ConsoleOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let sink = REDIRECT.read().unwrap_or_else(|p| p.into_inner()).clone();
+        match sink {
+            Some(sink) => {
+                sink(buf);
+                Ok(buf.len())
+            }
+            None => std::io::stdout().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let redirected = REDIRECT.read().unwrap_or_else(|p| p.into_inner()).is_some();
+        if redirected {
+            Ok(())
+        } else {
+            std::io::stdout().flush()
+        }
+    }
+}
+
+/// A writer for a guest console device's output.
+pub fn output() -> Box<dyn Write + Send> {
+    Box::new(ConsoleOutput)
+}
 
 fn saved() -> &'static Mutex<Option<libc::termios>> {
     SAVED_TERMIOS.get_or_init(|| Mutex::new(None))

@@ -1,6 +1,13 @@
 //! State shared by the VMM's threads: the first reason to stop, the exit
-//! counters, the boot marker, and what each vCPU reported in the latest
-//! liveness round.
+//! counters, the boot marker, what each vCPU reported in the latest
+//! liveness round, each vCPU's thread id and host CPU affinity, and whether
+//! the guest is paused.
+//!
+//! Pausing: [`Control::request_pause`] raises the flag, the caller kicks
+//! every vCPU out of KVM_RUN, and each vCPU thread parks in
+//! [`Control::park_if_paused`] until [`Control::resume`] (or a stop). The
+//! guest's state stays in KVM untouched meanwhile. A parked vCPU answers no
+//! liveness round, so a paused guest is never judged halted.
 //!
 //! Liveness works in rounds. The main thread starts a round and kicks every
 //! vCPU out of KVM_RUN; each vCPU answers with the round's number and what it
@@ -8,9 +15,11 @@
 //! round's answer, which never counts, so stale answers cannot add up to a
 //! wrong verdict.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
 
 use crate::exit::VmExit;
 
@@ -47,6 +56,24 @@ impl ExitCounters {
 
 const NO_MARKER: u64 = u64::MAX;
 
+/// Why a pause or resume request was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PauseError {
+    #[error("already paused")]
+    AlreadyPaused,
+    #[error("not paused")]
+    NotPaused,
+    #[error("the VM is stopping")]
+    Stopping,
+}
+
+/// Whether the guest should be paused, and how many vCPUs are parked.
+#[derive(Debug, Default)]
+struct PauseState {
+    requested: bool,
+    parked: usize,
+}
+
 /// Shared between the main thread, the vCPU threads and the helpers.
 #[derive(Debug)]
 pub struct Control {
@@ -59,6 +86,12 @@ pub struct Control {
     /// Per vCPU: `round << 8 | activity`.
     answers: Vec<AtomicU64>,
     pub exits: ExitCounters,
+    /// Per vCPU: its thread id once its thread has started, else 0.
+    tids: Vec<AtomicI32>,
+    /// Per vCPU: the host CPUs it may run on (empty: not pinned).
+    affinity: Vec<Vec<usize>>,
+    pause: Mutex<PauseState>,
+    pause_changed: Condvar,
 }
 
 impl Control {
@@ -73,7 +106,105 @@ impl Control {
             round: AtomicU64::new(0),
             answers: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
             exits: ExitCounters::default(),
+            tids: (0..vcpus).map(|_| AtomicI32::new(0)).collect(),
+            affinity: Vec::new(),
+            pause: Mutex::new(PauseState::default()),
+            pause_changed: Condvar::new(),
         }
+    }
+
+    /// Sets the host CPUs each vCPU may run on, by vCPU index.
+    pub fn with_affinity(mut self, affinity: Vec<Vec<usize>>) -> Self {
+        self.affinity = affinity;
+        self
+    }
+
+    /// The host CPUs vCPU `index` may run on; empty when it is not pinned.
+    pub fn affinity(&self, index: usize) -> &[usize] {
+        self.affinity.get(index).map_or(&[], |v| v.as_slice())
+    }
+
+    /// When the VMM started.
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// Records the thread id of vCPU `index`'s thread.
+    pub fn set_tid(&self, index: usize, tid: i32) {
+        if let Some(slot) = self.tids.get(index) {
+            slot.store(tid, Ordering::SeqCst);
+        }
+    }
+
+    /// The vCPU threads' ids, by vCPU index; 0 for a thread not started yet.
+    pub fn vcpu_tids(&self) -> Vec<i32> {
+        self.tids.iter().map(|t| t.load(Ordering::SeqCst)).collect()
+    }
+
+    fn pause_state(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.pause.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks every vCPU to park. The caller then kicks them out of KVM_RUN
+    /// and waits with [`Control::wait_parked`].
+    pub fn request_pause(&self) -> Result<(), PauseError> {
+        let mut state = self.pause_state();
+        if self.is_stopping() {
+            return Err(PauseError::Stopping);
+        }
+        if state.requested {
+            return Err(PauseError::AlreadyPaused);
+        }
+        state.requested = true;
+        Ok(())
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) -> Result<(), PauseError> {
+        let mut state = self.pause_state();
+        if !state.requested {
+            return Err(PauseError::NotPaused);
+        }
+        state.requested = false;
+        self.pause_changed.notify_all();
+        Ok(())
+    }
+
+    /// Whether the guest is paused (or being paused).
+    pub fn is_paused(&self) -> bool {
+        self.pause_state().requested
+    }
+
+    /// Waits up to `timeout` until every vCPU is parked. False on timeout,
+    /// or when the pause was withdrawn or the VM is stopping.
+    pub fn wait_parked(&self, timeout: Duration) -> bool {
+        let all = self.tids.len();
+        let state = self.pause_state();
+        let (state, _) = self
+            .pause_changed
+            .wait_timeout_while(state, timeout, |s| {
+                s.requested && s.parked < all && !self.is_stopping()
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        state.requested && state.parked == all && !self.is_stopping()
+    }
+
+    /// Called by a vCPU thread outside KVM_RUN: while the guest is paused,
+    /// blocks here. Returns at once otherwise, and when the VM stops.
+    pub fn park_if_paused(&self) {
+        let mut state = self.pause_state();
+        if !state.requested || self.is_stopping() {
+            return;
+        }
+        state.parked += 1;
+        self.pause_changed.notify_all();
+        while state.requested && !self.is_stopping() {
+            state = self
+                .pause_changed
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        state.parked -= 1;
     }
 
     /// Asks the VM to stop. The first reason given is the one that counts.
@@ -84,6 +215,11 @@ impl Control {
         }
         self.stopping.store(true, Ordering::SeqCst);
         self.exit_ready.notify_all();
+        drop(exit);
+        // Parked vCPUs wake up to stop. Taking the lock orders this after
+        // any park that already checked `stopping`.
+        let _state = self.pause_state();
+        self.pause_changed.notify_all();
     }
 
     /// Whether the VM is stopping.
@@ -205,6 +341,41 @@ mod tests {
         let round = control.begin_round();
         control.answer(0, VcpuActivity::WaitingForSipi);
         assert!(!control.all_stuck_in(round));
+    }
+
+    #[test]
+    fn pause_and_resume_refuse_the_wrong_state() {
+        let control = Control::new(1, Instant::now());
+        assert_eq!(control.resume(), Err(PauseError::NotPaused));
+        control.request_pause().unwrap();
+        assert!(control.is_paused());
+        assert_eq!(control.request_pause(), Err(PauseError::AlreadyPaused));
+        control.resume().unwrap();
+        assert!(!control.is_paused());
+    }
+
+    #[test]
+    fn park_returns_at_once_when_not_paused() {
+        let control = Control::new(1, Instant::now());
+        control.park_if_paused();
+        assert!(!control.wait_parked(Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn a_stopping_vm_cannot_be_paused() {
+        let control = Control::new(1, Instant::now());
+        control.request_exit(VmExit::PowerOff);
+        assert_eq!(control.request_pause(), Err(PauseError::Stopping));
+    }
+
+    #[test]
+    fn tids_and_affinity_are_kept_per_vcpu() {
+        let control = Control::new(2, Instant::now()).with_affinity(vec![vec![1, 2]]);
+        assert_eq!(control.vcpu_tids(), vec![0, 0]);
+        control.set_tid(1, 4242);
+        assert_eq!(control.vcpu_tids(), vec![0, 4242]);
+        assert_eq!(control.affinity(0), &[1, 2]);
+        assert!(control.affinity(1).is_empty());
     }
 
     #[test]

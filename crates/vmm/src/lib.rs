@@ -9,10 +9,12 @@ pub mod loader;
 pub mod machine;
 pub mod memory;
 pub mod pci;
+pub mod runtime;
 pub mod stats;
 pub mod vcpu;
 pub mod vm;
 
 pub use config::VmConfig;
 pub use exit::{VmExit, STATUS_GUEST_FAILED};
-pub use vm::{run, RunReport, VmError};
+pub use runtime::RunOptions;
+pub use vm::{run, run_with, RunReport, VmError};

@@ -63,7 +63,7 @@ pub fn write_boot_tables<M: GuestMemory>(mem: &M, mode: EntryMode) -> Result<(),
 /// The legacy PC devices of one VM.
 pub struct LegacyDevices {
     serial: Arc<Mutex<devices::serial::Serial>>,
-    i8042: SharedDevice,
+    i8042: Arc<Mutex<devices::i8042::I8042>>,
     rtc: SharedDevice,
     debug_exit: SharedDevice,
     acpi_pm: SharedDevice,
@@ -86,12 +86,12 @@ fn irq_eventfd(vm: &VmFd, irq: u32) -> Result<EventFd, MachineError> {
 }
 
 impl LegacyDevices {
-    /// Creates the devices. The serial console writes to stdout and raises
-    /// IRQ 4 through an irqfd.
+    /// Creates the devices. The serial console writes to the console output
+    /// (stdout, or the runtime directory) and raises IRQ 4 through an irqfd.
     pub fn create(vm: &VmFd) -> Result<Self, MachineError> {
         let serial_irq = irq_eventfd(vm, layout::SERIAL_IRQ)?;
         let keyboard_irq = irq_eventfd(vm, layout::I8042_KBD_IRQ)?;
-        let serial = devices::serial::Serial::new(serial_irq, Box::new(std::io::stdout()));
+        let serial = devices::serial::Serial::new(serial_irq, crate::console::output());
         Ok(Self {
             serial: Arc::new(Mutex::new(serial)),
             i8042: Arc::new(Mutex::new(devices::i8042::I8042::new(keyboard_irq))),
@@ -133,6 +133,11 @@ impl LegacyDevices {
         bus.insert(layout::BOOT_MARKER_PORT, 1, self.boot_marker.clone())?;
         bus.insert(layout::PVPANIC_PORT, 1, self.pvpanic.clone())?;
         Ok(bus)
+    }
+
+    /// The keyboard controller, for injecting Ctrl-Alt-Del.
+    pub fn keyboard(&self) -> Arc<Mutex<devices::i8042::I8042>> {
+        self.i8042.clone()
     }
 
     /// Where console input goes: the serial port's receive FIFO.

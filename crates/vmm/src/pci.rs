@@ -9,12 +9,16 @@
 //!   so the table always starts with those defaults (GSIs 0-15 to the PICs
 //!   and the IOAPIC, 16-23 to the IOAPIC).
 //! - **INTx.** The fallback when MSI-X is off: an irqfd on the GSI the DSDT's
-//!   `_PRT` gives the slot's INTA (`layout::pci_intx_gsi`).
+//!   `_PRT` gives the slot's INTA (`layout::pci_intx_gsi`), with a resample
+//!   eventfd so the line is level-triggered: KVM keeps it asserted until the
+//!   guest's end of interrupt, and the `pci-intx` thread asserts it again if
+//!   the device's ISR is still set then.
 //! - **Notifications.** Every queue's notify address is a KVM ioeventfd, so
 //!   a kick wakes the device's worker without a VMM exit; when the guest
 //!   moves the BAR the ioeventfds move with it.
 
 use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use arch::layout::{
@@ -28,12 +32,13 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pci::{
-    IoEvents, MsiDelivery, MsiMessage, PciConfigIo, PciConfigMmio, PciMmioWindow, PciRoot,
-    SharedRoot, VirtioPciDevice,
+    IntxResampler, IoEvents, MsiDelivery, MsiMessage, PciConfigIo, PciConfigMmio, PciMmioWindow,
+    PciRoot, SharedRoot, VirtioPciDevice,
 };
 use thiserror::Error;
 use virtio::console::ConsoleInput;
 use virtio::VirtioDevice;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{ConsoleMode, DiskConfig, NetConfig, VmConfig};
@@ -297,7 +302,7 @@ pub fn devices_from_config(config: &VmConfig) -> Result<DeviceSet, PciError> {
     }
     if config.console == ConsoleMode::Virtio {
         let flag = "--console virtio".to_string();
-        let console = virtio::console::Console::new(Box::new(std::io::stdout()))
+        let console = virtio::console::Console::new(crate::console::output())
             .map_err(device_error(flag.clone()))?;
         set.console_input = Some(console.input());
         set.push(flag, Box::new(console));
@@ -316,6 +321,54 @@ pub fn devices_from_config(config: &VmConfig) -> Result<DeviceSet, PciError> {
         set.push(flag, Box::new(device));
     }
     Ok(set)
+}
+
+/// Starts the thread that re-raises level-triggered INTx lines after the
+/// guest's end of interrupt while a device's ISR is still set. It starts
+/// with every signal blocked, so process signals go to the threads meant
+/// to take them.
+fn spawn_resampler(list: Vec<(EventFd, IntxResampler)>) -> Result<(), PciError> {
+    let epoll = Epoll::new().map_err(|e| PciError::Kvm("create the INTx epoll", e))?;
+    for (index, (fd, _)) in list.iter().enumerate() {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, index as u64),
+            )
+            .map_err(|e| PciError::Kvm("watch an INTx resample eventfd", e))?;
+    }
+    // SAFETY: an all-zero sigset_t is valid storage for sigfillset.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `all` is valid storage.
+    unsafe { libc::sigfillset(&mut all) };
+    // SAFETY: both sets are valid; this changes only this thread's mask.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) };
+    let spawned = std::thread::Builder::new()
+        .name("pci-intx".into())
+        .spawn(move || {
+            let mut events = [EpollEvent::default(); 8];
+            loop {
+                let n = match epoll.wait(-1, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                };
+                for event in &events[..n] {
+                    if let Some((fd, resampler)) = list.get(event.data() as usize) {
+                        let _ = fd.read();
+                        let _ = resampler.resample();
+                    }
+                }
+            }
+        });
+    // SAFETY: `old` is the mask read above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    spawned
+        .map(drop)
+        .map_err(|e| PciError::Kvm("start the INTx thread", e))
 }
 
 /// The PCI bus of one VM.
@@ -340,6 +393,7 @@ impl PciDevices {
             PCI_MMIO_START,
             PCI_MMIO_SIZE,
         )])));
+        let mut resamplers = Vec::new();
         for spec in set.specs {
             let vectors = spec.device.queue_max_sizes().len() as u32 + 1;
             let first_gsi = router.allocate(vectors)?;
@@ -361,15 +415,27 @@ impl PciDevices {
                 .map_err(|e| PciError::Kvm("create an INTx eventfd", e))?;
             let transport =
                 VirtioPciDevice::new(spec.device, mem.clone(), msi, intx, io_events.clone())?;
+            let resampler = transport.intx_resampler();
             let slot = root
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .add(Box::new(transport))?;
             let gsi = layout::pci_intx_gsi(slot as u32, 0);
-            vm.register_irqfd(&intx_irqfd, gsi)
-                .map_err(|e| PciError::Kvm("register an INTx irqfd", kvm_io(e)))?;
-            // The irqfd holds its own reference to the eventfd.
-            drop(intx_irqfd);
+            let resample = new_eventfd("create an INTx resample eventfd")?;
+            if vm
+                .register_irqfd_with_resample(&intx_irqfd, &resample, gsi)
+                .is_ok()
+            {
+                resamplers.push((resample, resampler));
+            } else {
+                // Without resampling the line is pulsed: still delivered,
+                // but a pulse during the guest's handler can be lost.
+                vm.register_irqfd(&intx_irqfd, gsi)
+                    .map_err(|e| PciError::Kvm("register an INTx irqfd", kvm_io(e)))?;
+            }
+        }
+        if !resamplers.is_empty() {
+            spawn_resampler(resamplers)?;
         }
         Ok(Self {
             root,

@@ -3,7 +3,13 @@
 //! A vCPU thread loops on KVM_RUN and hands every exit that reaches user space
 //! to a small handler. It stops when the VM is stopping; the main thread kicks
 //! it out of KVM_RUN with [`kick_signal`]. The same kick, sent now and then,
-//! lets a halted vCPU say whether it can run again (see `control`).
+//! lets a halted vCPU say whether it can run again (see `control`), and
+//! parks it while the guest is paused.
+//!
+//! Each vCPU thread records its thread id and, when the VM configuration
+//! pins it, restricts itself to its host CPUs before it first enters the
+//! guest. [`check_affinity`] refuses CPUs the host does not have before
+//! any of that starts.
 
 use std::sync::Arc;
 
@@ -52,6 +58,92 @@ pub enum VcpuError {
     /// The kick signal's handler could not be installed.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] std::io::Error),
+    /// The affinity names more vCPUs than the VM has.
+    #[error("affinity: {given} entries for {cpus} vCPU(s)")]
+    AffinityTooLong { given: usize, cpus: u8 },
+    /// A vCPU is pinned to a host CPU this process may not use.
+    #[error(
+        "affinity: vCPU {index}: host CPU {cpu} is not available here (available: {available})"
+    )]
+    NoSuchHostCpu {
+        index: usize,
+        cpu: usize,
+        available: String,
+    },
+}
+
+/// The host CPUs this process may run on.
+pub fn available_host_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is a valid, empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is valid storage of the size given; pid 0 is this thread.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Vec::new();
+    }
+    (0..crate::config::MAX_HOST_CPUS)
+        // SAFETY: `cpu` is below CPU_SETSIZE and `set` is initialised.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
+}
+
+/// Checks a VM's affinity before it starts: no more entries than vCPUs,
+/// and only host CPUs this process may use.
+pub fn check_affinity(affinity: &[Vec<usize>], cpus: u8) -> Result<(), VcpuError> {
+    if affinity.len() > usize::from(cpus) {
+        return Err(VcpuError::AffinityTooLong {
+            given: affinity.len(),
+            cpus,
+        });
+    }
+    if affinity.iter().all(|l| l.is_empty()) {
+        return Ok(());
+    }
+    let available = available_host_cpus();
+    for (index, list) in affinity.iter().enumerate() {
+        if let Some(&cpu) = list.iter().find(|c| !available.contains(c)) {
+            return Err(VcpuError::NoSuchHostCpu {
+                index,
+                cpu,
+                available: crate::config::format_cpu_list(&available),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Restricts the calling thread to `cpus`.
+fn pin_current_thread(cpus: &[usize]) -> std::io::Result<()> {
+    // SAFETY: an all-zero cpu_set_t is a valid, empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus.iter().filter(|&&c| c < crate::config::MAX_HOST_CPUS) {
+        // SAFETY: `cpu` is below CPU_SETSIZE and `set` is valid.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size given; pid 0 is the
+    // calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The calling thread's id.
+pub fn current_tid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// Kicks the vCPU thread `tid` of this process out of KVM_RUN.
+pub fn kick_tid(tid: i32) {
+    if tid <= 0 {
+        return;
+    }
+    // SAFETY: tgkill only delivers a signal; naming this process's id means
+    // it can reach no other process, and the kick signal has a handler.
+    unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, kick_signal()) };
 }
 
 extern "C" fn on_kick(_: libc::c_int) {}
@@ -170,7 +262,23 @@ impl Vcpu {
 
     /// The vCPU thread's body: runs until the VM stops.
     pub fn run(mut self) {
+        let index = usize::from(self.index);
+        self.control.set_tid(index, current_tid());
+        let cpus = self.control.affinity(index);
+        if !cpus.is_empty() {
+            if let Err(e) = pin_current_thread(cpus) {
+                self.control.request_exit(VmExit::InternalError {
+                    vcpu: self.index,
+                    detail: format!("cannot pin the vCPU thread to host CPUs {cpus:?}: {e}"),
+                });
+                return;
+            }
+        }
         while !self.control.is_stopping() {
+            self.control.park_if_paused();
+            if self.control.is_stopping() {
+                break;
+            }
             let outcome = match self.fd.run() {
                 Ok(exit) => handle_exit(
                     self.index,

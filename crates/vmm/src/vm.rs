@@ -23,6 +23,7 @@ use crate::exit::VmExit;
 use crate::loader::{self, BootSpec, LoaderError};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::pci::{self, PciDevices};
+use crate::runtime::{RunOptions, Runtime, RuntimeError, VmParts};
 use crate::vcpu::{self, Vcpu, VcpuError};
 use crate::{console, machine};
 
@@ -63,6 +64,8 @@ pub enum VmError {
     Machine(#[from] machine::MachineError),
     #[error(transparent)]
     Pci(#[from] pci::PciError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
     /// A VMM thread could not be started.
     #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] std::io::Error),
@@ -107,12 +110,22 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     Ok(vm)
 }
 
-/// Builds the VM and runs it until it stops. `start` is when the VMM started,
-/// for the boot-marker time.
+/// Builds the VM and runs it until it stops, its console on the terminal.
+/// `start` is when the VMM started, for the boot-marker time.
 pub fn run(config: &VmConfig, start: Instant) -> Result<RunReport, VmError> {
+    run_with(config, start, &RunOptions::default())
+}
+
+/// [`run`], with options such as a runtime directory (see `runtime`).
+pub fn run_with(
+    config: &VmConfig,
+    start: Instant,
+    options: &RunOptions,
+) -> Result<RunReport, VmError> {
     if config.cpus == 0 || config.cpus > MAX_VCPUS {
         return Err(VmError::Cpus(config.cpus));
     }
+    vcpu::check_affinity(&config.affinity, config.cpus)?;
     let regions = memmap::ram_regions(config.memory)?;
     let pci_devices = pci::devices_from_config(config)?;
     memory::check_host_fits(config.memory)?;
@@ -137,8 +150,15 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunReport, VmError> {
     )?;
     machine::write_boot_tables(&mem, kernel.mode)?;
 
-    let control = Arc::new(Control::new(usize::from(config.cpus), start));
-    let interactive = console::stdin_is_tty();
+    let control = Arc::new(
+        Control::new(usize::from(config.cpus), start).with_affinity(config.affinity.clone()),
+    );
+    let mut runtime = options
+        .runtime_dir
+        .as_deref()
+        .map(Runtime::open)
+        .transpose()?;
+    let interactive = runtime.is_none() && console::stdin_is_tty();
     let devices = machine::LegacyDevices::create(&vm)?;
     let pci = PciDevices::create(&vm, &mem, pci_devices)?;
     let (io_bus, mmio_bus) = machine::buses(&devices, &pci)?;
@@ -168,7 +188,15 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunReport, VmError> {
     let console_input = pci
         .console_input()
         .unwrap_or_else(|| devices.console_input());
-    console::spawn_stdin_reader(console_input, control.clone(), interactive);
+    match runtime.as_mut() {
+        Some(rt) => rt.start(VmParts {
+            control: control.clone(),
+            keyboard: devices.keyboard(),
+            input: console_input,
+            memory_bytes: config.memory,
+        })?,
+        None => console::spawn_stdin_reader(console_input, control.clone(), interactive),
+    }
 
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
@@ -188,6 +216,9 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<RunReport, VmError> {
 
     let exit = supervise(&control, &threads);
     stop_vcpus(threads, mem);
+    if let Some(rt) = runtime {
+        rt.finish();
+    }
     let exits = &control.exits;
     use std::sync::atomic::Ordering::Relaxed;
     Ok(RunReport {
@@ -217,6 +248,11 @@ fn supervise(control: &Control, threads: &[JoinHandle<()>]) -> VmExit {
     loop {
         if let Some(exit) = control.wait_exit_timeout(LIVENESS_PERIOD) {
             return exit;
+        }
+        // Parked vCPUs answer no round: a paused guest is never judged.
+        if control.is_paused() {
+            stuck_rounds = 0;
+            continue;
         }
         if round > 0 && control.all_stuck_in(round) {
             stuck_rounds += 1;

@@ -469,6 +469,23 @@ fn intx_queue_interrupt_sets_isr_bit_0() {
 }
 
 #[test]
+fn intx_is_raised_again_after_eoi_until_the_isr_is_read() {
+    let mut r = rig();
+    r.negotiate(VIRTIO_F_VERSION_1);
+    r.setup_queue(0, 16);
+    r.driver_ok();
+    let interrupt = r.seen.lock().unwrap().interrupt.clone().unwrap();
+    interrupt.trigger(InterruptKind::Queue(0)).unwrap();
+    assert_eq!(r.intx.read().unwrap(), 1);
+    let resampler = r.dev.intx_resampler();
+    resampler.resample().unwrap();
+    assert_eq!(r.intx.read().unwrap(), 1, "ISR still set: raised again");
+    r.r(ISR_OFFSET, 1);
+    resampler.resample().unwrap();
+    assert!(r.intx.read().is_err(), "ISR read: the line stays low");
+}
+
+#[test]
 fn notify_addresses_follow_the_bar() {
     let mut r = rig();
     r.dev.bar_moved(0, None, Some(BASE));

@@ -436,7 +436,7 @@ fn fuzz_entry_survives_garbage() {
 
 /// Replays the fuzzing corpus as a regression test.
 #[test]
-fn fuzz_corpus_net_replays() {
+fn net_corpus_replays_cleanly() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/net");
     let mut n = 0;
     for entry in std::fs::read_dir(dir).expect("fuzz/corpus/net") {

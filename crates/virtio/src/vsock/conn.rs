@@ -2,9 +2,11 @@
 //! with virtio-vsock's credit accounting in both directions.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::num::Wrapping;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use super::packet::shutdown;
 
@@ -31,6 +33,8 @@ pub struct Conn {
     pub stream: UnixStream,
     pub local_port: u32,
     pub state: State,
+    /// When the connection was made (for the host-connect timeout).
+    pub since: Instant,
     /// The guest's receive buffer and how much of it the guest consumed.
     peer_buf_alloc: u32,
     peer_fwd_cnt: Wrapping<u32>,
@@ -61,6 +65,7 @@ impl Conn {
             stream,
             local_port,
             state,
+            since: Instant::now(),
             peer_buf_alloc: 0,
             peer_fwd_cnt: Wrapping(0),
             tx_cnt: Wrapping(0),
@@ -134,7 +139,7 @@ impl Conn {
     pub fn flush(&mut self) -> io::Result<()> {
         while !self.to_host.is_empty() {
             let (front, _) = self.to_host.as_slices();
-            match self.stream.write(front) {
+            match send(&self.stream, front) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.to_host.drain(..n);
@@ -158,4 +163,24 @@ impl Conn {
     pub fn buffered(&self) -> usize {
         self.to_host.len()
     }
+}
+
+/// Writes to a host socket without raising SIGPIPE when the program on the
+/// other end has gone.
+pub fn send(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: the pointer and length describe `buf`, which send(2) only
+    // reads; the fd is the stream's own.
+    let n = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // n >= 0 and at most buf.len().
+    Ok(n as usize)
 }

@@ -10,15 +10,17 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
-use super::conn::{Conn, State};
+use super::conn::{self, Conn, State};
 use super::packet::{op, shutdown, Header, HDR_LEN, HOST_CID, TYPE_STREAM};
 use crate::queue::{Chain, QueueError, QueueHandler, QueueSet};
 use crate::Memory;
@@ -38,8 +40,14 @@ const MAX_CONTROL: usize = 1024;
 const MAX_LINE: usize = 32;
 /// First port the device gives host-initiated connections on its side.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
-/// Inner-epoll token of the listening socket; other tokens are fds.
+/// How long a host program's connection waits for the guest's RESPONSE.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often waiting connections are checked while there are any.
+const TICK: Duration = Duration::from_millis(250);
+/// Inner-epoll tokens of the listening socket and the timer; other tokens
+/// are fds.
 const LISTENER: u64 = u64::MAX;
+const TIMER: u64 = u64::MAX - 1;
 
 /// (host-side port, guest-side port).
 type Key = (u32, u32);
@@ -70,6 +78,8 @@ pub(crate) struct Muxer {
     next_port: u32,
     last_served: Option<Key>,
     tx_paused: bool,
+    timer: TimerFd,
+    timer_armed: bool,
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
 }
@@ -82,6 +92,18 @@ impl Muxer {
             ControlOperation::Add,
             listener.as_raw_fd(),
             EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, LISTENER),
+        )?;
+        let timer = TimerFd::new()?;
+        // Non-blocking, so reading a tick that a re-arm just cleared cannot
+        // stall the worker.
+        // SAFETY: F_SETFL with O_NONBLOCK on a timerfd we own.
+        if unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TIMER),
         )?;
         Ok(Muxer {
             cid,
@@ -96,6 +118,8 @@ impl Muxer {
             next_port: FIRST_LOCAL_PORT,
             last_served: None,
             tx_paused: false,
+            timer,
+            timer_armed: false,
             rx_buf: vec![0; MAX_PAYLOAD],
             tx_buf: vec![0; MAX_PAYLOAD],
         })
@@ -256,7 +280,7 @@ impl Muxer {
         };
         let line = format!("OK {}\n", c.local_port);
         // A fresh socket's send buffer takes a short line whole.
-        match c.stream.write(line.as_bytes()) {
+        match conn::send(&c.stream, line.as_bytes()) {
             Ok(n) if n == line.len() => {
                 c.state = State::Established;
                 c.readable = true;
@@ -305,6 +329,10 @@ impl Muxer {
                 let token = ev.data();
                 if token == LISTENER {
                     self.accept_all();
+                    continue;
+                }
+                if token == TIMER {
+                    self.expire_connects();
                     continue;
                 }
                 let fd = token as RawFd;
@@ -373,11 +401,32 @@ impl Muxer {
         };
         let local = self.free_local_port(port);
         let key = (local, port);
-        if self
-            .add_conn(key, Conn::new(stream, local, State::HostConnecting))
-            .is_ok()
-        {
+        let conn = Conn::new(stream, local, State::HostConnecting);
+        if self.add_conn(key, conn).is_ok() {
             self.queue_conn(key, op::REQUEST, 0);
+            if !self.timer_armed && self.timer.reset(TICK, Some(TICK)).is_ok() {
+                self.timer_armed = true;
+            }
+        }
+    }
+
+    /// Gives up on host programs' connections the guest did not answer in
+    /// time: the program's socket is closed and the guest told with RST.
+    fn expire_connects(&mut self) {
+        let _ = self.timer.wait();
+        let waiting: Vec<(Key, bool)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == State::HostConnecting)
+            .map(|(k, c)| (*k, c.since.elapsed() >= CONNECT_TIMEOUT))
+            .collect();
+        for &(key, expired) in &waiting {
+            if expired {
+                self.reset_conn(key);
+            }
+        }
+        if waiting.iter().all(|&(_, expired)| expired) && self.timer.clear().is_ok() {
+            self.timer_armed = false;
         }
     }
 

@@ -112,6 +112,21 @@ impl Guest {
         (hdr, bytes[HDR_LEN..].to_vec())
     }
 
+    /// Takes every packet the device sends until it falls quiet.
+    fn drain_rx(&mut self) {
+        loop {
+            std::thread::sleep(Duration::from_millis(5));
+            let new = self.drv.take_used(RX);
+            if new.is_empty() && self.pending.is_empty() {
+                return;
+            }
+            self.pending.extend(new);
+            while !self.pending.is_empty() {
+                self.recv();
+            }
+        }
+    }
+
     /// Asserts the device sends nothing for a moment.
     fn expect_silence(&mut self) {
         std::thread::sleep(Duration::from_millis(50));
@@ -232,6 +247,29 @@ fn host_program_refused_by_the_guest_is_hung_up_on() {
         host.read(&mut buf).expect("read"),
         0,
         "expected end-of-file"
+    );
+}
+
+#[test]
+fn host_program_unanswered_by_the_guest_is_hung_up_on() {
+    let mut g = Guest::new();
+    let mut host = UnixStream::connect(&g.uds).expect("connect");
+    host.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    host.write_all(b"CONNECT 54\n").expect("write");
+    let (req, _) = g.recv();
+    assert_eq!(req.op, op::REQUEST);
+    // The guest never answers.
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        host.read(&mut buf).expect("read"),
+        0,
+        "expected end-of-file"
+    );
+    let (rst, _) = g.recv();
+    assert_eq!(
+        (rst.op, rst.src_port, rst.dst_port),
+        (op::RST, req.src_port, 54)
     );
 }
 
@@ -540,4 +578,107 @@ fn reset_closes_connections_and_reactivation_works() {
     }
     g.drv.kick(RX);
     let _again = g.connect(1234, 5010);
+}
+
+/// A small deterministic generator for the storm test.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[test]
+fn storm_of_well_formed_but_senseless_packets_leaves_the_device_working() {
+    let mut g = Guest::new();
+    let l5100 = g.listen(5100);
+    let mut hosts = Vec::new();
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    for i in 0..3000 {
+        let mut h = hdr(
+            1000 + rng.below(4) as u32,
+            5100 + rng.below(2) as u32,
+            rng.below(9) as u16,
+        );
+        h.flags = rng.below(4) as u32;
+        h.buf_alloc = rng.next() as u32;
+        h.fwd_cnt = rng.next() as u32;
+        if rng.below(10) == 0 {
+            h.type_ = 2;
+        }
+        let len = rng.below(200) as usize;
+        let payload = vec![i as u8; len];
+        g.send(h, &payload);
+        // Like a driver, wait for the device to take the batch, take what
+        // it answered, and accept what it connected.
+        if i % 16 == 15 {
+            assert_eq!(g.drv.wait_used(TX, 16).len(), 16);
+            g.drain_rx();
+            l5100.set_nonblocking(true).expect("nonblocking");
+            while let Ok((s, _)) = l5100.accept() {
+                hosts.push(s);
+            }
+        }
+    }
+    assert!(!g.drv.interrupt().needs_reset());
+    // Still serving: a fresh connection works end to end.
+    let l = g.listen(5200);
+    g.drain_rx();
+    g.send(hdr(4000, 5200, op::REQUEST), &[]);
+    loop {
+        let (h, _) = g.recv();
+        if h.dst_port == 4000 {
+            assert_eq!(h.op, op::RESPONSE);
+            break;
+        }
+    }
+    let (mut s, _) = l.accept().expect("accept");
+    g.send(hdr(4000, 5200, op::RW), b"still alive");
+    assert_eq!(read_exact(&mut s, 11), b"still alive");
+}
+
+#[test]
+fn guest_not_taking_answers_pauses_its_transmit_queue_without_reset() {
+    let mut g = Guest::new();
+    // Eight receive buffers are posted; each packet for nobody wants an
+    // RST. The device takes packets until 1,024 answers wait, then stops.
+    let total = 1100u32;
+    for batch in 0..10 {
+        for i in 0..100 {
+            g.send(hdr(batch * 100 + i, 9, op::RW), b"x");
+        }
+        assert_eq!(g.drv.wait_used(TX, 100).len(), 100);
+    }
+    for i in 1000..total {
+        g.send(hdr(i, 9, op::RW), b"x");
+    }
+    let mut taken = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let n = g.drv.take_used(TX).len();
+        if n == 0 {
+            break;
+        }
+        taken += n;
+    }
+    assert!(taken < 100, "the device kept reading: {taken}");
+    assert!(!g.drv.interrupt().needs_reset());
+    // Once the guest takes answers the device reads on: every RST
+    // arrives, in order.
+    let mut ports = Vec::new();
+    while ports.len() < total as usize {
+        let (h, _) = g.recv();
+        assert_eq!(h.op, op::RST);
+        ports.push(h.dst_port);
+    }
+    assert_eq!(ports, (0..total).collect::<Vec<u32>>());
+    assert_eq!(taken + g.drv.wait_used(TX, 100 - taken).len(), 100);
 }

@@ -224,7 +224,7 @@ pub fn in_lab(args: &[String]) -> Result<u8> {
     let number = |i: usize, default: u64| -> u64 {
         args.get(i).and_then(|v| v.parse().ok()).unwrap_or(default)
     };
-    let (runs, size_mib, secs) = (number(1, 1), number(2, 64), number(3, 10));
+    let (runs, size_mib, secs) = (number(1, 3), number(2, 256), number(3, 10));
     make_image(size_mib)?;
     let mut results = Vec::new();
     for vmm in [Vmm::Ferrovisor, Vmm::QemuPc] {
@@ -245,7 +245,7 @@ pub fn in_lab(args: &[String]) -> Result<u8> {
 /// `cargo xtask bench blk [--runs N] [--size MIB] [--secs N]`.
 pub fn command(args: &[String]) -> Result<u8> {
     let usage = || fail!("usage: cargo xtask bench blk [--runs N] [--size MIB] [--secs N]");
-    let (mut runs, mut size, mut secs) = (1u64, 64u64, 10u64);
+    let (mut runs, mut size, mut secs) = (3u64, 256u64, 10u64);
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let target = match arg.as_str() {

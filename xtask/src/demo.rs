@@ -207,7 +207,9 @@ fn run_direct(opts: &Options, kit: &Kit, ferrovisor: &Path) -> Result<u8> {
     Ok(command_status(status.code().unwrap_or(1), &console))
 }
 
-fn run_in_lab(opts: &Options, kit: &Kit, ferrovisor: &Path) -> Result<u8> {
+/// The lab's shell script for the demo: the scratch disk, the tap when the
+/// lab has /dev/net/tun, then the VMM.
+fn lab_script(opts: &Options) -> String {
     let args = vmm_args(opts, "$FERROVISOR_KERNEL", "$FERROVISOR_INITRAMFS");
     let mut line = "\"$FERROVISOR_BIN\"".to_string();
     for arg in &args {
@@ -227,20 +229,23 @@ fn run_in_lab(opts: &Options, kit: &Kit, ferrovisor: &Path) -> Result<u8> {
          devices=\"$devices --net tap={TAP}\"\n\
          echo 'demo: network: tap {TAP} (guest eth0); its lab end gets 10.0.88.1/24 \
          (in the guest: ip link set eth0 up; ip addr add 10.0.88.2/24 dev eth0; ping 10.0.88.1)'\n\
-         (while [ ! -e /sys/class/net/{TAP} ]; do sleep 0.2; done; \
-         ip addr add 10.0.88.1/24 dev {TAP}; ip link set {TAP} up) &\n\
+         (for i in $(seq 300); do [ -e /sys/class/net/{TAP} ] && break; sleep 0.2; done; \
+         ip addr add 10.0.88.1/24 dev {TAP}; ip link set {TAP} up) 2>/dev/null &\n\
          else echo 'demo: no network interface: the lab has no /dev/net/tun'; fi\n",
         SCRATCH_BYTES >> 20
     );
     let line = format!("{line} $devices");
-    let interactive = opts.run.is_none();
-    let command = if interactive {
+    if opts.run.is_none() {
         // The lab console passes keystrokes through untouched to the guest.
         format!("{setup}stty raw -echo\n{line}\nstatus=$?\nstty sane\nexit $status")
     } else {
         format!("{setup}{line}")
-    };
-    let mut spec = Spec::new(Some(command));
+    }
+}
+
+fn run_in_lab(opts: &Options, kit: &Kit, ferrovisor: &Path) -> Result<u8> {
+    let interactive = opts.run.is_none();
+    let mut spec = Spec::new(Some(lab_script(opts)));
     spec.interactive = interactive;
     spec.deadline = std::time::Duration::from_secs(10 * 60);
     let outcome = lab::run(&spec, kit, Some(ferrovisor))?;
@@ -302,6 +307,29 @@ mod tests {
         assert!(cmdline.ends_with("ferrovisor.exit=debug"));
         let shell = guest_command(&Options::default());
         assert!(shell.ends_with("exec setsid cttyhack sh"));
+    }
+
+    #[test]
+    fn lab_script_is_valid_shell_with_disk_and_tap() {
+        for run in [None, Some("echo 'quoted' \"and\" $HOME".to_string())] {
+            let opts = Options {
+                run,
+                ..Options::default()
+            };
+            let script = lab_script(&opts);
+            assert!(script.contains("devices='--disk path=/tmp/scratch.img'"));
+            assert!(script.contains("--net tap=fvdemo0"));
+            assert!(script.contains("--rng"));
+            let check = Command::new("sh")
+                .args(["-n", "-c", &script])
+                .output()
+                .expect("run sh -n");
+            assert!(
+                check.status.success(),
+                "{}\n{script}",
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
     }
 
     #[test]

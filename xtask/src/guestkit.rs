@@ -418,6 +418,8 @@ mod tests {
     #[test]
     fn init_traps_sigint_while_the_command_runs() {
         assert!(INIT.contains("trap stop INT"));
+        // Without this the kernel reboots on Ctrl-Alt-Del instead.
+        assert!(INIT.contains("echo 0 >/proc/sys/kernel/ctrl-alt-del"));
         // The command runs in the background (so the trap can run) with its
         // signals restored.
         assert!(INIT.contains(r#"sigreset /bin/sh -c "$run" </dev/console &"#));

@@ -104,6 +104,9 @@ pub struct GuestConfig {
     /// A virtio-rng device.
     pub rng: bool,
     pub vsock: Option<Vsock>,
+    /// `--runtime-dir`: the VMM serves a control socket there and writes
+    /// the console to `console.log` in it instead of stdout.
+    pub runtime_dir: Option<PathBuf>,
 }
 
 impl Default for GuestConfig {
@@ -120,6 +123,7 @@ impl Default for GuestConfig {
             console: Console::Serial,
             rng: false,
             vsock: None,
+            runtime_dir: None,
         }
     }
 }
@@ -224,6 +228,9 @@ impl GuestConfig {
         }
         if self.rng {
             args.push("--rng".to_string());
+        }
+        if let Some(dir) = &self.runtime_dir {
+            args.extend(["--runtime-dir".to_string(), dir.display().to_string()]);
         }
         if let Some(vsock) = &self.vsock {
             args.extend([

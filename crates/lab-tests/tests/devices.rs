@@ -427,3 +427,84 @@ fn sigint_to_init_syncs_and_powers_off() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Polls `path` until it contains `needle`; returns its text.
+fn wait_in_file(path: &Path, needle: &str) -> Result<String, String> {
+    let start = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(text);
+        }
+        if start.elapsed() > timeout() {
+            return Err(format!(
+                "no {needle:?} in {} within {} s; it holds:\n{}",
+                path.display(),
+                timeout().as_secs(),
+                tail(&text, 20)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Sends one request line on the VMM's control socket; returns the reply.
+fn control(dir: &Path, request: &str) -> Result<String, String> {
+    let path = dir.join("control.sock");
+    let mut stream =
+        UnixStream::connect(&path).map_err(|e| format!("connect {}: {e}", path.display()))?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    writeln!(stream, "{request}").map_err(|e| format!("send: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(|e| format!("read the reply: {e}"))?;
+    Ok(reply.trim_end().to_string())
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn control_socket_shutdown_reaches_init_as_ctrl_alt_del() {
+    // The whole graceful stop: the control socket's "shutdown" puts
+    // Ctrl-Alt-Del into the keyboard controller, the kernel turns it into
+    // SIGINT for init, whose trap syncs a buffered write and powers off.
+    let dir = scratch("shutdown");
+    let runtime = dir.join("run");
+    std::fs::create_dir_all(&runtime).expect("create the runtime directory");
+    let img = dir.join("disk.img");
+    image(&img, 8 * MIB, None);
+    let guest = Guest::start(&GuestConfig {
+        disks: vec![disk(&img)],
+        runtime_dir: Some(runtime.clone()),
+        ..running(
+            "yes ferrovisor-shutdown | head -c 1048576 > /dev/vda && echo shutdown-ready; \
+             sleep 600",
+        )
+    })
+    .expect("start the VMM");
+    let log = runtime.join("console.log");
+    wait_in_file(&log, "shutdown-ready").unwrap_or_else(|e| panic!("{e}"));
+    let reply = control(&runtime, r#"{"op":"shutdown"}"#);
+    let exit = guest.wait_exit().expect("the VMM exits");
+    let console = std::fs::read_to_string(&log).unwrap_or_default();
+    let d = format!(
+        "VMM {}\n--- console.log (tail) ---\n{}\n--- VMM stderr ---\n{}",
+        exit.status,
+        tail(&console, 30),
+        tail(&exit.stderr, 10)
+    );
+    assert!(
+        reply.as_ref().is_ok_and(|r| r.contains(r#""ok":true"#)),
+        "control reply {reply:?}\n{d}"
+    );
+    assert!(
+        console.contains("ferrovisor-guest: SIGINT: syncing and powering off"),
+        "{d}"
+    );
+    assert_eq!(exit.status.code(), Some(0), "{d}");
+    assert!(
+        read(&img)[..MIB] == pattern("ferrovisor-shutdown\n", MIB)[..],
+        "the buffered write did not reach the image\n{d}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -16,14 +16,15 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
-    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use vm_memory::bitmap::BitmapSlice;
@@ -53,6 +54,21 @@ const MAX_DISCARD_SECTORS: u32 = 0x7f_ffff;
 const MAX_DISCARD_SEG: u32 = 32;
 /// Discard granularity hint, in sectors (4 KiB).
 const DISCARD_ALIGNMENT: u32 = 8;
+/// The most data bytes one IN or OUT request may carry; bigger requests
+/// fail with IOERR. This bounds the time one request takes, so a reset
+/// (which waits for the request in progress) stays prompt.
+pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
+/// The most data segments the driver may put in one request (`seg_max`).
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// The largest data segment the driver may use (`size_max`). With
+/// [`SEG_MAX`] segments a request stays under [`MAX_REQUEST_BYTES`], so a
+/// driver that honours both limits never meets the cap.
+const SIZE_MAX: u32 = 16 * 1024;
+/// Discard and write-zeroes ranges are worked through in steps of this
+/// many bytes, checking between steps whether the device is being reset.
+const ZERO_STEP: u64 = 64 << 20;
+/// Buffer size for writing zeroes by hand.
+const ZERO_BUF: usize = 64 * 1024;
 /// Bytes of the configuration space the device exposes.
 const CONFIG_LEN: usize = 60;
 
@@ -185,7 +201,8 @@ fn build_config(disk: &Disk) -> [u8; CONFIG_LEN] {
         c[at..at + 4].copy_from_slice(&v.to_le_bytes());
     };
     c[0..8].copy_from_slice(&disk.sectors.to_le_bytes());
-    put32(&mut c, 12, u32::from(QUEUE_SIZE) - 2); // seg_max
+    put32(&mut c, 8, SIZE_MAX); // size_max
+    put32(&mut c, 12, SEG_MAX); // seg_max
     put32(&mut c, 20, SECTOR_SIZE as u32); // blk_size
     put32(&mut c, 36, MAX_DISCARD_SECTORS);
     put32(&mut c, 40, MAX_DISCARD_SEG);
@@ -210,6 +227,7 @@ impl VirtioDevice for Block {
             | VIRTIO_RING_F_EVENT_IDX
             | VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_SIZE_MAX
             | 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE;
         if self.disk.readonly {
@@ -244,6 +262,7 @@ impl VirtioDevice for Block {
         self.reset();
         let set = QueueSet::new("virtio-blk", mem, interrupt, queues, features);
         let handler = BlockHandler {
+            stop: set.stop_flag(),
             disk: self.disk.clone(),
             features: features & self.device_features(),
         };
@@ -261,22 +280,26 @@ impl VirtioDevice for Block {
 }
 
 struct BlockHandler {
+    /// Set when the worker is told to stop: long requests end early.
+    stop: Arc<AtomicBool>,
     disk: Arc<Disk>,
     features: u64,
 }
 
 impl QueueHandler for BlockHandler {
     fn queue_event(&mut self, set: &mut QueueSet, qi: usize) {
-        let (disk, features) = (&*self.disk, self.features);
-        set.drain(qi, |mem, chain| serve(disk, features, mem, chain));
+        let (disk, features, stop) = (&*self.disk, self.features, &*self.stop);
+        set.drain(qi, |mem, chain| serve(disk, features, stop, mem, chain));
     }
 }
 
 /// Serves one request chain; returns the bytes written into it (data and
-/// status). A chain that is not a request is an error.
+/// status). A chain that is not a request is an error. `stop` set while
+/// a long discard or write-zeroes runs ends it early with IOERR.
 pub(crate) fn serve(
     disk: &Disk,
     features: u64,
+    stop: &AtomicBool,
     mem: &Memory,
     chain: &Chain,
 ) -> Result<u32, QueueError> {
@@ -311,10 +334,10 @@ pub(crate) fn serve(
         VIRTIO_BLK_T_FLUSH => (flush(disk), 0),
         VIRTIO_BLK_T_GET_ID => get_id(disk, mem, &data_out)?,
         VIRTIO_BLK_T_DISCARD if has(VIRTIO_BLK_F_DISCARD) && !disk.readonly => {
-            (discard(disk, mem, &data_in, false)?, 0)
+            (discard(disk, mem, &data_in, false, stop)?, 0)
         }
         VIRTIO_BLK_T_WRITE_ZEROES if has(VIRTIO_BLK_F_WRITE_ZEROES) && !disk.readonly => {
-            (discard(disk, mem, &data_in, true)?, 0)
+            (discard(disk, mem, &data_in, true, stop)?, 0)
         }
         _ => (VIRTIO_BLK_S_UNSUPP, 0),
     };
@@ -333,7 +356,7 @@ fn read(disk: &Disk, mem: &Memory, sector: u64, bufs: &[Buffer]) -> (u32, u32) {
     let len = total_len(bufs);
     let Some(mut offset) = disk
         .range(sector, len)
-        .filter(|_| len.is_multiple_of(SECTOR_SIZE))
+        .filter(|_| len.is_multiple_of(SECTOR_SIZE) && len <= MAX_REQUEST_BYTES)
     else {
         return (VIRTIO_BLK_S_IOERR, 0);
     };
@@ -356,7 +379,7 @@ fn write(disk: &Disk, mem: &Memory, sector: u64, bufs: &[Buffer]) -> u32 {
     let len = total_len(bufs);
     let Some(mut offset) = disk
         .range(sector, len)
-        .filter(|_| len.is_multiple_of(SECTOR_SIZE))
+        .filter(|_| len.is_multiple_of(SECTOR_SIZE) && len <= MAX_REQUEST_BYTES)
     else {
         return VIRTIO_BLK_S_IOERR;
     };
@@ -462,8 +485,16 @@ fn segments(mem: &Memory, bufs: &[Buffer], zeroes: bool) -> Result<Vec<Segment>,
 }
 
 /// DISCARD punches holes; WRITE_ZEROES zeroes the ranges (punching holes
-/// when the driver allows unmapping). Returns the status.
-fn discard(disk: &Disk, mem: &Memory, bufs: &[Buffer], zeroes: bool) -> Result<u32, QueueError> {
+/// when the driver allows unmapping). Returns the status. Ranges are done
+/// in steps of [`ZERO_STEP`]; `stop` set between steps ends the request
+/// with IOERR.
+fn discard(
+    disk: &Disk,
+    mem: &Memory,
+    bufs: &[Buffer],
+    zeroes: bool,
+    stop: &AtomicBool,
+) -> Result<u32, QueueError> {
     let segs = match segments(mem, bufs, zeroes) {
         Ok(s) => s,
         Err(status) => return Ok(status),
@@ -477,27 +508,46 @@ fn discard(disk: &Disk, mem: &Memory, bufs: &[Buffer], zeroes: bool) -> Result<u
         }
     }
     for (offset, len, flags) in ranges {
-        if len == 0 {
-            continue;
-        }
         let mode = if !zeroes || flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         } else {
             libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
         };
-        if let Err(e) = fallocate(&disk.file, mode, offset, len) {
-            if zeroes {
-                if write_zeroes_by_hand(&disk.file, offset, len).is_err() {
-                    return Ok(VIRTIO_BLK_S_IOERR);
-                }
-            } else if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                // A file system without hole punching makes discard a
-                // no-op, which the spec allows; other failures are errors.
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            if stop.load(Ordering::Acquire) {
                 return Ok(VIRTIO_BLK_S_IOERR);
             }
+            let step = (end - at).min(ZERO_STEP);
+            if let Err(status) = discard_step(disk, mode, at, step, zeroes, stop) {
+                return Ok(status);
+            }
+            at += step;
         }
     }
     Ok(VIRTIO_BLK_S_OK)
+}
+
+/// One step of [`discard`]: `len` bytes at `offset`.
+fn discard_step(
+    disk: &Disk,
+    mode: i32,
+    offset: u64,
+    len: u64,
+    zeroes: bool,
+    stop: &AtomicBool,
+) -> Result<(), u32> {
+    match fallocate(&disk.file, mode, offset, len) {
+        Ok(()) => Ok(()),
+        Err(_) if zeroes => {
+            write_zeroes_by_hand(&disk.file, offset, len, stop).map_err(|_| VIRTIO_BLK_S_IOERR)
+        }
+        // A file system without hole punching makes discard a no-op,
+        // which the spec allows; other failures are errors.
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+        Err(_) => Err(VIRTIO_BLK_S_IOERR),
+    }
 }
 
 fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
@@ -518,11 +568,21 @@ fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<(
     }
 }
 
-fn write_zeroes_by_hand(file: &File, mut offset: u64, len: u64) -> std::io::Result<()> {
+/// Writes `len` zero bytes at `offset`, giving up (with `Interrupted`) as
+/// soon as `stop` is set.
+fn write_zeroes_by_hand(
+    file: &File,
+    mut offset: u64,
+    len: u64,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let zeros = vec![0u8; 64 * 1024];
+    let zeros = vec![0u8; ZERO_BUF];
     let end = offset + len;
     while offset < end {
+        if stop.load(Ordering::Acquire) {
+            return Err(std::io::ErrorKind::Interrupted.into());
+        }
         let n = (end - offset).min(zeros.len() as u64) as usize;
         file.write_all_at(&zeros[..n], offset)?;
         offset += n as u64;

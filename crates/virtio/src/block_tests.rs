@@ -598,3 +598,75 @@ fn readable_after_writable_needs_reset() {
         );
     });
 }
+
+#[test]
+fn size_limits_are_advertised_and_cover_the_request_cap() {
+    let image = TempImage::new(&[0u8; 4096]);
+    let dev = Block::open(&image.0, false, "").unwrap();
+    assert_ne!(dev.device_features() & 1 << VIRTIO_BLK_F_SIZE_MAX, 0);
+    let field = |at: u64| {
+        let mut v = [0u8; 4];
+        dev.read_config(at, &mut v);
+        u64::from(u32::from_le_bytes(v))
+    };
+    let (size_max, seg_max) = (field(8), field(12));
+    assert_eq!(size_max, 16 * 1024);
+    // A driver within both limits never meets the cap.
+    assert!(size_max * seg_max <= MAX_REQUEST_BYTES);
+}
+
+#[test]
+fn request_over_the_size_cap_fails_without_touching_the_file() {
+    let len = MAX_REQUEST_BYTES as usize + 4096;
+    let image = TempImage::new(&vec![0x44u8; len]);
+    let mut rig = Rig::with_memory(&image, false, FEATURES, 1 << 25);
+    let over = MAX_REQUEST_BYTES as u32 + 512;
+    let (st, used, _) = rig.request(VIRTIO_BLK_T_IN, 0, &[], over);
+    assert_eq!((st, used), (IOERR, 1));
+    let (st, _, _) = rig.request(VIRTIO_BLK_T_OUT, 0, &vec![0x55; over as usize], 0);
+    assert_eq!(st, IOERR);
+    assert!(image.contents().iter().all(|&b| b == 0x44));
+    // Exactly the cap is served.
+    let (st, used, data) = rig.request(VIRTIO_BLK_T_IN, 8, &[], MAX_REQUEST_BYTES as u32);
+    assert_eq!((st, used), (OK, MAX_REQUEST_BYTES as u32 + 1));
+    assert!(data.iter().all(|&b| b == 0x44));
+}
+
+#[test]
+fn write_zeroes_ends_early_when_the_device_is_stopping() {
+    use crate::queue::DeviceQueue;
+    use std::sync::atomic::AtomicBool;
+    let image = TempImage::new(&vec![0x66u8; 1 << 20]);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image.0)
+        .unwrap();
+    let disk = Disk::new(file, false, 1 << 20, [0; SERIAL_LEN]);
+    let mut drv = MockDriver::new(MEM, &[QUEUE_SIZE]);
+    let h = drv.put(&header(VIRTIO_BLK_T_WRITE_ZEROES, 0));
+    let s = drv.put(&segment(0, 2048, 0));
+    let status = drv.alloc(1);
+    drv.add_chain(
+        0,
+        &[
+            Buf::readable(h, 16),
+            Buf::readable(s, 16),
+            Buf::writable(status, 1),
+        ],
+    );
+    let mem = drv.memory().clone();
+    let mut q = DeviceQueue::new(drv.active_queues(FEATURES).remove(0), false);
+    let chain = q.pop(&mem).unwrap().unwrap();
+    let stop = AtomicBool::new(true);
+    assert_eq!(serve(&disk, FEATURES, &stop, &mem, &chain).unwrap(), 1);
+    assert_eq!(drv.read(status, 1)[0], IOERR);
+    assert!(image.contents().iter().all(|&b| b == 0x66));
+    // Writing zeroes by hand stops between steps too.
+    let err = write_zeroes_by_hand(&disk.file, 0, 1 << 20, &stop).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::Interrupted);
+    assert!(image.contents().iter().all(|&b| b == 0x66));
+    let go = AtomicBool::new(false);
+    write_zeroes_by_hand(&disk.file, 0, 1 << 20, &go).unwrap();
+    assert!(image.contents().iter().all(|&b| b == 0));
+}

@@ -1,7 +1,11 @@
 //! virtio-console (VirtIO 1.2, 5.3) with a single port: queue 0 (receiveq)
 //! carries input to the guest, queue 1 (transmitq) carries its output.
 //!
-//! Output goes to any `Write` (stdout, a socket, a log file). Input comes
+//! Output goes to any `Write` (stdout, a socket, a log file) through a
+//! thread of its own: the worker hands bytes over in a buffer of at most
+//! [`OUTPUT_CAPACITY`] bytes and never writes itself, so an output that
+//! blocks (a terminal nobody reads) stalls the transmit queue, not the
+//! worker, and a reset stays prompt. Input comes
 //! through a [`ConsoleInput`] handle that any thread may clone and feed; it
 //! holds up to [`INPUT_CAPACITY`] bytes until the driver posts receive
 //! buffers, so typing before the guest's driver is up is not lost.
@@ -9,7 +13,8 @@
 use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use thiserror::Error;
 use vm_memory::Bytes;
@@ -30,8 +35,13 @@ pub const INPUT_CAPACITY: usize = 64 * 1024;
 const RX: u16 = 0;
 /// The transmit queue's index.
 const TX: u16 = 1;
+/// Guest output held for the output thread; past it the transmit queue
+/// waits until the output has taken the bytes.
+pub const OUTPUT_CAPACITY: usize = 256 * 1024;
 /// The input eventfd's backend token.
 const INPUT_TOKEN: u32 = 0;
+/// The output thread's "room again" eventfd's backend token.
+const OUTPUT_TOKEN: u32 = 1;
 /// The most output bytes taken from one transmit chain.
 const MAX_TX_CHAIN: u32 = 1 << 20;
 /// Configuration space: cols, rows, max_nr_ports, emerg_wr (all zero).
@@ -41,8 +51,11 @@ const CONFIG_LEN: usize = 12;
 #[derive(Debug, Error)]
 pub enum ConsoleError {
     /// The input eventfd could not be created.
-    #[error("cannot create the console's input eventfd")]
+    #[error("cannot create the console's eventfds")]
     EventFd(#[source] std::io::Error),
+    /// The output thread could not be started.
+    #[error("cannot start the console's output thread")]
+    Thread(#[source] std::io::Error),
 }
 
 /// Input waiting for the guest, shared by every [`ConsoleInput`] clone.
@@ -90,13 +103,83 @@ impl ConsoleInput {
     }
 }
 
-type Output = Arc<Mutex<Box<dyn Write + Send>>>;
+/// Guest output on its way to the output thread.
+#[derive(Debug)]
+struct OutputBuffer {
+    state: Mutex<OutputState>,
+    /// Signalled when bytes arrive or the console is dropped.
+    cond: Condvar,
+    /// Written by the output thread after each write: the worker waits on
+    /// it while the buffer is full.
+    room: EventFd,
+}
+
+#[derive(Debug, Default)]
+struct OutputState {
+    bytes: Vec<u8>,
+    closed: bool,
+}
+
+impl OutputBuffer {
+    fn lock(&self) -> MutexGuard<'_, OutputState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the worker may hand over more bytes.
+    fn has_room(&self) -> bool {
+        self.lock().bytes.len() < OUTPUT_CAPACITY
+    }
+
+    fn push(&self, data: &[u8]) {
+        self.lock().bytes.extend_from_slice(data);
+        self.cond.notify_one();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.cond.notify_one();
+    }
+
+    /// Waits for bytes; `None` once closed and empty.
+    fn take(&self) -> Option<Vec<u8>> {
+        let mut state = self.lock();
+        while state.bytes.is_empty() && !state.closed {
+            state = self.cond.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        if state.bytes.is_empty() {
+            return None;
+        }
+        Some(std::mem::take(&mut state.bytes))
+    }
+}
+
+/// The output thread: writes what the worker hands over until the console
+/// is dropped.
+fn write_output(buffer: Arc<OutputBuffer>, mut out: Box<dyn Write + Send>) {
+    while let Some(bytes) = buffer.take() {
+        // A failing output (a closed pipe) drops the bytes; the guest must
+        // not stall on it.
+        let _ = out.write_all(&bytes);
+        let _ = out.flush();
+        // Only fails if the counter would overflow: the worker is due anyway.
+        let _ = buffer.room.write(1);
+    }
+}
 
 /// The virtio-console device.
 pub struct Console {
     input: ConsoleInput,
-    output: Output,
+    output: Arc<OutputBuffer>,
     worker: Option<Worker>,
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        self.reset();
+        // The output thread writes what is left and ends; it is not
+        // waited for, as the output may never take the bytes.
+        self.output.close();
+    }
 }
 
 impl std::fmt::Debug for Console {
@@ -112,6 +195,17 @@ impl Console {
     /// A console whose guest output goes to `output`.
     pub fn new(output: Box<dyn Write + Send>) -> Result<Console, ConsoleError> {
         let ready = EventFd::new(libc::EFD_NONBLOCK).map_err(ConsoleError::EventFd)?;
+        let room = EventFd::new(libc::EFD_NONBLOCK).map_err(ConsoleError::EventFd)?;
+        let buffer = Arc::new(OutputBuffer {
+            state: Mutex::new(OutputState::default()),
+            cond: Condvar::new(),
+            room,
+        });
+        let thread_buffer = buffer.clone();
+        std::thread::Builder::new()
+            .name("virtio-console-out".to_string())
+            .spawn(move || write_output(thread_buffer, output))
+            .map_err(ConsoleError::Thread)?;
         Ok(Console {
             input: ConsoleInput {
                 queue: Arc::new(InputQueue {
@@ -119,7 +213,7 @@ impl Console {
                     ready,
                 }),
             },
-            output: Arc::new(Mutex::new(output)),
+            output: buffer,
             worker: None,
         })
     }
@@ -173,15 +267,20 @@ impl VirtioDevice for Console {
         let handler = ConsoleHandler {
             input: self.input.queue.clone(),
             output: self.output.clone(),
+            buf: Vec::new(),
             rx,
             tx,
         };
-        let fd = self.input.queue.ready.as_raw_fd();
+        let input_fd = self.input.queue.ready.as_raw_fd();
+        let room_fd = self.output.room.as_raw_fd();
         let worker = Worker::spawn(
             "virtio-console",
             set,
             handler,
-            &[(fd, INPUT_TOKEN, EventSet::IN)],
+            &[
+                (input_fd, INPUT_TOKEN, EventSet::IN),
+                (room_fd, OUTPUT_TOKEN, EventSet::IN),
+            ],
         )
         .map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
@@ -197,7 +296,9 @@ impl VirtioDevice for Console {
 
 struct ConsoleHandler {
     input: Arc<InputQueue>,
-    output: Output,
+    output: Arc<OutputBuffer>,
+    /// One transmit chain's bytes.
+    buf: Vec<u8>,
     rx: usize,
     tx: usize,
 }
@@ -217,10 +318,14 @@ impl ConsoleHandler {
 
     /// Returns whether any buffer was used.
     fn fill_rx(&mut self, set: &mut QueueSet) -> Result<bool, QueueError> {
+        let stop = set.stop_flag();
         let q = &mut set.queues[self.rx];
         let mut used = false;
         loop {
             while !self.input.lock().is_empty() {
+                if stop.load(Ordering::Acquire) {
+                    return Ok(used);
+                }
                 let Some(chain) = q.pop(&set.mem)? else {
                     break;
                 };
@@ -237,20 +342,45 @@ impl ConsoleHandler {
         }
     }
 
-    /// Writes every transmit chain's bytes to the output.
+    /// Hands every transmit chain's bytes to the output thread, as long
+    /// as its buffer has room.
     fn transmit(&mut self, set: &mut QueueSet) {
-        let output = &self.output;
-        let mut buf = Vec::new();
-        set.drain(self.tx, |mem, chain| {
-            read_output(mem, chain, &mut buf)?;
-            let mut out = output.lock().unwrap_or_else(|p| p.into_inner());
-            // A failing output (a closed pipe) drops the bytes; the guest
-            // must not stall on it.
-            let _ = out.write_all(&buf);
-            Ok(0)
-        });
-        let mut out = self.output.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = out.flush();
+        if set.queues[self.tx].is_broken() {
+            return;
+        }
+        let mut used = false;
+        let result = self.send_chains(set, &mut used);
+        if used {
+            set.notify(self.tx);
+        }
+        if let Err(e) = result {
+            set.fail(self.tx, &e);
+        }
+    }
+
+    fn send_chains(&mut self, set: &mut QueueSet, used: &mut bool) -> Result<(), QueueError> {
+        let stop = set.stop_flag();
+        let q = &mut set.queues[self.tx];
+        loop {
+            q.disable_notification(&set.mem)?;
+            loop {
+                // A full buffer: the output thread's room eventfd brings
+                // the worker back once it has written the bytes.
+                if stop.load(Ordering::Acquire) || !self.output.has_room() {
+                    return Ok(());
+                }
+                let Some(chain) = q.pop(&set.mem)? else {
+                    break;
+                };
+                read_output(&set.mem, &chain, &mut self.buf)?;
+                self.output.push(&self.buf);
+                q.add_used(&set.mem, chain.head(), 0)?;
+                *used = true;
+            }
+            if !q.enable_notification(&set.mem)? {
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -264,10 +394,13 @@ impl QueueHandler for ConsoleHandler {
     }
 
     fn backend_event(&mut self, set: &mut QueueSet, token: u32, _events: EventSet) {
+        // Clearing the counters; EAGAIN only means nothing was signalled.
         if token == INPUT_TOKEN {
-            // Clearing the counter; EAGAIN only means nothing was signalled.
             let _ = self.input.ready.read();
             self.receive(set);
+        } else if token == OUTPUT_TOKEN {
+            let _ = self.output.room.read();
+            self.transmit(set);
         }
     }
 }
@@ -325,6 +458,41 @@ mod tests {
         fn bytes(&self) -> Vec<u8> {
             self.0.lock().unwrap().clone()
         }
+
+        /// The bytes once `len` have arrived (the output thread writes
+        /// after the used entry is published), or after 10 s.
+        fn wait_bytes(&self, len: usize) -> Vec<u8> {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while self.bytes().len() < len && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            self.bytes()
+        }
+    }
+
+    /// A `Write` that blocks until the test opens it, like a terminal
+    /// nobody reads.
+    #[derive(Clone, Default)]
+    struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>, Sink);
+
+    impl Gate {
+        fn open(&self) {
+            *self.0 .0.lock().unwrap() = true;
+            self.0 .1.notify_all();
+        }
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            let mut open = self.0 .0.lock().unwrap();
+            while !*open {
+                open = self.0 .1.wait(open).unwrap();
+            }
+            self.1.write(data)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 
     const F: u64 = VIRTIO_F_VERSION_1;
@@ -347,7 +515,7 @@ mod tests {
         let used = drv.wait_used(1, 1);
         assert_eq!(used.len(), 1);
         assert_eq!(used[0].len, 0);
-        assert_eq!(sink.bytes(), b"hello, world\n");
+        assert_eq!(sink.wait_bytes(13), b"hello, world\n");
     }
 
     #[test]
@@ -448,7 +616,43 @@ mod tests {
         drv.add_chain(1, &[Buf::readable(b, 4)]);
         drv.kick(1);
         assert_eq!(drv.wait_used(1, 1).len(), 1);
-        assert_eq!(sink.bytes(), b"back");
+        assert_eq!(sink.wait_bytes(4), b"back");
+    }
+
+    #[test]
+    fn blocked_output_stalls_the_queue_and_reset_still_returns() {
+        let gate = Gate::default();
+        let mut con = Console::new(Box::new(gate.clone())).unwrap();
+        let mut drv = MockDriver::new(1 << 23, &[QUEUE_SIZE, QUEUE_SIZE]);
+        drv.activate(&mut con, F).unwrap();
+        const CHAINS: usize = 8;
+        const LEN: u32 = 128 * 1024;
+        for i in 0..CHAINS {
+            let a = drv.put(&vec![b'a' + i as u8; LEN as usize]);
+            drv.add_chain(1, &[Buf::readable(a, LEN)]);
+        }
+        drv.kick(1);
+        // The output takes nothing: the buffer fills and the queue stalls
+        // with chains left over; the worker is not stuck in a write.
+        assert!(!drv.wait_used(1, 1).is_empty());
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let resetter = std::thread::spawn(move || {
+            con.reset();
+            done_tx.send(()).unwrap();
+            con
+        });
+        let reset = done_rx.recv_timeout(std::time::Duration::from_secs(60));
+        // Let the output go either way so nothing stays blocked.
+        gate.open();
+        assert!(reset.is_ok(), "reset blocked behind the console output");
+        let con = resetter.join().unwrap();
+        let used = usize::from(drv.used_idx(1));
+        assert!(used < CHAINS, "all {used} chains were taken");
+        // What was taken reaches the output in order once it reads again.
+        let out = gate.1.wait_bytes(used * LEN as usize);
+        assert_eq!(out.len(), used * LEN as usize);
+        assert!(out.windows(2).all(|w| w[0] <= w[1]));
+        drop(con);
     }
 
     #[test]

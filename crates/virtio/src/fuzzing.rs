@@ -246,7 +246,8 @@ fn block_status(data: &[u8]) -> Option<u8> {
     // driver error the walker reports; the request parser is not reached.
     let chain = q.pop(&mem).ok()??;
     check_chain(&mem, &chain, 256);
-    let len = serve(&disk, features, &mem, &chain).ok()?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let len = serve(&disk, features, &stop, &mem, &chain).ok()?;
     assert!(len >= 1 && len <= chain.writable_len(), "used length");
     // The status is the last writable byte (the last buffer may be empty).
     let mut writer = chain.writer();

@@ -23,7 +23,7 @@
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -551,6 +551,7 @@ pub struct QueueSet {
     name: &'static str,
     reported: bool,
     epoll: Option<Arc<Epoll>>,
+    stop: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for QueueSet {
@@ -580,6 +581,7 @@ impl QueueSet {
             interrupt,
             reported: false,
             epoll: None,
+            stop: Arc::new(AtomicBool::new(false)),
         };
         for q in queues {
             let check = check_rings(&set.mem, &q.queue);
@@ -608,6 +610,19 @@ impl QueueSet {
             self.reported = true;
             self.interrupt.set_needs_reset();
         }
+    }
+
+    /// Whether the worker has been told to stop. Loops that serve one
+    /// chain after another check this between chains, so a stop (a device
+    /// reset) takes effect after at most the chain in progress.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// A handle on the stop flag, for work that must check it from inside
+    /// a long operation on one chain.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
     }
 
     /// Starts waiting on `fd` in the worker: `events` on it call
@@ -662,7 +677,8 @@ impl QueueSet {
     /// Serves every available chain of queue `qi` with `serve`, which
     /// returns the number of bytes it wrote into the chain. Uses the
     /// disable/drain/re-enable pattern so no kick is lost, then notifies
-    /// once. A driver error stops the queue.
+    /// once. A driver error stops the queue. A stop request ends the drain
+    /// after the chain in progress; the rest stay available.
     pub fn drain<F>(&mut self, qi: usize, mut serve: F)
     where
         F: FnMut(&Memory, &Chain) -> Result<u32, QueueError>,
@@ -682,7 +698,13 @@ impl QueueSet {
         let q = &mut self.queues[qi];
         loop {
             q.disable_notification(&self.mem)?;
-            while let Some(chain) = q.pop(&self.mem)? {
+            loop {
+                if self.stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                let Some(chain) = q.pop(&self.mem)? else {
+                    break;
+                };
                 let len = serve(&self.mem, &chain)?;
                 q.add_used(&self.mem, chain.head(), len)?;
             }
@@ -711,6 +733,7 @@ const BACKEND_BASE: u64 = 1 << 32;
 #[derive(Debug)]
 pub struct Worker {
     stop: EventFd,
+    flag: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -737,19 +760,25 @@ impl Worker {
             add(fd, BACKEND_BASE + u64::from(token), events)?;
         }
         set.epoll = Some(epoll.clone());
+        let flag = set.stop.clone();
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || run(epoll, set, handler))?;
         Ok(Worker {
             stop,
+            flag,
             thread: Some(thread),
         })
     }
 
     /// Stops the thread and waits for it. When this returns the handler has
-    /// been dropped and no guest memory access happens any more.
+    /// been dropped and no guest memory access happens any more. The
+    /// handler sees the stop between chains ([`QueueSet::stopping`]) and
+    /// bounds the work on any one chain, so this returns promptly even
+    /// with a full queue of large requests.
     pub fn stop(&mut self) {
         if let Some(thread) = self.thread.take() {
+            self.flag.store(true, Ordering::Release);
             // A failed write leaves the counter non-zero already.
             let _ = self.stop.write(1);
             let _ = thread.join();
@@ -763,8 +792,10 @@ impl Drop for Worker {
     }
 }
 
-/// The worker's loop; a panic in a handler marks the device as needing a
-/// reset instead of taking the VMM down.
+/// The worker's loop. A handler error marks the device as needing a reset.
+/// A panic in a handler does the same only where panics unwind (debug and
+/// test builds); release builds are built with `panic = "abort"`, so there
+/// a worker panic ends the whole VMM process.
 fn run<H: QueueHandler>(epoll: Arc<Epoll>, mut set: QueueSet, mut handler: H) {
     let interrupt = set.interrupt.clone();
     let name = set.name;
@@ -1197,5 +1228,57 @@ mod tests {
                 len: 2
             }]
         );
+    }
+
+    /// Serves chains one by one; the first one blocks until the worker is
+    /// told to stop, like a long request in progress at a reset.
+    struct SlowHandler {
+        served: Arc<std::sync::atomic::AtomicUsize>,
+        started: std::sync::mpsc::Sender<()>,
+    }
+
+    impl QueueHandler for SlowHandler {
+        fn queue_event(&mut self, set: &mut QueueSet, qi: usize) {
+            let stop = set.stop_flag();
+            let (served, started) = (&self.served, &self.started);
+            set.drain(qi, |_, _| {
+                if served.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let _ = started.send(());
+                    while !stop.load(Ordering::Acquire) {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+                Ok(0)
+            });
+        }
+    }
+
+    #[test]
+    fn stop_takes_effect_after_the_chain_in_progress() {
+        let mut drv = MockDriver::new(MEM, &[SIZE]);
+        for _ in 0..SIZE {
+            let a = drv.alloc(4);
+            drv.add_chain(0, &[Buf::writable(a, 4)]);
+        }
+        let queues = drv.active_queues(0);
+        let set = QueueSet::new(
+            "test",
+            drv.memory().clone(),
+            drv.interrupt().clone(),
+            queues,
+            0,
+        );
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (started, wait) = std::sync::mpsc::channel();
+        let handler = SlowHandler {
+            served: served.clone(),
+            started,
+        };
+        let mut worker = Worker::spawn("test", set, handler, &[]).unwrap();
+        wait.recv().unwrap();
+        worker.stop();
+        // The rest of the full queue was left for after the reset.
+        assert_eq!(served.load(Ordering::SeqCst), 1);
+        assert_eq!(drv.used_idx(0), 1);
     }
 }

@@ -66,6 +66,9 @@ impl NetHandler {
 
     fn rx_frames(&mut self, set: &mut QueueSet) -> Result<(), QueueError> {
         loop {
+            if set.stopping() {
+                return Ok(());
+            }
             let len = match self.rx_pending {
                 Some(len) => len,
                 None => match self.recv() {

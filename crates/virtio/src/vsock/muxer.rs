@@ -15,6 +15,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -162,8 +163,12 @@ impl Muxer {
     }
 
     fn tx_chains(&mut self, set: &mut QueueSet, added: &mut usize) -> Result<(), QueueError> {
+        let stop = set.stop_flag();
         let q = &mut set.queues[TX];
         loop {
+            if stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
             if self.control.len() >= MAX_CONTROL {
                 // The guest is not taking answers: stop reading its
                 // requests until it does.
@@ -556,8 +561,12 @@ impl Muxer {
     }
 
     fn rx_chains(&mut self, set: &mut QueueSet, added: &mut usize) -> Result<(), QueueError> {
+        let stop = set.stop_flag();
         let q = &mut set.queues[RX];
         while self.has_rx_work() {
+            if stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
             let chain = match self.held.take() {
                 Some(c) => c,
                 None => match q.pop(&set.mem)? {

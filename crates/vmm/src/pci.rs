@@ -161,16 +161,33 @@ impl GsiRouter {
 
     /// Points `gsi` at `message` and hands the table to KVM.
     fn set_msi(&self, gsi: u32, message: MsiMessage) -> std::io::Result<()> {
-        let mut state = self.state();
-        if state.msi.get(&gsi) == Some(&message) {
+        self.state().update(gsi, message, |routing| {
+            self.vm.set_gsi_routing(routing).map_err(kvm_io)
+        })
+    }
+}
+
+impl RouterState {
+    /// Builds the table with `gsi` pointing at `message` and hands it to
+    /// `apply`; the table is kept only if `apply` succeeds, so the stored
+    /// routes always match KVM's and a failed update is retried by the next
+    /// write of the same message.
+    fn update<F>(&mut self, gsi: u32, message: MsiMessage, apply: F) -> std::io::Result<()>
+    where
+        F: FnOnce(&KvmIrqRouting) -> std::io::Result<()>,
+    {
+        if self.msi.get(&gsi) == Some(&message) {
             return Ok(());
         }
-        state.msi.insert(gsi, message);
+        let mut msi = self.msi.clone();
+        msi.insert(gsi, message);
         let mut entries = default_routes();
-        entries.extend(state.msi.iter().map(|(&g, &m)| msi_entry(g, m)));
+        entries.extend(msi.iter().map(|(&g, &m)| msi_entry(g, m)));
         let routing = KvmIrqRouting::from_entries(&entries)
             .map_err(|_| std::io::Error::from_raw_os_error(libc::E2BIG))?;
-        self.vm.set_gsi_routing(&routing).map_err(kvm_io)
+        apply(&routing)?;
+        self.msi = msi;
+        Ok(())
     }
 }
 
@@ -500,6 +517,33 @@ mod tests {
             (msi.address_lo, msi.address_hi, msi.data),
             (0xfee0_1000, 1, 0x4041)
         );
+    }
+
+    #[test]
+    fn a_failed_routing_update_is_not_kept_and_is_retried() {
+        let mut state = RouterState {
+            msi: BTreeMap::new(),
+            next_gsi: IOAPIC_PINS,
+        };
+        let m = MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x41,
+        };
+        let fail = |_: &KvmIrqRouting| Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        assert!(state.update(24, m, fail).is_err());
+        assert!(state.msi.is_empty(), "a route KVM refused was kept");
+        // The same message again reaches KVM.
+        let mut applied = 0;
+        state
+            .update(24, m, |routing| {
+                applied = routing.as_slice().len();
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(applied, 41);
+        assert_eq!(state.msi.get(&24), Some(&m));
+        // An unchanged message does not.
+        state.update(24, m, fail).unwrap();
     }
 
     #[test]

@@ -166,7 +166,7 @@ impl PciRoot {
         let command = function.config().command() | config::COMMAND_MEMORY;
         function.config_mut().set_command(command);
         self.slots[slot] = Some(function);
-        self.update_mappings(slot);
+        self.update_mappings();
         Ok(slot)
     }
 
@@ -176,46 +176,57 @@ impl PciRoot {
             .any(|&(w, len)| base >= w && base + size <= w + len)
     }
 
-    /// Recomputes where `slot`'s BARs decode and tells the function about
-    /// every change. A BAR outside the windows or overlapping another
-    /// function's BAR decodes nowhere.
-    fn update_mappings(&mut self, slot: usize) {
-        let Some(function) = self.slots[slot].as_mut() else {
-            return;
-        };
-        let mut now = [None; NUM_BARS];
-        for (bar, entry) in now.iter_mut().enumerate() {
-            *entry = function.config().decoded_bar(bar);
-        }
-        self.mappings.retain(|m| m.slot != slot);
-        for (bar, entry) in now.iter().enumerate() {
-            let Some((base, size)) = *entry else { continue };
-            let overlaps = self
-                .mappings
-                .iter()
-                .any(|m| base < m.base + m.size && m.base < base + size);
-            if self.in_window(base, size) && !overlaps {
-                self.mappings.push(Mapping {
-                    base,
-                    size,
-                    slot,
-                    bar,
-                });
+    /// Recomputes where every BAR decodes and tells each function about
+    /// every change. A BAR outside the windows or overlapping another BAR
+    /// decodes nowhere; a BAR that keeps its place keeps decoding, so a BAR
+    /// moved onto a decoding one is the one refused. Recomputing all slots
+    /// (at most 32 × 6 BARs) lets a refused BAR decode again once the
+    /// other one has moved away.
+    fn update_mappings(&mut self) {
+        let mut wanted = Vec::new();
+        for (slot, function) in self.slots.iter().enumerate() {
+            let Some(function) = function else { continue };
+            for bar in 0..NUM_BARS {
+                if let Some((base, size)) = function.config().decoded_bar(bar) {
+                    if self.in_window(base, size) {
+                        wanted.push(Mapping {
+                            base,
+                            size,
+                            slot,
+                            bar,
+                        });
+                    }
+                }
             }
         }
-        let Some(function) = self.slots[slot].as_mut() else {
-            return;
-        };
-        for bar in 0..NUM_BARS {
-            let new = self
-                .mappings
+        let unchanged = |m: &Mapping| self.decoded[m.slot][m.bar] == Some(m.base);
+        let (kept, moved): (Vec<Mapping>, Vec<Mapping>) =
+            wanted.into_iter().partition(|m| unchanged(m));
+        let mut mappings: Vec<Mapping> = Vec::with_capacity(kept.len() + moved.len());
+        for m in kept.into_iter().chain(moved) {
+            let overlaps = mappings
                 .iter()
-                .find(|m| m.slot == slot && m.bar == bar)
-                .map(|m| m.base);
-            let old = self.decoded[slot][bar];
-            if old != new {
-                function.bar_moved(bar, old, new);
+                .any(|o| m.base < o.base + o.size && o.base < m.base + m.size);
+            if !overlaps {
+                mappings.push(m);
+            }
+        }
+        self.mappings = mappings;
+        for slot in 0..SLOTS {
+            for bar in 0..NUM_BARS {
+                let new = self
+                    .mappings
+                    .iter()
+                    .find(|m| m.slot == slot && m.bar == bar)
+                    .map(|m| m.base);
+                let old = self.decoded[slot][bar];
+                if old == new {
+                    continue;
+                }
                 self.decoded[slot][bar] = new;
+                if let Some(function) = self.slots[slot].as_mut() {
+                    function.bar_moved(bar, old, new);
+                }
             }
         }
     }
@@ -238,7 +249,7 @@ impl PciRoot {
             f.config_mut().write(offset, data);
             f.config_written(offset, data.len());
         }
-        self.update_mappings(slot);
+        self.update_mappings();
     }
 
     fn function(&self, bus: u8, slot: usize, func: u8) -> Option<&dyn PciFunction> {
@@ -599,6 +610,53 @@ mod tests {
         assert_eq!(
             moves.lock().unwrap().last(),
             Some(&(0, Some(WINDOW.0), None))
+        );
+    }
+
+    fn probe(moves: &Moves) -> Box<Probe> {
+        let mut config = ConfigSpace::new(Ids {
+            vendor: 0x1af4,
+            device: 0x1044,
+            revision: 1,
+            class: 0xff_0000,
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x40,
+        });
+        config.add_bar(0, 0x4000, BarKind::Memory64).unwrap();
+        Box::new(Probe {
+            config,
+            moves: moves.clone(),
+        })
+    }
+
+    #[test]
+    fn a_refused_bar_decodes_once_the_other_moves_away() {
+        let (first, second) = (Moves::default(), Moves::default());
+        let mut root = PciRoot::new(vec![WINDOW]);
+        assert_eq!(root.add(probe(&first)).unwrap(), 1);
+        assert_eq!(root.add(probe(&second)).unwrap(), 2);
+        let root = Arc::new(Mutex::new(root));
+        let mut ecam = PciConfigMmio::new(root.clone());
+        let bar = |slot: u64| (slot << 15) | REG_BAR0 as u64;
+        // Slot 2's BAR moved onto slot 1's: refused, slot 1 keeps decoding.
+        ecam.write(bar(2), &(WINDOW.0 as u32).to_le_bytes());
+        assert_eq!(
+            second.lock().unwrap().last(),
+            Some(&(0, Some(WINDOW.0 + 0x4000), None))
+        );
+        assert_eq!(first.lock().unwrap().len(), 1);
+        let mut b = [0u8; 1];
+        lock(&root).mmio_read(WINDOW.0 + 1, &mut b);
+        assert_eq!(b, [0x01]);
+        // Slot 1 moves away: slot 2's BAR now decodes where it was put.
+        ecam.write(bar(1), &0xc010_0000u32.to_le_bytes());
+        assert_eq!(
+            first.lock().unwrap().last(),
+            Some(&(0, Some(WINDOW.0), Some(0xc010_0000)))
+        );
+        assert_eq!(
+            second.lock().unwrap().last(),
+            Some(&(0, None, Some(WINDOW.0)))
         );
     }
 

@@ -8,6 +8,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
+use thiserror::Error;
+
 use super::packet::shutdown;
 
 /// Bytes of guest data the device buffers per connection on the way to the
@@ -55,9 +57,13 @@ pub struct Conn {
     write_shut: bool,
 }
 
-/// The guest sent more than the credit the device gave it.
-#[derive(Debug)]
-pub struct Overrun;
+/// Errors of one connection.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConnError {
+    /// The guest sent more than the credit the device gave it.
+    #[error("the guest sent more than its credit of {BUF_ALLOC} bytes")]
+    Overrun,
+}
 
 impl Conn {
     pub fn new(stream: UnixStream, local_port: u32, state: State) -> Conn {
@@ -126,9 +132,9 @@ impl Conn {
     }
 
     /// Takes data the guest sent. Fails when the guest overran its credit.
-    pub fn take_guest_data(&mut self, data: &[u8]) -> Result<(), Overrun> {
+    pub fn take_guest_data(&mut self, data: &[u8]) -> Result<(), ConnError> {
         if self.to_host.len() + data.len() > BUF_ALLOC as usize {
-            return Err(Overrun);
+            return Err(ConnError::Overrun);
         }
         self.to_host.extend(data);
         Ok(())

@@ -24,7 +24,7 @@ pub mod packet;
 
 use std::io;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -38,7 +38,7 @@ use crate::{
 };
 pub use conn::BUF_ALLOC;
 use muxer::Muxer;
-pub use muxer::{MAX_CONNS, MAX_PAYLOAD};
+pub use muxer::{HANDSHAKE_TIMEOUT, MAX_CONNS, MAX_PAYLOAD};
 
 /// Size of each of the three queues (rx, tx, event).
 pub const QUEUE_SIZE: u16 = 256;
@@ -61,6 +61,14 @@ pub enum VsockError {
     /// Another program listens on the path.
     #[error("vsock socket {0} is in use by another program")]
     InUse(PathBuf),
+    /// Whether anything listens on the existing socket could not be told
+    /// (no permission, a datagram socket); the file is left alone.
+    #[error("cannot check whether vsock socket {path} is in use")]
+    Probe {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// Binding the socket failed.
     #[error("cannot listen on vsock socket {path}")]
     Bind {
@@ -81,8 +89,9 @@ pub struct Vsock {
 
 impl Vsock {
     /// A device for the guest CID `guest_cid` whose host side listens on
-    /// the unix socket `uds_path`. A stale socket file there (nothing
-    /// listening) is replaced; a live one is an error.
+    /// the unix socket `uds_path`. A stale socket file there (a connect is
+    /// refused) is replaced; a live one, or one that cannot be checked, is
+    /// an error. The check never blocks.
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Vsock, VsockError> {
         if !(3..u64::from(u32::MAX)).contains(&guest_cid) {
             return Err(VsockError::Cid(guest_cid));
@@ -94,11 +103,25 @@ impl Vsock {
             if !meta.file_type().is_socket() {
                 return Err(VsockError::NotSocket(uds_path.to_path_buf()));
             }
-            if UnixStream::connect(uds_path).is_ok() {
-                return Err(VsockError::InUse(uds_path.to_path_buf()));
+            match muxer::connect_nonblocking(uds_path) {
+                // Connected, or a listener whose backlog is full.
+                Ok(_) => return Err(VsockError::InUse(uds_path.to_path_buf())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(VsockError::InUse(uds_path.to_path_buf()))
+                }
+                // Stale: left by a process that is gone.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                    let _ = std::fs::remove_file(uds_path);
+                }
+                // Removed meanwhile: nothing to replace.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(source) => {
+                    return Err(VsockError::Probe {
+                        path: uds_path.to_path_buf(),
+                        source,
+                    })
+                }
             }
-            // Stale: left by a process that is gone.
-            let _ = std::fs::remove_file(uds_path);
         }
         let bind_err = |source| VsockError::Bind {
             path: uds_path.to_path_buf(),

@@ -16,7 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
@@ -43,7 +43,11 @@ const MAX_LINE: usize = 32;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// How long a host program's connection waits for the guest's RESPONSE.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often waiting connections are checked while there are any.
+/// How long a host program may take to send its `CONNECT` line before it
+/// is hung up on, so idle programs cannot hold every slot.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often waiting connections and handshakes are checked while there
+/// are any.
 const TICK: Duration = Duration::from_millis(250);
 /// Inner-epoll tokens of the listening socket and the timer; other tokens
 /// are fds.
@@ -62,6 +66,14 @@ enum Control {
     Raw(Header),
 }
 
+/// A host program that has not sent its `CONNECT` line yet.
+#[derive(Debug)]
+struct Handshake {
+    stream: UnixStream,
+    line: Vec<u8>,
+    since: Instant,
+}
+
 /// The worker's state.
 #[derive(Debug)]
 pub(crate) struct Muxer {
@@ -71,7 +83,7 @@ pub(crate) struct Muxer {
     epoll: Epoll,
     conns: HashMap<Key, Conn>,
     fds: HashMap<RawFd, Key>,
-    handshakes: HashMap<RawFd, (UnixStream, Vec<u8>)>,
+    handshakes: HashMap<RawFd, Handshake>,
     control: VecDeque<Control>,
     /// A receive chain taken while there seemed to be data, kept for the
     /// next packet.
@@ -365,7 +377,17 @@ impl Muxer {
                     }
                     let fd = stream.as_raw_fd();
                     if self.register(fd).is_ok() {
-                        self.handshakes.insert(fd, (stream, Vec::new()));
+                        let since = Instant::now();
+                        let line = Vec::new();
+                        self.handshakes.insert(
+                            fd,
+                            Handshake {
+                                stream,
+                                line,
+                                since,
+                            },
+                        );
+                        self.arm_timer();
                         // Its line may already be there.
                         self.handshake(fd);
                     }
@@ -379,7 +401,7 @@ impl Muxer {
     /// Reads a host program's `CONNECT <port>\n` byte by byte, so nothing
     /// it sends after the line is taken early.
     fn handshake(&mut self, fd: RawFd) {
-        let Some((stream, line)) = self.handshakes.get_mut(&fd) else {
+        let Some(Handshake { stream, line, .. }) = self.handshakes.get_mut(&fd) else {
             return;
         };
         let mut byte = [0u8; 1];
@@ -394,7 +416,7 @@ impl Muxer {
                 Err(_) => break Err(()),
             }
         };
-        let Some((stream, line)) = self.handshakes.remove(&fd) else {
+        let Some(Handshake { stream, line, .. }) = self.handshakes.remove(&fd) else {
             return;
         };
         let _ = self
@@ -409,14 +431,20 @@ impl Muxer {
         let conn = Conn::new(stream, local, State::HostConnecting);
         if self.add_conn(key, conn).is_ok() {
             self.queue_conn(key, op::REQUEST, 0);
-            if !self.timer_armed && self.timer.reset(TICK, Some(TICK)).is_ok() {
-                self.timer_armed = true;
-            }
+            self.arm_timer();
+        }
+    }
+
+    /// Starts the periodic check of waiting connections and handshakes.
+    fn arm_timer(&mut self) {
+        if !self.timer_armed && self.timer.reset(TICK, Some(TICK)).is_ok() {
+            self.timer_armed = true;
         }
     }
 
     /// Gives up on host programs' connections the guest did not answer in
-    /// time: the program's socket is closed and the guest told with RST.
+    /// time (the program's socket is closed and the guest told with RST),
+    /// and on host programs that did not send their `CONNECT` line in time.
     fn expire_connects(&mut self) {
         let _ = self.timer.wait();
         let waiting: Vec<(Key, bool)> = self
@@ -430,7 +458,21 @@ impl Muxer {
                 self.reset_conn(key);
             }
         }
-        if waiting.iter().all(|&(_, expired)| expired) && self.timer.clear().is_ok() {
+        let stale: Vec<RawFd> = self
+            .handshakes
+            .iter()
+            .filter(|(_, h)| h.since.elapsed() >= HANDSHAKE_TIMEOUT)
+            .map(|(&fd, _)| fd)
+            .collect();
+        for fd in stale {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            // Dropping the stream hangs up on the program.
+            self.handshakes.remove(&fd);
+        }
+        let idle = waiting.iter().all(|&(_, expired)| expired) && self.handshakes.is_empty();
+        if idle && self.timer.clear().is_ok() {
             self.timer_armed = false;
         }
     }

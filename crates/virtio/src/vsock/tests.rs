@@ -281,6 +281,26 @@ fn host_program_unanswered_by_the_guest_is_hung_up_on() {
 }
 
 #[test]
+fn host_program_that_never_sends_its_line_is_hung_up_on() {
+    let mut g = Guest::new();
+    let mut idle = UnixStream::connect(&g.uds).expect("connect");
+    idle.set_read_timeout(Some(HANDSHAKE_TIMEOUT * 3))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        idle.read(&mut buf).expect("hung up on, not timed out"),
+        0,
+        "expected end-of-file"
+    );
+    g.expect_silence();
+    // Its slot is free again: a program that does send its line connects.
+    let mut host = UnixStream::connect(&g.uds).expect("connect");
+    host.write_all(b"CONNECT 55\n").expect("write");
+    let (req, _) = g.recv();
+    assert_eq!((req.op, req.dst_port), (op::REQUEST, 55));
+}
+
+#[test]
 fn host_program_with_a_bad_line_is_hung_up_on() {
     let mut g = Guest::new();
     for line in [&b"HELLO\n"[..], b"CONNECT x\n", &[b'C'; 40]] {
@@ -583,6 +603,48 @@ fn live_socket_is_in_use_and_stale_socket_is_replaced() {
     let second = Vsock::new(4, &path).expect("replaces the stale socket");
     assert!(UnixStream::connect(&path).is_ok());
     drop(second);
+}
+
+#[test]
+fn a_socket_that_cannot_be_probed_is_left_alone() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = TempDir::new();
+    let path = dir.0.join("d.sock");
+    // Another program's live datagram socket: a stream connect fails, but
+    // not with "refused".
+    let other = UnixDatagram::bind(&path).expect("bind");
+    let err = Vsock::new(3, &path).unwrap_err();
+    assert!(matches!(err, VsockError::Probe { .. }), "{err:?}");
+    assert!(err.to_string().contains("d.sock"), "{err}");
+    let sender = UnixDatagram::unbound().expect("socket");
+    sender
+        .send_to(b"still here", &path)
+        .expect("the socket was removed");
+    let mut buf = [0u8; 16];
+    assert_eq!(other.recv(&mut buf).expect("recv"), 10);
+}
+
+#[test]
+fn a_listener_with_a_full_backlog_is_in_use_without_blocking() {
+    let dir = TempDir::new();
+    let path = dir.0.join("b.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    // Fill the backlog: non-blocking connects until one would block.
+    let mut held = Vec::new();
+    loop {
+        match super::muxer::connect_nonblocking(&path) {
+            Ok(s) => held.push(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("connect: {e}"),
+        }
+        assert!(held.len() < 100_000, "the backlog never filled");
+    }
+    assert!(matches!(
+        Vsock::new(3, &path).unwrap_err(),
+        VsockError::InUse(_)
+    ));
+    assert!(path.exists());
+    drop(listener);
 }
 
 #[test]

@@ -57,14 +57,20 @@ impl NetHandler {
         if set.queues[RX].is_broken() {
             return;
         }
-        let result = self.rx_frames(set);
-        set.notify(RX);
+        let mut used = false;
+        let result = self.rx_frames(set, &mut used);
+        // No interrupt when no buffer was used (a wakeup with nothing to
+        // deliver, or frames waiting for buffers).
+        if used {
+            set.notify(RX);
+        }
         if let Err(e) = result {
             set.fail(RX, &e);
         }
     }
 
-    fn rx_frames(&mut self, set: &mut QueueSet) -> Result<(), QueueError> {
+    /// Sets `used` once a used entry is added.
+    fn rx_frames(&mut self, set: &mut QueueSet, used: &mut bool) -> Result<(), QueueError> {
         loop {
             if set.stopping() {
                 return Ok(());
@@ -96,7 +102,7 @@ impl NetHandler {
                 ));
             }
             self.rx_pending = None;
-            let used = if room < len {
+            let written = if room < len {
                 // Without merged buffers a frame must fit one chain: drop
                 // it and hand the buffer back empty.
                 0
@@ -106,7 +112,8 @@ impl NetHandler {
                 self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
                 chain.writer().write(&set.mem, &self.rx_buf[..len])? as u32
             };
-            q.add_used(&set.mem, chain.head(), used)?;
+            q.add_used(&set.mem, chain.head(), written)?;
+            *used = true;
         }
     }
 

@@ -42,6 +42,9 @@ pub const OUTPUT_CAPACITY: usize = 256 * 1024;
 const INPUT_TOKEN: u32 = 0;
 /// The output thread's "room again" eventfd's backend token.
 const OUTPUT_TOKEN: u32 = 1;
+/// How long dropping the console waits for the output thread to write
+/// what is left (an output nobody reads would otherwise hold the drop).
+const DRAIN_ON_DROP: std::time::Duration = std::time::Duration::from_secs(2);
 /// The most output bytes taken from one transmit chain.
 const MAX_TX_CHAIN: u32 = 1 << 20;
 /// Configuration space: cols, rows, max_nr_ports, emerg_wr (all zero).
@@ -118,6 +121,8 @@ struct OutputBuffer {
 struct OutputState {
     bytes: Vec<u8>,
     closed: bool,
+    /// Set by the output thread when it has written everything and ends.
+    finished: bool,
 }
 
 impl OutputBuffer {
@@ -132,12 +137,31 @@ impl OutputBuffer {
 
     fn push(&self, data: &[u8]) {
         self.lock().bytes.extend_from_slice(data);
-        self.cond.notify_one();
+        self.cond.notify_all();
     }
 
-    fn close(&self) {
-        self.lock().closed = true;
-        self.cond.notify_one();
+    /// Tells the output thread to end once everything is written, and
+    /// waits for that at most `limit`.
+    fn close(&self, limit: std::time::Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        let mut state = self.lock();
+        state.closed = true;
+        self.cond.notify_all();
+        while !state.finished {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return;
+            }
+            state = match self.cond.wait_timeout(state, deadline - now) {
+                Ok((s, _)) => s,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    fn finish(&self) {
+        self.lock().finished = true;
+        self.cond.notify_all();
     }
 
     /// Waits for bytes; `None` once closed and empty.
@@ -164,6 +188,7 @@ fn write_output(buffer: Arc<OutputBuffer>, mut out: Box<dyn Write + Send>) {
         // Only fails if the counter would overflow: the worker is due anyway.
         let _ = buffer.room.write(1);
     }
+    buffer.finish();
 }
 
 /// The virtio-console device.
@@ -176,9 +201,9 @@ pub struct Console {
 impl Drop for Console {
     fn drop(&mut self) {
         self.reset();
-        // The output thread writes what is left and ends; it is not
-        // waited for, as the output may never take the bytes.
-        self.output.close();
+        // The output thread writes what is left and ends. It is waited for
+        // only a little, as the output may never take the bytes.
+        self.output.close(DRAIN_ON_DROP);
     }
 }
 
@@ -653,6 +678,18 @@ mod tests {
         assert_eq!(out.len(), used * LEN as usize);
         assert!(out.windows(2).all(|w| w[0] <= w[1]));
         drop(con);
+    }
+
+    #[test]
+    fn dropping_the_console_writes_what_is_left() {
+        let (mut drv, mut con, sink) = rig();
+        drv.activate(&mut con, F).unwrap();
+        let a = drv.put(b"last words\n");
+        drv.add_chain(1, &[Buf::readable(a, 11)]);
+        drv.kick(1);
+        assert_eq!(drv.wait_used(1, 1).len(), 1);
+        drop(con);
+        assert_eq!(sink.bytes(), b"last words\n");
     }
 
     #[test]

@@ -670,3 +670,39 @@ fn write_zeroes_ends_early_when_the_device_is_stopping() {
     write_zeroes_by_hand(&disk.file, 0, 1 << 20, &go).unwrap();
     assert!(image.contents().iter().all(|&b| b == 0));
 }
+
+#[test]
+fn reset_with_a_queue_of_long_write_zeroes_returns_after_the_first() {
+    use std::os::fd::FromRawFd;
+    const SIZE: u64 = 64 << 20;
+    const REQUESTS: usize = 32;
+    // SAFETY: the name is a NUL-terminated literal; memfd_create reads it
+    // and returns a new descriptor or -1.
+    let fd = unsafe { libc::memfd_create(c"virtio-blk-test".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(SIZE).unwrap();
+    // Anonymous memory has no ZERO_RANGE: every request writes 64 MiB of
+    // zeroes by hand, 2 GiB for the whole queue.
+    let mut dev = Block::from_disk(Disk::new(file, false, SIZE, [0; SERIAL_LEN]));
+    let mut drv = MockDriver::new(MEM, &[QUEUE_SIZE]);
+    drv.activate(&mut dev, FEATURES).unwrap();
+    let h = drv.put(&header(VIRTIO_BLK_T_WRITE_ZEROES, 0));
+    let s = drv.put(&segment(0, (SIZE / SECTOR_SIZE) as u32, 0));
+    for _ in 0..REQUESTS {
+        let status = drv.alloc(1);
+        drv.add_chain(
+            0,
+            &[
+                Buf::readable(h, 16),
+                Buf::readable(s, 16),
+                Buf::writable(status, 1),
+            ],
+        );
+    }
+    drv.kick(0);
+    dev.reset();
+    let done = usize::from(drv.used_idx(0));
+    assert!(done < REQUESTS, "the reset waited for all {done} requests");
+}

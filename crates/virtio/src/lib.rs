@@ -130,7 +130,10 @@ pub trait VirtioDevice: Send {
         features: u64,
     ) -> Result<(), ActivateError>;
     /// Stops serving the queues and returns to the state before activation.
-    /// When it returns, the device no longer touches guest memory.
+    /// When it returns, the device no longer touches guest memory. It runs
+    /// on the vCPU that wrote the status, with the PCI bus locked, so it
+    /// must return promptly whatever the driver queued: a device waits for
+    /// at most one chain in progress and bounds the work of one chain.
     fn reset(&mut self);
 }
 

@@ -253,12 +253,7 @@ impl VirtioDevice for Block {
         queues: Vec<ActiveQueue>,
         features: u64,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                want: 1,
-                got: queues.len(),
-            });
-        }
+        crate::expect_queues(&queues, 1)?;
         self.reset();
         let set = QueueSet::new("virtio-blk", mem, interrupt, queues, features);
         let handler = BlockHandler {

@@ -277,12 +277,7 @@ impl VirtioDevice for Console {
         queues: Vec<ActiveQueue>,
         features: u64,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                want: 2,
-                got: queues.len(),
-            });
-        }
+        crate::expect_queues(&queues, 2)?;
         self.reset();
         let set = QueueSet::new("virtio-console", mem, interrupt, queues, features);
         let position = |index| set.queues.iter().position(|q| q.index() == index);

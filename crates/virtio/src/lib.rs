@@ -137,6 +137,18 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
+/// Checks that the driver made ready exactly the `want` queues a device uses.
+pub fn expect_queues(queues: &[ActiveQueue], want: usize) -> Result<(), ActivateError> {
+    if queues.len() == want {
+        Ok(())
+    } else {
+        Err(ActivateError::QueueCount {
+            want,
+            got: queues.len(),
+        })
+    }
+}
+
 /// Copies the part of a device's configuration space at `offset` into
 /// `data`; bytes past its end read as zero.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {

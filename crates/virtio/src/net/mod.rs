@@ -178,13 +178,7 @@ impl VirtioDevice for Net {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = self.config();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        crate::read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
@@ -198,12 +192,7 @@ impl VirtioDevice for Net {
         queues: Vec<ActiveQueue>,
         features: u64,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                want: 2,
-                got: queues.len(),
-            });
-        }
+        crate::expect_queues(&queues, 2)?;
         self.reset();
         let features = features & self.features;
         let fd = {

@@ -170,13 +170,7 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = self.cid.to_le_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        crate::read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
@@ -190,12 +184,7 @@ impl VirtioDevice for Vsock {
         queues: Vec<ActiveQueue>,
         features: u64,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                want: 3,
-                got: queues.len(),
-            });
-        }
+        crate::expect_queues(&queues, 3)?;
         self.reset();
         let listener = self.listener.try_clone().map_err(ActivateError::Worker)?;
         let muxer =

@@ -389,6 +389,11 @@ impl Guest {
         snapshot(&self.stdout)
     }
 
+    /// Whether the VMM is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Kills the VMM at once (SIGKILL) and returns how it ended.
     pub fn kill(mut self) -> Result<Exit, HarnessError> {
         self.child.kill().map_err(HarnessError::Wait)?;

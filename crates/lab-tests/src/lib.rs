@@ -41,6 +41,13 @@ pub enum HarnessError {
         secs: u64,
         console: String,
     },
+    #[error("the VMM's output ended before {what} ({status}); console:\n{console}\nVMM stderr:\n{stderr}")]
+    Ended {
+        what: String,
+        status: String,
+        console: String,
+        stderr: String,
+    },
 }
 
 /// Which image of the kit's kernel to boot.
@@ -368,10 +375,23 @@ impl Guest {
                 .unwrap_or_else(|e| e.into_inner());
             guard.text.contains(needle)
         };
+        let what = format!("{needle:?} on the console");
         if found {
             Ok(())
+        } else if self.remaining().is_zero() {
+            Err(self.timeout_error(&what))
         } else {
-            Err(self.timeout_error(&format!("{needle:?} on the console")))
+            // The output closed: the VMM has ended or is ending.
+            let status = match self.child.wait() {
+                Ok(status) => status.to_string(),
+                Err(e) => format!("cannot wait for it: {e}"),
+            };
+            Err(HarnessError::Ended {
+                what,
+                status,
+                console: tail(&snapshot(&self.stdout), 40),
+                stderr: tail(&snapshot(&self.stderr), 10),
+            })
         }
     }
 
@@ -387,6 +407,11 @@ impl Guest {
     /// The console so far.
     pub fn console(&self) -> String {
         snapshot(&self.stdout)
+    }
+
+    /// Whether the VMM is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Kills the VMM at once (SIGKILL) and returns how it ended.

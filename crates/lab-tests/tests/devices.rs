@@ -214,7 +214,7 @@ const GUEST_MAC: &str = "52:54:00:12:34:56";
 #[test]
 #[ignore = "needs the lab: run by cargo xtask test"]
 fn guest_pings_the_host_end_of_its_tap() {
-    let guest = Guest::start(&GuestConfig {
+    let mut guest = Guest::start(&GuestConfig {
         nets: vec![Net {
             tap: TAP.to_string(),
             mac: Some(GUEST_MAC.to_string()),
@@ -228,12 +228,21 @@ fn guest_pings_the_host_end_of_its_tap() {
     })
     .expect("start the VMM");
     // The VMM creates the tap; its host end gets an address once it exists.
-    let host_end = wait_for_interface(TAP, timeout())
-        .map_err(|e| e.to_string())
-        .and_then(|()| configure_interface(TAP, HOST_ADDR, 24).map_err(|e| e.to_string()));
-    let console = guest.console();
+    // Polled in short steps, so that a VMM that has already exited ends
+    // the wait (a silent lab looks hung to its watchdog).
+    let start = std::time::Instant::now();
+    let host_end = loop {
+        match wait_for_interface(TAP, Duration::from_secs(1)) {
+            Ok(()) => break configure_interface(TAP, HOST_ADDR, 24).map_err(|e| e.to_string()),
+            Err(e) if !guest.is_running() || start.elapsed() > timeout() => {
+                break Err(e.to_string())
+            }
+            Err(_) => {}
+        }
+    };
     if let Err(e) = host_end {
-        panic!("host end of the tap: {e}\nconsole:\n{}", tail(&console, 20));
+        let exit = guest.wait_exit().expect("the VMM exits");
+        panic!("host end of the tap: {e}\n{}", describe(&exit));
     }
     let exit = guest.wait_exit().expect("the VMM exits");
     let d = describe(&exit);
@@ -292,7 +301,8 @@ fn vsock_carries_lines_both_ways() {
     let dir = scratch("vsock");
     let socket = dir.join("v.sock");
     // Guest connections to host port 5000 arrive on "<socket>_5000".
-    let listener = UnixListener::bind(dir.join("v.sock_5000")).expect("bind the host port");
+    let host_port = dir.join("v.sock_5000");
+    let listener = UnixListener::bind(&host_port).expect("bind the host port");
     let served = serve_one(listener, "pong-from-host");
     let mut guest = Guest::start(&GuestConfig {
         vsock: Some(Vsock {
@@ -311,6 +321,10 @@ fn vsock_carries_lines_both_ways() {
         .unwrap_or_else(|e| panic!("{e}"));
     let answer = call_guest(&socket, 5001, "ping-from-host");
     let exit = guest.wait_exit().expect("the VMM exits");
+    if !served.is_finished() {
+        // The guest never connected: unblock the listener's accept.
+        let _ = UnixStream::connect(&host_port);
+    }
     let d = describe(&exit);
     assert_eq!(answer, Ok("pong-from-guest".to_string()), "{d}");
     let out = exit.command_output();
@@ -428,19 +442,21 @@ fn sigint_to_init_syncs_and_powers_off() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Polls `path` until it contains `needle`; returns its text.
-fn wait_in_file(path: &Path, needle: &str) -> Result<String, String> {
+/// Polls `path` until it contains `needle`, while `guest` runs; returns
+/// its text.
+fn wait_in_file(guest: &mut Guest, path: &Path, needle: &str) -> Result<String, String> {
     let start = std::time::Instant::now();
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         if text.contains(needle) {
             return Ok(text);
         }
-        if start.elapsed() > timeout() {
+        if !guest.is_running() || start.elapsed() > timeout() {
             return Err(format!(
-                "no {needle:?} in {} within {} s; it holds:\n{}",
+                "no {needle:?} in {} (VMM running: {}, waited {} s); it holds:\n{}",
                 path.display(),
-                timeout().as_secs(),
+                guest.is_running(),
+                start.elapsed().as_secs(),
                 tail(&text, 20)
             ));
         }
@@ -473,7 +489,7 @@ fn control_socket_shutdown_reaches_init_as_ctrl_alt_del() {
     std::fs::create_dir_all(&runtime).expect("create the runtime directory");
     let img = dir.join("disk.img");
     image(&img, 8 * MIB, None);
-    let guest = Guest::start(&GuestConfig {
+    let mut guest = Guest::start(&GuestConfig {
         disks: vec![disk(&img)],
         runtime_dir: Some(runtime.clone()),
         ..running(
@@ -483,7 +499,10 @@ fn control_socket_shutdown_reaches_init_as_ctrl_alt_del() {
     })
     .expect("start the VMM");
     let log = runtime.join("console.log");
-    wait_in_file(&log, "shutdown-ready").unwrap_or_else(|e| panic!("{e}"));
+    if let Err(e) = wait_in_file(&mut guest, &log, "shutdown-ready") {
+        let exit = guest.wait_exit().expect("the VMM exits");
+        panic!("{e}\n{}", describe(&exit));
+    }
     let reply = control(&runtime, r#"{"op":"shutdown"}"#);
     let exit = guest.wait_exit().expect("the VMM exits");
     let console = std::fs::read_to_string(&log).unwrap_or_default();

@@ -273,7 +273,8 @@ fn measure(vmm: Vmm) -> Result<Sample> {
     Ok(sample)
 }
 
-fn median(mut values: Vec<f64>) -> Option<f64> {
+/// The median of some figures; `None` for none.
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
         return None;
     }
@@ -284,6 +285,29 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
     } else {
         (values[mid - 1] + values[mid]) / 2.0
     })
+}
+
+/// Prints a table: a column per VMM, a row per metric, each cell the VMM's
+/// median and, after the first column, its ratio to the first VMM's.
+pub fn print_medians(label_width: usize, columns: &[String], rows: &[(&str, Vec<Option<f64>>)]) {
+    print!("{:<label_width$}", "metric");
+    for column in columns {
+        print!("{column:>22}");
+    }
+    println!();
+    for (label, medians) in rows {
+        print!("{label:<label_width$}");
+        let base = medians.first().copied().flatten();
+        for (i, value) in medians.iter().enumerate() {
+            let cell = match (value, base) {
+                (None, _) => "-".to_string(),
+                (Some(v), Some(b)) if i > 0 && b > 0.0 => format!("{v:.1} (x{:.2})", v / b),
+                (Some(v), _) => format!("{v:.1}"),
+            };
+            print!("{cell:>22}");
+        }
+        println!();
+    }
 }
 
 type Metric = (&'static str, fn(&Sample) -> Option<f64>);
@@ -313,27 +337,21 @@ fn print_table(results: &[(Vmm, Vec<Sample>)], runs: usize) {
         "boot benchmark: guest kit, 1 vCPU, {MEMORY_MIB} MiB, median of up to {runs} runs; \
          nested KVM inside the lab (emulated AMD SVM), so absolute times are far above hardware"
     );
-    print!("{:<52}", "metric");
-    for (vmm, samples) in results {
-        print!("{:>22}", format!("{} (n={})", vmm.name(), samples.len()));
-    }
-    println!();
-    for (label, get) in METRICS {
-        print!("{label:<52}");
-        let base = results
-            .first()
-            .and_then(|(_, s)| median(s.iter().filter_map(get).collect()));
-        for (i, (_, samples)) in results.iter().enumerate() {
-            let value = median(samples.iter().filter_map(get).collect());
-            let cell = match (value, base) {
-                (None, _) => "-".to_string(),
-                (Some(v), Some(b)) if i > 0 && b > 0.0 => format!("{v:.1} (x{:.2})", v / b),
-                (Some(v), _) => format!("{v:.1}"),
-            };
-            print!("{cell:>22}");
-        }
-        println!();
-    }
+    let columns: Vec<String> = results
+        .iter()
+        .map(|(vmm, samples)| format!("{} (n={})", vmm.name(), samples.len()))
+        .collect();
+    let rows: Vec<(&str, Vec<Option<f64>>)> = METRICS
+        .iter()
+        .map(|(label, get)| {
+            let medians = results
+                .iter()
+                .map(|(_, s)| median(s.iter().filter_map(get).collect()))
+                .collect();
+            (*label, medians)
+        })
+        .collect();
+    print_medians(52, &columns, &rows);
     println!("(xN) = that VMM's figure divided by ferrovisor's. QEMU's marker is timed by");
     println!("polling its isa-debugcon output file; ferrovisor's is reported by the VMM itself.");
 }

@@ -9,6 +9,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::bench::{median, print_medians};
 use crate::guestkit;
 use crate::lab::{self, Spec, LAB_FERROVISOR, LAB_INITRAMFS, LAB_KERNEL};
 use crate::util::{self, Context, Result};
@@ -150,19 +151,6 @@ fn measure(vmm: Vmm, size_mib: u64, secs: u64) -> Result<Sample> {
     })
 }
 
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(|a, b| a.total_cmp(b));
-    let mid = values.len() / 2;
-    Some(if values.len() % 2 == 1 {
-        values[mid]
-    } else {
-        (values[mid - 1] + values[mid]) / 2.0
-    })
-}
-
 type Metric = (&'static str, fn(&Sample) -> f64);
 
 const METRICS: [Metric; 3] = [
@@ -184,27 +172,21 @@ fn print_table(results: &[(Vmm, Vec<Sample>)], size_mib: u64, secs: u64) {
          tmpfs, {size_mib} MiB sequential, {secs} s random; O_DIRECT in the guest, host page \
          cache in the VMM; median of the runs; nested KVM inside the lab (emulated AMD SVM)"
     );
-    print!("{:<44}", "metric");
-    for (vmm, samples) in results {
-        print!("{:>22}", format!("{} (n={})", vmm.name(), samples.len()));
-    }
-    println!();
-    for (label, get) in METRICS {
-        print!("{label:<44}");
-        let base = results
-            .first()
-            .and_then(|(_, s)| median(s.iter().map(get).collect()));
-        for (i, (_, samples)) in results.iter().enumerate() {
-            let value = median(samples.iter().map(get).collect());
-            let cell = match (value, base) {
-                (None, _) => "-".to_string(),
-                (Some(v), Some(b)) if i > 0 && b > 0.0 => format!("{v:.1} (x{:.2})", v / b),
-                (Some(v), _) => format!("{v:.1}"),
-            };
-            print!("{cell:>22}");
-        }
-        println!();
-    }
+    let columns: Vec<String> = results
+        .iter()
+        .map(|(vmm, samples)| format!("{} (n={})", vmm.name(), samples.len()))
+        .collect();
+    let rows: Vec<(&str, Vec<Option<f64>>)> = METRICS
+        .iter()
+        .map(|(label, get)| {
+            let medians = results
+                .iter()
+                .map(|(_, s)| median(s.iter().map(get).collect()))
+                .collect();
+            (*label, medians)
+        })
+        .collect();
+    print_medians(44, &columns, &rows);
     println!("(xN) = that VMM's figure divided by ferrovisor's; higher is better for all three.");
 }
 

@@ -421,15 +421,19 @@ pub fn command(args: &[String]) -> Result<u8> {
             _ => return Err(usage()),
         }
     }
+    run_in_lab(&format!("boot {runs}{q35}"), Duration::from_secs(15 * 60))
+}
+
+/// Runs `xtask bench-in-lab ARGS` inside one lab session, with QEMU and
+/// this xtask binary shipped in, and returns its exit status.
+pub fn run_in_lab(args: &str, deadline: Duration) -> Result<u8> {
     let kit = guestkit::build()?;
     let ferrovisor = lab::build_ferrovisor()?;
     let me = std::env::current_exe().ctx(|| "cannot find the xtask binary".to_string())?;
-    let mut spec = Spec::new(Some(format!(
-        "/lab/bin/xtask bench-in-lab boot {runs}{q35}"
-    )));
+    let mut spec = Spec::new(Some(format!("/lab/bin/xtask bench-in-lab {args}")));
     spec.interactive = false;
     spec.with_qemu = true;
-    spec.deadline = Duration::from_secs(15 * 60);
+    spec.deadline = deadline;
     spec.files.push((me, "/lab/bin/xtask".to_string()));
     let outcome = lab::run(&spec, &kit, Some(&ferrovisor))?;
     Ok(u8::try_from(outcome.status.clamp(0, 255)).unwrap_or(1))

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::bench::{median, print_medians};
 use crate::guestkit;
-use crate::lab::{self, Spec, LAB_FERROVISOR, LAB_INITRAMFS, LAB_KERNEL};
+use crate::lab::{LAB_FERROVISOR, LAB_INITRAMFS, LAB_KERNEL};
 use crate::util::{self, Context, Result};
 
 /// Where the image lives inside the lab (its tmpfs).
@@ -248,18 +248,10 @@ pub fn command(args: &[String]) -> Result<u8> {
             "--size: at most 1024 MiB (the image lives in the lab's RAM)"
         ));
     }
-    let kit = guestkit::build()?;
-    let ferrovisor = lab::build_ferrovisor()?;
-    let me = std::env::current_exe().ctx(|| "cannot find the xtask binary".to_string())?;
-    let mut spec = Spec::new(Some(format!(
-        "/lab/bin/xtask bench-in-lab blk {runs} {size} {secs}"
-    )));
-    spec.interactive = false;
-    spec.with_qemu = true;
-    spec.deadline = Duration::from_secs(25 * 60);
-    spec.files.push((me, "/lab/bin/xtask".to_string()));
-    let outcome = lab::run(&spec, &kit, Some(&ferrovisor))?;
-    Ok(u8::try_from(outcome.status.clamp(0, 255)).unwrap_or(1))
+    crate::bench::run_in_lab(
+        &format!("blk {runs} {size} {secs}"),
+        Duration::from_secs(25 * 60),
+    )
 }
 
 #[cfg(test)]

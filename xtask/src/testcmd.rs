@@ -169,13 +169,9 @@ fn lab_tier(qemu_stand_in: bool) -> Result<Tally> {
     spec.command = Some(script);
     spec.interactive = false;
     for tool in LAB_TOOLS {
-        match util::which(tool) {
-            Some(path) => spec.files.push((path, format!("/lab/bin/{tool}"))),
-            None => eprintln!(
-                "xtask: warning: no {tool} on this host (apt-get install e2fsprogs); \
-                 the disk tests that use it will fail"
-            ),
-        }
+        util::ensure_tool(tool, "e2fsprogs")?;
+        let path = util::which(tool).ok_or_else(|| fail!("{tool} is not on PATH"))?;
+        spec.files.push((path, format!("/lab/bin/{tool}")));
     }
     if qemu_stand_in {
         let shim = util::workspace_root().join("lab/qemu-stand-in");

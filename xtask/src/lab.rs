@@ -241,9 +241,10 @@ fn qemu_command(spec: &Spec, kit: &Kit, initramfs: &Path) -> Command {
     cmd
 }
 
-/// Why an attempt failed, and whether another attempt may help.
+/// Why an attempt failed, and whether another attempt may help. A
+/// retryable failure carries the console up to the failure.
 enum Failure {
-    Retry(String),
+    Retry(String, String),
     Fatal(String),
 }
 
@@ -274,11 +275,14 @@ fn attempt(
             status,
             console: report.stdout,
         }),
-        (Ending::Stalled(idle), _) => Err(Failure::Retry(format!(
-            "the lab hung: no console output and no CPU progress, or no heartbeat, \
-             for {} s; killed it",
-            idle.as_secs()
-        ))),
+        (Ending::Stalled(idle), _) => Err(Failure::Retry(
+            format!(
+                "the lab hung: no console output and no CPU progress, or no heartbeat, \
+                 for {} s; killed it",
+                idle.as_secs()
+            ),
+            report.stdout.clone(),
+        )),
         (Ending::TimedOut(t), _) => Err(Failure::Fatal(format!(
             "the lab ran past its {} s deadline; killed it",
             t.as_secs()
@@ -301,30 +305,60 @@ fn attempt(
             if !report.released {
                 eprintln!("xtask: lab console before it failed:\n{}", tail());
             }
-            Err(Failure::Retry(why))
+            Err(Failure::Retry(why, report.stdout.clone()))
         }
     })
 }
 
+/// A lab boot that failed in a way another boot may not: the reason, and the
+/// console up to the failure.
+#[derive(Debug)]
+pub struct LabFailure {
+    pub why: String,
+    pub console: String,
+}
+
+/// Boots the lab once and runs `spec.command` in it. `Ok(Err(..))` is a hung
+/// or crashed lab, which the caller may boot again; `Err` is final.
+pub fn run_once(
+    spec: &Spec,
+    kit: &Kit,
+    ferrovisor: Option<&Path>,
+) -> Result<std::result::Result<Outcome, LabFailure>> {
+    util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
+    let initramfs = build_initramfs(spec, kit, ferrovisor)?;
+    match attempt(spec, kit, &initramfs)? {
+        Ok(outcome) => Ok(Ok(outcome)),
+        Err(Failure::Fatal(why)) => Err(fail!("{why}")),
+        Err(Failure::Retry(why, console)) => Ok(Err(LabFailure { why, console })),
+    }
+}
+
+/// How many times a hung or crashed lab is booted in all.
+const ATTEMPTS: u32 = 3;
+
 /// Boots the lab, runs `spec.command` in it and returns its status. A hung
-/// or crashed lab is retried once.
+/// or crashed lab is booted again, up to [`ATTEMPTS`] times in all.
 pub fn run(spec: &Spec, kit: &Kit, ferrovisor: Option<&Path>) -> Result<Outcome> {
     util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
     let initramfs = build_initramfs(spec, kit, ferrovisor)?;
     let mut last = String::new();
-    for try_number in 1..=2 {
+    for try_number in 1..=ATTEMPTS {
         match attempt(spec, kit, &initramfs)? {
             Ok(outcome) => return Ok(outcome),
             Err(Failure::Fatal(why)) => return Err(fail!("{why}")),
-            Err(Failure::Retry(why)) => {
-                if try_number == 1 {
-                    eprintln!("\nxtask: LAB FAILURE: {why}. Retrying once.");
+            Err(Failure::Retry(why, _)) => {
+                if try_number < ATTEMPTS {
+                    eprintln!(
+                        "\nxtask: LAB FAILURE: {why}. Booting it again (attempt {} of {ATTEMPTS}).",
+                        try_number + 1
+                    );
                 }
                 last = why;
             }
         }
     }
-    Err(fail!("the lab failed twice; last time: {last}"))
+    Err(fail!("the lab failed {ATTEMPTS} times; last time: {last}"))
 }
 
 /// `cargo xtask lab [--qemu] [--add HOST[:LABPATH]]... [-- CMD...]`.

@@ -5,7 +5,7 @@
 //! one lab boot.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -133,8 +133,9 @@ fn test_binaries(json_lines: &str) -> Vec<(String, PathBuf)> {
 /// Host programs the lab tests use to check disk images.
 const LAB_TOOLS: &[&str] = &["debugfs", "e2fsck"];
 
-/// Tier 3: the lab tests, in one lab boot. With `qemu_stand_in`, QEMU takes
-/// the VMM's place: a check of the tests and the guest kit themselves.
+/// Tier 3: the lab tests, one lab boot per test binary (see
+/// [`run_lab_binary`] for what a lab that hangs costs). With `qemu_stand_in`, QEMU takes the VMM's place: a
+/// check of the tests and the guest kit themselves.
 fn lab_tier(qemu_stand_in: bool) -> Result<Tally> {
     let vmm = if qemu_stand_in {
         "QEMU standing in for ferrovisor"
@@ -148,31 +149,109 @@ fn lab_tier(qemu_stand_in: bool) -> Result<Tally> {
     } else {
         Some(lab::build_ferrovisor()?)
     };
-    let tests = build_lab_tests()?;
-    // One guest at a time: two nested guests side by side make the lab's
-    // emulated SVM fail now and then (docs/lab.md, "One guest at a time").
-    // Every binary runs even if one fails; the status says if any did.
-    let mut script = String::from("failed=0\n");
-    let mut spec = Spec::new(None);
-    for (name, path) in tests {
+    let mut tools = Vec::new();
+    for tool in LAB_TOOLS {
+        util::ensure_tool(tool, "e2fsprogs")?;
+        let path = util::which(tool).ok_or_else(|| fail!("{tool} is not on PATH"))?;
+        tools.push((path, format!("/lab/bin/{tool}")));
+    }
+    let mut tally = Tally::default();
+    for (name, path) in build_lab_tests()? {
         // The control-plane test runs the daemon, which QEMU cannot stand in for.
         if qemu_stand_in && name == "control_plane" {
             continue;
         }
-        let at = format!("/lab/bin/lab-tests-{name}");
-        script.push_str(&format!(
-            "echo 'xtask: lab tests: {name}'\n{at} --ignored --test-threads=1 || failed=1\n"
-        ));
-        spec.files.push((path, at));
+        eprintln!("xtask: lab tests: {name}");
+        let one = run_lab_binary(
+            &name,
+            &path,
+            &tools,
+            qemu_stand_in,
+            &kit,
+            ferrovisor.as_deref(),
+        )?;
+        tally.passed += one.passed;
+        tally.failed += one.failed;
     }
-    script.push_str("exit $failed");
-    spec.command = Some(script);
+    Ok(tally)
+}
+
+/// How many lab boots one lab-tests binary may take.
+const LAB_ATTEMPTS: u32 = 3;
+
+/// Runs one lab-tests binary in the lab. A lab that hangs or crashes is
+/// booted again and the binary resumes: the tests that already passed are
+/// skipped, so that a freeze of the emulated machine costs only the test it
+/// interrupted.
+fn run_lab_binary(
+    name: &str,
+    binary: &Path,
+    tools: &[(PathBuf, String)],
+    qemu_stand_in: bool,
+    kit: &guestkit::Kit,
+    ferrovisor: Option<&Path>,
+) -> Result<Tally> {
+    let mut passed: Vec<String> = Vec::new();
+    for attempt in 1..=LAB_ATTEMPTS {
+        let mut spec = lab_spec(name, binary.to_path_buf(), &passed, qemu_stand_in);
+        spec.files.extend(tools.iter().cloned());
+        match lab::run_once(&spec, kit, ferrovisor)? {
+            Ok(outcome) => {
+                let mut tally = binary_tally(name, outcome.status, &outcome.console);
+                tally.passed += passed.len() as u64;
+                return Ok(tally);
+            }
+            Err(failure) => {
+                passed.extend(passed_tests(&failure.console));
+                passed.sort();
+                passed.dedup();
+                eprintln!(
+                    "\nxtask: LAB FAILURE: {}. {}",
+                    failure.why,
+                    if attempt < LAB_ATTEMPTS {
+                        format!(
+                            "Booting it again (attempt {} of {LAB_ATTEMPTS}), skipping the {} \
+                             tests that passed.",
+                            attempt + 1,
+                            passed.len()
+                        )
+                    } else {
+                        "Giving up on these tests.".to_string()
+                    }
+                );
+            }
+        }
+    }
+    Ok(Tally {
+        passed: passed.len() as u64,
+        failed: 1,
+    })
+}
+
+/// The names of the tests a libtest console shows as passed.
+fn passed_tests(console: &str) -> Vec<String> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("test ")?.strip_suffix(" ... ok"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The lab session that runs one lab-tests binary, one guest at a time (two
+/// nested guests side by side make the lab's emulated SVM fail now and then;
+/// docs/lab.md, "One guest at a time"), skipping the tests in `skip`.
+fn lab_spec(name: &str, binary: PathBuf, skip: &[String], qemu_stand_in: bool) -> Spec {
+    let at = format!("/lab/bin/lab-tests-{name}");
+    let mut command = format!("{at} --ignored --test-threads=1");
+    if !skip.is_empty() {
+        command.push_str(" --exact");
+        for test in skip {
+            command.push_str(&format!(" --skip {test}"));
+        }
+    }
+    let mut spec = Spec::new(Some(command));
+    spec.files.push((binary, at));
     spec.interactive = false;
-    for tool in LAB_TOOLS {
-        util::ensure_tool(tool, "e2fsprogs")?;
-        let path = util::which(tool).ok_or_else(|| fail!("{tool} is not on PATH"))?;
-        spec.files.push((path, format!("/lab/bin/{tool}")));
-    }
     if qemu_stand_in {
         let shim = util::workspace_root().join("lab/qemu-stand-in");
         spec.files
@@ -181,24 +260,26 @@ fn lab_tier(qemu_stand_in: bool) -> Result<Tally> {
             .push(("FERROVISOR_BIN".into(), "/lab/bin/qemu-stand-in".into()));
         spec.with_qemu = true;
     }
-    spec.deadline = Duration::from_secs(25 * 60);
+    spec.deadline = Duration::from_secs(15 * 60);
     if let Ok(secs) = std::env::var("FERROVISOR_LAB_TIMEOUT_SECS") {
         spec.env.push(("FERROVISOR_LAB_TIMEOUT_SECS".into(), secs));
     }
-    let outcome = lab::run(&spec, &kit, ferrovisor.as_deref())?;
-    let mut tally = tally_text(&outcome.console);
-    if outcome.status != 0 && tally.failed == 0 {
-        eprintln!(
-            "xtask: the lab tests exited with status {} without a failing test",
-            outcome.status
-        );
+    spec
+}
+
+/// Counts one binary's results; a failing status with no failed test, or no
+/// test at all, counts as a failure.
+fn binary_tally(name: &str, status: i32, console: &str) -> Tally {
+    let mut tally = tally_text(console);
+    if status != 0 && tally.failed == 0 {
+        eprintln!("xtask: lab tests {name} exited with status {status} without a failing test");
         tally.failed += 1;
     }
     if tally.passed + tally.failed == 0 {
-        eprintln!("xtask: the lab ran no test");
+        eprintln!("xtask: lab tests {name} ran no test");
         tally.failed += 1;
     }
-    Ok(tally)
+    tally
 }
 
 /// `cargo xtask test`.
@@ -240,6 +321,27 @@ pub fn command(args: &[String]) -> Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resumed_lab_binary_skips_exactly_the_tests_that_passed() {
+        let console = "running 3 tests\ntest a_disk ... ok\ntest b_net ... FAILED\n\
+                       test c_rng ... ok\ntest d_vsock ... \n";
+        let passed = passed_tests(console);
+        assert_eq!(passed, ["a_disk", "c_rng"]);
+        let spec = lab_spec("devices", PathBuf::from("/x"), &passed, false);
+        assert_eq!(
+            spec.command.as_deref(),
+            Some(
+                "/lab/bin/lab-tests-devices --ignored --test-threads=1 --exact \
+                 --skip a_disk --skip c_rng"
+            )
+        );
+        let fresh = lab_spec("devices", PathBuf::from("/x"), &[], false);
+        assert_eq!(
+            fresh.command.as_deref(),
+            Some("/lab/bin/lab-tests-devices --ignored --test-threads=1")
+        );
+    }
 
     #[test]
     fn parses_libtest_result_lines() {

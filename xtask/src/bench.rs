@@ -274,7 +274,7 @@ fn measure(vmm: Vmm) -> Result<Sample> {
 }
 
 /// The median of some figures; `None` for none.
-pub fn median(mut values: Vec<f64>) -> Option<f64> {
+fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
         return None;
     }
@@ -287,16 +287,21 @@ pub fn median(mut values: Vec<f64>) -> Option<f64> {
     })
 }
 
-/// Prints a table: a column per VMM, a row per metric, each cell the VMM's
-/// median and, after the first column, its ratio to the first VMM's.
-pub fn print_medians(label_width: usize, columns: &[String], rows: &[(&str, Vec<Option<f64>>)]) {
+/// Prints a table: a column per VMM (its name and run count), a row per
+/// metric, each cell the median of that VMM's runs and, after the first
+/// column, its ratio to the first VMM's. A metric may be missing from a run.
+pub fn print_medians<S>(label_width: usize, runs: &[(&str, &[S])], metrics: &[Metric<S>]) {
     print!("{:<label_width$}", "metric");
-    for column in columns {
-        print!("{column:>22}");
+    for (name, samples) in runs {
+        print!("{:>22}", format!("{name} (n={})", samples.len()));
     }
     println!();
-    for (label, medians) in rows {
+    for (label, get) in metrics {
         print!("{label:<label_width$}");
+        let medians: Vec<Option<f64>> = runs
+            .iter()
+            .map(|(_, samples)| median(samples.iter().filter_map(get).collect()))
+            .collect();
         let base = medians.first().copied().flatten();
         for (i, value) in medians.iter().enumerate() {
             let cell = match (value, base) {
@@ -310,9 +315,10 @@ pub fn print_medians(label_width: usize, columns: &[String], rows: &[(&str, Vec<
     }
 }
 
-type Metric = (&'static str, fn(&Sample) -> Option<f64>);
+/// A row of a benchmark table: its label and how to read it from one run.
+pub type Metric<S> = (&'static str, fn(&S) -> Option<f64>);
 
-const METRICS: [Metric; 7] = [
+const METRICS: [Metric<Sample>; 7] = [
     ("VMM start -> /init marker (port 0x80), ms", |s| s.marker_ms),
     ("VMM start -> /init console line, ms", |s| s.console_ms),
     ("VMM start -> exit after poweroff, ms", |s| Some(s.total_ms)),
@@ -337,21 +343,11 @@ fn print_table(results: &[(Vmm, Vec<Sample>)], runs: usize) {
         "boot benchmark: guest kit, 1 vCPU, {MEMORY_MIB} MiB, median of up to {runs} runs; \
          nested KVM inside the lab (emulated AMD SVM), so absolute times are far above hardware"
     );
-    let columns: Vec<String> = results
+    let runs: Vec<(&str, &[Sample])> = results
         .iter()
-        .map(|(vmm, samples)| format!("{} (n={})", vmm.name(), samples.len()))
+        .map(|(vmm, samples)| (vmm.name(), samples.as_slice()))
         .collect();
-    let rows: Vec<(&str, Vec<Option<f64>>)> = METRICS
-        .iter()
-        .map(|(label, get)| {
-            let medians = results
-                .iter()
-                .map(|(_, s)| median(s.iter().filter_map(get).collect()))
-                .collect();
-            (*label, medians)
-        })
-        .collect();
-    print_medians(52, &columns, &rows);
+    print_medians(52, &runs, &METRICS);
     println!("(xN) = that VMM's figure divided by ferrovisor's. QEMU's marker is timed by");
     println!("polling its isa-debugcon output file; ferrovisor's is reported by the VMM itself.");
 }

@@ -9,7 +9,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::bench::{median, print_medians};
+use crate::bench::{print_medians, Metric};
 use crate::guestkit;
 use crate::lab::{LAB_FERROVISOR, LAB_INITRAMFS, LAB_KERNEL};
 use crate::util::{self, Context, Result};
@@ -151,17 +151,15 @@ fn measure(vmm: Vmm, size_mib: u64, secs: u64) -> Result<Sample> {
     })
 }
 
-type Metric = (&'static str, fn(&Sample) -> f64);
-
-const METRICS: [Metric; 3] = [
+const METRICS: [Metric<Sample>; 3] = [
     ("sequential write, 1 MiB requests, MiB/s", |s| {
-        s.seq_write_mib_s
+        Some(s.seq_write_mib_s)
     }),
     ("sequential read, 1 MiB requests, MiB/s", |s| {
-        s.seq_read_mib_s
+        Some(s.seq_read_mib_s)
     }),
     ("random read, 4 KiB requests, QD1, IOPS", |s| {
-        s.rand_read_iops
+        Some(s.rand_read_iops)
     }),
 ];
 
@@ -172,21 +170,11 @@ fn print_table(results: &[(Vmm, Vec<Sample>)], size_mib: u64, secs: u64) {
          tmpfs, {size_mib} MiB sequential, {secs} s random; O_DIRECT in the guest, host page \
          cache in the VMM; median of the runs; nested KVM inside the lab (emulated AMD SVM)"
     );
-    let columns: Vec<String> = results
+    let runs: Vec<(&str, &[Sample])> = results
         .iter()
-        .map(|(vmm, samples)| format!("{} (n={})", vmm.name(), samples.len()))
+        .map(|(vmm, samples)| (vmm.name(), samples.as_slice()))
         .collect();
-    let rows: Vec<(&str, Vec<Option<f64>>)> = METRICS
-        .iter()
-        .map(|(label, get)| {
-            let medians = results
-                .iter()
-                .map(|(_, s)| median(s.iter().map(get).collect()))
-                .collect();
-            (*label, medians)
-        })
-        .collect();
-    print_medians(44, &columns, &rows);
+    print_medians(44, &runs, &METRICS);
     println!("(xN) = that VMM's figure divided by ferrovisor's; higher is better for all three.");
 }
 

@@ -268,9 +268,8 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            worker.stop();
-        }
+        // Dropping the worker stops it and waits for its thread.
+        self.worker = None;
     }
 }
 

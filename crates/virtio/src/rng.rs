@@ -85,9 +85,8 @@ impl VirtioDevice for Rng {
     }
 
     fn reset(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            worker.stop();
-        }
+        // Dropping the worker stops it and waits for its thread.
+        self.worker = None;
     }
 }
 

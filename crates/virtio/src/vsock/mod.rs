@@ -198,10 +198,9 @@ impl VirtioDevice for Vsock {
     }
 
     fn reset(&mut self) {
-        // Dropping the worker's state closes every connection's socket.
-        if let Some(mut worker) = self.worker.take() {
-            worker.stop();
-        }
+        // Dropping the worker stops it and waits for its thread; its state
+        // goes with it, closing every connection's socket.
+        self.worker = None;
     }
 }
 

@@ -145,25 +145,9 @@ fn concurrent_operations_on_one_guest_are_serialized() {
     let d = TestDaemon::start();
     d.create_echo("contended", true);
     d.wait_console("contended", "ready");
-    let statuses: Vec<u16> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..6)
-            .map(|_| s.spawn(|| d.call("POST", "/guests/contended/pause", None).0))
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().expect("worker"))
-            .collect()
-    });
-    assert_eq!(
-        statuses.iter().filter(|&&s| s == 200).count(),
-        1,
-        "{statuses:?}"
-    );
-    assert_eq!(
-        statuses.iter().filter(|&&s| s == 409).count(),
-        5,
-        "{statuses:?}"
-    );
+    let statuses = at_once(6, || d.call("POST", "/guests/contended/pause", None).0);
+    assert_eq!(count(&statuses, 200), 1, "{statuses:?}");
+    assert_eq!(count(&statuses, 409), 5, "{statuses:?}");
     assert_eq!(d.info("contended")["state"], "paused");
 }
 
@@ -351,30 +335,12 @@ fn malformed_http_gets_an_error_and_the_daemon_carries_on() {
 #[test]
 fn concurrent_creates_of_one_name_make_one_guest() {
     let d = TestDaemon::start();
-    let statuses: Vec<u16> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..8)
-            .map(|_| {
-                s.spawn(|| {
-                    let body = json!({"name": "race", "config": echo_description()});
-                    d.call("POST", "/guests", Some(body)).0
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().expect("worker"))
-            .collect()
+    let statuses = at_once(8, || {
+        let body = json!({"name": "race", "config": echo_description()});
+        d.call("POST", "/guests", Some(body)).0
     });
-    assert_eq!(
-        statuses.iter().filter(|&&s| s == 201).count(),
-        1,
-        "{statuses:?}"
-    );
-    assert_eq!(
-        statuses.iter().filter(|&&s| s == 409).count(),
-        7,
-        "{statuses:?}"
-    );
+    assert_eq!(count(&statuses, 201), 1, "{statuses:?}");
+    assert_eq!(count(&statuses, 409), 7, "{statuses:?}");
     assert_eq!(d.guest_dirs(), ["race"]);
 }
 
@@ -979,4 +945,20 @@ fn connections_beyond_the_limit_get_503_and_the_daemon_recovers() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// Runs `call` on `n` threads at once and returns each one's status.
+fn at_once(n: usize, call: impl Fn() -> u16 + Sync) -> Vec<u16> {
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..n).map(|_| s.spawn(&call)).collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("worker"))
+            .collect()
+    })
+}
+
+/// How many of `statuses` are `status`.
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|&&s| s == status).count()
 }

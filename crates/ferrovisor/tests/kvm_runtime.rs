@@ -529,15 +529,7 @@ fn cpus_allowed(pid: u32, tid: u64) -> String {
 fn affinity_pins_each_vcpu_thread() {
     let dir = scratch("affinity-cfg");
     let kernel = busy_guest();
-    let file = dir.join("guest.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "kernel = {:?}\nmemory = \"32M\"\ncpus = 2\naffinity = [\"1\", \"0\"]\n",
-            kernel.to_str().unwrap()
-        ),
-    )
-    .unwrap();
+    let file = two_vcpu_guest_file(&dir, &kernel, "[\"1\", \"0\"]");
     let rt = scratch("affinity");
     let child = Command::new(env!("CARGO_BIN_EXE_ferrovisor"))
         .args(["run", "--config", file.to_str().unwrap(), "--runtime-dir"])
@@ -573,15 +565,7 @@ fn a_host_cpu_that_does_not_exist_is_one_line_before_the_guest_starts() {
     let dir = scratch("affinity-bad");
     let code = Asm::default().print("started\n").debug_exit(0).finish();
     let kernel = write_temp("never.elf", &multiboot_kernel(0x10_0000, &[], &code, 0));
-    let file = dir.join("guest.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "kernel = {:?}\nmemory = \"32M\"\ncpus = 2\naffinity = [\"0\", \"1000\"]\n",
-            kernel.to_str().unwrap()
-        ),
-    )
-    .unwrap();
+    let file = two_vcpu_guest_file(&dir, &kernel, "[\"0\", \"1000\"]");
     let out = ferrovisor(&["run", "--config", file.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(stdout(&out), "", "the guest must not start");
@@ -599,4 +583,15 @@ fn a_host_cpu_that_does_not_exist_is_one_line_before_the_guest_starts() {
         )]
     );
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Writes a guest file for `kernel` with 2 vCPUs and the given affinity.
+fn two_vcpu_guest_file(dir: &Path, kernel: &Path, affinity: &str) -> PathBuf {
+    let file = dir.join("guest.toml");
+    let text = format!(
+        "kernel = {:?}\nmemory = \"32M\"\ncpus = 2\naffinity = {affinity}\n",
+        kernel.to_str().unwrap()
+    );
+    std::fs::write(&file, text).unwrap();
+    file
 }

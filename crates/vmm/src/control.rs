@@ -67,10 +67,9 @@ pub enum PauseError {
     Stopping,
 }
 
-/// Whether the guest should be paused, and how many vCPUs are parked.
+/// How many vCPUs are parked.
 #[derive(Debug, Default)]
 struct PauseState {
-    requested: bool,
     parked: usize,
 }
 
@@ -90,6 +89,10 @@ pub struct Control {
     tids: Vec<AtomicI32>,
     /// Per vCPU: the host CPUs it may run on (empty: not pinned).
     affinity: Vec<Vec<usize>>,
+    /// Whether the guest should be paused. Read without a lock by every vCPU
+    /// on every exit; written only with `pause` held, so that the condition
+    /// variable's waiters see each change.
+    pause_requested: AtomicBool,
     pause: Mutex<PauseState>,
     pause_changed: Condvar,
 }
@@ -109,6 +112,7 @@ impl Control {
             tids: (0..vcpus).map(|_| AtomicI32::new(0)).collect(),
             affinity: Vec::new(),
             pause: Mutex::new(PauseState::default()),
+            pause_requested: AtomicBool::new(false),
             pause_changed: Condvar::new(),
         }
     }
@@ -148,31 +152,31 @@ impl Control {
     /// Asks every vCPU to park. The caller then kicks them out of KVM_RUN
     /// and waits with [`Control::wait_parked`].
     pub fn request_pause(&self) -> Result<(), PauseError> {
-        let mut state = self.pause_state();
+        let _state = self.pause_state();
         if self.is_stopping() {
             return Err(PauseError::Stopping);
         }
-        if state.requested {
+        if self.is_paused() {
             return Err(PauseError::AlreadyPaused);
         }
-        state.requested = true;
+        self.pause_requested.store(true, Ordering::SeqCst);
         Ok(())
     }
 
     /// Lets parked vCPUs run again.
     pub fn resume(&self) -> Result<(), PauseError> {
-        let mut state = self.pause_state();
-        if !state.requested {
+        let _state = self.pause_state();
+        if !self.is_paused() {
             return Err(PauseError::NotPaused);
         }
-        state.requested = false;
+        self.pause_requested.store(false, Ordering::SeqCst);
         self.pause_changed.notify_all();
         Ok(())
     }
 
     /// Whether the guest is paused (or being paused).
     pub fn is_paused(&self) -> bool {
-        self.pause_state().requested
+        self.pause_requested.load(Ordering::SeqCst)
     }
 
     /// Waits up to `timeout` until every vCPU is parked. False on timeout,
@@ -183,22 +187,25 @@ impl Control {
         let (state, _) = self
             .pause_changed
             .wait_timeout_while(state, timeout, |s| {
-                s.requested && s.parked < all && !self.is_stopping()
+                self.is_paused() && s.parked < all && !self.is_stopping()
             })
             .unwrap_or_else(|p| p.into_inner());
-        state.requested && state.parked == all && !self.is_stopping()
+        self.is_paused() && state.parked == all && !self.is_stopping()
     }
 
     /// Called by a vCPU thread outside KVM_RUN: while the guest is paused,
     /// blocks here. Returns at once otherwise, and when the VM stops.
     pub fn park_if_paused(&self) {
+        if !self.is_paused() {
+            return;
+        }
         let mut state = self.pause_state();
-        if !state.requested || self.is_stopping() {
+        if !self.is_paused() || self.is_stopping() {
             return;
         }
         state.parked += 1;
         self.pause_changed.notify_all();
-        while state.requested && !self.is_stopping() {
+        while self.is_paused() && !self.is_stopping() {
             state = self
                 .pause_changed
                 .wait(state)

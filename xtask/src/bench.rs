@@ -1,9 +1,12 @@
 //! `cargo xtask bench boot`: boot the guest kit under Ferrovisor and under
-//! QEMU (microvm and q35) in one lab session, and print a side-by-side table.
+//! QEMU microvm (and q35 on request) in one lab session, and print a
+//! side-by-side table: time to /init, the guest's own uptime there, KVM's
+//! exits by kind and nested page faults, and memory.
 //!
 //! The host part ships this very xtask binary into the lab and runs its
 //! `bench-in-lab` command there, which does the measuring.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -12,15 +15,31 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::guestkit;
-use crate::lab::{self, Spec, LAB_FERROVISOR, LAB_INITRAMFS, LAB_KERNEL};
+use crate::lab::{self, Spec, LAB_FERROVISOR, LAB_INITRAMFS, LAB_KERNEL, LAB_VMLINUX};
 use crate::util::{Context, Result};
 
 const INIT_LINE: &str = "ferrovisor-guest: init reached";
 const MEMORY_MIB: u64 = 512;
-/// KVM's debugfs sum over the VMs that exist: it is polled (every 250 ms)
-/// while the VMM runs, one VMM at a time, since a VM's counts vanish with it;
-/// the last quarter second before exit is therefore not counted.
-const EXITS_COUNTER: &str = "/sys/kernel/debug/kvm/exits";
+/// KVM's debugfs counters, summed over the VMs that exist: they are polled
+/// (every 20 ms) while the VMM runs, one VMM at a time, since a VM's counts
+/// vanish with it; the last poll before the VM is destroyed is the figure.
+const KVM_DEBUGFS: &str = "/sys/kernel/debug/kvm";
+/// The counters read, in table order. `exits` is every exit; the others are
+/// the kinds KVM counts (`pf_taken`: nested page faults handled).
+const KVM_COUNTERS: [&str; 10] = [
+    "exits",
+    "pf_taken",
+    "io_exits",
+    "mmio_exits",
+    "halt_exits",
+    "irq_exits",
+    "irq_window_exits",
+    "signal_exits",
+    "hypercalls",
+    "insn_emulation",
+];
+/// A mapping at least this large is guest RAM, whatever backs it.
+const GUEST_RAM_MIN_KIB: u64 = 64 << 10;
 /// One boot may take this long before it is abandoned.
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
 
@@ -32,16 +51,60 @@ enum Vmm {
     QemuQ35,
 }
 
-impl Vmm {
-    /// q35 is left out by default: inner QEMU q35 boots have wedged the lab.
-    const DEFAULT: [Vmm; 2] = [Vmm::Ferrovisor, Vmm::QemuMicrovm];
+/// The kernel image booted: the PVH ELF (`vmlinux`) or the bzImage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Image {
+    Pvh,
+    BzImage,
+}
 
-    fn name(self) -> &'static str {
-        match self {
+/// What backs a QEMU guest's RAM: QEMU's default (anonymous memory) or a
+/// memfd, as Ferrovisor's shared backing would be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QemuRam {
+    Default,
+    Memfd,
+}
+
+/// One column of the table: a VMM booting one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Peer {
+    vmm: Vmm,
+    image: Image,
+    ram: QemuRam,
+}
+
+impl Peer {
+    const fn new(vmm: Vmm, image: Image, ram: QemuRam) -> Self {
+        Self { vmm, image, ram }
+    }
+
+    /// The columns of a default run; q35 is added on request (inner QEMU
+    /// q35 boots have wedged the lab).
+    const DEFAULT: [Peer; 5] = [
+        Peer::new(Vmm::Ferrovisor, Image::Pvh, QemuRam::Default),
+        Peer::new(Vmm::Ferrovisor, Image::BzImage, QemuRam::Default),
+        Peer::new(Vmm::QemuMicrovm, Image::Pvh, QemuRam::Default),
+        Peer::new(Vmm::QemuMicrovm, Image::Pvh, QemuRam::Memfd),
+        Peer::new(Vmm::QemuMicrovm, Image::BzImage, QemuRam::Default),
+    ];
+    const Q35: Peer = Peer::new(Vmm::QemuQ35, Image::BzImage, QemuRam::Default);
+
+    fn name(self) -> String {
+        let vmm = match self.vmm {
             Vmm::Ferrovisor => "ferrovisor",
-            Vmm::QemuMicrovm => "qemu-microvm",
-            Vmm::QemuQ35 => "qemu-q35",
-        }
+            Vmm::QemuMicrovm => "microvm",
+            Vmm::QemuQ35 => "q35",
+        };
+        let image = match self.image {
+            Image::Pvh => "pvh",
+            Image::BzImage => "bzImage",
+        };
+        let ram = match (self.vmm, self.ram) {
+            (Vmm::Ferrovisor, _) | (_, QemuRam::Default) => "",
+            (_, QemuRam::Memfd) => " memfd",
+        };
+        format!("{vmm} {image}{ram}")
     }
 }
 
@@ -52,95 +115,147 @@ struct Sample {
     marker_ms: Option<f64>,
     /// From VMM start to the /init console line reaching the VMM's stdout (ms).
     console_ms: Option<f64>,
+    /// The guest's own uptime when its /init ran (ms): guest-kernel time.
+    guest_uptime_ms: Option<f64>,
     /// From VMM start to its exit after the guest powered off (ms).
     total_ms: f64,
-    /// KVM exits of all kinds during the boot (debugfs counter).
-    kvm_exits: Option<u64>,
+    /// KVM's counters during the boot (debugfs), by name.
+    kvm: BTreeMap<&'static str, u64>,
     /// Exits that reached the VMM in user space, as ferrovisor reports them.
     user_exits: Option<u64>,
     /// Peak resident memory outside guest RAM (KiB): the VMM's own.
     vmm_kib: u64,
-    /// Peak resident guest RAM (KiB): the memfd mappings.
+    /// Peak resident guest RAM (KiB), and the part of it on huge pages.
     guest_kib: u64,
+    guest_huge_kib: u64,
 }
 
 fn guest_cmdline() -> String {
     format!("{} ferrovisor.run=true", guestkit::DEFAULT_CMDLINE)
 }
 
-fn command_for(vmm: Vmm, marker_file: &Path) -> Command {
+fn kernel_path(image: Image) -> &'static str {
+    match image {
+        Image::Pvh => LAB_VMLINUX,
+        Image::BzImage => LAB_KERNEL,
+    }
+}
+
+fn command_for(peer: Peer, marker_file: &Path) -> Command {
     let memory = format!("{MEMORY_MIB}M");
-    if vmm == Vmm::Ferrovisor {
+    let kernel = kernel_path(peer.image);
+    if peer.vmm == Vmm::Ferrovisor {
         let mut cmd = Command::new(LAB_FERROVISOR);
-        cmd.args(["run", "--kernel", LAB_KERNEL, "--initramfs", LAB_INITRAMFS])
+        cmd.args(["run", "--kernel", kernel, "--initramfs", LAB_INITRAMFS])
             .args(["--cmdline", &guest_cmdline(), "--cpus", "1"])
             .args(["--memory", &memory, "--stats"]);
         return cmd;
     }
-    let machine = match vmm {
-        Vmm::QemuMicrovm => "microvm,acpi=on,memory-backend=ram",
-        _ => "q35,memory-backend=ram",
+    let machine = match (peer.vmm, peer.ram) {
+        (Vmm::QemuMicrovm, QemuRam::Memfd) => "microvm,acpi=on,memory-backend=ram",
+        (Vmm::QemuMicrovm, QemuRam::Default) => "microvm,acpi=on",
+        (_, QemuRam::Memfd) => "q35,memory-backend=ram",
+        (_, QemuRam::Default) => "q35",
     };
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-M", machine, "-accel", "kvm", "-cpu", "host", "-smp", "1"])
-        .args(["-m", &memory])
-        .args([
+        .args(["-m", &memory]);
+    if peer.ram == QemuRam::Memfd {
+        cmd.args([
             "-object",
             &format!("memory-backend-memfd,id=ram,size={memory}"),
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .args([
-            "-serial",
-            "stdio",
-            "-kernel",
-            LAB_KERNEL,
-            "-initrd",
-            LAB_INITRAMFS,
-        ])
-        .args(["-append", &guest_cmdline()])
-        .arg("-chardev")
-        .arg(format!("file,id=marker,path={}", marker_file.display()))
-        .args(["-device", "isa-debugcon,iobase=0x80,chardev=marker"]);
+        ]);
+    }
+    cmd.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ])
+    .args([
+        "-serial",
+        "stdio",
+        "-kernel",
+        kernel,
+        "-initrd",
+        LAB_INITRAMFS,
+    ])
+    .args(["-append", &guest_cmdline()])
+    .arg("-chardev")
+    .arg(format!("file,id=marker,path={}", marker_file.display()))
+    .args(["-device", "isa-debugcon,iobase=0x80,chardev=marker"]);
     cmd
 }
 
-fn read_counter(path: &str) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+fn read_counter(name: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("{KVM_DEBUGFS}/{name}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
-/// Splits a process's resident memory, from its `/proc/PID/smaps`, into
-/// (the VMM's own, guest RAM) in KiB. Guest RAM is every `/memfd:` mapping:
-/// both VMMs back it with a memfd. Everything else (heap, stacks, the binary
-/// and its libraries, wherever they live) is the VMM's own.
-fn split_rss(smaps: &str) -> (u64, u64) {
-    let (mut own, mut guest) = (0, 0);
+fn read_counters() -> BTreeMap<&'static str, u64> {
+    KVM_COUNTERS
+        .iter()
+        .filter_map(|&name| Some((name, read_counter(name)?)))
+        .collect()
+}
+
+/// A process's resident memory from its `/proc/PID/smaps`, split into
+/// the VMM's own and guest RAM, in KiB.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct RssSplit {
+    own: u64,
+    guest: u64,
+    /// The part of guest RAM on huge pages.
+    guest_huge: u64,
+}
+
+/// Splits smaps into the VMM's own memory and guest RAM. Guest RAM is every
+/// `/memfd:` mapping and every mapping of at least [`GUEST_RAM_MIN_KIB`]:
+/// the VMMs back it with a memfd or with one large anonymous mapping per
+/// region. Everything else (heap, stacks, the binary and its libraries) is
+/// the VMM's own.
+fn split_rss(smaps: &str) -> RssSplit {
+    let mut split = RssSplit::default();
     let mut in_memfd = false;
+    let mut in_guest = false;
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
         let first = words.next().unwrap_or("");
+        let value = || -> u64 {
+            line.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
         if first.contains('-') && !first.ends_with(':') {
             // A mapping header: "start-end perms offset dev inode [path]".
             in_memfd = words.nth(4).is_some_and(|path| path.starts_with("/memfd:"));
+            in_guest = in_memfd;
+        } else if first == "Size:" {
+            in_guest = in_memfd || value() >= GUEST_RAM_MIN_KIB;
         } else if first == "Rss:" {
-            let kib: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-            if in_memfd {
-                guest += kib;
+            if in_guest {
+                split.guest += value();
             } else {
-                own += kib;
+                split.own += value();
             }
+        } else if in_guest
+            && matches!(
+                first,
+                "AnonHugePages:" | "ShmemPmdMapped:" | "FilePmdMapped:"
+            )
+        {
+            split.guest_huge += value();
         }
     }
-    (own, guest)
+    split
 }
 
-/// (the VMM's own, guest RAM) resident memory in KiB.
-fn rss(pid: u32) -> Option<(u64, u64)> {
+fn rss(pid: u32) -> Option<RssSplit> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
     Some(split_rss(&smaps))
 }
@@ -154,6 +269,13 @@ fn json_number(json: &str, key: &str) -> Option<f64> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(rest.len());
     rest[..end].parse().ok()
+}
+
+/// The guest's uptime in the /init line, `... (uptime 1.23 s)`, in ms.
+fn uptime_ms(line: &str) -> Option<f64> {
+    let rest = &line[line.find("uptime ")? + "uptime ".len()..];
+    let end = rest.find(' ').unwrap_or(rest.len());
+    rest[..end].parse::<f64>().ok().map(|s| s * 1000.0)
 }
 
 /// Times the first arrival of a 0x01 byte in `path` (QEMU's debugcon file).
@@ -175,34 +297,79 @@ fn watch_marker(
     })
 }
 
-fn measure(vmm: Vmm) -> Result<Sample> {
-    let marker_file = PathBuf::from("/tmp/bench-marker");
-    let _ = std::fs::remove_file(&marker_file);
-    let exits_before = read_counter(EXITS_COUNTER);
-    let mut exits_seen = exits_before;
-    let mut polls = 0u32;
-    let mut cmd = command_for(vmm, &marker_file);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let start = Instant::now();
-    let mut child = cmd.spawn().ctx(|| format!("cannot start {}", vmm.name()))?;
-    let done = Arc::new(AtomicBool::new(false));
-    let marker = watch_marker(marker_file, start, done.clone());
-    let stdout = child.stdout.take().ok_or_else(|| fail!("no stdout"))?;
-    let console_at = Arc::new(Mutex::new(None));
-    let console_seen = console_at.clone();
-    let reader = std::thread::spawn(move || {
+/// What the console reader saw: when the /init line came, and the guest's
+/// uptime in it.
+type InitSeen = Arc<Mutex<Option<(f64, Option<f64>)>>>;
+
+fn read_console(
+    stdout: impl Read + Send + 'static,
+    start: Instant,
+    seen: InitSeen,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
         for line in BufReader::new(stdout)
             .lines()
             .map_while(std::result::Result::ok)
         {
             if line.contains(INIT_LINE) {
-                let mut seen = console_seen.lock().unwrap_or_else(|e| e.into_inner());
-                seen.get_or_insert(start.elapsed().as_secs_f64() * 1000.0);
+                let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                seen.get_or_insert((start.elapsed().as_secs_f64() * 1000.0, uptime_ms(&line)));
             }
         }
-    });
+    })
+}
+
+/// Polls the running VMM: KVM's counters every 20 ms, its memory every
+/// 250 ms (smaps walks page tables). Returns its exit status.
+fn poll_until_exit(
+    child: &mut std::process::Child,
+    start: Instant,
+    sample: &mut Sample,
+) -> Result<std::process::ExitStatus> {
+    let before = read_counters();
+    let mut polls = 0u32;
+    loop {
+        if let Some(status) = child.try_wait().ctx(|| "wait".to_string())? {
+            return Ok(status);
+        }
+        for (name, now) in read_counters() {
+            let delta = now.saturating_sub(before.get(name).copied().unwrap_or(now));
+            let slot = sample.kvm.entry(name).or_insert(0);
+            *slot = (*slot).max(delta);
+        }
+        polls += 1;
+        if polls.is_multiple_of(12) {
+            if let Some(split) = rss(child.id()) {
+                sample.vmm_kib = sample.vmm_kib.max(split.own);
+                sample.guest_kib = sample.guest_kib.max(split.guest);
+                sample.guest_huge_kib = sample.guest_huge_kib.max(split.guest_huge);
+            }
+        }
+        if start.elapsed() > BOOT_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(fail!("did not finish within {} s", BOOT_LIMIT.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn measure(peer: Peer) -> Result<Sample> {
+    let marker_file = PathBuf::from("/tmp/bench-marker");
+    let _ = std::fs::remove_file(&marker_file);
+    let mut cmd = command_for(peer, &marker_file);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .ctx(|| format!("cannot start {}", peer.name()))?;
+    let done = Arc::new(AtomicBool::new(false));
+    let marker = watch_marker(marker_file, start, done.clone());
+    let stdout = child.stdout.take().ok_or_else(|| fail!("no stdout"))?;
+    let init_seen: InitSeen = Arc::new(Mutex::new(None));
+    let reader = read_console(stdout, start, init_seen.clone());
     let mut stderr = child.stderr.take().ok_or_else(|| fail!("no stderr"))?;
     let err_reader = std::thread::spawn(move || {
         let mut text = String::new();
@@ -210,52 +377,22 @@ fn measure(vmm: Vmm) -> Result<Sample> {
         text
     });
     let mut sample = Sample::default();
-    let status = loop {
-        if let Some(status) = child.try_wait().ctx(|| "wait".to_string())? {
-            break status;
-        }
-        polls += 1;
-        if polls.is_multiple_of(5) {
-            if let Some(now) = read_counter(EXITS_COUNTER) {
-                exits_seen = exits_seen.max(Some(now));
-            }
-        }
-        // smaps walks page tables: sample it as rarely as the exit counter.
-        if polls.is_multiple_of(5) {
-            if let Some((own, guest)) = rss(child.id()) {
-                sample.vmm_kib = sample.vmm_kib.max(own);
-                sample.guest_kib = sample.guest_kib.max(guest);
-            }
-        }
-        if start.elapsed() > BOOT_LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            done.store(true, Ordering::Relaxed);
-            return Err(fail!(
-                "{} did not finish within {} s",
-                vmm.name(),
-                BOOT_LIMIT.as_secs()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let polled = poll_until_exit(&mut child, start, &mut sample);
     sample.total_ms = start.elapsed().as_secs_f64() * 1000.0;
     done.store(true, Ordering::Relaxed);
+    let status = polled.map_err(|e| fail!("{}: {e}", peer.name()))?;
     let _ = reader.join();
     let stderr = err_reader.join().unwrap_or_default();
-    sample.console_ms = *console_at.lock().unwrap_or_else(|e| e.into_inner());
-    // A counter that never moved was not measurable (left blank, not 0).
-    sample.kvm_exits = exits_before
-        .zip(exits_seen)
-        .map(|(a, b)| b.saturating_sub(a))
-        .filter(|&d| d > 0);
+    let init = *init_seen.lock().unwrap_or_else(|e| e.into_inner());
+    sample.console_ms = init.map(|(ms, _)| ms);
+    sample.guest_uptime_ms = init.and_then(|(_, up)| up);
     let stats = stderr
         .lines()
         .find_map(|l| l.strip_prefix("ferrovisor-stats:"));
     sample.user_exits = stats
         .and_then(|json| json_number(json, "exits"))
         .map(|v| v as u64);
-    sample.marker_ms = if vmm == Vmm::Ferrovisor {
+    sample.marker_ms = if peer.vmm == Vmm::Ferrovisor {
         stats
             .and_then(|json| json_number(json, "boot_marker_us"))
             .map(|us| us / 1000.0)
@@ -265,7 +402,7 @@ fn measure(vmm: Vmm) -> Result<Sample> {
     if !status.success() || sample.console_ms.is_none() {
         return Err(fail!(
             "{} ended with {status} (init line seen: {}); stderr: {}",
-            vmm.name(),
+            peer.name(),
             sample.console_ms.is_some(),
             stderr.lines().last().unwrap_or("")
         ));
@@ -318,41 +455,80 @@ pub fn print_medians<S>(label_width: usize, runs: &[(&str, &[S])], metrics: &[Me
 /// A row of a benchmark table: its label and how to read it from one run.
 pub type Metric<S> = (&'static str, fn(&S) -> Option<f64>);
 
-const METRICS: [Metric<Sample>; 7] = [
+/// A KVM counter of a sample, as a table cell.
+fn kvm(s: &Sample, name: &str) -> Option<f64> {
+    s.kvm.get(name).map(|&v| v as f64)
+}
+
+/// KVM exits that none of the counted kinds covers (MSR and CPUID
+/// intercepts, interrupt windows of other kinds, and the like).
+fn other_exits(s: &Sample) -> Option<f64> {
+    let total = *s.kvm.get("exits")?;
+    let counted: u64 = KVM_COUNTERS[1..]
+        .iter()
+        .filter(|&&n| n != "hypercalls" && n != "insn_emulation")
+        .filter_map(|n| s.kvm.get(n))
+        .sum();
+    Some(total.saturating_sub(counted) as f64)
+}
+
+const METRICS: [Metric<Sample>; 20] = [
     ("VMM start -> /init marker (port 0x80), ms", |s| s.marker_ms),
     ("VMM start -> /init console line, ms", |s| s.console_ms),
-    ("VMM start -> exit after poweroff, ms", |s| Some(s.total_ms)),
-    ("KVM exits per boot (debugfs, all kinds)", |s| {
-        s.kvm_exits.map(|v| v as f64)
+    ("guest uptime at /init (guest clock), ms", |s| {
+        s.guest_uptime_ms
     }),
+    ("VMM start -> guest clock start, ms", |s| {
+        Some(s.console_ms? - s.guest_uptime_ms?)
+    }),
+    ("VMM start -> exit after poweroff, ms", |s| Some(s.total_ms)),
+    ("KVM exits, all kinds (debugfs exits)", |s| kvm(s, "exits")),
+    ("  nested page faults (pf_taken)", |s| kvm(s, "pf_taken")),
+    ("  port I/O (io_exits)", |s| kvm(s, "io_exits")),
+    ("  MMIO (mmio_exits)", |s| kvm(s, "mmio_exits")),
+    ("  HLT (halt_exits)", |s| kvm(s, "halt_exits")),
+    ("  host interrupts (irq_exits)", |s| kvm(s, "irq_exits")),
+    ("  interrupt windows (irq_window_exits)", |s| {
+        kvm(s, "irq_window_exits")
+    }),
+    ("  signals (signal_exits)", |s| kvm(s, "signal_exits")),
+    ("  other (MSR, CPUID, hypercalls, ...)", other_exits),
+    ("hypercalls", |s| kvm(s, "hypercalls")),
+    ("instructions emulated by KVM", |s| kvm(s, "insn_emulation")),
     ("exits handled in user space (VMM-reported)", |s| {
         s.user_exits.map(|v| v as f64)
     }),
-    (
-        "VMM memory beyond guest RAM (smaps Rss, non-memfd), MiB",
-        |s| Some(s.vmm_kib as f64 / 1024.0),
-    ),
-    ("guest RAM resident (smaps Rss, memfd), MiB", |s| {
+    ("VMM memory beyond guest RAM (smaps Rss), MiB", |s| {
+        Some(s.vmm_kib as f64 / 1024.0)
+    }),
+    ("guest RAM resident (smaps Rss), MiB", |s| {
         Some(s.guest_kib as f64 / 1024.0)
+    }),
+    ("guest RAM on huge pages, MiB", |s| {
+        Some(s.guest_huge_kib as f64 / 1024.0)
     }),
 ];
 
-fn print_table(results: &[(Vmm, Vec<Sample>)], runs: usize) {
+fn print_table(results: &[(Peer, Vec<Sample>)], runs: usize) {
     println!();
     println!(
         "boot benchmark: guest kit, 1 vCPU, {MEMORY_MIB} MiB, median of up to {runs} runs; \
          nested KVM inside the lab (emulated AMD SVM), so absolute times are far above hardware"
     );
+    let names: Vec<String> = results.iter().map(|(peer, _)| peer.name()).collect();
     let runs: Vec<(&str, &[Sample])> = results
         .iter()
-        .map(|(vmm, samples)| (vmm.name(), samples.as_slice()))
+        .zip(&names)
+        .map(|((_, samples), name)| (name.as_str(), samples.as_slice()))
         .collect();
-    print_medians(52, &runs, &METRICS);
-    println!("(xN) = that VMM's figure divided by ferrovisor's. QEMU's marker is timed by");
-    println!("polling its isa-debugcon output file; ferrovisor's is reported by the VMM itself.");
+    print_medians(46, &runs, &METRICS);
+    println!("(xN) = that column's figure divided by the first column's. pvh boots the kit's");
+    println!("vmlinux through its PVH entry, bzImage the compressed kernel; QEMU runs on its");
+    println!("default (anonymous) RAM unless marked memfd. QEMU's marker is timed by polling");
+    println!("its isa-debugcon output file; ferrovisor's is reported by the VMM itself.");
 }
 
-/// `xtask bench-in-lab boot [RUNS]`: the measuring half, run inside the lab.
+/// `xtask bench-in-lab boot [RUNS] [q35]`: the measuring half, run inside the lab.
 pub fn in_lab(args: &[String]) -> Result<u8> {
     match args.first().map(String::as_str) {
         Some("boot") => {}
@@ -361,28 +537,29 @@ pub fn in_lab(args: &[String]) -> Result<u8> {
     }
     let runs: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(3);
     let with_q35 = args.get(2).is_some_and(|a| a == "q35");
-    let mut results = Vec::new();
-    let vmms: &[Vmm] = if with_q35 {
-        &[Vmm::Ferrovisor, Vmm::QemuMicrovm, Vmm::QemuQ35]
-    } else {
-        &Vmm::DEFAULT
-    };
-    for &vmm in vmms {
-        let mut samples = Vec::new();
-        for run in 1..=runs {
-            match measure(vmm) {
+    let mut peers = Peer::DEFAULT.to_vec();
+    if with_q35 {
+        peers.push(Peer::Q35);
+    }
+    let mut results: Vec<(Peer, Vec<Sample>)> = peers.iter().map(|&p| (p, Vec::new())).collect();
+    // Rounds, each booting every peer once, so that a slow stretch of the
+    // lab does not fall on one column.
+    for run in 1..=runs {
+        for (peer, samples) in results.iter_mut() {
+            match measure(*peer) {
                 Ok(s) => {
                     println!(
-                        "bench: {} run {run}: init line at {:.0} ms",
-                        vmm.name(),
-                        s.console_ms.unwrap_or(0.0)
+                        "bench: {} run {run}: init line at {:.0} ms, {} exits, {} nested faults",
+                        peer.name(),
+                        s.console_ms.unwrap_or(0.0),
+                        s.kvm.get("exits").copied().unwrap_or(0),
+                        s.kvm.get("pf_taken").copied().unwrap_or(0),
                     );
                     samples.push(s);
                 }
-                Err(e) => println!("bench: {} run {run} failed: {e}", vmm.name()),
+                Err(e) => println!("bench: {} run {run} failed: {e}", peer.name()),
             }
         }
-        results.push((vmm, samples));
     }
     print_table(&results, runs);
     Ok(0)
@@ -440,7 +617,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn smaps_split_separates_memfd_guest_ram() {
+    fn smaps_split_finds_guest_ram_in_memfds_and_large_mappings() {
         let smaps = "\
 55d0a0000000-55d0a0200000 r-xp 00000000 00:02 12 /lab/bin/ferrovisor
 Size:               2048 kB
@@ -448,12 +625,44 @@ Rss:                1500 kB
 7f0000000000-7f0020000000 rw-s 00000000 00:01 99 /memfd:ferrovisor-guest-ram (deleted)
 Size:             524288 kB
 Rss:              120000 kB
+ShmemPmdMapped:     4096 kB
 7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0 [stack]
+Size:                132 kB
 Rss:                  12 kB
 7f1000000000-7f1000100000 rw-p 00000000 00:00 0
+Size:               1024 kB
 Rss:                 300 kB
+AnonHugePages:         0 kB
+7f2000000000-7f2020000000 rw-p 00000000 00:00 0
+Size:             524288 kB
+Rss:               90112 kB
+AnonHugePages:     88064 kB
 ";
-        assert_eq!(split_rss(smaps), (1500 + 12 + 300, 120000));
+        assert_eq!(
+            split_rss(smaps),
+            RssSplit {
+                own: 1500 + 12 + 300,
+                guest: 120000 + 90112,
+                guest_huge: 4096 + 88064
+            }
+        );
+    }
+
+    #[test]
+    fn the_guest_uptime_is_read_from_the_init_line() {
+        let line = "ferrovisor-guest: init reached (uptime 1.84 s)";
+        assert_eq!(uptime_ms(line), Some(1840.0));
+        assert_eq!(uptime_ms("ferrovisor-guest: init reached"), None);
+    }
+
+    #[test]
+    fn other_exits_are_what_no_counted_kind_covers() {
+        let mut s = Sample::default();
+        s.kvm.insert("exits", 100);
+        s.kvm.insert("pf_taken", 50);
+        s.kvm.insert("io_exits", 30);
+        s.kvm.insert("hypercalls", 7);
+        assert_eq!(other_exits(&s), Some(20.0));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! cmdline = "console=ttyS0"
 //! cpus = 2                       # 1 to 254
 //! memory = "512M"                # or a byte count
+//! memory_backing = "auto"        # or "anonymous" or "memfd"
+//! hugepages = "2M"               # or "1G": hugetlb pages (optional)
 //! console = "serial"             # or "virtio"
 //! rng = true
 //! affinity = "2-3"               # every vCPU on host CPUs 2-3, or one
@@ -80,6 +82,8 @@ pub(crate) fn guest_fields(f: &mut Fields, base_dir: &Path) -> Result<VmConfig, 
     }
     let cpus = cpus(f)?;
     let memory = memory(f)?;
+    let memory_backing = parsed(f, "memory_backing")?.unwrap_or_default();
+    let hugepages = parsed(f, "hugepages")?;
     let console = match f.string("console")? {
         None => ConsoleMode::default(),
         Some(text) => text.parse().map_err(|_| {
@@ -108,6 +112,8 @@ pub(crate) fn guest_fields(f: &mut Fields, base_dir: &Path) -> Result<VmConfig, 
         cmdline,
         cpus,
         memory,
+        memory_backing,
+        hugepages,
         disks,
         nets,
         console,
@@ -126,6 +132,21 @@ fn optional_path(
         None => Ok(None),
         Some(s) if s.is_empty() => Err(f.error(key, "is empty")),
         Some(s) => Ok(Some(resolve(base_dir, &s))),
+    }
+}
+
+/// An optional string field parsed by its type's `FromStr`, whose error
+/// message says what was wrong.
+fn parsed<T>(f: &mut Fields, key: &'static str) -> Result<Option<T>, FileError>
+where
+    T: std::str::FromStr<Err = vmcfg::ConfigError>,
+{
+    match f.string(key)? {
+        None => Ok(None),
+        Some(text) => text
+            .parse()
+            .map(Some)
+            .map_err(|e: vmcfg::ConfigError| f.error(key, e.to_string())),
     }
 }
 

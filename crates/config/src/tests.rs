@@ -128,6 +128,7 @@ fn written_toml_reads_back_to_the_same_config() {
         FULL,
         "kernel = \"k\"",
         "kernel = \"k\"\ncpus = 2\naffinity = \"3\"\nmemory = 16781312",
+        "kernel = \"k\"\nmemory_backing = \"memfd\"\nhugepages = \"2M\"",
         "kernel = \"a \\\"quoted\\\" path\"\ncmdline = \"x='1' \\\\ y\"\naffinity = [\"any\"]",
     ] {
         let first = guest(text).unwrap();
@@ -182,7 +183,9 @@ fn guest_field_errors() {
         ("kernel = \"k\"\nmemory = 16777217", "guest.toml: memory: 16777217 bytes is not a multiple of 4 KiB"),
         ("kernel = \"k\"\nconsole = \"hvc\"", "guest.toml: console: 'hvc' is not \"serial\" or \"virtio\""),
         ("kernel = \"k\"\nrng = \"yes\"", "guest.toml: rng: expected true or false, found a string"),
-        ("kernel = \"k\"\nsize = 3", "guest.toml: size: unknown field (known here: affinity, cmdline, console, cpus, disk, initramfs, kernel, memory, net, rng, vsock)"),
+        ("kernel = \"k\"\nmemory_backing = \"shm\"", "guest.toml: memory_backing: 'shm' is not auto, anonymous or memfd"),
+        ("kernel = \"k\"\nhugepages = \"4K\"", "guest.toml: hugepages: '4K' is not a huge page size (2M or 1G)"),
+        ("kernel = \"k\"\nsize = 3", "guest.toml: size: unknown field (known here: affinity, cmdline, console, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, rng, vsock)"),
     ];
     for (text, expected) in cases {
         assert_eq!(guest_err(text), expected, "{text}");
@@ -339,7 +342,7 @@ fn system_errors() {
         ("[guests]\nweb = 3", "system.toml: guests.web: expected a table, found an integer"),
         ("[guests.web]\nkernel = \"k\"\nmemory = \"12X\"", "system.toml: guests.web.memory: '12X' is not a size (examples: 512M, 2G, 1048576K)"),
         ("[guests.web]\nkernel = \"k\"\nstart = \"later\"", "system.toml: guests.web.start: 'later' is not \"boot\" or \"held\""),
-        ("[guests.web]\nkernel = \"k\"\nsize = 1", "system.toml: guests.web.size: unknown field (known here: affinity, cmdline, console, cpus, disk, initramfs, kernel, memory, net, rng, start, vsock)"),
+        ("[guests.web]\nkernel = \"k\"\nsize = 1", "system.toml: guests.web.size: unknown field (known here: affinity, cmdline, console, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, rng, start, vsock)"),
         ("[guests.web]\nfile = \"w.toml\"\ncpus = 2", "system.toml: guests.web.cpus: a guest given by 'file' takes only 'start' beside it; put this in the guest file"),
         ("[guests.web]\nfile = \"\"", "system.toml: guests.web.file: is empty"),
         ("[guests.web]\nstart = \"boot\"", "system.toml: guests.web.kernel: is required"),

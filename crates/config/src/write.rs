@@ -88,6 +88,14 @@ fn write_guest(out: &mut String, config: &VmConfig, prefix: &str) {
     let _ = writeln!(out, "cmdline = {}", quoted(&config.cmdline));
     let _ = writeln!(out, "cpus = {}", config.cpus);
     let _ = writeln!(out, "memory = {}", size(config.memory));
+    let _ = writeln!(
+        out,
+        "memory_backing = {}",
+        quoted(config.memory_backing.name())
+    );
+    if let Some(pages) = config.hugepages {
+        let _ = writeln!(out, "hugepages = {}", quoted(pages.name()));
+    }
     let _ = writeln!(out, "console = {}", quoted(config.console.as_str()));
     let _ = writeln!(out, "rng = {}", config.rng);
     if let Some(list) = affinity(config) {

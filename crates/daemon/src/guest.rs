@@ -625,6 +625,7 @@ impl Guest {
             "exits": null,
             "uptime_ms": null,
             "vcpu_tids": null,
+            "memory": null,
             "stale": false,
         });
         if record.state.is_live() {
@@ -632,7 +633,7 @@ impl Guest {
                 info["cpu_time_ms"] = json!(process::cpu_time_ms(id.pid));
                 let (facts, stale) = self.vmm_facts(record.runs);
                 if let Some(reply) = facts {
-                    for key in ["exits", "uptime_ms", "vcpu_tids"] {
+                    for key in ["exits", "uptime_ms", "vcpu_tids", "memory"] {
                         info[key] = reply.get(key).cloned().unwrap_or(Value::Null);
                     }
                 }

@@ -6,7 +6,10 @@
 use std::path::PathBuf;
 
 use thiserror::Error;
-use vmm::config::{self, ConfigError, ConsoleMode, DiskConfig, NetConfig, VmConfig, VsockConfig};
+use vmm::config::{
+    self, ConfigError, ConsoleMode, DiskConfig, HugePages, MemoryBacking, NetConfig, VmConfig,
+    VsockConfig,
+};
 
 pub use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEMORY};
 
@@ -118,7 +121,7 @@ fn set_once<T>(slot: &mut Option<T>, value: T, flag: &'static str) -> Result<(),
 }
 
 /// The flags that describe the machine, which a guest file replaces.
-const MACHINE_FLAGS: [&str; 12] = [
+const MACHINE_FLAGS: [&str; 14] = [
     "--kernel",
     "--initramfs",
     "--initrd",
@@ -131,6 +134,8 @@ const MACHINE_FLAGS: [&str; 12] = [
     "--rng",
     "--vsock",
     "--affinity",
+    "--memory-backing",
+    "--hugepages",
 ];
 
 /// The flags of `run`, as given (each one at most once unless repeatable).
@@ -141,6 +146,8 @@ struct RunFlags {
     cmdline: Option<String>,
     cpus: Option<u8>,
     memory: Option<u64>,
+    memory_backing: Option<MemoryBacking>,
+    hugepages: Option<HugePages>,
     disks: Vec<DiskConfig>,
     nets: Vec<NetConfig>,
     console: Option<ConsoleMode>,
@@ -187,6 +194,16 @@ impl RunFlags {
                 let size = config::parse_size(&text).ok_or(ArgsError::BadSize(text))?;
                 set_once(&mut self.memory, size, "--memory")?
             }
+            "--memory-backing" => set_once(
+                &mut self.memory_backing,
+                option("--memory-backing", &value("--memory-backing")?)?,
+                "--memory-backing",
+            )?,
+            "--hugepages" => set_once(
+                &mut self.hugepages,
+                option("--hugepages", &value("--hugepages")?)?,
+                "--hugepages",
+            )?,
             "--disk" => self.disks.push(option("--disk", &value("--disk")?)?),
             "--net" => self.nets.push(option("--net", &value("--net")?)?),
             "--console" => set_once(
@@ -280,6 +297,8 @@ impl RunFlags {
             cmdline: self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),
             cpus,
             memory: self.memory.unwrap_or(DEFAULT_MEMORY),
+            memory_backing: self.memory_backing.unwrap_or_default(),
+            hugepages: self.hugepages,
             disks: self.disks,
             nets: self.nets,
             console: self.console.unwrap_or_default(),

@@ -16,6 +16,7 @@ ferrovisor: a hypervisor for Linux hosts with KVM
 
 Usage:
   ferrovisor run --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus N] [--memory SIZE]
+                 [--memory-backing auto|anonymous|memfd] [--hugepages 2M|1G]
                  [--disk path=FILE[,readonly=on]]... [--net tap=NAME[,mac=MAC]]...
                  [--console serial|virtio] [--rng] [--vsock cid=N,socket=PATH]
                  [--affinity CPUS | --affinity VCPU=CPUS...] [--runtime-dir DIR] [--stats]
@@ -42,6 +43,10 @@ Ctrl-A x stops it.
   --cmdline STR      kernel command line (default: \"console=ttyS0 reboot=k panic=1\")
   --cpus N           vCPUs, 1-254 (default 1)
   --memory SIZE      guest RAM, e.g. 512M or 2G (default 512M)
+  --memory-backing auto|anonymous|memfd
+                     what backs guest RAM (default auto: anonymous memory,
+                     a memfd when something shares it)
+  --hugepages 2M|1G  guest RAM on the host's reserved hugetlb pages
   --disk path=FILE[,readonly=on]
                      a virtio-blk disk backed by a raw image (repeatable)
   --net tap=NAME[,mac=MAC]
@@ -95,8 +100,9 @@ fn print_stats(report: &RunReport) {
         .boot_marker_us
         .map_or_else(|| "null".to_string(), |us| us.to_string());
     let rss = vmm::stats::resident_memory();
+    let mem = &report.memory;
     eprintln!(
-        "ferrovisor-stats: {{\"exit\":\"{}\",\"boot_marker_us\":{},\"exits\":{},\"exits_io\":{},\"exits_mmio\":{},\"exits_other\":{},\"rss_anon_kib\":{},\"rss_file_kib\":{},\"rss_shmem_kib\":{}}}",
+        "ferrovisor-stats: {{\"exit\":\"{}\",\"boot_marker_us\":{},\"exits\":{},\"exits_io\":{},\"exits_mmio\":{},\"exits_other\":{},\"rss_anon_kib\":{},\"rss_file_kib\":{},\"rss_shmem_kib\":{},\"memory_backing\":\"{}\",\"guest_resident_kib\":{},\"guest_huge_kib\":{}}}",
         report.exit,
         marker,
         report.exits_io + report.exits_mmio + report.exits_other,
@@ -106,7 +112,21 @@ fn print_stats(report: &RunReport) {
         rss.anon_kib,
         rss.file_kib,
         rss.shmem_kib,
+        mem.backing.name(),
+        mem.usage.resident_kib,
+        mem.usage.huge_kib,
     );
+}
+
+/// The state of a vCPU that died, after the one-line reason: on stderr,
+/// and where it was saved.
+fn print_dump(text: &str, saved: Option<&Result<std::path::PathBuf, String>>) {
+    eprint!("{text}");
+    match saved {
+        Some(Ok(path)) => eprintln!("(this dump is also in {})", path.display()),
+        Some(Err(e)) => eprintln!("(this dump could not be saved in the runtime directory: {e})"),
+        None => {}
+    }
 }
 
 /// Runs the guest; returns the exit status and its one-line reason.
@@ -135,6 +155,9 @@ fn run_guest(args: RunArgs, start: Instant) -> (i32, String) {
                 || matches!(report.exit, VmExit::Halted | VmExit::Stopped(_))
             {
                 eprintln!("ferrovisor: {}", report.exit);
+            }
+            if let Some((text, saved)) = &report.dump {
+                print_dump(text, saved.as_ref());
             }
             (report.exit.status(), report.exit.to_string())
         }

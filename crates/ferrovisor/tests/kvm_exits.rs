@@ -101,7 +101,7 @@ fn halt_with_interrupts_disabled_is_reported() {
 }
 
 #[test]
-fn triple_fault_is_reported_as_a_failure() {
+fn triple_fault_is_reported_as_a_failure_with_a_register_dump() {
     // ud2 with an IDT whose only entry is not present: #UD, #NP, #DF, shutdown.
     let code = Asm::default()
         .print("faulting\n")
@@ -111,10 +111,98 @@ fn triple_fault_is_reported_as_a_failure() {
     assert_eq!(stdout(&out), "faulting\n");
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
-    assert!(err.contains("triple-faulted"), "stderr: {err}");
+    let own: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("ferrovisor:") && !l.contains("warning"))
+        .collect();
     assert_eq!(
-        err.lines().filter(|l| !l.contains("warning")).count(),
-        1,
+        own,
+        ["ferrovisor: vCPU 0 triple-faulted"],
         "one line: {err}"
+    );
+    // The code is loaded at 1 MiB: the faulting ud2 is just past the print.
+    let rip = err
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("rip="))
+        .and_then(|v| u64::from_str_radix(&v[2..18], 16).ok())
+        .unwrap_or_else(|| panic!("no rip in: {err}"));
+    assert!((0x10_0000..0x10_1000).contains(&rip), "rip {rip:#x}: {err}");
+    assert!(err.contains("  cs   sel="), "segments: {err}");
+    assert!(err.contains("cr0="), "control registers: {err}");
+    assert!(err.contains("exception: injected="), "events: {err}");
+    // The print went out through the UART: its last exits show it.
+    assert!(
+        err.contains("out port 0x03f8 len 1 value 0x0a"),
+        "exits: {err}"
+    );
+}
+
+#[test]
+fn a_triple_fault_leaves_its_dump_in_the_runtime_directory() {
+    let code = Asm::default().bytes(&[0x0f, 0x0b]).finish();
+    let dir = write_temp("dump-dir", b"");
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let out = boot_tiny(&code, &["--runtime-dir", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
+    let saved = std::fs::read_to_string(dir.join("vcpu-dump.txt")).unwrap();
+    assert!(
+        saved.starts_with("vCPU 0 state at the exit (vCPU 0 triple-faulted):\n"),
+        "{saved}"
+    );
+    assert!(saved.contains("rip=0x00000000001"), "{saved}");
+    assert!(stderr(&out).contains("vcpu-dump.txt"), "{}", stderr(&out));
+    let record = std::fs::read_to_string(dir.join("exit.json")).unwrap();
+    assert!(record.contains("triple-faulted"), "{record}");
+}
+
+/// The `"key":"value"` string of the `--stats` line.
+fn stats_string(err: &str, key: &str) -> Option<String> {
+    let line = err.lines().find(|l| l.starts_with("ferrovisor-stats:"))?;
+    let quoted = format!("\"{key}\":\"");
+    let rest = &line[line.find(&quoted)? + quoted.len()..];
+    Some(rest[..rest.find('"')?].to_string())
+}
+
+#[test]
+fn anonymous_and_memfd_backings_both_boot_and_are_reported() {
+    let code = Asm::default().print("up\n").debug_exit(0).finish();
+    for (flag, reported) in [
+        ("anonymous", "anonymous"),
+        ("memfd", "memfd"),
+        ("auto", "anonymous"),
+    ] {
+        let out = boot_tiny(&code, &["--memory-backing", flag, "--stats"]);
+        let err = stderr(&out);
+        assert_eq!(stdout(&out), "up\n", "{flag}: {err}");
+        assert_eq!(out.status.code(), Some(1), "{flag}: {err}");
+        assert_eq!(
+            stats_string(&err, "memory_backing").as_deref(),
+            Some(reported),
+            "{flag}: {err}"
+        );
+    }
+}
+
+#[test]
+fn hugepages_without_a_reserved_pool_are_refused_in_one_line() {
+    let free: u64 =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .map(|t| t.trim().parse().unwrap_or(0))
+            .unwrap_or(0);
+    // 32 MiB of guest RAM needs 16 pages of 2 MiB.
+    assert!(
+        free < 16,
+        "this host has {free} free 2 MiB pages reserved; the test needs fewer"
+    );
+    let code = Asm::default().debug_exit(0).finish();
+    let out = boot_tiny(&code, &["--hugepages", "2M"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    let own: Vec<&str> = err.lines().filter(|l| !l.contains("warning")).collect();
+    assert_eq!(own.len(), 1, "{err}");
+    assert!(
+        own[0].contains("needs 16 free huge pages of 2M and the host has"),
+        "{err}"
     );
 }

@@ -36,6 +36,10 @@ pub enum ConfigError {
     Empty(&'static str),
     #[error("'{0}' is not a list of host CPUs like 0,2-3 (each below {MAX_HOST_CPUS})")]
     BadCpuList(String),
+    #[error("'{0}' is not auto, anonymous or memfd")]
+    BadMemoryBacking(String),
+    #[error("'{0}' is not a huge page size (2M or 1G)")]
+    BadHugePages(String),
 }
 
 /// The kernel command line when none is given: serial console, and a
@@ -85,6 +89,81 @@ pub enum ConsoleMode {
     Virtio,
 }
 
+/// What backs guest RAM, as asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryBacking {
+    /// Anonymous private memory unless something needs to share guest RAM,
+    /// then a memfd.
+    #[default]
+    Auto,
+    /// Anonymous private memory: transparent huge pages under the host's
+    /// default settings; nothing else can map it.
+    Anonymous,
+    /// A memfd: shareable with other processes and writable to snapshots.
+    Memfd,
+}
+
+impl MemoryBacking {
+    /// The name used in flags and guest files.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryBacking::Auto => "auto",
+            MemoryBacking::Anonymous => "anonymous",
+            MemoryBacking::Memfd => "memfd",
+        }
+    }
+}
+
+impl FromStr for MemoryBacking {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, ConfigError> {
+        match text {
+            "auto" => Ok(MemoryBacking::Auto),
+            "anonymous" | "anon" => Ok(MemoryBacking::Anonymous),
+            "memfd" => Ok(MemoryBacking::Memfd),
+            _ => Err(ConfigError::BadMemoryBacking(text.to_string())),
+        }
+    }
+}
+
+/// A hugetlb page size for guest RAM (`hugepages = "2M"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HugePages {
+    Size2M,
+    Size1G,
+}
+
+impl HugePages {
+    /// The page size in bytes.
+    pub fn bytes(self) -> u64 {
+        match self {
+            HugePages::Size2M => 2 << 20,
+            HugePages::Size1G => 1 << 30,
+        }
+    }
+
+    /// The name used in flags and guest files.
+    pub fn name(self) -> &'static str {
+        match self {
+            HugePages::Size2M => "2M",
+            HugePages::Size1G => "1G",
+        }
+    }
+}
+
+impl FromStr for HugePages {
+    type Err = ConfigError;
+
+    fn from_str(text: &str) -> Result<Self, ConfigError> {
+        match text {
+            "2M" | "2m" | "2MiB" => Ok(HugePages::Size2M),
+            "1G" | "1g" | "1GiB" => Ok(HugePages::Size1G),
+            _ => Err(ConfigError::BadHugePages(text.to_string())),
+        }
+    }
+}
+
 /// Everything needed to build and boot one VM.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct VmConfig {
@@ -94,6 +173,10 @@ pub struct VmConfig {
     pub cpus: u8,
     /// Guest RAM in bytes.
     pub memory: u64,
+    /// What backs guest RAM.
+    pub memory_backing: MemoryBacking,
+    /// Guest RAM on hugetlb pages of this size (a hugetlb memfd).
+    pub hugepages: Option<HugePages>,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub console: ConsoleMode,

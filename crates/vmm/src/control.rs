@@ -95,6 +95,8 @@ pub struct Control {
     pause_requested: AtomicBool,
     pause: Mutex<PauseState>,
     pause_changed: Condvar,
+    /// The first vCPU dump taken at a fatal exit.
+    dump: Mutex<Option<String>>,
 }
 
 impl Control {
@@ -114,6 +116,7 @@ impl Control {
             pause: Mutex::new(PauseState::default()),
             pause_requested: AtomicBool::new(false),
             pause_changed: Condvar::new(),
+            dump: Mutex::new(None),
         }
     }
 
@@ -227,6 +230,17 @@ impl Control {
         // any park that already checked `stopping`.
         let _state = self.pause_state();
         self.pause_changed.notify_all();
+    }
+
+    /// Keeps a vCPU's dump from a fatal exit; the first one is kept.
+    pub fn set_dump(&self, text: String) {
+        let mut dump = self.dump.lock().unwrap_or_else(|p| p.into_inner());
+        dump.get_or_insert(text);
+    }
+
+    /// Takes the dump kept by [`Control::set_dump`], if any.
+    pub fn take_dump(&self) -> Option<String> {
+        self.dump.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// Whether the VM is stopping.

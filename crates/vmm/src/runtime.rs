@@ -35,6 +35,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::console::{self, InputSink};
 use crate::control::Control;
 use crate::exit::VmExit;
+use crate::memory::{self, Backing};
 use crate::vcpu;
 
 /// The control socket's name in the runtime directory.
@@ -45,6 +46,8 @@ pub const CONSOLE_SOCKET: &str = "console.sock";
 pub const CONSOLE_LOG: &str = "console.log";
 /// The exit record's name.
 pub const EXIT_RECORD: &str = "exit.json";
+/// The vCPU state at an exit fatal to the guest (see `dump`).
+pub const VCPU_DUMP: &str = "vcpu-dump.txt";
 /// The console log is rewritten once it passes this size...
 pub const LOG_LIMIT: u64 = 2 << 20;
 /// ...keeping this many of its last bytes.
@@ -535,6 +538,8 @@ struct LiveVm {
     control: Arc<Control>,
     keyboard: Arc<Mutex<I8042>>,
     memory_bytes: u64,
+    memory_backing: Backing,
+    memory_ranges: Vec<(usize, usize)>,
 }
 
 impl VmControl for LiveVm {
@@ -549,6 +554,12 @@ impl VmControl for LiveVm {
         map.insert("pid".into(), std::process::id().into());
         map.insert("vcpu_tids".into(), self.control.vcpu_tids().into());
         map.insert("memory_bytes".into(), self.memory_bytes.into());
+        let usage = memory::huge_usage(&self.memory_ranges);
+        let mut mem = Map::new();
+        mem.insert("backing".into(), self.memory_backing.name().into());
+        mem.insert("resident_bytes".into(), (usage.resident_kib << 10).into());
+        mem.insert("huge_bytes".into(), (usage.huge_kib << 10).into());
+        map.insert("memory".into(), mem.into());
         let uptime = self.control.start().elapsed().as_millis() as u64;
         map.insert("uptime_ms".into(), uptime.into());
         map.insert("exits".into(), self.control.exits.total().into());
@@ -611,6 +622,9 @@ pub struct VmParts {
     /// Where console input goes.
     pub input: InputSink,
     pub memory_bytes: u64,
+    /// Guest RAM's backing and its host-virtual ranges, for `info`.
+    pub memory_backing: Backing,
+    pub memory_ranges: Vec<(usize, usize)>,
 }
 
 impl std::fmt::Debug for VmParts {
@@ -687,6 +701,8 @@ impl Runtime {
                 control: vm.control,
                 keyboard: vm.keyboard,
                 memory_bytes: vm.memory_bytes,
+                memory_backing: vm.memory_backing,
+                memory_ranges: vm.memory_ranges,
             };
             std::thread::Builder::new()
                 .name("control".into())
@@ -694,6 +710,13 @@ impl Runtime {
                 .map_err(|e| RuntimeError::Thread("control", e))?;
         }
         Ok(())
+    }
+
+    /// Writes the dump of a vCPU that died to [`VCPU_DUMP`].
+    pub fn write_dump(&self, text: &str) -> io::Result<PathBuf> {
+        let path = self.dir.join(VCPU_DUMP);
+        std::fs::write(&path, text)?;
+        Ok(path)
     }
 
     /// At the end of the run: writes out the console output still queued,

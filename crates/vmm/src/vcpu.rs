@@ -22,6 +22,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use thiserror::Error;
 
 use crate::control::{Control, VcpuActivity};
+use crate::dump::{self, ExitEntry, ExitRing, VcpuState};
 use crate::exit::VmExit;
 use crate::loader::LoadedKernel;
 
@@ -172,6 +173,8 @@ pub struct Vcpu {
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     control: Arc<Control>,
+    /// The latest exits, for the dump at a fatal one.
+    ring: ExitRing,
 }
 
 impl Vcpu {
@@ -189,6 +192,7 @@ impl Vcpu {
             io_bus,
             mmio_bus,
             control,
+            ring: ExitRing::default(),
         }
     }
 
@@ -280,13 +284,16 @@ impl Vcpu {
                 break;
             }
             let outcome = match self.fd.run() {
-                Ok(exit) => handle_exit(
-                    self.index,
-                    exit,
-                    &self.io_bus,
-                    &self.mmio_bus,
-                    &self.control,
-                ),
+                Ok(exit) => {
+                    self.ring.record(ExitEntry::of(&exit));
+                    handle_exit(
+                        self.index,
+                        exit,
+                        &self.io_bus,
+                        &self.mmio_bus,
+                        &self.control,
+                    )
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.on_kick();
                     None
@@ -297,10 +304,28 @@ impl Vcpu {
                 }),
             };
             if let Some(why) = outcome {
+                if matches!(
+                    why,
+                    VmExit::TripleFault { .. } | VmExit::InternalError { .. }
+                ) {
+                    self.record_dump(&why);
+                }
                 self.control.request_exit(why);
                 break;
             }
         }
+    }
+
+    /// Reads this vCPU's state from KVM and keeps its dump for the VMM to
+    /// print and save.
+    fn record_dump(&self, why: &VmExit) {
+        let state = VcpuState {
+            regs: self.fd.get_regs().ok(),
+            sregs: self.fd.get_sregs().ok(),
+            events: self.fd.get_vcpu_events().ok(),
+        };
+        let text = dump::format(self.index, &why.to_string(), &state, &self.ring);
+        self.control.set_dump(text);
     }
 
     /// After a kick: answers the current liveness round.

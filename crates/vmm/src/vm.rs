@@ -7,6 +7,7 @@
 //! The main thread then waits for a reason to stop, kicking the vCPUs now and
 //! then so that a guest that halted for good is noticed.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -81,6 +82,35 @@ pub struct RunReport {
     pub exits_io: u64,
     pub exits_mmio: u64,
     pub exits_other: u64,
+    /// Guest RAM's backing and its use of huge pages near the end of the run.
+    pub memory: MemoryReport,
+    /// After an exit fatal to the guest: the vCPU's state as text, and where
+    /// it was saved in the runtime directory (or why it could not be).
+    pub dump: Option<(String, Option<Result<PathBuf, String>>)>,
+}
+
+/// What backed guest RAM and how much of it was on huge pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryReport {
+    pub backing: memory::Backing,
+    pub usage: memory::HugeUsage,
+}
+
+/// Creates guest RAM with the backing the configuration asks for, says once
+/// why it gets no huge pages when it gets none, and registers it with KVM.
+fn create_memory(
+    vm: &VmFd,
+    config: &VmConfig,
+    regions: &[(u64, u64)],
+) -> Result<memory::GuestRam, VmError> {
+    // Nothing maps guest RAM from another process yet.
+    let backing = memory::Backing::choose(config.memory_backing, config.hugepages, false)?;
+    let ram = memory::create(regions, backing)?;
+    if let Some(why) = &ram.no_huge_pages {
+        eprintln!("ferrovisor: guest RAM gets no huge pages: {why}");
+    }
+    memory::register(vm, &ram.mem)?;
+    Ok(ram)
 }
 
 fn open_kvm() -> Result<Kvm, VmError> {
@@ -131,8 +161,9 @@ pub fn run_with(
     memory::check_host_fits(config.memory)?;
     let kvm = open_kvm()?;
     let vm = Arc::new(create_vm(&kvm)?);
-    let mem = memory::create(&regions)?;
-    memory::register(&vm, &mem)?;
+    let ram = create_memory(&vm, config, &regions)?;
+    let (mem, backing, ranges) = (ram.mem.clone(), ram.backing, ram.host_ranges());
+    drop(ram);
 
     let kernel = load_guest(&mem, config, &regions)?;
 
@@ -176,6 +207,8 @@ pub fn run_with(
             keyboard: devices.keyboard(),
             input: console_input,
             memory_bytes: config.memory,
+            memory_backing: backing,
+            memory_ranges: ranges.clone(),
         })?,
         None => console::spawn_stdin_reader(console_input, control.clone(), interactive),
     }
@@ -191,7 +224,17 @@ pub fn run_with(
     };
 
     let exit = supervise(&control, &threads);
+    let memory = MemoryReport {
+        backing,
+        usage: memory::huge_usage(&ranges),
+    };
     stop_vcpus(threads, mem);
+    let dump = control.take_dump().map(|text| {
+        let saved = runtime
+            .as_ref()
+            .map(|rt| rt.write_dump(&text).map_err(|e| e.to_string()));
+        (text, saved)
+    });
     if let Some(rt) = runtime {
         rt.finish();
     }
@@ -203,6 +246,8 @@ pub fn run_with(
         exits_io: exits.io.load(Relaxed),
         exits_mmio: exits.mmio.load(Relaxed),
         exits_other: exits.other.load(Relaxed),
+        memory,
+        dump,
     })
 }
 

@@ -342,11 +342,25 @@ fn info(rest: &[String]) -> Result<ExitCode, CliError> {
     ] {
         println!("{key:<13} {}", show(&info[key]));
     }
+    if let Some(backing) = info["memory"]["backing"].as_str() {
+        println!("{:<13} {}", "ram", memory_line(backing, &info["memory"]));
+    }
     if let Some(reason) = info["exit"]["reason"].as_str() {
         println!("{:<13} {reason}", "exit");
     }
     println!("config:\n{}", info["config"].as_str().unwrap_or(""));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Guest RAM in one line: `anonymous, 212M resident, 96% on huge pages`.
+fn memory_line(backing: &str, memory: &Value) -> String {
+    let resident = memory["resident_bytes"].as_u64().unwrap_or(0);
+    let huge = memory["huge_bytes"].as_u64().unwrap_or(0);
+    let share = (huge * 100).checked_div(resident).unwrap_or(0);
+    format!(
+        "{backing}, {} resident, {share}% on huge pages",
+        human_size(resident)
+    )
 }
 
 /// Brings up one guest of a system: created if it does not exist yet (an

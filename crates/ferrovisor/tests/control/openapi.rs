@@ -242,6 +242,7 @@ fn the_validator_refuses_what_the_schema_forbids() {
     let mut guest = serde_json::json!({
         "name": "a", "state": "running", "vcpus": 1, "memory_bytes": 1, "pid": 3,
         "exit": null, "cpu_time_ms": null, "exits": 5, "uptime_ms": 1, "vcpu_tids": [4],
+        "memory": {"backing": "anonymous", "resident_bytes": 4096, "huge_bytes": 0},
         "stale": false
     });
     assert!(validate(doc, info, &guest, "g").is_ok());

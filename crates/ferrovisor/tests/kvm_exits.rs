@@ -206,3 +206,40 @@ fn hugepages_without_a_reserved_pool_are_refused_in_one_line() {
         "{err}"
     );
 }
+
+/// The `"key":number` of the `--stats` line.
+fn stats_number(err: &str, key: &str) -> Option<u64> {
+    let line = err.lines().find(|l| l.starts_with("ferrovisor-stats:"))?;
+    let quoted = format!("\"{key}\":");
+    let rest = &line[line.find(&quoted)? + quoted.len()..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+#[test]
+fn index_writes_are_buffered_without_exits_and_applied_in_order() {
+    // CMOS NVRAM byte 0x40 := 0x5a (the data write exits); then 100 index
+    // writes to 0x41, which KVM buffers; then index 0x40 again and a read,
+    // which must see 0x5a: the buffered writes reached the RTC in order.
+    let mut asm = Asm::default();
+    asm.mov_dx(0x70).mov_al(0x40).out_dx_al();
+    asm.mov_dx(0x71).mov_al(0x5a).out_dx_al();
+    asm.mov_dx(0x70);
+    for _ in 0..100 {
+        asm.mov_al(0x41).out_dx_al();
+    }
+    asm.mov_al(0x40).out_dx_al();
+    asm.mov_dx(0x71).in_al_dx();
+    asm.bytes(&[0x3c, 0x5a]) // cmp al, 0x5a
+        .jump(0x75, "bad") // jne bad
+        .verdict(0x20);
+    let out = boot_tiny(&asm.finish(), &["--stats"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0x41), "{err}");
+    let io = stats_number(&err, "exits_io").expect("exits_io in the stats");
+    // Two index writes and two data accesses would exit without buffering,
+    // plus the verdict's debug-exit write; the 101 index writes do not.
+    assert!(io < 20, "{io} port exits: {err}");
+}

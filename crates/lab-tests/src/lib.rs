@@ -114,6 +114,8 @@ pub struct GuestConfig {
     /// `--runtime-dir`: the VMM serves a control socket there and writes
     /// the console to `console.log` in it instead of stdout.
     pub runtime_dir: Option<PathBuf>,
+    /// More `ferrovisor run` flags, given last.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for GuestConfig {
@@ -131,6 +133,7 @@ impl Default for GuestConfig {
             rng: false,
             vsock: None,
             runtime_dir: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -239,6 +242,7 @@ impl GuestConfig {
         if let Some(dir) = &self.runtime_dir {
             args.extend(["--runtime-dir".to_string(), dir.display().to_string()]);
         }
+        args.extend(self.extra_args.iter().cloned());
         if let Some(vsock) = &self.vsock {
             args.extend([
                 "--vsock".to_string(),
@@ -328,6 +332,11 @@ fn snapshot(shared: &Shared) -> String {
 }
 
 impl Guest {
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts the VMM with `config`.
     pub fn start(config: &GuestConfig) -> Result<Guest, HarnessError> {
         let mut child = config

@@ -149,6 +149,10 @@ fn triple_fault_in_the_guest_ends_the_vmm_with_a_failure() {
     let d = describe(&exit);
     assert_eq!(exit.status.code(), Some(2), "{d}");
     assert!(exit.stderr.contains("triple-faulted"), "{d}");
+    // The dump follows the line: registers, segments and the last exits.
+    assert!(exit.stderr.contains("rip=0x"), "{d}");
+    assert!(exit.stderr.contains("  cs   sel="), "{d}");
+    assert!(exit.stderr.contains("last exits to the VMM"), "{d}");
 }
 
 #[test]
@@ -173,4 +177,85 @@ fn serial_console_takes_input() {
     guest.send("poweroff -f\n").expect("type poweroff");
     let exit = guest.wait_exit().expect("the VMM exits");
     assert_eq!(exit.status.code(), Some(0), "{}", describe(&exit));
+}
+
+/// KVM's count of nested page faults handled, summed over the VMs that
+/// exist (debugfs, mounted by the lab's init).
+fn nested_faults() -> u64 {
+    std::fs::read_to_string("/sys/kernel/debug/kvm/pf_taken")
+        .expect("KVM's debugfs counters")
+        .trim()
+        .parse()
+        .expect("a number")
+}
+
+/// The VMM's guest RAM mappings (64 MiB or more) from its smaps: resident
+/// and on transparent huge pages, in KiB.
+fn guest_ram_in_smaps(pid: u32) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+    let (mut resident, mut huge, mut big) = (0, 0, false);
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let key = words.next().unwrap_or("");
+        let kib: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        match key {
+            "Size:" => big = kib >= 64 << 10,
+            "Rss:" if big => resident += kib,
+            "AnonHugePages:" | "ShmemPmdMapped:" if big => huge += kib,
+            _ => {}
+        }
+    }
+    (resident, huge)
+}
+
+/// Boots the kit to its shell with `extra` flags, and reads the nested page
+/// faults taken so far and the guest RAM mappings, then powers off.
+fn faults_and_ram_at_the_shell(extra: &[&str]) -> (u64, (u64, u64), Exit) {
+    let before = nested_faults();
+    let mut guest = Guest::start(&GuestConfig {
+        image: KernelImage::Pvh,
+        extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        ..GuestConfig::default()
+    })
+    .expect("start the VMM");
+    guest.wait_for("guest# ").expect("the shell prompt");
+    let faults = nested_faults().saturating_sub(before);
+    let ram = guest_ram_in_smaps(guest.pid());
+    guest.send("poweroff -f\n").expect("type poweroff");
+    (faults, ram, guest.wait_exit().expect("the VMM exits"))
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn the_guest_kit_boots_on_huge_pages_with_few_nested_faults() {
+    let (faults, (resident, huge), exit) = faults_and_ram_at_the_shell(&[]);
+    let d = describe(&exit);
+    assert_eq!(exit.status.code(), Some(0), "{d}");
+    // On 4 KiB pages the same boot takes about 21,000 nested faults.
+    assert!(faults < 2_000, "{faults} nested page faults: {d}");
+    assert!(resident > 16 << 10, "{resident} KiB of guest RAM resident");
+    assert!(
+        huge * 2 > resident,
+        "{huge} of {resident} KiB of guest RAM on huge pages"
+    );
+    assert!(!exit.stderr.contains("no huge pages"), "{d}");
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn a_shared_memfd_guest_says_once_why_it_has_no_huge_pages() {
+    // The lab keeps Debian's default: shmem_enabled = never.
+    let (faults, (resident, huge), exit) =
+        faults_and_ram_at_the_shell(&["--memory-backing", "memfd"]);
+    let d = describe(&exit);
+    assert_eq!(exit.status.code(), Some(0), "{d}");
+    let why: Vec<&str> = exit
+        .stderr
+        .lines()
+        .filter(|l| l.contains("gets no huge pages"))
+        .collect();
+    assert_eq!(why.len(), 1, "{d}");
+    assert!(why[0].contains("shmem_enabled is never"), "{d}");
+    assert_eq!(huge, 0, "{resident} KiB resident");
+    assert!(faults > 2_000, "{faults} nested page faults on 4 KiB pages");
 }

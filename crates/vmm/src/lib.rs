@@ -1,6 +1,7 @@
 //! The VMM: assembles a VM from its configuration (guest memory, vCPUs, boot,
 //! devices) and runs it.
 
+pub mod coalesced;
 pub mod config;
 pub mod console;
 pub mod control;

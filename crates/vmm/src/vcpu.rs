@@ -21,6 +21,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use thiserror::Error;
 
+use crate::coalesced::CoalescedRing;
 use crate::control::{Control, VcpuActivity};
 use crate::dump::{self, ExitEntry, ExitRing, VcpuState};
 use crate::exit::VmExit;
@@ -175,6 +176,8 @@ pub struct Vcpu {
     control: Arc<Control>,
     /// The latest exits, for the dump at a fatal one.
     ring: ExitRing,
+    /// KVM's buffer of port writes that did not exit, shared by the vCPUs.
+    buffered: Option<Arc<CoalescedRing>>,
 }
 
 impl Vcpu {
@@ -193,7 +196,14 @@ impl Vcpu {
             mmio_bus,
             control,
             ring: ExitRing::default(),
+            buffered: None,
         }
+    }
+
+    /// Applies `ring`'s buffered port writes before each exit is handled.
+    pub fn with_buffered_writes(mut self, ring: Option<Arc<CoalescedRing>>) -> Self {
+        self.buffered = ring;
+        self
     }
 
     fn setup_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -286,12 +296,16 @@ impl Vcpu {
             let outcome = match self.fd.run() {
                 Ok(exit) => {
                     self.ring.record(ExitEntry::of(&exit));
-                    handle_exit(
-                        self.index,
-                        exit,
-                        &self.io_bus,
-                        &self.mmio_bus,
-                        &self.control,
+                    apply_buffered(self.buffered.as_deref(), &self.io_bus, &self.control).or_else(
+                        || {
+                            handle_exit(
+                                self.index,
+                                exit,
+                                &self.io_bus,
+                                &self.mmio_bus,
+                                &self.control,
+                            )
+                        },
                     )
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -355,6 +369,17 @@ impl Vcpu {
             _ => VcpuActivity::Live,
         }
     }
+}
+
+/// Hands the port writes KVM buffered (see `coalesced`) to the port bus,
+/// in order, before the exit that follows them is handled.
+fn apply_buffered(ring: Option<&CoalescedRing>, io_bus: &Bus, control: &Control) -> Option<VmExit> {
+    ring?.drain(|write| {
+        io_bus
+            .write(write.addr, write.bytes())
+            .flatten()
+            .and_then(|a| apply_action(a, control))
+    })
 }
 
 /// Acts on a device's request after a bus write.

@@ -18,6 +18,7 @@ use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY}
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 
+use crate::coalesced::CoalescedRing;
 use crate::config::VmConfig;
 use crate::control::Control;
 use crate::exit::VmExit;
@@ -38,6 +39,9 @@ pub const MAX_VCPUS: u8 = 254;
 /// Errors from building or running a VM.
 #[derive(Debug, Error)]
 pub enum VmError {
+    /// Buffered port writes could not be set up.
+    #[error(transparent)]
+    Coalesced(#[from] crate::coalesced::CoalescedError),
     /// /dev/kvm is missing.
     #[error("/dev/kvm does not exist: this host has no KVM (load kvm_intel or kvm_amd, or enable nested virtualization)")]
     NoKvm,
@@ -289,11 +293,16 @@ fn create_vcpus(
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| VmError::Kvm("read KVM's supported CPUID", e))?;
     let mut vcpus = Vec::with_capacity(usize::from(cpus));
+    let mut buffered = None;
     for index in 0..cpus {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(|e| VmError::Kvm("create a vCPU", e))?;
-        let vcpu = Vcpu::new(index, fd, io_bus.clone(), mmio_bus.clone(), control.clone());
+        if index == 0 {
+            buffered = CoalescedRing::set_up(kvm, vm, &fd)?.map(Arc::new);
+        }
+        let vcpu = Vcpu::new(index, fd, io_bus.clone(), mmio_bus.clone(), control.clone())
+            .with_buffered_writes(buffered.clone());
         vcpu.configure(&supported, cpus, (index == 0).then_some(kernel))?;
         vcpus.push(vcpu);
     }

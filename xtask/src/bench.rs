@@ -119,6 +119,9 @@ struct Sample {
     guest_uptime_ms: Option<f64>,
     /// From VMM start to its exit after the guest powered off (ms).
     total_ms: f64,
+    /// KVM's exits and nested page faults from VMM start to the /init line.
+    exits_to_init: Option<u64>,
+    faults_to_init: Option<u64>,
     /// KVM's counters during the boot (debugfs), by name.
     kvm: BTreeMap<&'static str, u64>,
     /// Exits that reached the VMM in user space, as ferrovisor reports them.
@@ -297,13 +300,22 @@ fn watch_marker(
     })
 }
 
-/// What the console reader saw: when the /init line came, and the guest's
-/// uptime in it.
-type InitSeen = Arc<Mutex<Option<(f64, Option<f64>)>>>;
+/// What the console reader saw when the /init line came: the time, the
+/// guest's uptime in the line, and KVM's exits and nested faults so far.
+#[derive(Debug, Clone, Copy)]
+struct AtInit {
+    ms: f64,
+    uptime_ms: Option<f64>,
+    exits: Option<u64>,
+    faults: Option<u64>,
+}
+
+type InitSeen = Arc<Mutex<Option<AtInit>>>;
 
 fn read_console(
     stdout: impl Read + Send + 'static,
     start: Instant,
+    before: BTreeMap<&'static str, u64>,
     seen: InitSeen,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
@@ -312,8 +324,17 @@ fn read_console(
             .map_while(std::result::Result::ok)
         {
             if line.contains(INIT_LINE) {
+                let ms = start.elapsed().as_secs_f64() * 1000.0;
+                let since =
+                    |name: &str| Some(read_counter(name)?.saturating_sub(*before.get(name)?));
+                let facts = AtInit {
+                    ms,
+                    uptime_ms: uptime_ms(&line),
+                    exits: since("exits"),
+                    faults: since("pf_taken"),
+                };
                 let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
-                seen.get_or_insert((start.elapsed().as_secs_f64() * 1000.0, uptime_ms(&line)));
+                seen.get_or_insert(facts);
             }
         }
     })
@@ -324,9 +345,9 @@ fn read_console(
 fn poll_until_exit(
     child: &mut std::process::Child,
     start: Instant,
+    before: &BTreeMap<&'static str, u64>,
     sample: &mut Sample,
 ) -> Result<std::process::ExitStatus> {
-    let before = read_counters();
     let mut polls = 0u32;
     loop {
         if let Some(status) = child.try_wait().ctx(|| "wait".to_string())? {
@@ -358,6 +379,7 @@ fn measure(peer: Peer) -> Result<Sample> {
     let marker_file = PathBuf::from("/tmp/bench-marker");
     let _ = std::fs::remove_file(&marker_file);
     let mut cmd = command_for(peer, &marker_file);
+    let before = read_counters();
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -369,7 +391,7 @@ fn measure(peer: Peer) -> Result<Sample> {
     let marker = watch_marker(marker_file, start, done.clone());
     let stdout = child.stdout.take().ok_or_else(|| fail!("no stdout"))?;
     let init_seen: InitSeen = Arc::new(Mutex::new(None));
-    let reader = read_console(stdout, start, init_seen.clone());
+    let reader = read_console(stdout, start, before.clone(), init_seen.clone());
     let mut stderr = child.stderr.take().ok_or_else(|| fail!("no stderr"))?;
     let err_reader = std::thread::spawn(move || {
         let mut text = String::new();
@@ -377,15 +399,17 @@ fn measure(peer: Peer) -> Result<Sample> {
         text
     });
     let mut sample = Sample::default();
-    let polled = poll_until_exit(&mut child, start, &mut sample);
+    let polled = poll_until_exit(&mut child, start, &before, &mut sample);
     sample.total_ms = start.elapsed().as_secs_f64() * 1000.0;
     done.store(true, Ordering::Relaxed);
     let status = polled.map_err(|e| fail!("{}: {e}", peer.name()))?;
     let _ = reader.join();
     let stderr = err_reader.join().unwrap_or_default();
     let init = *init_seen.lock().unwrap_or_else(|e| e.into_inner());
-    sample.console_ms = init.map(|(ms, _)| ms);
-    sample.guest_uptime_ms = init.and_then(|(_, up)| up);
+    sample.console_ms = init.map(|i| i.ms);
+    sample.guest_uptime_ms = init.and_then(|i| i.uptime_ms);
+    sample.exits_to_init = init.and_then(|i| i.exits);
+    sample.faults_to_init = init.and_then(|i| i.faults);
     let stats = stderr
         .lines()
         .find_map(|l| l.strip_prefix("ferrovisor-stats:"));
@@ -430,7 +454,7 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 pub fn print_medians<S>(label_width: usize, runs: &[(&str, &[S])], metrics: &[Metric<S>]) {
     print!("{:<label_width$}", "metric");
     for (name, samples) in runs {
-        print!("{:>22}", format!("{name} (n={})", samples.len()));
+        print!("{:>26}", format!("{name} (n={})", samples.len()));
     }
     println!();
     for (label, get) in metrics {
@@ -446,7 +470,7 @@ pub fn print_medians<S>(label_width: usize, runs: &[(&str, &[S])], metrics: &[Me
                 (Some(v), Some(b)) if i > 0 && b > 0.0 => format!("{v:.1} (x{:.2})", v / b),
                 (Some(v), _) => format!("{v:.1}"),
             };
-            print!("{cell:>22}");
+            print!("{cell:>26}");
         }
         println!();
     }
@@ -472,7 +496,7 @@ fn other_exits(s: &Sample) -> Option<f64> {
     Some(total.saturating_sub(counted) as f64)
 }
 
-const METRICS: [Metric<Sample>; 20] = [
+const METRICS: [Metric<Sample>; 22] = [
     ("VMM start -> /init marker (port 0x80), ms", |s| s.marker_ms),
     ("VMM start -> /init console line, ms", |s| s.console_ms),
     ("guest uptime at /init (guest clock), ms", |s| {
@@ -482,7 +506,15 @@ const METRICS: [Metric<Sample>; 20] = [
         Some(s.console_ms? - s.guest_uptime_ms?)
     }),
     ("VMM start -> exit after poweroff, ms", |s| Some(s.total_ms)),
-    ("KVM exits, all kinds (debugfs exits)", |s| kvm(s, "exits")),
+    ("KVM exits, VMM start -> /init", |s| {
+        s.exits_to_init.map(|v| v as f64)
+    }),
+    ("nested page faults, VMM start -> /init", |s| {
+        s.faults_to_init.map(|v| v as f64)
+    }),
+    ("KVM exits to poweroff, all kinds (debugfs)", |s| {
+        kvm(s, "exits")
+    }),
     ("  nested page faults (pf_taken)", |s| kvm(s, "pf_taken")),
     ("  port I/O (io_exits)", |s| kvm(s, "io_exits")),
     ("  MMIO (mmio_exits)", |s| kvm(s, "mmio_exits")),

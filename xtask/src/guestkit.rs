@@ -14,6 +14,8 @@ use crate::util::{self, Context, Fnv, Result};
 const INIT: &str = include_str!("../../guest/init");
 /// Source of the port-I/O helper; built with rustc for the guest.
 const PORTIO_SRC: &str = "guest/tools/portio.rs";
+/// Source of the freestanding /init helper (mounts, modules, power-off).
+const KITSETUP_SRC: &str = "guest/tools/kitsetup.rs";
 /// Guest helpers written with Rust's standard library, linked statically:
 /// (source, name in the guest's /bin).
 const STD_TOOLS: &[(&str, &str)] = &[
@@ -71,6 +73,8 @@ pub struct Kit {
     pub initramfs: PathBuf,
     /// The static port-I/O helper.
     pub portio: PathBuf,
+    /// The static /init helper.
+    pub kitsetup: PathBuf,
     /// The statically linked guest helpers (`vsock`, `blkbench`), by guest name.
     pub tools: Vec<(String, PathBuf)>,
     /// Where the e2fsprogs packages and their libraries are unpacked.
@@ -101,12 +105,14 @@ pub fn build() -> Result<Kit> {
         .map(|name| deb::resolve(name))
         .collect::<Result<Vec<_>>>()?;
     let portio_src = util::workspace_root().join(PORTIO_SRC);
+    let kitsetup_src = util::workspace_root().join(KITSETUP_SRC);
     let mut key = Fnv::default();
     key.add(KIT_FORMAT.as_bytes())
         .add(kernel.file_name().as_bytes())
         .add(busybox.file_name().as_bytes())
         .add(INIT.as_bytes())
         .add(&util::read(&portio_src)?)
+        .add(&util::read(&kitsetup_src)?)
         .add(GUEST_MODULES.join(",").as_bytes());
     for package in &e2fs {
         key.add(package.file_name().as_bytes());
@@ -121,6 +127,7 @@ pub fn build() -> Result<Kit> {
         vmlinux: dir.join("vmlinux"),
         initramfs: dir.join("initramfs.cpio"),
         portio: dir.join("portio"),
+        kitsetup: dir.join("kitsetup"),
         tools: STD_TOOLS
             .iter()
             .map(|(_, name)| (name.to_string(), dir.join("tools").join(name)))
@@ -136,6 +143,7 @@ pub fn build() -> Result<Kit> {
         &kit.vmlinux,
         &kit.initramfs,
         &kit.portio,
+        &kit.kitsetup,
         &kit.busybox,
     ];
     let fresh = std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == key)
@@ -151,6 +159,7 @@ pub fn build() -> Result<Kit> {
     );
     fetch(&kernel, &busybox, &e2fs, &kit)?;
     build_portio(&portio_src, &kit.portio)?;
+    build_portio(&kitsetup_src, &kit.kitsetup)?;
     util::mkdir(&dir.join("tools"))?;
     for ((source, _), (_, out)) in STD_TOOLS.iter().zip(&kit.tools) {
         build_std_tool(&util::workspace_root().join(source), out)?;
@@ -207,7 +216,8 @@ fn kernel_image(kit: &Kit) -> Result<PathBuf> {
     Err(fail!("the kernel package has no {}", image.display()))
 }
 
-/// Compiles the freestanding port-I/O helper into a static binary.
+/// Compiles a freestanding helper (no libc: `portio`, `kitsetup`) into a
+/// static binary.
 fn build_portio(source: &Path, out: &Path) -> Result<()> {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
     let mut cmd = Command::new(rustc);
@@ -346,6 +356,7 @@ fn guest_initramfs(kit: &Kit) -> Result<()> {
     let mut archive = Archive::new();
     add_busybox(&mut archive, &kit.busybox)?;
     archive.host_file("/bin/portio", 0o755, &kit.portio);
+    archive.host_file("/bin/kitsetup", 0o755, &kit.kitsetup);
     for (name, path) in &kit.tools {
         archive.host_file(&format!("/bin/{name}"), 0o755, path);
     }

@@ -15,7 +15,14 @@
 //!                              skipped quietly, as the kit's modules are
 //!                              optional
 //!   kitsetup poweroff          sync, then power the machine off
-//! Exit status: 0, or 1 on bad arguments, 2 when LIST cannot be read.
+//!   kitsetup run PROGRAM [ARGS...]
+//!                              run PROGRAM (a path, or a name looked up in
+//!                              /bin, /usr/bin, /sbin, /usr/sbin) with SIGINT
+//!                              and SIGQUIT at their default action: a shell
+//!                              without job control starts its background
+//!                              jobs with both ignored and cannot undo it
+//! Exit status: 0, or 1 on bad arguments, 2 when LIST cannot be read, 127
+//! when PROGRAM cannot run.
 #![no_std]
 #![no_main]
 
@@ -40,6 +47,10 @@ const SYS_SYNC: usize = 162;
 const SYS_MOUNT: usize = 165;
 const SYS_REBOOT: usize = 169;
 const SYS_EXIT_GROUP: usize = 231;
+const SYS_RT_SIGACTION: usize = 13;
+const SYS_EXECVE: usize = 59;
+const SIGINT: usize = 2;
+const SIGQUIT: usize = 3;
 const SYS_FINIT_MODULE: usize = 313;
 
 const O_RDONLY_CLOEXEC: usize = 0o2_000_000;
@@ -240,9 +251,54 @@ fn poweroff() -> ! {
     fail(b"kitsetup: power-off failed\n", 2)
 }
 
+/// Resets SIGINT and SIGQUIT, then executes `argv[0]` with `argv` and
+/// `envp` (both NULL-terminated arrays from this process's own stack).
+///
+/// # Safety
+/// `argv` and `envp` must be the NULL-terminated pointer arrays of the
+/// process's initial stack, and `argv[0]` must not be NULL.
+unsafe fn run(argv: *const *const u8, envp: *const *const u8) -> ! {
+    // The kernel's sigaction: handler, flags, restorer, mask; all zero is
+    // SIG_DFL with no flags.
+    let default_action = [0usize; 4];
+    for signum in [SIGINT, SIGQUIT] {
+        // SAFETY: the action is valid for reading, no old action is asked
+        // for, and the mask size is the kernel's 8 bytes.
+        unsafe {
+            syscall5(
+                SYS_RT_SIGACTION,
+                signum,
+                default_action.as_ptr() as usize,
+                0,
+                8,
+                0,
+            );
+        }
+    }
+    // SAFETY: the caller guarantees argv[0] is a valid string.
+    let program = unsafe { c_str(*argv) };
+    let dirs: &[&[u8]] = if program.contains(&b'/') {
+        &[b""]
+    } else {
+        &[b"/bin/", b"/usr/bin/", b"/sbin/", b"/usr/sbin/"]
+    };
+    for dir in dirs {
+        let mut path = PathBuf::new();
+        if path.push(dir) && path.push(program) {
+            // SAFETY: `path` is NUL-terminated; argv and envp come from the
+            // initial stack. execve returns only on failure.
+            unsafe {
+                syscall5(SYS_EXECVE, path.as_ptr(), argv as usize, envp as usize, 0, 0);
+            }
+        }
+    }
+    fail(b"kitsetup: cannot run the program\n", 127)
+}
+
 #[no_mangle]
 extern "C" fn kitsetup_main(sp: *const usize) -> ! {
-    const USAGE: &[u8] = b"usage: kitsetup mounts | modules LIST DIR | poweroff\n";
+    const USAGE: &[u8] =
+        b"usage: kitsetup mounts | modules LIST DIR | poweroff | run PROGRAM [ARGS...]\n";
     // SAFETY: at process entry the stack holds argc followed by argc pointers
     // to NUL-terminated argument strings (System V x86-64 ABI).
     let (argc, argv) = unsafe { (*sp, sp.add(1) as *const *const u8) };
@@ -252,6 +308,9 @@ extern "C" fn kitsetup_main(sp: *const usize) -> ! {
         (2, b"mounts") => mounts(),
         (4, b"modules") => modules(arg(2), arg(3)),
         (2, b"poweroff") => poweroff(),
+        // SAFETY: argv[2..] and the environment after argv's NULL are the
+        // initial stack's arrays; argc > 2 makes argv[2] a string.
+        (3.., b"run") => unsafe { run(argv.add(2), argv.add(argc + 1)) },
         _ => fail(USAGE, 1),
     }
 }

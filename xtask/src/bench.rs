@@ -111,6 +111,9 @@ impl Peer {
 /// What one boot measured.
 #[derive(Debug, Default, Clone)]
 struct Sample {
+    /// From VMM start to its first guest instruction (ms), as Ferrovisor
+    /// reports it.
+    setup_ms: Option<f64>,
     /// From VMM start to the guest's write to port 0x80 (ms).
     marker_ms: Option<f64>,
     /// From VMM start to the /init console line reaching the VMM's stdout (ms).
@@ -413,6 +416,9 @@ fn measure(peer: Peer) -> Result<Sample> {
     let stats = stderr
         .lines()
         .find_map(|l| l.strip_prefix("ferrovisor-stats:"));
+    sample.setup_ms = stats
+        .and_then(|json| json_number(json, "setup_us"))
+        .map(|us| us / 1000.0);
     sample.user_exits = stats
         .and_then(|json| json_number(json, "exits"))
         .map(|v| v as u64);
@@ -496,7 +502,8 @@ fn other_exits(s: &Sample) -> Option<f64> {
     Some(total.saturating_sub(counted) as f64)
 }
 
-const METRICS: [Metric<Sample>; 22] = [
+const METRICS: [Metric<Sample>; 23] = [
+    ("VMM start -> first guest instruction, ms", |s| s.setup_ms),
     ("VMM start -> /init marker (port 0x80), ms", |s| s.marker_ms),
     ("VMM start -> /init console line, ms", |s| s.console_ms),
     ("guest uptime at /init (guest clock), ms", |s| {

@@ -21,7 +21,6 @@ const KITSETUP_SRC: &str = "guest/tools/kitsetup.rs";
 const STD_TOOLS: &[(&str, &str)] = &[
     ("guest/tools/vsock.rs", "vsock"),
     ("guest/tools/blkbench.rs", "blkbench"),
-    ("guest/tools/sigreset.rs", "sigreset"),
 ];
 /// Bump when the layout of the kit changes in a way the inputs do not show.
 const KIT_FORMAT: &str = "guest-kit-2";
@@ -60,7 +59,7 @@ const GUEST_MODULES: &[&str] = &[
 ];
 
 /// The kernel command line the kit is meant to boot with (see docs/guest-kit.md).
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 io_delay=none";
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet reboot=k,f panic=-1 io_delay=none";
 
 /// A built guest kit.
 #[derive(Debug, Clone)]
@@ -433,7 +432,7 @@ mod tests {
         assert!(INIT.contains("echo 0 >/proc/sys/kernel/ctrl-alt-del"));
         // The command runs in the background (so the trap can run) with its
         // signals restored.
-        assert!(INIT.contains(r#"sigreset /bin/sh -c "$run" </dev/console &"#));
+        assert!(INIT.contains(r#"kitsetup run /bin/sh -c "$run" </dev/console &"#));
         assert!(INIT.contains("wait $!"));
     }
 

@@ -102,9 +102,10 @@ fn print_stats(report: &RunReport) {
     let rss = vmm::stats::resident_memory();
     let mem = &report.memory;
     eprintln!(
-        "ferrovisor-stats: {{\"exit\":\"{}\",\"boot_marker_us\":{},\"exits\":{},\"exits_io\":{},\"exits_mmio\":{},\"exits_other\":{},\"rss_anon_kib\":{},\"rss_file_kib\":{},\"rss_shmem_kib\":{},\"memory_backing\":\"{}\",\"guest_resident_kib\":{},\"guest_huge_kib\":{}}}",
+        "ferrovisor-stats: {{\"exit\":\"{}\",\"boot_marker_us\":{},\"setup_us\":{},\"exits\":{},\"exits_io\":{},\"exits_mmio\":{},\"exits_other\":{},\"rss_anon_kib\":{},\"rss_file_kib\":{},\"rss_shmem_kib\":{},\"memory_backing\":\"{}\",\"guest_resident_kib\":{},\"guest_huge_kib\":{}}}",
         report.exit,
         marker,
+        report.setup_us,
         report.exits_io + report.exits_mmio + report.exits_other,
         report.exits_io,
         report.exits_mmio,

@@ -22,7 +22,7 @@ pub const INIT_MARKER: &str = "ferrovisor-guest: init reached";
 /// The prefix of the line the guest kit prints after a command.
 pub const STATUS_PREFIX: &str = "ferrovisor-guest: exit status ";
 /// The kit's command line when the lab does not say.
-const FALLBACK_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 io_delay=none";
+const FALLBACK_CMDLINE: &str = "console=ttyS0 quiet reboot=k,f panic=-1 io_delay=none";
 
 /// Errors of the harness.
 #[derive(Debug, Error)]

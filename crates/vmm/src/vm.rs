@@ -82,6 +82,9 @@ pub struct RunReport {
     pub exit: VmExit,
     /// Microseconds from VMM start to the guest's first boot marker.
     pub boot_marker_us: Option<u64>,
+    /// Microseconds from VMM start until the vCPU threads were started: the
+    /// VMM's own setup, before the first guest instruction.
+    pub setup_us: u64,
     /// Exits that reached the VMM.
     pub exits_io: u64,
     pub exits_mmio: u64,
@@ -217,6 +220,7 @@ pub fn run_with(
         None => console::spawn_stdin_reader(console_input, control.clone(), interactive),
     }
 
+    let setup_us = start.elapsed().as_micros() as u64;
     let threads = match start_vcpus(vcpus) {
         Ok(threads) => threads,
         Err((threads, e)) => {
@@ -247,6 +251,7 @@ pub fn run_with(
     Ok(RunReport {
         exit,
         boot_marker_us: control.boot_marker_us(),
+        setup_us,
         exits_io: exits.io.load(Relaxed),
         exits_mmio: exits.mmio.load(Relaxed),
         exits_other: exits.other.load(Relaxed),

@@ -355,6 +355,14 @@ fn supervise(control: &Control, threads: &[JoinHandle<()>]) -> VmExit {
             stuck_rounds = 0;
             continue;
         }
+        // A vCPU thread that is running (or runnable) is executing guest
+        // code, not halted: no round is needed, and no kick, which would
+        // cost the guest two exits.
+        if some_vcpu_runs(&control.vcpu_tids()) {
+            stuck_rounds = 0;
+            round = 0;
+            continue;
+        }
         if round > 0 && control.all_stuck_in(round) {
             stuck_rounds += 1;
         } else {
@@ -367,6 +375,21 @@ fn supervise(control: &Control, threads: &[JoinHandle<()>]) -> VmExit {
         round = control.begin_round();
         kick(threads);
     }
+}
+
+/// The scheduler state of thread `tid` of this process (`R` running or
+/// runnable, `S` sleeping...), from `/proc/self/task/TID/stat`.
+fn thread_state(tid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    // "TID (COMM) STATE ...": COMM may hold spaces and parentheses.
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+/// Whether some vCPU thread is running or runnable, that is, not blocked
+/// in a halt or parked.
+fn some_vcpu_runs(tids: &[i32]) -> bool {
+    tids.iter()
+        .any(|&tid| tid > 0 && thread_state(tid) == Some('R'))
 }
 
 /// Stops and joins the vCPU threads, then releases guest memory. A vCPU
@@ -435,4 +458,40 @@ fn spawn_signal_waiter(control: Arc<Control>) -> Result<(), VmError> {
         })
         .map(drop)
         .map_err(|e| VmError::Thread("signal", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn current_tid() -> i32 {
+        // SAFETY: gettid has no preconditions.
+        unsafe { libc::gettid() }
+    }
+
+    #[test]
+    fn a_running_thread_reads_as_running() {
+        assert_eq!(thread_state(current_tid()), Some('R'));
+        assert!(some_vcpu_runs(&[0, current_tid()]));
+    }
+
+    #[test]
+    fn a_blocked_thread_reads_as_sleeping_and_no_thread_as_unknown() {
+        let (tx, rx) = std::sync::mpsc::channel::<i32>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let sleeper = std::thread::spawn(move || {
+            tx.send(current_tid()).unwrap();
+            done_rx.recv().unwrap();
+        });
+        let tid = rx.recv().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while thread_state(tid) != Some('S') && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(thread_state(tid), Some('S'));
+        assert!(!some_vcpu_runs(&[0, tid]));
+        done_tx.send(()).unwrap();
+        sleeper.join().unwrap();
+        assert_eq!(thread_state(tid), None);
+    }
 }

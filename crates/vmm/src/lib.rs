@@ -4,6 +4,7 @@
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod cpu;
 pub mod exit;
 pub mod loader;
 pub mod machine;

@@ -25,6 +25,9 @@
 //! [vsock]
 //! cid = 3
 //! socket = "vsock.sock"
+//!
+//! [cpu]
+//! features = ["-x2apic", "+rdtscp"]   # applied in order to the host's set
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -33,6 +36,8 @@ use vmm::config::{
     self as vmcfg, ConsoleMode, DiskConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE,
     DEFAULT_CPUS, DEFAULT_MEMORY,
 };
+
+use arch::cpu_features::FeatureEdit;
 
 use crate::fields::{kind, Fields};
 use crate::{parse_table, read_file, FileError};
@@ -106,6 +111,10 @@ pub(crate) fn guest_fields(f: &mut Fields, base_dir: &Path) -> Result<VmConfig, 
         .map(net)
         .collect::<Result<_, _>>()?;
     let vsock = f.table("vsock")?.map(|v| vsock(v, base_dir)).transpose()?;
+    let cpu_features = match f.table("cpu")? {
+        None => Vec::new(),
+        Some(c) => cpu(c)?,
+    };
     Ok(VmConfig {
         kernel,
         initramfs,
@@ -120,6 +129,7 @@ pub(crate) fn guest_fields(f: &mut Fields, base_dir: &Path) -> Result<VmConfig, 
         rng,
         vsock,
         affinity,
+        cpu_features,
     })
 }
 
@@ -273,4 +283,38 @@ fn vsock(mut v: Fields, base_dir: &Path) -> Result<VsockConfig, FileError> {
     let socket = resolve(base_dir, &v.required_string("socket")?);
     v.finish()?;
     Ok(VsockConfig { cid, socket })
+}
+
+/// The `[cpu]` table: `features = ["-name", "+name", ...]`. Names must be
+/// known; whether the host can add a feature is checked when the VM starts.
+fn cpu(mut c: Fields) -> Result<Vec<FeatureEdit>, FileError> {
+    let edits = match c.take("features") {
+        None => Vec::new(),
+        Some(toml::Value::Array(items)) => items
+            .iter()
+            .map(|item| match item {
+                toml::Value::String(s) => s
+                    .parse::<FeatureEdit>()
+                    .map_err(|e| c.error("features", e.to_string())),
+                other => Err(c.error(
+                    "features",
+                    format!(
+                        "expected feature names such as \"-x2apic\", found {}",
+                        kind(other)
+                    ),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(c.error(
+                "features",
+                format!(
+                    "expected an array such as [\"-x2apic\"], found {}",
+                    kind(&other)
+                ),
+            ))
+        }
+    };
+    c.finish()?;
+    Ok(edits)
 }

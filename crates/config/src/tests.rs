@@ -51,6 +51,9 @@ mac = "52:54:00:12:34:56"
 [vsock]
 cid = 7
 socket = "v.sock"
+
+[cpu]
+features = ["-x2apic", "+rdtscp", "-rdtscp"]
 "#;
 
 #[test]
@@ -90,6 +93,8 @@ fn a_full_guest_file_fills_every_field() {
             socket: "/srv/guests/v.sock".into()
         })
     );
+    let features: Vec<String> = c.cpu_features.iter().map(ToString::to_string).collect();
+    assert_eq!(features, ["-x2apic", "+rdtscp", "-rdtscp"], "kept in order");
 }
 
 #[test]
@@ -100,6 +105,7 @@ fn a_minimal_guest_file_takes_the_run_defaults() {
     assert_eq!(c.console, ConsoleMode::Serial);
     assert!(!c.rng && c.disks.is_empty() && c.nets.is_empty() && c.vsock.is_none());
     assert!(c.affinity.is_empty());
+    assert!(c.cpu_features.is_empty());
 }
 
 #[test]
@@ -144,6 +150,7 @@ fn a_written_system_reads_back_with_guests_inline() {
         "[guests.web]\nstart = \"held\"\n{}\n[guests.db]\nkernel = \"k\"\n",
         FULL.replace("[[", "[[guests.web.")
             .replace("[vsock]", "[guests.web.vsock]")
+            .replace("[cpu]", "[guests.web.cpu]")
     );
     let first = system(&text).unwrap();
     let written = to_system_toml(&first);
@@ -185,7 +192,7 @@ fn guest_field_errors() {
         ("kernel = \"k\"\nrng = \"yes\"", "guest.toml: rng: expected true or false, found a string"),
         ("kernel = \"k\"\nmemory_backing = \"shm\"", "guest.toml: memory_backing: 'shm' is not auto, anonymous or memfd"),
         ("kernel = \"k\"\nhugepages = \"4K\"", "guest.toml: hugepages: '4K' is not a huge page size (2M or 1G)"),
-        ("kernel = \"k\"\nsize = 3", "guest.toml: size: unknown field (known here: affinity, cmdline, console, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, rng, vsock)"),
+        ("kernel = \"k\"\nsize = 3", "guest.toml: size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, rng, vsock)"),
     ];
     for (text, expected) in cases {
         assert_eq!(guest_err(text), expected, "{text}");
@@ -205,6 +212,30 @@ fn affinity_errors() {
         let text = format!("kernel = \"k\"\ncpus = 2\n{text}");
         assert_eq!(guest_err(&text), expected, "{text}");
     }
+}
+
+#[test]
+fn cpu_feature_errors() {
+    let cases = [
+        ("features = [\"-x2apic\", \"+warp\"]", "guest.toml: cpu.features: 'warp' is not a CPU feature this VMM knows (names as in /proc/cpuinfo flags)"),
+        ("features = [\"x2apic\"]", "guest.toml: cpu.features: 'x2apic' needs + (add) or - (remove) in front of the feature name"),
+        ("features = [\"-X2APIC\"]", "guest.toml: cpu.features: 'X2APIC' is not a CPU feature this VMM knows (names as in /proc/cpuinfo flags)"),
+        ("features = [1]", "guest.toml: cpu.features: expected feature names such as \"-x2apic\", found an integer"),
+        ("features = \"-x2apic\"", "guest.toml: cpu.features: expected an array such as [\"-x2apic\"], found a string"),
+        ("model = \"epyc\"", "guest.toml: cpu.model: unknown field (known here: features)"),
+    ];
+    for (text, expected) in cases {
+        let text = format!("kernel = \"k\"\n[cpu]\n{text}");
+        assert_eq!(guest_err(&text), expected, "{text}");
+    }
+    assert_eq!(
+        guest_err("kernel = \"k\"\ncpu = 2"),
+        "guest.toml: cpu: expected a table, found an integer"
+    );
+    assert_eq!(
+        system_err("[guests.web]\nkernel = \"k\"\n[guests.web.cpu]\nfeatures = [\"+warp\"]"),
+        "system.toml: guests.web.cpu.features: 'warp' is not a CPU feature this VMM knows (names as in /proc/cpuinfo flags)"
+    );
 }
 
 #[test]
@@ -342,7 +373,7 @@ fn system_errors() {
         ("[guests]\nweb = 3", "system.toml: guests.web: expected a table, found an integer"),
         ("[guests.web]\nkernel = \"k\"\nmemory = \"12X\"", "system.toml: guests.web.memory: '12X' is not a size (examples: 512M, 2G, 1048576K)"),
         ("[guests.web]\nkernel = \"k\"\nstart = \"later\"", "system.toml: guests.web.start: 'later' is not \"boot\" or \"held\""),
-        ("[guests.web]\nkernel = \"k\"\nsize = 1", "system.toml: guests.web.size: unknown field (known here: affinity, cmdline, console, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, rng, start, vsock)"),
+        ("[guests.web]\nkernel = \"k\"\nsize = 1", "system.toml: guests.web.size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, rng, start, vsock)"),
         ("[guests.web]\nfile = \"w.toml\"\ncpus = 2", "system.toml: guests.web.cpus: a guest given by 'file' takes only 'start' beside it; put this in the guest file"),
         ("[guests.web]\nfile = \"\"", "system.toml: guests.web.file: is empty"),
         ("[guests.web]\nstart = \"boot\"", "system.toml: guests.web.kernel: is required"),
@@ -391,7 +422,8 @@ fn mangled_files_give_one_line_errors_and_never_panic() {
     let alphabet = b"[]{}=\".,-_ \n\tabkz019#'\\";
     let system_text = format!("[guests.web]\n{FULL}")
         .replace("[[", "[[guests.web.")
-        .replace("[vsock]", "[guests.web.vsock]");
+        .replace("[vsock]", "[guests.web.vsock]")
+        .replace("[cpu]", "[guests.web.cpu]");
     assert!(system(&system_text).is_ok(), "the seed itself must parse");
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
     for round in 0..4000 {

@@ -119,4 +119,12 @@ fn write_guest(out: &mut String, config: &VmConfig, prefix: &str) {
         let _ = writeln!(out, "\n[{prefix}vsock]\ncid = {}", vsock.cid);
         let _ = writeln!(out, "socket = {}", path(&vsock.socket));
     }
+    if !config.cpu_features.is_empty() {
+        let edits: Vec<String> = config
+            .cpu_features
+            .iter()
+            .map(|e| quoted(&e.to_string()))
+            .collect();
+        let _ = writeln!(out, "\n[{prefix}cpu]\nfeatures = [{}]", edits.join(", "));
+    }
 }

@@ -10,6 +10,7 @@ use vmm::config::{
     self, ConfigError, ConsoleMode, DiskConfig, HugePages, MemoryBacking, NetConfig, VmConfig,
     VsockConfig,
 };
+use vmm::cpu::{self as cpu_features, FeatureEdit, FeatureError};
 
 pub use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEMORY};
 
@@ -38,6 +39,8 @@ pub enum ArgsError {
     BadSize(String),
     #[error("--affinity: {0}")]
     BadAffinity(String),
+    #[error("--cpu-features: {0}")]
+    BadCpuFeatures(FeatureError),
     #[error("unexpected argument '{0}'")]
     Unexpected(String),
     /// A device option string (`--disk`, `--net`, ...) is wrong; the cause
@@ -121,7 +124,7 @@ fn set_once<T>(slot: &mut Option<T>, value: T, flag: &'static str) -> Result<(),
 }
 
 /// The flags that describe the machine, which a guest file replaces.
-const MACHINE_FLAGS: [&str; 14] = [
+const MACHINE_FLAGS: [&str; 15] = [
     "--kernel",
     "--initramfs",
     "--initrd",
@@ -136,6 +139,7 @@ const MACHINE_FLAGS: [&str; 14] = [
     "--affinity",
     "--memory-backing",
     "--hugepages",
+    "--cpu-features",
 ];
 
 /// The flags of `run`, as given (each one at most once unless repeatable).
@@ -157,6 +161,7 @@ struct RunFlags {
     affinity_all: Option<Vec<usize>>,
     /// `--affinity VCPU=LIST`: one vCPU each.
     affinity_each: Vec<(usize, Vec<usize>)>,
+    cpu_features: Option<Vec<FeatureEdit>>,
     stats: bool,
     config: Option<PathBuf>,
     runtime_dir: Option<PathBuf>,
@@ -218,6 +223,12 @@ impl RunFlags {
                 "--vsock",
             )?,
             "--affinity" => self.affinity(&value("--affinity")?)?,
+            "--cpu-features" => set_once(
+                &mut self.cpu_features,
+                cpu_features::parse_list(&value("--cpu-features")?)
+                    .map_err(ArgsError::BadCpuFeatures)?,
+                "--cpu-features",
+            )?,
             "--stats" => self.stats = true,
             "--config" => set_once(
                 &mut self.config,
@@ -305,6 +316,7 @@ impl RunFlags {
             rng: self.rng,
             vsock: self.vsock,
             affinity,
+            cpu_features: self.cpu_features.unwrap_or_default(),
         };
         Ok(RunArgs {
             guest: Guest::Flags(vm),
@@ -516,6 +528,34 @@ mod tests {
         assert_eq!(
             message("run --kernel k --affinity 1 --affinity 2"),
             "--affinity given twice"
+        );
+    }
+
+    #[test]
+    fn cpu_features_are_kept_in_order() {
+        let r = run("run --kernel k --cpu-features -x2apic,+rdtscp,-tsc_deadline_timer");
+        let edits: Vec<String> = r.vm.cpu_features.iter().map(ToString::to_string).collect();
+        assert_eq!(edits, ["-x2apic", "+rdtscp", "-tsc_deadline_timer"]);
+        assert!(run("run --kernel k").vm.cpu_features.is_empty());
+    }
+
+    #[test]
+    fn cpu_feature_errors_name_the_flag_and_the_feature() {
+        assert_eq!(
+            message("run --kernel k --cpu-features -x2apic,+warp"),
+            "--cpu-features: 'warp' is not a CPU feature this VMM knows (names as in /proc/cpuinfo flags)"
+        );
+        assert_eq!(
+            message("run --kernel k --cpu-features x2apic"),
+            "--cpu-features: 'x2apic' needs + (add) or - (remove) in front of the feature name"
+        );
+        assert_eq!(
+            message("run --kernel k --cpu-features -x2apic --cpu-features -rdtscp"),
+            "--cpu-features given twice"
+        );
+        assert_eq!(
+            message("run --config g.toml --cpu-features -x2apic"),
+            "--config cannot be combined with --cpu-features: give it in the guest file instead"
         );
     }
 

@@ -19,7 +19,8 @@ Usage:
                  [--memory-backing auto|anonymous|memfd] [--hugepages 2M|1G]
                  [--disk path=FILE[,readonly=on]]... [--net tap=NAME[,mac=MAC]]...
                  [--console serial|virtio] [--rng] [--vsock cid=N,socket=PATH]
-                 [--affinity CPUS | --affinity VCPU=CPUS...] [--runtime-dir DIR] [--stats]
+                 [--affinity CPUS | --affinity VCPU=CPUS...] [--cpu-features -NAME,+NAME...]
+                 [--runtime-dir DIR] [--stats]
   ferrovisor run --config GUEST.toml [--runtime-dir DIR] [--stats]
   ferrovisor daemon [--socket PATH] [--state-dir DIR]
   ferrovisor up SYSTEM.toml | create FILE [--name N] [--start]
@@ -60,6 +61,10 @@ Ctrl-A x stops it.
   --affinity CPUS    pin every vCPU thread to these host CPUs (e.g. 2-3)
   --affinity VCPU=CPUS
                      pin one vCPU thread (repeatable, e.g. 0=2 1=3)
+  --cpu-features -NAME,+NAME...
+                     remove (-) or add back (+) CPU features, named as in
+                     /proc/cpuinfo flags (e.g. -x2apic,-rdtscp); adding
+                     needs the host's KVM to support the feature
   --config FILE      read the guest from a TOML guest file (docs/config.md)
                      instead of the flags above
   --runtime-dir DIR  serve DIR/control.sock, write the console to

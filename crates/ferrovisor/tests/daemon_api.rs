@@ -101,6 +101,45 @@ fn a_running_guest_reports_its_vcpu_threads_exits_and_cpu_time() {
 }
 
 #[test]
+fn cpu_features_in_a_description_reach_the_guest() {
+    let d = TestDaemon::start();
+    let config = format!("{}\n[cpu]\nfeatures = [\"-x2apic\"]\n", echo_description());
+    let body = json!({ "name": "lean", "config": config, "start": true });
+    d.expect("POST", "/guests", Some(body), 201);
+    d.wait_console("lean", "ready");
+    let info = d.info("lean");
+    let stored = info["config"].as_str().expect("config");
+    assert!(
+        stored.contains("[cpu]\nfeatures = [\"-x2apic\"]"),
+        "{stored}"
+    );
+    // A feature the host cannot give fails the start with the VMM's reason.
+    let config = format!(
+        "{}\n[cpu]\nfeatures = [\"+{}\"]\n",
+        echo_description(),
+        missing_feature()
+    );
+    let body = json!({ "name": "greedy", "config": config, "start": true });
+    let (status, reply) = d.call("POST", "/guests", Some(body));
+    assert_eq!(status, 500, "{reply}");
+    let message = reply["error"].as_str().expect("error");
+    assert!(
+        message.contains("this host's KVM does not support that feature"),
+        "{message}"
+    );
+}
+
+/// A feature this host's KVM does not offer.
+fn missing_feature() -> &'static str {
+    let cpuid = vmm::cpu::open_host_cpuid().expect("the host's CPUID");
+    vmm::cpu::FEATURES
+        .iter()
+        .find(|f| !f.present_in(cpuid.as_slice()))
+        .expect("a feature this host lacks")
+        .name
+}
+
+#[test]
 fn two_guests_run_at_once_and_are_listed() {
     let d = TestDaemon::start();
     d.create_echo("left", true);
@@ -240,6 +279,10 @@ fn bad_descriptions_and_bodies_get_400_and_change_nothing() {
             "bogus",
         ),
         (json!({"name": "x", "config": "kernel = [\n"}), "line"),
+        (
+            json!({"name": "x", "config": "kernel = \"/k\"\n[cpu]\nfeatures = [\"+warp\"]\n"}),
+            "cpu.features: 'warp' is not a CPU feature",
+        ),
         (
             json!({"name": "Bad Name", "config": echo_description()}),
             "'Bad Name' is not a guest name (1 to 32 characters: a-z, 0-9 and -)",

@@ -64,6 +64,34 @@ fn bzimage_with_two_vcpus_guest_sees_two_processors() {
     assert_eq!(exit.status.code(), Some(0), "{d}");
 }
 
+/// The lab machine's own model name, which its guests should see too.
+fn lab_model_name() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|rest| rest.split_once(':'))
+        .map(|(_, name)| name.trim().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn guest_cpu_has_the_tsc_deadline_timer_and_the_hosts_model_name() {
+    let exit = boot(running(
+        "echo \"model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2-)\"; \
+         grep -qw tsc_deadline_timer /proc/cpuinfo && echo tsc-deadline=yes || echo tsc-deadline=no",
+    ));
+    let d = describe(&exit);
+    let out = exit.command_output();
+    let host = lab_model_name();
+    assert!(!host.is_empty(), "the lab has no model name");
+    let guest = out.iter().find_map(|l| l.strip_prefix("model="));
+    assert_eq!(guest.map(str::trim), Some(host.as_str()), "{d}");
+    assert!(out.contains(&"tsc-deadline=yes"), "{d}");
+    assert_eq!(exit.status.code(), Some(0), "{d}");
+}
+
 #[test]
 #[ignore = "needs the lab: run by cargo xtask test"]
 fn guest_sees_its_memory_size() {

@@ -185,6 +185,9 @@ pub struct VmConfig {
     /// Host CPUs each vCPU may run on, by vCPU index. Empty: no pinning.
     /// A vCPU with no entry (index past the end) is not pinned either.
     pub affinity: Vec<Vec<usize>>,
+    /// Changes to the guest's CPU features, applied in order to the set the
+    /// host's KVM supports (`-x2apic`, `+rdtscp`).
+    pub cpu_features: Vec<arch::cpu_features::FeatureEdit>,
 }
 
 /// Splits `a=1,b=2` into pairs, refusing repeats and keys outside `known`.

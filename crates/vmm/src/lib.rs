@@ -5,6 +5,7 @@ pub mod coalesced;
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod cpu;
 pub mod dump;
 pub mod exit;
 pub mod loader;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use arch::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use arch::memmap::{self, MemMapError};
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 
@@ -65,6 +65,8 @@ pub enum VmError {
     Loader(#[from] LoaderError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Cpu(#[from] crate::cpu::CpuError),
     #[error(transparent)]
     Machine(#[from] machine::MachineError),
     #[error(transparent)]
@@ -168,6 +170,7 @@ pub fn run_with(
     memory::check_host_fits(config.memory)?;
     let kvm = open_kvm()?;
     let vm = Arc::new(create_vm(&kvm)?);
+    let cpuid = crate::cpu::guest_cpuid(&kvm, &vm, &config.cpu_features)?;
     let ram = create_memory(&vm, config, &regions)?;
     let (mem, backing, ranges) = (ram.mem.clone(), ram.backing, ram.host_ranges());
     drop(ram);
@@ -189,7 +192,7 @@ pub fn run_with(
     let (io_bus, mmio_bus) = (Arc::new(io_bus), Arc::new(mmio_bus));
 
     let vcpus = create_vcpus(
-        &kvm,
+        (&kvm, &cpuid),
         &vm,
         config.cpus,
         &kernel,
@@ -287,16 +290,13 @@ fn load_guest(
 
 /// Creates and configures every vCPU; the first gets the kernel's entry.
 fn create_vcpus(
-    kvm: &Kvm,
+    (kvm, supported): (&Kvm, &kvm_bindings::CpuId),
     vm: &VmFd,
     cpus: u8,
     kernel: &loader::LoadedKernel,
     (io_bus, mmio_bus): (Arc<devices::Bus>, Arc<devices::Bus>),
     control: &Arc<Control>,
 ) -> Result<Vec<Vcpu>, VmError> {
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| VmError::Kvm("read KVM's supported CPUID", e))?;
     let mut vcpus = Vec::with_capacity(usize::from(cpus));
     let mut buffered = None;
     for index in 0..cpus {
@@ -308,7 +308,7 @@ fn create_vcpus(
         }
         let vcpu = Vcpu::new(index, fd, io_bus.clone(), mmio_bus.clone(), control.clone())
             .with_buffered_writes(buffered.clone());
-        vcpu.configure(&supported, cpus, (index == 0).then_some(kernel))?;
+        vcpu.configure(supported, cpus, (index == 0).then_some(kernel))?;
         vcpus.push(vcpu);
     }
     Ok(vcpus)

@@ -240,6 +240,18 @@ pub fn run_with(
         usage: memory::huge_usage(&ranges),
     };
     stop_vcpus(threads, mem);
+    Ok(finish_run(&control, runtime, exit, setup_us, memory))
+}
+
+/// After the vCPUs stopped: saves a fatal exit's dump in the runtime
+/// directory, closes the runtime, and gathers the run's report.
+fn finish_run(
+    control: &Control,
+    runtime: Option<Runtime>,
+    exit: VmExit,
+    setup_us: u64,
+    memory: MemoryReport,
+) -> RunReport {
     let dump = control.take_dump().map(|text| {
         let saved = runtime
             .as_ref()
@@ -251,7 +263,7 @@ pub fn run_with(
     }
     let exits = &control.exits;
     use std::sync::atomic::Ordering::Relaxed;
-    Ok(RunReport {
+    RunReport {
         exit,
         boot_marker_us: control.boot_marker_us(),
         setup_us,
@@ -260,7 +272,7 @@ pub fn run_with(
         exits_other: exits.other.load(Relaxed),
         memory,
         dump,
-    })
+    }
 }
 
 /// Writes the ACPI tables, loads the kernel, initramfs and command line, and

@@ -776,12 +776,10 @@ fn a_guest_that_cannot_boot_is_refused_at_create_or_start() {
         "{err}"
     );
 
-    // More memory than the host has: the same, and create with start is
-    // all or nothing, so a corrected retry succeeds.
-    let huge = format!(
-        "{}memory = \"4096G\"\n",
-        echo_description().replace("memory = \"32M\"\n", "")
-    );
+    // A kernel that is not one, with create and start in one call: the
+    // same, and create with start is all or nothing, so a corrected retry
+    // succeeds.
+    let huge = format!("kernel = \"{}\"\n", junk.display());
     let (status, reply) = d.call(
         "POST",
         "/guests",

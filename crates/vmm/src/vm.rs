@@ -128,7 +128,13 @@ pub fn run_with(
     vcpu::check_affinity(&config.affinity, config.cpus)?;
     let regions = memmap::ram_regions(config.memory)?;
     let pci_devices = pci::devices_from_config(config)?;
-    memory::check_host_fits(config.memory)?;
+    // No memory is locked yet: more than the host has is only a warning.
+    if !memory::check_host_fits(config.memory, false)? {
+        eprintln!(
+            "warning: guest memory of {} MiB is more than this host's RAM; it is committed as the guest touches it",
+            config.memory >> 20
+        );
+    }
     let kvm = open_kvm()?;
     let vm = Arc::new(create_vm(&kvm)?);
     let mem = memory::create(&regions)?;

@@ -92,6 +92,10 @@ pub const ACPI_PM1A_CNT_LEN: u8 = 2;
 pub const ACPI_RESET_OFFSET: u64 = 6;
 /// The value the guest writes to the reset register to reset.
 pub const ACPI_RESET_VALUE: u8 = 0x1;
+/// The ACPI PM timer: a 32-bit counter at 3.579545 MHz, right after the PM
+/// block (where QEMU's PIIX4 puts it, relative to its PM base).
+pub const ACPI_PM_TMR_PORT: u64 = 0x608;
+pub const ACPI_PM_TMR_LEN: u8 = 4;
 /// The sleep type for S5 (soft off) in the DSDT's `_S5_` package.
 pub const ACPI_S5_SLP_TYP: u8 = 5;
 /// The SCI interrupt.

@@ -1,5 +1,5 @@
 //! The PC around the vCPUs: ACPI tables, boot tables, the legacy devices
-//! on the port bus (serial, i8042, RTC, debug exit, ACPI PM, boot marker,
+//! on the port bus (serial, i8042, RTC, debug exit, ACPI PM, PM timer, boot marker,
 //! pvpanic), and the buses that also carry the PCI bus.
 
 use std::sync::{Arc, Mutex};
@@ -67,6 +67,7 @@ pub struct LegacyDevices {
     rtc: SharedDevice,
     debug_exit: SharedDevice,
     acpi_pm: SharedDevice,
+    pm_timer: SharedDevice,
     boot_marker: SharedDevice,
     pvpanic: SharedDevice,
 }
@@ -101,6 +102,7 @@ impl LegacyDevices {
                 s5_sleep_type: layout::ACPI_S5_SLP_TYP,
                 reset_value: layout::ACPI_RESET_VALUE,
             }))),
+            pm_timer: Arc::new(Mutex::new(devices::PmTimer::new())),
             boot_marker: Arc::new(Mutex::new(devices::boot_marker::BootMarker::new())),
             pvpanic: Arc::new(Mutex::new(devices::pvpanic::PvPanic::new())),
         })
@@ -129,6 +131,11 @@ impl LegacyDevices {
             layout::ACPI_PM_PORT,
             layout::ACPI_PM_PORT_LEN,
             self.acpi_pm.clone(),
+        )?;
+        bus.insert(
+            layout::ACPI_PM_TMR_PORT,
+            u64::from(layout::ACPI_PM_TMR_LEN),
+            self.pm_timer.clone(),
         )?;
         bus.insert(layout::BOOT_MARKER_PORT, 1, self.boot_marker.clone())?;
         bus.insert(layout::PVPANIC_PORT, 1, self.pvpanic.clone())?;

@@ -18,7 +18,8 @@ Usage:
   ferrovisor run --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus N] [--memory SIZE]
                  [--disk path=FILE[,readonly=on]]... [--net tap=NAME[,mac=MAC]]...
                  [--console serial|virtio] [--rng] [--vsock cid=N,socket=PATH]
-                 [--affinity CPUS | --affinity VCPU=CPUS...] [--runtime-dir DIR] [--stats]
+                 [--affinity CPUS | --affinity VCPU=CPUS...] [--uuid UUID]
+                 [--runtime-dir DIR] [--stats]
   ferrovisor run --config GUEST.toml [--runtime-dir DIR] [--stats]
   ferrovisor daemon [--socket PATH] [--state-dir DIR]
   ferrovisor up SYSTEM.toml | create FILE [--name N] [--start]
@@ -55,6 +56,8 @@ Ctrl-A x stops it.
   --affinity CPUS    pin every vCPU thread to these host CPUs (e.g. 2-3)
   --affinity VCPU=CPUS
                      pin one vCPU thread (repeatable, e.g. 0=2 1=3)
+  --uuid UUID        the system UUID in SMBIOS (the guest's product_uuid;
+                     its first group is the serial number); random if absent
   --config FILE      read the guest from a TOML guest file (docs/config.md)
                      instead of the flags above
   --runtime-dir DIR  serve DIR/control.sock, write the console to

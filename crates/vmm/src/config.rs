@@ -9,6 +9,8 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
+pub use arch::smbios::{Uuid, UuidError};
+
 /// Errors in a device option string such as `path=disk.img,readonly=on`.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -102,6 +104,9 @@ pub struct VmConfig {
     /// Host CPUs each vCPU may run on, by vCPU index. Empty: no pinning.
     /// A vCPU with no entry (index past the end) is not pinned either.
     pub affinity: Vec<Vec<usize>>,
+    /// The system UUID the guest sees in SMBIOS (`product_uuid`); `None`
+    /// makes a random one at each run.
+    pub uuid: Option<Uuid>,
 }
 
 /// Splits `a=1,b=2` into pairs, refusing repeats and keys outside `known`.

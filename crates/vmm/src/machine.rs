@@ -1,4 +1,4 @@
-//! The PC around the vCPUs: ACPI tables, boot tables, the legacy devices
+//! The PC around the vCPUs: ACPI and SMBIOS tables, boot tables, the legacy devices
 //! on the port bus (serial, i8042, RTC, debug exit, ACPI PM, PM timer, boot marker,
 //! pvpanic), and the buses that also carry the PCI bus.
 
@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use arch::layout;
 use arch::regs::EntryMode;
+use arch::smbios::Uuid;
 use devices::{Bus, BusError, SharedDevice};
 use kvm_ioctls::VmFd;
 use thiserror::Error;
@@ -21,6 +22,12 @@ pub enum MachineError {
     /// The ACPI tables could not be written.
     #[error("cannot write the ACPI tables")]
     Acpi(#[source] arch::acpi::AcpiError),
+    /// The SMBIOS tables could not be written.
+    #[error("cannot write the SMBIOS tables")]
+    Smbios(#[source] arch::smbios::SmbiosError),
+    /// No UUID was given and none could be made.
+    #[error(transparent)]
+    Uuid(#[from] arch::smbios::UuidError),
     /// The boot GDT or page tables could not be written.
     #[error(transparent)]
     BootTables(#[from] arch::regs::RegsError),
@@ -53,6 +60,21 @@ pub fn write_acpi_tables<M: GuestMemory>(mem: &M, cpus: u8) -> Result<u64, Machi
     arch::acpi::create_acpi_tables(mem, cpus)
         .map(|addr| addr.0)
         .map_err(MachineError::Acpi)
+}
+
+/// Writes the SMBIOS tables for the guest with `uuid`, or a random one when
+/// none is given, and returns the UUID used.
+pub fn write_smbios_tables<M: GuestMemory>(
+    mem: &M,
+    uuid: Option<Uuid>,
+) -> Result<Uuid, MachineError> {
+    let uuid = match uuid {
+        Some(uuid) => uuid,
+        None => Uuid::random()?,
+    };
+    arch::smbios::create_smbios_tables(mem, &arch::smbios::SmbiosInfo { uuid })
+        .map_err(MachineError::Smbios)?;
+    Ok(uuid)
 }
 
 /// Writes the boot GDT, IDT and page tables for the entry mode.

@@ -212,7 +212,7 @@ pub fn run_with(
     })
 }
 
-/// Writes the ACPI tables, loads the kernel, initramfs and command line, and
+/// Writes the ACPI and SMBIOS tables, loads the kernel, initramfs and command line, and
 /// writes the boot tables for the kernel's entry mode.
 fn load_guest(
     mem: &GuestMemory,
@@ -220,6 +220,7 @@ fn load_guest(
     regions: &[(u64, u64)],
 ) -> Result<loader::LoadedKernel, VmError> {
     let rsdp = machine::write_acpi_tables(mem, config.cpus)?;
+    machine::write_smbios_tables(mem, config.uuid)?;
     let e820 = memmap::e820_map(regions);
     let kernel = loader::load(
         mem,

@@ -7,7 +7,9 @@
 //! The platform is a PC with ACPI always on rather than a hardware-reduced
 //! one: the FADT describes the fixed PM registers (emulated by the devices
 //! crate's `AcpiPm` at port 0x600) and has no SMI command port, so the OS
-//! never tries to switch modes. Power-off works through `\_S5_` and PM1a
+//! never tries to switch modes. The PM timer (port 0x608, 32 bits wide, so
+//! TMR_VAL_EXT is set) is emulated by the devices crate's `PmTimer`.
+//! Power-off works through `\_S5_` and PM1a
 //! control, reboot through the FADT reset register.
 //!
 //! Adding a table: build its bytes (see [`madt`] for an explicit layout, or
@@ -26,7 +28,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
 use crate::layout::{
     ACPI_PM1A_CNT_LEN, ACPI_PM1A_CNT_OFFSET, ACPI_PM1A_EVT_LEN, ACPI_PM1A_EVT_OFFSET, ACPI_PM_PORT,
-    ACPI_RESET_OFFSET, ACPI_RESET_VALUE, ACPI_SCI_IRQ, ACPI_SIZE, ACPI_START, PCI_ECAM_START,
+    ACPI_PM_TMR_LEN, ACPI_PM_TMR_PORT, ACPI_RESET_OFFSET, ACPI_RESET_VALUE, ACPI_SCI_IRQ,
+    ACPI_SIZE, ACPI_START, PCI_ECAM_START,
 };
 
 /// The OEM ID in every table header.
@@ -142,12 +145,16 @@ fn io_register(address: u64, len: u8, access: AccessSize) -> GAS {
 }
 
 /// The FADT: where the PM registers are, what legacy hardware exists.
+/// The FACS is given in both address fields: it lies below 4 GiB, and
+/// older guests read only the 32-bit one.
 fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
     let pm1a_evt = ACPI_PM_PORT + ACPI_PM1A_EVT_OFFSET;
     let pm1a_cnt = ACPI_PM_PORT + ACPI_PM1A_CNT_OFFSET;
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt)
         .firmware_ctrl_64(facs)
+        // The PM timer counts 32 bits.
+        .flag(Flags::TmrValExt)
         // Processors implement WBINVD and C1 (HLT).
         .flag(Flags::Wbinvd)
         .flag(Flags::ProcC1)
@@ -156,6 +163,8 @@ fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
         .flag(Flags::SlpButton)
         .flag(Flags::FixRtc)
         .flag(Flags::ResetRegSup);
+    // The builder keeps only one of the two FACS addresses; set both.
+    fadt.firmware_ctrl = (facs as u32).into();
     fadt.sci_int = (ACPI_SCI_IRQ as u16).into();
     // No SMI command port: ACPI mode is always on, SCI_EN reads set.
     fadt.smi_cmd = 0.into();
@@ -165,7 +174,10 @@ fn fadt(dsdt: u64, facs: u64) -> Vec<u8> {
     fadt.pm1a_cnt_blk = (pm1a_cnt as u32).into();
     fadt.pm1_cnt_len = ACPI_PM1A_CNT_LEN;
     fadt.x_pm1a_cnt_blk = io_register(pm1a_cnt, ACPI_PM1A_CNT_LEN, AccessSize::WordAccess);
-    // No PM timer (optional since ACPI 5.0A) and no GPE blocks.
+    fadt.pm_tmr_blk = (ACPI_PM_TMR_PORT as u32).into();
+    fadt.pm_tmr_len = ACPI_PM_TMR_LEN;
+    fadt.x_pm_tmr_blk = io_register(ACPI_PM_TMR_PORT, ACPI_PM_TMR_LEN, AccessSize::DwordAccess);
+    // No GPE blocks.
     fadt.p_lvl2_lat = C2_NOT_SUPPORTED.into();
     fadt.p_lvl3_lat = C3_NOT_SUPPORTED.into();
     fadt.century = CMOS_CENTURY_INDEX;

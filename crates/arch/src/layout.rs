@@ -31,9 +31,19 @@ pub const MULTIBOOT_INFO_SIZE: u64 = 0x10000;
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 /// End of usable conventional memory: the EBDA and the legacy hole start here.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The BIOS area, reserved in the e820 map: ACPI tables, then SMBIOS.
+pub const BIOS_AREA_START: u64 = 0xe0000;
+pub const BIOS_AREA_SIZE: u64 = 0x20000;
 /// The ACPI tables live in the BIOS area, where a scan for the RSDP finds them.
 pub const ACPI_START: u64 = 0xe0000;
-pub const ACPI_SIZE: u64 = 0x20000;
+pub const ACPI_SIZE: u64 = 0x10000;
+/// The SMBIOS entry points and structures, in the 0xF0000-0xFFFFF range a
+/// guest without EFI scans for them.
+pub const SMBIOS_START: u64 = 0xf0000;
+pub const SMBIOS_SIZE: u64 = 0x10000;
+// The ACPI and SMBIOS areas do not overlap, and both lie in the BIOS area.
+const _: () = assert!(ACPI_START >= BIOS_AREA_START && ACPI_START + ACPI_SIZE <= SMBIOS_START);
+const _: () = assert!(SMBIOS_START + SMBIOS_SIZE <= BIOS_AREA_START + BIOS_AREA_SIZE);
 /// Where high memory starts.
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 
@@ -92,6 +102,10 @@ pub const ACPI_PM1A_CNT_LEN: u8 = 2;
 pub const ACPI_RESET_OFFSET: u64 = 6;
 /// The value the guest writes to the reset register to reset.
 pub const ACPI_RESET_VALUE: u8 = 0x1;
+/// The ACPI PM timer: a 32-bit counter at 3.579545 MHz, right after the PM
+/// block (where QEMU's PIIX4 puts it, relative to its PM base).
+pub const ACPI_PM_TMR_PORT: u64 = 0x608;
+pub const ACPI_PM_TMR_LEN: u8 = 4;
 /// The sleep type for S5 (soft off) in the DSDT's `_S5_` package.
 pub const ACPI_S5_SLP_TYP: u8 = 5;
 /// The SCI interrupt.

@@ -1,5 +1,5 @@
 //! x86_64 architecture setup: the guest's address map, boot structures,
-//! CPUID, MSRs, page tables and ACPI tables.
+//! CPUID, MSRs, page tables, ACPI and SMBIOS tables.
 
 pub mod acpi;
 pub mod boot;
@@ -8,3 +8,4 @@ pub mod cpuid;
 pub mod layout;
 pub mod memmap;
 pub mod regs;
+pub mod smbios;

@@ -3,7 +3,7 @@
 use thiserror::Error;
 
 use crate::layout::{
-    ACPI_SIZE, ACPI_START, EBDA_START, HIGH_MEMORY_START, MMIO_GAP_END, MMIO_GAP_START,
+    BIOS_AREA_SIZE, BIOS_AREA_START, EBDA_START, HIGH_MEMORY_START, MMIO_GAP_END, MMIO_GAP_START,
     PCI_ECAM_SIZE, PCI_ECAM_START,
 };
 
@@ -56,7 +56,7 @@ pub fn ram_regions(mem_size: u64) -> Result<Vec<(u64, u64)>, MemMapError> {
 }
 
 /// The e820 map for the given RAM regions: conventional memory, the reserved
-/// BIOS area where the ACPI tables live, RAM from 1 MiB on, and the PCI ECAM
+/// BIOS area where the ACPI and SMBIOS tables live, RAM from 1 MiB on, and the PCI ECAM
 /// range, reserved so that the guest trusts the MCFG table.
 pub fn e820_map(regions: &[(u64, u64)]) -> Vec<E820Entry> {
     let mut map = vec![
@@ -66,8 +66,8 @@ pub fn e820_map(regions: &[(u64, u64)]) -> Vec<E820Entry> {
             kind: E820Type::Ram,
         },
         E820Entry {
-            addr: ACPI_START,
-            size: ACPI_SIZE,
+            addr: BIOS_AREA_START,
+            size: BIOS_AREA_SIZE,
             kind: E820Type::Reserved,
         },
     ];
@@ -104,6 +104,7 @@ pub fn low_ram_end(regions: &[(u64, u64)]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::{ACPI_SIZE, ACPI_START, SMBIOS_SIZE, SMBIOS_START};
 
     #[test]
     fn small_guest_has_one_region_and_four_e820_entries() {
@@ -120,7 +121,9 @@ mod tests {
             }
         );
         assert_eq!(map[1].kind, E820Type::Reserved);
-        assert!(map[1].addr <= ACPI_START && ACPI_START + ACPI_SIZE <= map[1].addr + map[1].size);
+        let reserved = map[1].addr..map[1].addr + map[1].size;
+        assert!(reserved.start <= ACPI_START && ACPI_START + ACPI_SIZE <= reserved.end);
+        assert!(reserved.start <= SMBIOS_START && SMBIOS_START + SMBIOS_SIZE <= reserved.end);
         assert_eq!(
             map[2],
             E820Entry {

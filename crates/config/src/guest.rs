@@ -13,6 +13,8 @@
 //! rng = true
 //! affinity = "2-3"               # every vCPU on host CPUs 2-3, or one
 //!                                # entry per vCPU: ["2", "3"]
+//! uuid = "6f1c2e3d-4b5a-4978-8a1b-0c2d3e4f5a6b"  # SMBIOS system UUID;
+//!                                # random at each run when absent
 //!
 //! [[disk]]
 //! path = "root.img"
@@ -115,6 +117,13 @@ pub(crate) fn guest_fields(f: &mut Fields, base_dir: &Path) -> Result<VmConfig, 
         None => Vec::new(),
         Some(c) => cpu(c)?,
     };
+    let uuid = match f.string("uuid")? {
+        None => None,
+        Some(text) => Some(
+            text.parse()
+                .map_err(|e: arch::smbios::UuidError| f.error("uuid", e.to_string()))?,
+        ),
+    };
     Ok(VmConfig {
         kernel,
         initramfs,
@@ -130,6 +139,7 @@ pub(crate) fn guest_fields(f: &mut Fields, base_dir: &Path) -> Result<VmConfig, 
         vsock,
         affinity,
         cpu_features,
+        uuid,
     })
 }
 

@@ -26,7 +26,7 @@ pub use system::{
     check_guest_name, load_system, parse_system, NameError, StartPolicy, System, SystemGuest,
     MAX_NAME_LEN,
 };
-pub use vmm::config::VmConfig;
+pub use vmm::config::{Uuid, VmConfig};
 pub use write::{to_guest_toml, to_system_toml};
 
 /// Errors in a description file. Each displays as one line that starts with

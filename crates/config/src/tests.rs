@@ -36,6 +36,7 @@ memory = "1G"
 console = "virtio"
 rng = true
 affinity = ["0", "1-3"]
+uuid = "6F1C2E3D-4b5a-4978-8a1b-0c2d3e4f5a6b"
 
 [[disk]]
 path = "root.img"
@@ -66,6 +67,10 @@ fn a_full_guest_file_fills_every_field() {
     assert_eq!(c.console, ConsoleMode::Virtio);
     assert!(c.rng);
     assert_eq!(c.affinity, vec![vec![0], vec![1, 2, 3]]);
+    assert_eq!(
+        c.uuid.map(|u| u.to_string()).as_deref(),
+        Some("6f1c2e3d-4b5a-4978-8a1b-0c2d3e4f5a6b")
+    );
     assert_eq!(
         c.disks,
         vec![
@@ -106,6 +111,7 @@ fn a_minimal_guest_file_takes_the_run_defaults() {
     assert!(!c.rng && c.disks.is_empty() && c.nets.is_empty() && c.vsock.is_none());
     assert!(c.affinity.is_empty());
     assert!(c.cpu_features.is_empty());
+    assert_eq!(c.uuid, None, "a random one at each run");
 }
 
 #[test]
@@ -192,7 +198,8 @@ fn guest_field_errors() {
         ("kernel = \"k\"\nrng = \"yes\"", "guest.toml: rng: expected true or false, found a string"),
         ("kernel = \"k\"\nmemory_backing = \"shm\"", "guest.toml: memory_backing: 'shm' is not auto, anonymous or memfd"),
         ("kernel = \"k\"\nhugepages = \"4K\"", "guest.toml: hugepages: '4K' is not a huge page size (2M or 1G)"),
-        ("kernel = \"k\"\nsize = 3", "guest.toml: size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, rng, vsock)"),
+        ("kernel = \"k\"\nuuid = \"1234\"", "guest.toml: uuid: '1234' is not a UUID (example: 123e4567-e89b-42d3-a456-426614174000)"),
+        ("kernel = \"k\"\nsize = 3", "guest.toml: size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, rng, uuid, vsock)"),
     ];
     for (text, expected) in cases {
         assert_eq!(guest_err(text), expected, "{text}");
@@ -373,7 +380,7 @@ fn system_errors() {
         ("[guests]\nweb = 3", "system.toml: guests.web: expected a table, found an integer"),
         ("[guests.web]\nkernel = \"k\"\nmemory = \"12X\"", "system.toml: guests.web.memory: '12X' is not a size (examples: 512M, 2G, 1048576K)"),
         ("[guests.web]\nkernel = \"k\"\nstart = \"later\"", "system.toml: guests.web.start: 'later' is not \"boot\" or \"held\""),
-        ("[guests.web]\nkernel = \"k\"\nsize = 1", "system.toml: guests.web.size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, rng, start, vsock)"),
+        ("[guests.web]\nkernel = \"k\"\nsize = 1", "system.toml: guests.web.size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, rng, start, uuid, vsock)"),
         ("[guests.web]\nfile = \"w.toml\"\ncpus = 2", "system.toml: guests.web.cpus: a guest given by 'file' takes only 'start' beside it; put this in the guest file"),
         ("[guests.web]\nfile = \"\"", "system.toml: guests.web.file: is empty"),
         ("[guests.web]\nstart = \"boot\"", "system.toml: guests.web.kernel: is required"),

@@ -101,6 +101,9 @@ fn write_guest(out: &mut String, config: &VmConfig, prefix: &str) {
     if let Some(list) = affinity(config) {
         let _ = writeln!(out, "affinity = {list}");
     }
+    if let Some(uuid) = config.uuid {
+        let _ = writeln!(out, "uuid = {}", quoted(&uuid.to_string()));
+    }
     for disk in &config.disks {
         let _ = writeln!(out, "\n[[{prefix}disk]]\npath = {}", path(&disk.path));
         let _ = writeln!(out, "readonly = {}", disk.readonly);

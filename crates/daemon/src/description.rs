@@ -31,9 +31,15 @@ pub fn check(text: &str) -> Result<(Summary, String), DescriptionError> {
 
 /// Like [`check`], for a new guest: also the files it boots from (kernel,
 /// initramfs, disk images) must be readable regular files now, so that a
-/// guest that cannot start is refused at once, naming the field.
+/// guest that cannot start is refused at once, naming the field. A
+/// description without a `uuid` gets a random one, which the stored text
+/// keeps, so the guest has the same SMBIOS UUID at every start.
 pub fn check_new(text: &str) -> Result<(Summary, String), DescriptionError> {
-    let config = parse(text)?;
+    let mut config = parse(text)?;
+    if config.uuid.is_none() {
+        let uuid = config::Uuid::random().map_err(|e| DescriptionError(one_line(&e)))?;
+        config.uuid = Some(uuid);
+    }
     check_file("kernel", &config.kernel)?;
     if let Some(initramfs) = &config.initramfs {
         check_file("initramfs", initramfs)?;
@@ -91,4 +97,41 @@ pub fn one_line(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     line.replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn description(extra: &str) -> String {
+        let exe = std::env::current_exe().expect("test binary");
+        format!("kernel = \"{}\"\n{extra}", exe.display())
+    }
+
+    fn uuid_of(text: &str) -> Option<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix("uuid = "))
+            .map(str::to_string)
+    }
+
+    #[test]
+    fn a_new_guest_without_a_uuid_gets_one_that_is_stored() {
+        let (_, first) = check_new(&description("")).unwrap();
+        let (_, second) = check_new(&description("")).unwrap();
+        let uuid = uuid_of(&first).expect("a uuid in the stored text");
+        assert_ne!(Some(uuid.clone()), uuid_of(&second), "one per guest");
+        // Reading the stored text back keeps it.
+        let (_, again) = check(&first).unwrap();
+        assert_eq!(uuid_of(&again), Some(uuid));
+    }
+
+    #[test]
+    fn a_given_uuid_is_kept() {
+        let given = "uuid = \"6f1c2e3d-4b5a-4978-8a1b-0c2d3e4f5a6b\"\n";
+        let (_, stored) = check_new(&description(given)).unwrap();
+        assert_eq!(
+            uuid_of(&stored).as_deref(),
+            Some("\"6f1c2e3d-4b5a-4978-8a1b-0c2d3e4f5a6b\"")
+        );
+    }
 }

@@ -14,7 +14,8 @@
 //! and the FADT's SMI command port is 0, telling the OS ACPI is always on.
 //! Writing SLP_EN with the S5 sleep type powers the VM off; writing the reset
 //! value to the reset register resets it. No event ever sets a status bit
-//! yet (there is no power button or PM timer), so the SCI is never raised.
+//! yet (there is no power button, and the PM timer in `pm_timer`, at the
+//! next port, raises no overflow event), so the SCI is never raised.
 //! Every register accepts byte, word and dword accesses.
 
 use crate::bus::{BusDevice, VmAction};

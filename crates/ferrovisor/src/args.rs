@@ -37,6 +37,8 @@ pub enum ArgsError {
     BadCpus(String),
     #[error("--memory: '{0}' is not a size (examples: 512M, 2G, 1048576K)")]
     BadSize(String),
+    #[error("--uuid: {0}")]
+    BadUuid(String),
     #[error("--affinity: {0}")]
     BadAffinity(String),
     #[error("--cpu-features: {0}")]
@@ -57,7 +59,7 @@ pub enum ArgsError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Guest {
     /// The flags describe it.
-    Flags(VmConfig),
+    Flags(Box<VmConfig>),
     /// A guest file (`--config`) describes it.
     File(PathBuf),
 }
@@ -124,7 +126,7 @@ fn set_once<T>(slot: &mut Option<T>, value: T, flag: &'static str) -> Result<(),
 }
 
 /// The flags that describe the machine, which a guest file replaces.
-const MACHINE_FLAGS: [&str; 15] = [
+const MACHINE_FLAGS: [&str; 16] = [
     "--kernel",
     "--initramfs",
     "--initrd",
@@ -140,6 +142,7 @@ const MACHINE_FLAGS: [&str; 15] = [
     "--memory-backing",
     "--hugepages",
     "--cpu-features",
+    "--uuid",
 ];
 
 /// The flags of `run`, as given (each one at most once unless repeatable).
@@ -157,6 +160,7 @@ struct RunFlags {
     console: Option<ConsoleMode>,
     rng: bool,
     vsock: Option<VsockConfig>,
+    uuid: Option<config::Uuid>,
     /// `--affinity LIST`: every vCPU.
     affinity_all: Option<Vec<usize>>,
     /// `--affinity VCPU=LIST`: one vCPU each.
@@ -229,6 +233,12 @@ impl RunFlags {
                     .map_err(ArgsError::BadCpuFeatures)?,
                 "--cpu-features",
             )?,
+            "--uuid" => {
+                let uuid = value("--uuid")?
+                    .parse()
+                    .map_err(|e: config::UuidError| ArgsError::BadUuid(e.to_string()))?;
+                set_once(&mut self.uuid, uuid, "--uuid")?
+            }
             "--stats" => self.stats = true,
             "--config" => set_once(
                 &mut self.config,
@@ -317,9 +327,10 @@ impl RunFlags {
             vsock: self.vsock,
             affinity,
             cpu_features: self.cpu_features.unwrap_or_default(),
+            uuid: self.uuid,
         };
         Ok(RunArgs {
-            guest: Guest::Flags(vm),
+            guest: Guest::Flags(Box::new(vm)),
             stats: self.stats,
             runtime_dir: self.runtime_dir,
         })
@@ -379,7 +390,10 @@ mod tests {
     fn run(line: &str) -> Run {
         let r = run_args(line);
         match r.guest {
-            Guest::Flags(vm) => Run { vm, stats: r.stats },
+            Guest::Flags(vm) => Run {
+                vm: *vm,
+                stats: r.stats,
+            },
             Guest::File(f) => panic!("expected flags, got file {f:?}"),
         }
     }
@@ -414,6 +428,24 @@ mod tests {
         assert_eq!(r.vm.console, ConsoleMode::Serial);
         assert!(r.vm.disks.is_empty() && r.vm.nets.is_empty());
         assert!(!r.vm.rng && r.vm.vsock.is_none());
+        assert_eq!(r.vm.uuid, None);
+    }
+
+    #[test]
+    fn uuid_flag_sets_the_system_uuid() {
+        let r = run("run --kernel k --uuid 6f1c2e3d-4b5a-4978-8a1b-0c2d3e4f5a6b");
+        assert_eq!(
+            r.vm.uuid.map(|u| u.to_string()).as_deref(),
+            Some("6f1c2e3d-4b5a-4978-8a1b-0c2d3e4f5a6b")
+        );
+        assert_eq!(
+            message("run --kernel k --uuid nope"),
+            "--uuid: 'nope' is not a UUID (example: 123e4567-e89b-42d3-a456-426614174000)"
+        );
+        assert_eq!(
+            message("run --config g.toml --uuid 6f1c2e3d-4b5a-4978-8a1b-0c2d3e4f5a6b"),
+            "--config cannot be combined with --uuid: give it in the guest file instead"
+        );
     }
 
     #[test]

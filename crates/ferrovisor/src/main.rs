@@ -20,6 +20,7 @@ Usage:
                  [--disk path=FILE[,readonly=on]]... [--net tap=NAME[,mac=MAC]]...
                  [--console serial|virtio] [--rng] [--vsock cid=N,socket=PATH]
                  [--affinity CPUS | --affinity VCPU=CPUS...] [--cpu-features -NAME,+NAME...]
+                 [--uuid UUID]
                  [--runtime-dir DIR] [--stats]
   ferrovisor run --config GUEST.toml [--runtime-dir DIR] [--stats]
   ferrovisor daemon [--socket PATH] [--state-dir DIR]
@@ -65,6 +66,8 @@ Ctrl-A x stops it.
                      remove (-) or add back (+) CPU features, named as in
                      /proc/cpuinfo flags (e.g. -x2apic,-rdtscp); adding
                      needs the host's KVM to support the feature
+  --uuid UUID        the system UUID in SMBIOS (the guest's product_uuid;
+                     its first group is the serial number); random if absent
   --config FILE      read the guest from a TOML guest file (docs/config.md)
                      instead of the flags above
   --runtime-dir DIR  serve DIR/control.sock, write the console to
@@ -138,7 +141,7 @@ fn print_dump(text: &str, saved: Option<&Result<std::path::PathBuf, String>>) {
 /// Runs the guest; returns the exit status and its one-line reason.
 fn run_guest(args: RunArgs, start: Instant) -> (i32, String) {
     let vm = match args.guest {
-        Guest::Flags(vm) => vm,
+        Guest::Flags(vm) => *vm,
         Guest::File(path) => match config::load_guest(&path) {
             Ok(vm) => vm,
             Err(e) => {

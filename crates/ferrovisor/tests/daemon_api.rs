@@ -203,10 +203,23 @@ fn a_restarted_daemon_readopts_running_guests_and_sees_those_that_died() {
     d.expect("POST", "/guests/frozen/pause", None, 200);
     let stays_pid = d.info("stays")["pid"].clone();
     let dies_pid = d.info("dies")["pid"].as_i64().expect("pid") as i32;
+    // Each guest was given its own SMBIOS UUID at create.
+    let uuid = |d: &TestDaemon, name: &str| -> String {
+        let info = d.info(name);
+        let config = info["config"].as_str().expect("config");
+        config
+            .lines()
+            .find_map(|l| l.strip_prefix("uuid = "))
+            .unwrap_or_else(|| panic!("no uuid in {config}"))
+            .to_string()
+    };
+    let idle_uuid = uuid(&d, "idle");
+    assert_ne!(idle_uuid, uuid(&d, "stays"));
 
     d.kill_daemon();
     daemon::process::signal(dies_pid, libc::SIGKILL);
     d.spawn();
+    assert_eq!(uuid(&d, "idle"), idle_uuid, "the UUID survives a restart");
 
     let stays = d.info("stays");
     assert_eq!(stays["state"], "running", "{stays}");
@@ -819,12 +832,10 @@ fn a_guest_that_cannot_boot_is_refused_at_create_or_start() {
         "{err}"
     );
 
-    // More memory than the host has: the same, and create with start is
-    // all or nothing, so a corrected retry succeeds.
-    let huge = format!(
-        "{}memory = \"4096G\"\n",
-        echo_description().replace("memory = \"32M\"\n", "")
-    );
+    // A kernel that is not one, with create and start in one call: the
+    // same, and create with start is all or nothing, so a corrected retry
+    // succeeds.
+    let huge = format!("kernel = \"{}\"\n", junk.display());
     let (status, reply) = d.call(
         "POST",
         "/guests",

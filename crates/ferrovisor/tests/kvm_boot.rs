@@ -30,9 +30,17 @@ fn multiboot_kernel_starts_with_a_valid_info_pointer() {
         .jump(0xeb, "next")
         .verdict(0x10)
         .finish();
-    let out = boot_tiny(&code, &["--cmdline", "root=none tiny=1"]);
+    // GRUB and QEMU put the image's name first: the path as given.
+    let kernel = write_temp("cmdline.elf", &multiboot_kernel(0x10_0000, &[], &code, 0));
+    let kernel = kernel.to_str().unwrap();
+    let args = ["run", "--kernel", kernel, "--memory", "32M"];
+    let out = ferrovisor(&[&args[..], &["--cmdline", "root=none tiny=1"]].concat());
     assert_eq!(out.status.code(), Some(0x21), "stderr: {}", stderr(&out));
-    assert_eq!(stdout(&out), "root=none tiny=1");
+    assert_eq!(stdout(&out), format!("{kernel} root=none tiny=1"));
+    // With no arguments, the name alone.
+    let out = ferrovisor(&[&args[..], &["--cmdline", ""]].concat());
+    assert_eq!(out.status.code(), Some(0x21), "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), kernel);
 }
 
 #[test]
@@ -49,17 +57,28 @@ fn initramfs_is_the_first_multiboot_module() {
         .mov_dx(0x3f8)
         .label("next")
         .bytes(&[0x39, 0xce]) // cmp esi, ecx
-        .jump(0x73, "done") // jae done
+        .jump(0x73, "payload_done") // jae payload_done
         .bytes(&[0x8a, 0x06]) // mov al, [esi]
         .out_dx_al()
         .bytes(&[0x46])
         .jump(0xeb, "next")
+        // Then the module's string, [edi+8], up to its NUL.
+        .label("payload_done")
+        .bytes(&[0x8b, 0x77, 0x08]) // mov esi, [edi+8]
+        .label("string")
+        .bytes(&[0x8a, 0x06, 0x84, 0xc0]) // mov al, [esi]; test al, al
+        .jump(0x74, "done")
+        .out_dx_al()
+        .bytes(&[0x46]) // inc esi
+        .jump(0xeb, "string")
         .verdict(0x10)
         .finish();
     let module = write_temp("module.bin", b"module payload\n");
-    let out = boot_tiny(&code, &["--initramfs", module.to_str().unwrap()]);
+    let module = module.to_str().unwrap();
+    let out = boot_tiny(&code, &["--initramfs", module]);
     assert_eq!(out.status.code(), Some(0x21), "stderr: {}", stderr(&out));
-    assert_eq!(stdout(&out), "module payload\n");
+    // The payload, then the module's string: its file name.
+    assert_eq!(stdout(&out), format!("module payload\n{module}"));
 }
 
 #[test]

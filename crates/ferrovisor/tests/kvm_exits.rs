@@ -243,3 +243,76 @@ fn index_writes_are_buffered_without_exits_and_applied_in_order() {
     // plus the verdict's debug-exit write; the 101 index writes do not.
     assert!(io < 20, "{io} port exits: {err}");
 }
+
+#[test]
+fn pm_timer_counts_at_3_579545_mhz() {
+    // The guest prints "A", spins on the PM timer (port 0x608, 32 bits)
+    // until one second's worth of ticks has passed, then prints "B". The
+    // host times the two lines: a correctness check of the rate, with a
+    // generous tolerance, not a benchmark.
+    const TICKS: u32 = 3_579_545;
+    let code = Asm::default()
+        .print("A\n")
+        .mov_dx(0x608)
+        .bytes(&[0xed]) // in eax, dx
+        .bytes(&[0x89, 0xc3]) // mov ebx, eax
+        .label("spin")
+        .bytes(&[0xed]) // in eax, dx
+        .bytes(&[0x29, 0xd8]) // sub eax, ebx (wraps like the counter)
+        .bytes(&[0x3d])
+        .bytes(&TICKS.to_le_bytes()) // cmp eax, TICKS
+        .jump(0x72, "spin") // jb spin
+        .print("B\n")
+        .debug_exit(0x10)
+        .finish();
+    let kernel = write_temp("pmtimer.elf", &multiboot_kernel(0x10_0000, &[], &code, 0));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferrovisor"))
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "32M",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // A guest whose timer never advances would spin forever: kill it
+    // after a minute, unless the lines have all come by then.
+    let pid = child.id() as i32;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog_done = done.clone();
+    let watchdog = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !watchdog_done.load(std::sync::atomic::Ordering::SeqCst) {
+            if std::time::Instant::now() > deadline {
+                // SAFETY: kill has no memory-safety preconditions; the child
+                // is not reaped before `done` is set, so the pid is its own.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
+    let lines: Vec<(String, std::time::Instant)> = {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map(|l| (l.unwrap(), std::time::Instant::now()))
+            .collect()
+    };
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    watchdog.join().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0x21));
+    let seen: Vec<&str> = lines.iter().map(|(l, _)| l.as_str()).collect();
+    assert_eq!(seen, ["A", "B"]);
+    let elapsed = lines[1].1 - lines[0].1;
+    assert!(
+        (0.9..1.1).contains(&elapsed.as_secs_f64()),
+        "one second of PM timer ticks took {elapsed:?} of host time"
+    );
+}

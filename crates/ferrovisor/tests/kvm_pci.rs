@@ -102,9 +102,9 @@ fn host_bridge_and_virtio_device_through_the_config_ports() {
         .eax_is(0x0600_0000)
         .port_read(1, 0)
         .eax_is(VIRTIO_RNG_IDS)
-        // Class "other", revision 1.
+        // Class 0x00ff00 ("unclassified", as QEMU's virtio-rng), revision 1.
         .port_read(1, 8)
-        .eax_is(0xff00_0001)
+        .eax_is(0x00ff_0001)
         // An empty slot reads all ones.
         .port_read(2, 0)
         .eax_is(u32::MAX)

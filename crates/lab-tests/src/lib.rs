@@ -116,6 +116,8 @@ pub struct GuestConfig {
     pub runtime_dir: Option<PathBuf>,
     /// More `ferrovisor run` flags, given last.
     pub extra_args: Vec<String>,
+    /// `--uuid`: the SMBIOS system UUID.
+    pub uuid: Option<String>,
 }
 
 impl Default for GuestConfig {
@@ -134,6 +136,7 @@ impl Default for GuestConfig {
             vsock: None,
             runtime_dir: None,
             extra_args: Vec::new(),
+            uuid: None,
         }
     }
 }
@@ -243,6 +246,9 @@ impl GuestConfig {
             args.extend(["--runtime-dir".to_string(), dir.display().to_string()]);
         }
         args.extend(self.extra_args.iter().cloned());
+        if let Some(uuid) = &self.uuid {
+            args.extend(["--uuid".to_string(), uuid.clone()]);
+        }
         if let Some(vsock) = &self.vsock {
             args.extend([
                 "--vsock".to_string(),

@@ -132,6 +132,53 @@ fn guest_sees_its_command_line() {
 
 #[test]
 #[ignore = "needs the lab: run by cargo xtask test"]
+fn guest_sees_the_firmware_tables() {
+    // SMBIOS (DMI) with the configured UUID, the PM timer from the FADT, and
+    // the legacy devices the DSDT describes, as PNP devices.
+    let uuid = "6f1c2e3d-4b5a-4978-8a1b-0c2d3e4f5a6b";
+    let dmi = "/sys/class/dmi/id";
+    let exit = boot(GuestConfig {
+        uuid: Some(uuid.to_string()),
+        ..running(&format!(
+            "for f in sys_vendor product_name product_uuid product_serial; do \
+               echo dmi.$f=$(cat {dmi}/$f); done; \
+             echo pnp=$(cat /sys/bus/pnp/devices/*/id); \
+             dmesg | grep -e DMI -e PM-Timer | sed 's/^[^]]*] /dmesg: /'"
+        ))
+    });
+    let d = describe(&exit);
+    let out = exit.command_output();
+    for expected in [
+        "dmi.sys_vendor=Ferrovisor".to_string(),
+        "dmi.product_name=Ferrovisor VM".to_string(),
+        format!("dmi.product_uuid={uuid}"),
+        "dmi.product_serial=6f1c2e3d".to_string(),
+    ] {
+        assert!(out.contains(&expected.as_str()), "no '{expected}'\n{d}");
+    }
+    assert!(!out.iter().any(|l| l.contains("DMI not present")), "{d}");
+    assert!(
+        out.iter()
+            .any(|l| l.starts_with("dmesg: DMI: Ferrovisor Ferrovisor VM")),
+        "{d}"
+    );
+    assert!(
+        out.iter()
+            .any(|l| l.starts_with("dmesg:") && l.contains("PM-Timer IO Port: 0x608")),
+        "{d}"
+    );
+    let pnp = out
+        .iter()
+        .find_map(|l| l.strip_prefix("pnp="))
+        .unwrap_or_else(|| panic!("no PNP list\n{d}"))
+        .to_uppercase();
+    for id in ["PNP0303", "PNP0501", "PNP0B00"] {
+        assert!(pnp.contains(id), "{id} not in {pnp}\n{d}");
+    }
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
 fn poweroff_in_the_guest_ends_the_vmm_with_status_zero() {
     let exit = boot(running("echo powering-off; poweroff -f; sleep 600"));
     let d = describe(&exit);

@@ -70,8 +70,20 @@ const CFG_DEVICE: u8 = 4;
 // ISR bits.
 const ISR_QUEUE: u8 = 1;
 const ISR_CONFIG: u8 = 2;
-/// PCI class "other" for devices without a better one.
-const CLASS_OTHER: u32 = 0xff_00_00;
+/// The PCI class code (base class, subclass, programming interface) a
+/// device of virtio type `device_type` reports. These follow QEMU's
+/// virtio-*-pci devices, so guest tools that sort devices by class see the
+/// same machine: block is SCSI storage, net is Ethernet, console and vsock
+/// are "other communication", and rng (like anything else) is unclassified.
+pub fn class_code(device_type: u32) -> u32 {
+    use virtio::device_type::{BLOCK, CONSOLE, NET, VSOCK};
+    match device_type {
+        BLOCK => 0x01_00_00,
+        NET => 0x02_00_00,
+        CONSOLE | VSOCK => 0x07_80_00,
+        _ => 0x00_ff_00,
+    }
+}
 
 // Common configuration registers.
 const DEVICE_FEATURE_SELECT: u64 = 0x00;
@@ -289,7 +301,7 @@ impl VirtioPciDevice {
             vendor: VIRTIO_VENDOR,
             device: DEVICE_ID_BASE + kind,
             revision: 1,
-            class: CLASS_OTHER,
+            class: class_code(device.device_type()),
             subsystem_vendor: VIRTIO_VENDOR,
             subsystem: 0x40,
         });

@@ -9,6 +9,8 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
+pub use arch::smbios::{Uuid, UuidError};
+
 /// Errors in a device option string such as `path=disk.img,readonly=on`.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -188,6 +190,9 @@ pub struct VmConfig {
     /// Changes to the guest's CPU features, applied in order to the set the
     /// host's KVM supports (`-x2apic`, `+rdtscp`).
     pub cpu_features: Vec<arch::cpu_features::FeatureEdit>,
+    /// The system UUID the guest sees in SMBIOS (`product_uuid`); `None`
+    /// makes a random one at each run.
+    pub uuid: Option<Uuid>,
 }
 
 /// Splits `a=1,b=2` into pairs, refusing repeats and keys outside `known`.

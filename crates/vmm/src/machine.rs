@@ -1,11 +1,12 @@
-//! The PC around the vCPUs: ACPI tables, boot tables, the legacy devices
-//! on the port bus (serial, i8042, RTC, debug exit, ACPI PM, boot marker,
+//! The PC around the vCPUs: ACPI and SMBIOS tables, boot tables, the legacy devices
+//! on the port bus (serial, i8042, RTC, debug exit, ACPI PM, PM timer, boot marker,
 //! pvpanic), and the buses that also carry the PCI bus.
 
 use std::sync::{Arc, Mutex};
 
 use arch::layout;
 use arch::regs::EntryMode;
+use arch::smbios::Uuid;
 use devices::{Bus, BusError, SharedDevice};
 use kvm_ioctls::VmFd;
 use thiserror::Error;
@@ -21,6 +22,12 @@ pub enum MachineError {
     /// The ACPI tables could not be written.
     #[error("cannot write the ACPI tables")]
     Acpi(#[source] arch::acpi::AcpiError),
+    /// The SMBIOS tables could not be written.
+    #[error("cannot write the SMBIOS tables")]
+    Smbios(#[source] arch::smbios::SmbiosError),
+    /// No UUID was given and none could be made.
+    #[error(transparent)]
+    Uuid(#[from] arch::smbios::UuidError),
     /// The boot GDT or page tables could not be written.
     #[error(transparent)]
     BootTables(#[from] arch::regs::RegsError),
@@ -55,6 +62,21 @@ pub fn write_acpi_tables<M: GuestMemory>(mem: &M, cpus: u8) -> Result<u64, Machi
         .map_err(MachineError::Acpi)
 }
 
+/// Writes the SMBIOS tables for the guest with `uuid`, or a random one when
+/// none is given, and returns the UUID used.
+pub fn write_smbios_tables<M: GuestMemory>(
+    mem: &M,
+    uuid: Option<Uuid>,
+) -> Result<Uuid, MachineError> {
+    let uuid = match uuid {
+        Some(uuid) => uuid,
+        None => Uuid::random()?,
+    };
+    arch::smbios::create_smbios_tables(mem, &arch::smbios::SmbiosInfo { uuid })
+        .map_err(MachineError::Smbios)?;
+    Ok(uuid)
+}
+
 /// Writes the boot GDT, IDT and page tables for the entry mode.
 pub fn write_boot_tables<M: GuestMemory>(mem: &M, mode: EntryMode) -> Result<(), MachineError> {
     Ok(arch::regs::write_boot_tables(mem, mode)?)
@@ -67,6 +89,7 @@ pub struct LegacyDevices {
     rtc: SharedDevice,
     debug_exit: SharedDevice,
     acpi_pm: SharedDevice,
+    pm_timer: SharedDevice,
     boot_marker: SharedDevice,
     pvpanic: SharedDevice,
 }
@@ -101,6 +124,7 @@ impl LegacyDevices {
                 s5_sleep_type: layout::ACPI_S5_SLP_TYP,
                 reset_value: layout::ACPI_RESET_VALUE,
             }))),
+            pm_timer: Arc::new(Mutex::new(devices::PmTimer::new())),
             boot_marker: Arc::new(Mutex::new(devices::boot_marker::BootMarker::new())),
             pvpanic: Arc::new(Mutex::new(devices::pvpanic::PvPanic::new())),
         })
@@ -129,6 +153,11 @@ impl LegacyDevices {
             layout::ACPI_PM_PORT,
             layout::ACPI_PM_PORT_LEN,
             self.acpi_pm.clone(),
+        )?;
+        bus.insert(
+            layout::ACPI_PM_TMR_PORT,
+            u64::from(layout::ACPI_PM_TMR_LEN),
+            self.pm_timer.clone(),
         )?;
         bus.insert(layout::BOOT_MARKER_PORT, 1, self.boot_marker.clone())?;
         bus.insert(layout::PVPANIC_PORT, 1, self.pvpanic.clone())?;

@@ -73,7 +73,7 @@ pub enum MemoryError {
     /// KVM refused a memory slot.
     #[error("KVM refused guest memory slot {0}")]
     Slot(u32, #[source] kvm_ioctls::Error),
-    /// More memory than the host has.
+    /// More locked memory than the host has.
     #[error("guest memory of {requested} MiB is more than this host's {host} MiB")]
     MoreThanHost { requested: u64, host: u64 },
 }
@@ -90,14 +90,18 @@ pub fn host_memory() -> Option<u64> {
     (pages > 0 && page_size > 0).then(|| pages as u64 * page_size as u64)
 }
 
-/// Refuses a memory size larger than the host's RAM.
-pub fn check_host_fits(size: u64) -> Result<(), MemoryError> {
+/// Checks `size` bytes of guest memory against the host's RAM. Unlocked
+/// memory is committed only as the guest touches it, so more than the host
+/// has is allowed: the answer is `Ok(false)`, and the caller warns. Locked
+/// memory must all be resident, so then it is refused.
+pub fn check_host_fits(size: u64, locked: bool) -> Result<bool, MemoryError> {
     match host_memory() {
-        Some(host) if size > host => Err(MemoryError::MoreThanHost {
+        Some(host) if size > host && locked => Err(MemoryError::MoreThanHost {
             requested: size >> 20,
             host: host >> 20,
         }),
-        _ => Ok(()),
+        Some(host) => Ok(size <= host),
+        None => Ok(true),
     }
 }
 
@@ -643,12 +647,14 @@ AnonHugePages:         0 kB
     }
 
     #[test]
-    fn more_than_host_memory_is_refused() {
+    fn more_than_host_memory_is_allowed_unless_locked() {
         let host = host_memory().unwrap();
+        assert!(!check_host_fits(host + (1 << 30), false).unwrap());
         assert!(matches!(
-            check_host_fits(host + (1 << 30)),
+            check_host_fits(host + (1 << 30), true),
             Err(MemoryError::MoreThanHost { .. })
         ));
-        assert!(check_host_fits(1 << 20).is_ok());
+        assert!(check_host_fits(1 << 20, false).unwrap());
+        assert!(check_host_fits(1 << 20, true).unwrap());
     }
 }

@@ -167,7 +167,13 @@ pub fn run_with(
     vcpu::check_affinity(&config.affinity, config.cpus)?;
     let regions = memmap::ram_regions(config.memory)?;
     let pci_devices = pci::devices_from_config(config)?;
-    memory::check_host_fits(config.memory)?;
+    // No memory is locked yet: more than the host has is only a warning.
+    if !memory::check_host_fits(config.memory, false)? {
+        eprintln!(
+            "warning: guest memory of {} MiB is more than this host's RAM; it is committed as the guest touches it",
+            config.memory >> 20
+        );
+    }
     let kvm = open_kvm()?;
     let vm = Arc::new(create_vm(&kvm)?);
     let cpuid = crate::cpu::guest_cpuid(&kvm, &vm, &config.cpu_features)?;
@@ -275,7 +281,7 @@ fn finish_run(
     }
 }
 
-/// Writes the ACPI tables, loads the kernel, initramfs and command line, and
+/// Writes the ACPI and SMBIOS tables, loads the kernel, initramfs and command line, and
 /// writes the boot tables for the kernel's entry mode.
 fn load_guest(
     mem: &GuestMemory,
@@ -283,6 +289,7 @@ fn load_guest(
     regions: &[(u64, u64)],
 ) -> Result<loader::LoadedKernel, VmError> {
     let rsdp = machine::write_acpi_tables(mem, config.cpus)?;
+    machine::write_smbios_tables(mem, config.uuid)?;
     let e820 = memmap::e820_map(regions);
     let kernel = loader::load(
         mem,

@@ -10,6 +10,11 @@
 //! and routes each slot's INTA-INTD to IOAPIC GSIs 16-19 through `_PRT`. A
 //! motherboard resource device (PNP0C02) claims the ECAM range, which is
 //! what Linux wants to see before it trusts the MCFG table.
+//!
+//! The legacy ISA devices are described too, with their ports and
+//! interrupts, so that the guest's PNP layer knows them rather than
+//! probing: the CMOS RTC (PNP0B00), COM1 (PNP0501) and the i8042 keyboard
+//! controller (PNP0303).
 
 use acpi_tables::aml::{
     AddressSpace, AddressSpaceCacheable, Device, EISAName, Memory32Fixed, Name, Package, Path,
@@ -20,8 +25,10 @@ use acpi_tables::Aml;
 
 use super::{OEM_ID, OEM_REVISION, OEM_TABLE_ID};
 use crate::layout::{
-    pci_intx_gsi, ACPI_S5_SLP_TYP, PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN, PCI_ECAM_SIZE,
-    PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START, PVPANIC_PORT,
+    pci_intx_gsi, ACPI_S5_SLP_TYP, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_KBD_IRQ,
+    PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE,
+    PCI_MMIO_START, PVPANIC_PORT, RTC_IRQ, RTC_PORT, RTC_PORT_LEN, SERIAL_IRQ, SERIAL_PORT,
+    SERIAL_PORT_LEN,
 };
 
 /// PCI device slots on bus 0 that `_PRT` describes (slot 0 is the host
@@ -126,6 +133,49 @@ fn ecam_reservation() -> Vec<u8> {
     aml_bytes(&Device::new(Path::new("ECAM"), vec![&hid, &uid, &crs]))
 }
 
+/// An ISA IRQ resource without flags (edge-triggered, active high): small
+/// descriptor 0x22 with a 16-bit mask of the one IRQ.
+fn irq_no_flags(irq: u32) -> Raw {
+    let mask = (1u16 << irq).to_le_bytes();
+    Raw(vec![0x22, mask[0], mask[1]])
+}
+
+/// A legacy ISA device `name` with PNP id `hid`, the I/O ranges
+/// `(port, length)` and one IRQ.
+fn isa_device(name: &str, hid: &str, uid: u8, ports: &[(u64, u64)], irq: u32) -> Vec<u8> {
+    let ios: Vec<IO> = ports
+        .iter()
+        .map(|&(port, len)| IO::new(port as u16, port as u16, 1, len as u8))
+        .collect();
+    let irq = irq_no_flags(irq);
+    let mut resources: Vec<&dyn Aml> = ios.iter().map(|io| io as &dyn Aml).collect();
+    resources.push(&irq);
+    let hid = Name::new(Path::new("_HID"), &EISAName::new(hid));
+    let uid = Name::new(Path::new("_UID"), &uid);
+    let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(resources));
+    aml_bytes(&Device::new(Path::new(name), vec![&hid, &uid, &crs]))
+}
+
+/// The CMOS RTC, COM1 and the i8042 keyboard controller.
+fn isa_devices() -> Vec<u8> {
+    let mut aml = isa_device("RTC_", "PNP0B00", 0, &[(RTC_PORT, RTC_PORT_LEN)], RTC_IRQ);
+    aml.extend(isa_device(
+        "COM1",
+        "PNP0501",
+        1,
+        &[(SERIAL_PORT, SERIAL_PORT_LEN)],
+        SERIAL_IRQ,
+    ));
+    aml.extend(isa_device(
+        "KBD_",
+        "PNP0303",
+        0,
+        &[(I8042_DATA_PORT, 1), (I8042_COMMAND_PORT, 1)],
+        I8042_KBD_IRQ,
+    ));
+    aml
+}
+
 /// Raw AML bytes, for objects whose builders borrow their children.
 struct Raw(Vec<u8>);
 
@@ -141,7 +191,8 @@ pub fn dsdt() -> Vec<u8> {
     let pvpanic = Raw(pvpanic());
     let pci = Raw(pci_host_bridge());
     let ecam = Raw(ecam_reservation());
-    let system_bus = Scope::new(Path::new("\\_SB_"), vec![&pvpanic, &pci, &ecam]);
+    let isa = Raw(isa_devices());
+    let system_bus = Scope::new(Path::new("\\_SB_"), vec![&pvpanic, &pci, &ecam, &isa]);
     let body: Vec<&dyn Aml> = vec![&s5, &system_bus];
 
     let mut table = Sdt::new(

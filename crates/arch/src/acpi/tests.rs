@@ -221,10 +221,10 @@ fn fadt_describes_the_pm_block_and_legacy_hardware() {
     assert_eq!(u32_at(f, 48), 0, "SMI_CMD: ACPI always enabled");
     assert_eq!(u32_at(f, 56), 0x600, "PM1a_EVT_BLK");
     assert_eq!(u32_at(f, 64), 0x604, "PM1a_CNT_BLK");
-    assert_eq!(u32_at(f, 76), 0, "no PM timer");
+    assert_eq!(u32_at(f, 76), 0x608, "PM_TMR_BLK");
     assert_eq!(
         (f[88], f[89], f[91]),
-        (4, 2, 0),
+        (4, 2, 4),
         "PM1 event/control/timer lengths"
     );
     assert_eq!(f[108], 0x32, "CENTURY");
@@ -237,6 +237,7 @@ fn fadt_describes_the_pm_block_and_legacy_hardware() {
     );
     let flags = u32_at(f, 112);
     assert_ne!(flags & Flags::ResetRegSup as u32, 0);
+    assert_ne!(flags & Flags::TmrValExt as u32, 0, "32-bit PM timer");
     assert_eq!(
         flags & Flags::HwReducedAcpi as u32,
         0,
@@ -254,6 +255,9 @@ fn fadt_extended_registers_match_legacy_ones() {
     assert_eq!(u64_at(f, 152), 0x600);
     assert_eq!((f[172], f[173]), (1, 16));
     assert_eq!(u64_at(f, 176), 0x604);
+    // X_PM_TMR_BLK: system I/O, 32 bits, dword access, at PM_TMR_BLK.
+    assert_eq!((f[208], f[209], f[211]), (1, 32, 3));
+    assert_eq!(u64_at(f, 212), 0x608);
 }
 
 #[test]
@@ -278,6 +282,11 @@ fn fadt_points_at_dsdt_and_an_aligned_facs() {
     assert_eq!(&table(&mem, u64_at(f, 140))[..4], b"DSDT");
     let facs_addr = u64_at(f, 132);
     assert_eq!(facs_addr % 64, 0, "FACS alignment");
+    assert_eq!(
+        u64::from(u32_at(f, 36)),
+        facs_addr,
+        "FIRMWARE_CTRL matches X_FIRMWARE_CTRL"
+    );
     let facs = bytes(&mem, facs_addr, 64);
     assert_eq!(&facs[..4], b"FACS");
     assert_eq!(u32_at(&facs, 4), 64);
@@ -308,6 +317,71 @@ fn dsdt_describes_the_pvpanic_port() {
     assert!(contains(b"QEMU0001\0"), "pvpanic _HID");
     // IO (Decode16, 0x505, 0x505, 1, 1)
     assert!(contains(&[0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01]));
+}
+
+/// The body of the AML device `name` (after its NameSeg), up to the end
+/// of its package.
+fn aml_device<'a>(dsdt: &'a [u8], name: &[u8; 4]) -> &'a [u8] {
+    let at = (0..dsdt.len() - 6)
+        .find(|&i| dsdt[i..i + 2] == [0x5b, 0x82] && dsdt[i + 3..i + 7] == name[..])
+        .or_else(|| {
+            (0..dsdt.len() - 7)
+                .find(|&i| dsdt[i..i + 2] == [0x5b, 0x82] && dsdt[i + 4..i + 8] == name[..])
+        })
+        .unwrap_or_else(|| panic!("no device {}", String::from_utf8_lossy(name)));
+    // DeviceOp, then PkgLength (1 or 2 bytes here).
+    let lead = dsdt[at + 2];
+    let (len, len_bytes) = if lead >> 6 == 0 {
+        (usize::from(lead), 1)
+    } else {
+        (usize::from(lead & 0xf) | usize::from(dsdt[at + 3]) << 4, 2)
+    };
+    &dsdt[at + 2 + len_bytes + 4..at + 2 + len]
+}
+
+/// An ISA device's name, EisaId bytes, I/O descriptors and IRQ mask.
+type IsaCase = (&'static [u8; 4], [u8; 4], Vec<[u8; 8]>, u16);
+
+#[test]
+fn dsdt_describes_the_rtc_com1_and_keyboard_controller() {
+    let dsdt = dsdt_bytes();
+    let cases: [IsaCase; 3] = [
+        (
+            b"RTC_",
+            [0x41, 0xd0, 0x0b, 0x00],
+            vec![[0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02]],
+            1 << 8,
+        ),
+        (
+            b"COM1",
+            [0x41, 0xd0, 0x05, 0x01],
+            vec![[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]],
+            1 << 4,
+        ),
+        (
+            b"KBD_",
+            [0x41, 0xd0, 0x03, 0x03],
+            vec![
+                [0x47, 0x01, 0x60, 0x00, 0x60, 0x00, 0x01, 0x01],
+                [0x47, 0x01, 0x64, 0x00, 0x64, 0x00, 0x01, 0x01],
+            ],
+            1 << 1,
+        ),
+    ];
+    for (name, eisa, ios, irq) in cases {
+        let device = aml_device(&dsdt, name);
+        let what = String::from_utf8_lossy(name);
+        let mut hid = b"_HID\x0c".to_vec();
+        hid.extend_from_slice(&eisa);
+        assert!(contains(device, &hid), "{what} _HID");
+        assert!(contains(device, b"_UID"), "{what} _UID");
+        assert!(contains(device, b"_CRS"), "{what} _CRS");
+        for io in ios {
+            assert!(contains(device, &io), "{what} I/O {io:x?}");
+        }
+        let mask = irq.to_le_bytes();
+        assert!(contains(device, &[0x22, mask[0], mask[1]]), "{what} IRQ");
+    }
 }
 
 #[test]

@@ -207,6 +207,17 @@ fn ids_follow_the_modern_scheme() {
 }
 
 #[test]
+fn class_code_follows_the_device_type() {
+    // The mock is an rng: QEMU's "unclassified" 0x00ff.
+    let r = rig();
+    assert_eq!(cfg32(&r.dev, 8) >> 8, 0x00_ff_00);
+    assert_eq!(class_code(virtio::device_type::BLOCK), 0x01_00_00);
+    assert_eq!(class_code(virtio::device_type::NET), 0x02_00_00);
+    assert_eq!(class_code(virtio::device_type::CONSOLE), 0x07_80_00);
+    assert_eq!(class_code(virtio::device_type::VSOCK), 0x07_80_00);
+}
+
+#[test]
 fn capabilities_point_into_bar0() {
     let r = rig();
     let caps = virtio_caps(&r.dev);

@@ -323,9 +323,10 @@ fn load_multiboot<M: GuestMemoryBackend>(
 ) -> Result<LoadedKernel, LoaderError> {
     let path = spec.kernel;
     let module_data = spec.initramfs.map(read_all).transpose()?;
+    // The initramfs takes no arguments: its string is its file name alone.
     let module_name = spec
         .initramfs
-        .map(|p| p.display().to_string())
+        .map(|p| multiboot::command_line(&p.display().to_string(), ""))
         .unwrap_or_default();
     let modules: Vec<_> = module_data
         .iter()
@@ -339,10 +340,11 @@ fn load_multiboot<M: GuestMemoryBackend>(
         .iter()
         .map(|e| (e.addr, e.size, e.kind as u32))
         .collect();
+    let cmdline = multiboot::command_line(&path.display().to_string(), spec.cmdline);
     let loaded = multiboot::load(
         mem,
         image,
-        spec.cmdline,
+        &cmdline,
         &modules,
         spec.mem_size,
         (MULTIBOOT_INFO_START, MULTIBOOT_INFO_SIZE),

@@ -12,6 +12,13 @@
 //! guest memory until the whole load has been validated, so a bad file yields
 //! an error and leaves guest memory untouched.
 //!
+//! # Command lines
+//!
+//! As GRUB and QEMU do, the kernel's command line starts with the name of its
+//! image (the path as given), then a space and the user's arguments (see
+//! [`command_line`]); a module's string is its file name followed by its
+//! arguments, if any.
+//!
 //! # Machine state on entry
 //!
 //! This module only fills guest memory. The caller sets up the boot CPU as the
@@ -190,12 +197,25 @@ impl MultibootHeader {
     }
 }
 
+/// The command line of a multiboot image named `image_name` given the
+/// arguments `args`: `"NAME ARGS"`, or `"NAME"` alone when there are no
+/// arguments (GRUB's form; QEMU adds a space even then). Kernels such as
+/// Xen and many hobby kernels skip the first word.
+pub fn command_line(image_name: &str, args: &str) -> String {
+    if args.is_empty() {
+        image_name.to_string()
+    } else {
+        format!("{image_name} {args}")
+    }
+}
+
 /// A module to hand to the kernel.
 #[derive(Debug, Clone, Copy)]
 pub struct MultibootModule<'a> {
     /// The module's contents.
     pub data: &'a [u8],
-    /// The module's command line (its string in the module list).
+    /// The module's string in the module list: its file name, then its
+    /// arguments (see [`command_line`]).
     pub cmdline: &'a str,
 }
 
@@ -824,7 +844,8 @@ fn check_header_flags(flags: u32) -> Result<()> {
 /// Loads a multiboot kernel, its modules and the information structure into
 /// guest memory.
 ///
-/// - `cmdline` becomes the info structure's `cmdline` string.
+/// - `cmdline` becomes the info structure's `cmdline` string as is: make it
+///   with [`command_line`] to give the kernel its image's name first.
 /// - `modules` are placed page aligned above the kernel, in order.
 /// - `mem_size_bytes` gives `mem_upper` only when `e820` is empty.
 /// - `info_area` is `(start, size)` of guest memory, below 4 GiB, reserved for

@@ -667,3 +667,13 @@ fn test_kernel_loads_in_both_formats() {
         assert_eq!(bytes(&mem, u64::from(addr) + 0x80, 2), [0xfa, 0xfc]);
     }
 }
+
+#[test]
+fn command_line_starts_with_the_image_name() {
+    assert_eq!(
+        command_line("/boot/kernel.elf", "console=ttyS0 quiet"),
+        "/boot/kernel.elf console=ttyS0 quiet"
+    );
+    assert_eq!(command_line("kernel.elf", ""), "kernel.elf");
+    assert_eq!(command_line("initrd.img", "rw"), "initrd.img rw");
+}

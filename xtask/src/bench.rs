@@ -609,7 +609,12 @@ pub fn in_lab(args: &[String]) -> Result<u8> {
     match args.first().map(String::as_str) {
         Some("boot") => {}
         Some("blk") => return crate::bench_blk::in_lab(args),
-        _ => return Err(fail!("bench-in-lab: only `boot` and `blk` are known")),
+        Some("distro") => return crate::bench_distro::in_lab(args),
+        _ => {
+            return Err(fail!(
+                "bench-in-lab: only `boot`, `distro` and `blk` are known"
+            ))
+        }
     }
     let runs: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(3);
     let with_q35 = args.get(2).is_some_and(|a| a == "q35");
@@ -649,11 +654,13 @@ pub fn command(args: &[String]) -> Result<u8> {
     let usage = || {
         fail!(
             "usage: cargo xtask bench boot [--runs N] [--q35] | \
+             cargo xtask bench boot --distro [--runs N] | \
              cargo xtask bench blk [--runs N] [--size MIB] [--secs N]"
         )
     };
-    let mut runs = 3;
+    let mut runs = None;
     let mut q35 = "";
+    let mut distro = false;
     let mut it = args.iter();
     if it.next().map(String::as_str) != Some("boot") {
         return Err(usage());
@@ -662,14 +669,23 @@ pub fn command(args: &[String]) -> Result<u8> {
         match arg.as_str() {
             "--runs" => {
                 let n = it.next().ok_or_else(usage)?;
-                runs = n
-                    .parse()
-                    .map_err(|_| fail!("--runs: `{n}` is not a number"))?;
+                runs = Some(
+                    n.parse()
+                        .map_err(|_| fail!("--runs: `{n}` is not a number"))?,
+                );
             }
             "--q35" => q35 = " q35",
+            "--distro" => distro = true,
             _ => return Err(usage()),
         }
     }
+    if distro {
+        if !q35.is_empty() {
+            return Err(usage());
+        }
+        return crate::bench_distro::command(runs.unwrap_or(20));
+    }
+    let runs = runs.unwrap_or(3);
     run_in_lab(&format!("boot {runs}{q35}"), Duration::from_secs(15 * 60))
 }
 

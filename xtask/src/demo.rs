@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use crate::distro;
 use crate::guestkit::{self, Kit};
 use crate::lab::{self, Spec};
 use crate::util::{self, Context, Result};
@@ -15,6 +16,8 @@ struct Options {
     cpus: Option<String>,
     memory: Option<String>,
     run: Option<String>,
+    /// Boot the Debian image instead of the guest kit.
+    distro: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
@@ -30,9 +33,10 @@ fn parse(args: &[String]) -> Result<Options> {
             "--cpus" => opts.cpus = Some(value("--cpus")?),
             "--memory" => opts.memory = Some(value("--memory")?),
             "--run" => opts.run = Some(value("--run")?),
+            "--distro" => opts.distro = true,
             other => {
                 return Err(fail!(
-                    "unknown demo option `{other}`; usage: cargo xtask demo [--cpus N] [--memory SIZE] [--run 'CMD']"
+                    "unknown demo option `{other}`; usage: cargo xtask demo [--distro] [--cpus N] [--memory SIZE] [--run 'CMD']"
                 ))
             }
         }
@@ -41,6 +45,11 @@ fn parse(args: &[String]) -> Result<Options> {
         if !cpus.parse::<u8>().is_ok_and(|n| n > 0) {
             return Err(fail!("--cpus: `{cpus}` is not a positive number"));
         }
+    }
+    if opts.distro && opts.run.is_some() {
+        return Err(fail!(
+            "--run runs a command in the guest kit; the distribution boots to a login shell"
+        ));
     }
     Ok(opts)
 }
@@ -255,12 +264,70 @@ fn run_in_lab(opts: &Options, kit: &Kit, ferrovisor: &Path) -> Result<u8> {
     Ok(command_status(outcome.status, &outcome.console))
 }
 
-/// `cargo xtask demo [--cpus N] [--memory SIZE] [--run 'CMD']`.
+/// The VMM's flags for the distribution: its kernel, initrd and command
+/// line, the image as the root disk, 2 vCPUs and 1 GiB unless asked.
+fn distro_args(opts: &Options, kernel: &str, initrd: &str, image: &str) -> Vec<String> {
+    let mut args: Vec<String> = ["run", "--kernel", kernel, "--initramfs", initrd]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(["--cmdline".into(), distro::DISTRO_CMDLINE.into()]);
+    args.extend(["--cpus".into(), opts.cpus.clone().unwrap_or("2".into())]);
+    args.extend([
+        "--memory".into(),
+        opts.memory.clone().unwrap_or("1G".into()),
+    ]);
+    args.extend(["--disk".into(), format!("path={image}")]);
+    args
+}
+
+/// `cargo xtask demo --distro`: the Debian image to its autologin shell.
+fn run_distro(opts: &Options, host: Host, kit: &Kit, ferrovisor: &Path) -> Result<u8> {
+    let built = distro::build()?;
+    eprintln!(
+        "demo: Debian bookworm with systemd; it logs in as root on the console; `poweroff` ends it"
+    );
+    if host == Host::Hardware {
+        let args = distro_args(
+            opts,
+            &built.vmlinuz.to_string_lossy(),
+            &built.initrd.to_string_lossy(),
+            &built.image.to_string_lossy(),
+        );
+        let status = Command::new(ferrovisor)
+            .args(&args)
+            .status()
+            .ctx(|| "cannot start ferrovisor".to_string())?;
+        return Ok(u8::try_from(status.code().unwrap_or(1).clamp(0, 255)).unwrap_or(1));
+    }
+    let args = distro_args(
+        opts,
+        distro::LAB_KERNEL,
+        distro::LAB_INITRD,
+        distro::LAB_IMAGE,
+    );
+    let line: Vec<String> = args.iter().map(|a| util::shell_quote(a)).collect();
+    let script = format!(
+        "stty raw -echo\n\"$FERROVISOR_BIN\" {}\nstatus=$?\nstty sane\nexit $status",
+        line.join(" ")
+    );
+    let mut spec = Spec::new(Some(script));
+    spec.interactive = true;
+    spec.deadline = std::time::Duration::from_secs(30 * 60);
+    built.add_to(&mut spec);
+    let outcome = lab::run(&spec, kit, Some(ferrovisor))?;
+    Ok(u8::try_from(outcome.status.clamp(0, 255)).unwrap_or(1))
+}
+
+/// `cargo xtask demo [--distro] [--cpus N] [--memory SIZE] [--run 'CMD']`.
 pub fn command(args: &[String]) -> Result<u8> {
     let opts = parse(args)?;
     let host = detect_host()?;
     let ferrovisor = lab::build_ferrovisor()?;
     let kit = guestkit::build()?;
+    if opts.distro {
+        return run_distro(&opts, host, &kit, &ferrovisor);
+    }
     match host {
         Host::Hardware => {
             eprintln!("demo: host KVM uses hardware virtualization: booting the guest directly");

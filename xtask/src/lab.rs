@@ -43,6 +43,8 @@ pub struct Spec {
     pub with_qemu: bool,
     /// Extra files: (host path, lab path).
     pub files: Vec<(PathBuf, String)>,
+    /// Extra data files, shipped as they are (no libraries looked up).
+    pub data: Vec<(PathBuf, String)>,
     /// Extra environment for the command.
     pub env: Vec<(String, String)>,
     /// Hard limit for one lab boot.
@@ -56,6 +58,7 @@ impl Spec {
             command,
             with_qemu: false,
             files: Vec::new(),
+            data: Vec::new(),
             env: Vec::new(),
             deadline: Duration::from_secs(30 * 60),
         }
@@ -179,6 +182,12 @@ fn build_initramfs(spec: &Spec, kit: &Kit, ferrovisor: Option<&Path>) -> Result<
             return Err(fail!("{} does not exist", host.display()));
         }
         add_program(&mut archive, host, lab_path)?;
+    }
+    for (host, lab_path) in &spec.data {
+        if !host.is_file() {
+            return Err(fail!("{} does not exist", host.display()));
+        }
+        archive.host_file(lab_path, 0o644, host);
     }
     archive.bytes("/lab/env", 0o644, env_file(spec));
     if let Some(command) = &spec.command {

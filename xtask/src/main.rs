@@ -4,9 +4,11 @@
 mod util;
 mod bench;
 mod bench_blk;
+mod bench_distro;
 mod cpio;
 mod deb;
 mod demo;
+mod distro;
 mod elf;
 mod guestkit;
 mod kmod;
@@ -22,20 +24,25 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
-  guest-kit                 build the default Linux guest (kernel, vmlinux, initramfs)
+  guest-kit [--distro]      build the default Linux guest (kernel, vmlinux, initramfs);
+                            --distro: a Debian bookworm image with systemd (debootstrap)
   lab [OPTS] [-- CMD...]    boot the lab (emulated AMD SVM machine with KVM) and run
                             CMD there (words joined, run by /bin/sh); no CMD: a shell
       --qemu                also ship qemu-system-x86_64 into the lab
       --add HOST[:LABPATH]  ship a host file (default /lab/bin/NAME)
-  test [--host-only|--lab-only] [--stand-in qemu]
+  test [--host-only|--lab-only] [--only BINARY] [--stand-in qemu]
                             run all test tiers: cargo test --workspace, then the
                             lab tests in one lab boot; ends with `N passed, M failed`;
+                            --only: one lab-tests binary (e.g. distro);
                             --stand-in qemu: QEMU plays the VMM (checks the tests)
-  demo [--cpus N] [--memory SIZE] [--run 'CMD']
+  demo [--distro] [--cpus N] [--memory SIZE] [--run 'CMD']
                             boot the guest kit under ferrovisor (inside the lab when
                             the host's KVM is PVM); --run: run CMD, exit with its status
   bench boot [--runs N] [--q35]
                             boot-time, VM-exit and memory comparison with QEMU (in the lab)
+  bench boot --distro [--runs N]
+                            boot the Debian image N times (default 20): time to
+                            multi-user and every failed boot, beside QEMU (in the lab)
   bench blk [--runs N] [--size MIB] [--secs N]
                             virtio-blk MiB/s and IOPS in the guest, against QEMU (in the lab)
   help                      show this text";
@@ -52,11 +59,21 @@ fn dispatch(args: &[String]) -> Result<Status> {
         }
     };
     match command {
-        "guest-kit" => {
-            no_args(command, rest)?;
-            guestkit::command()?;
-            Ok(0)
-        }
+        "guest-kit" => match rest.first().map(String::as_str) {
+            Some("--distro") if rest.len() == 1 => {
+                let built = distro::build()?;
+                println!("distribution image: {}", built.image.display());
+                println!("  kernel     {}", built.vmlinuz.display());
+                println!("  initrd     {}", built.initrd.display());
+                println!("  cmdline    {}", distro::DISTRO_CMDLINE);
+                Ok(0)
+            }
+            _ => {
+                no_args(command, rest)?;
+                guestkit::command()?;
+                Ok(0)
+            }
+        },
         "lab" => lab::command(rest),
         "test" => testcmd::command(rest),
         "demo" => demo::command(rest),

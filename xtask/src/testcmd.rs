@@ -136,7 +136,7 @@ const LAB_TOOLS: &[&str] = &["debugfs", "e2fsck"];
 /// Tier 3: the lab tests, one lab boot per test binary (see
 /// [`run_lab_binary`] for what a lab that hangs costs). With `qemu_stand_in`, QEMU takes the VMM's place: a
 /// check of the tests and the guest kit themselves.
-fn lab_tier(qemu_stand_in: bool) -> Result<Tally> {
+fn lab_tier(qemu_stand_in: bool, only: Option<&str>) -> Result<Tally> {
     let vmm = if qemu_stand_in {
         "QEMU standing in for ferrovisor"
     } else {
@@ -159,6 +159,9 @@ fn lab_tier(qemu_stand_in: bool) -> Result<Tally> {
     for (name, path) in build_lab_tests()? {
         // The control-plane test runs the daemon, which QEMU cannot stand in for.
         if qemu_stand_in && name == "control_plane" {
+            continue;
+        }
+        if only.is_some_and(|o| o != name) {
             continue;
         }
         eprintln!("xtask: lab tests: {name}");
@@ -195,6 +198,10 @@ fn run_lab_binary(
     for attempt in 1..=LAB_ATTEMPTS {
         let mut spec = lab_spec(name, binary.to_path_buf(), &passed, qemu_stand_in);
         spec.files.extend(tools.iter().cloned());
+        // The distribution's tests boot the Debian image (built once, cached).
+        if name == "distro" {
+            crate::distro::build()?.add_to(&mut spec);
+        }
         match lab::run_once(&spec, kit, ferrovisor)? {
             Ok(outcome) => {
                 let mut tally = binary_tally(name, outcome.status, &outcome.console);
@@ -287,6 +294,7 @@ pub fn command(args: &[String]) -> Result<u8> {
     let mut host = true;
     let mut in_lab = true;
     let mut stand_in = false;
+    let mut only: Option<String> = None;
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -295,6 +303,10 @@ pub fn command(args: &[String]) -> Result<u8> {
             "--stand-in" => match args.next().map(String::as_str) {
                 Some("qemu") => stand_in = true,
                 _ => return Err(fail!("--stand-in: only `qemu` is known")),
+            },
+            "--only" => match args.next() {
+                Some(name) => only = Some(name.clone()),
+                None => return Err(fail!("--only needs a lab-tests binary name, e.g. distro")),
             },
             other => return Err(fail!("unknown test option `{other}`")),
         }
@@ -305,7 +317,7 @@ pub fn command(args: &[String]) -> Result<u8> {
         total.add(host_tiers()?);
     }
     if in_lab {
-        match lab_tier(stand_in) {
+        match lab_tier(stand_in, only.as_deref()) {
             Ok(t) => total.add(t),
             Err(e) => {
                 eprintln!("xtask: error: lab tier: {e}");

@@ -116,6 +116,9 @@ pub struct GuestConfig {
     pub runtime_dir: Option<PathBuf>,
     /// More `ferrovisor run` flags, given last.
     pub extra_args: Vec<String>,
+    /// Another guest's kernel, initramfs and command line in place of the
+    /// kit's (a distribution's own); `extra_cmdline` is still added.
+    pub kernel_override: Option<(PathBuf, PathBuf, String)>,
     /// `--uuid`: the SMBIOS system UUID.
     pub uuid: Option<String>,
 }
@@ -136,6 +139,7 @@ impl Default for GuestConfig {
             vsock: None,
             runtime_dir: None,
             extra_args: Vec::new(),
+            kernel_override: None,
             uuid: None,
         }
     }
@@ -179,8 +183,10 @@ pub fn base64(data: &[u8]) -> String {
 impl GuestConfig {
     /// The full kernel command line for this guest.
     pub fn cmdline(&self) -> String {
-        let mut cmdline =
-            std::env::var("FERROVISOR_CMDLINE").unwrap_or_else(|_| FALLBACK_CMDLINE.into());
+        let mut cmdline = match &self.kernel_override {
+            Some((_, _, cmdline)) => cmdline.clone(),
+            None => std::env::var("FERROVISOR_CMDLINE").unwrap_or_else(|_| FALLBACK_CMDLINE.into()),
+        };
         if self.console == Console::Virtio {
             cmdline = cmdline.replace("console=ttyS0", "console=hvc0");
         }
@@ -199,16 +205,23 @@ impl GuestConfig {
     }
 
     fn command(&self) -> Result<Command, HarnessError> {
-        let kernel = match self.image {
-            KernelImage::BzImage => env_path("FERROVISOR_KERNEL")?,
-            KernelImage::Pvh => env_path("FERROVISOR_VMLINUX")?,
+        let (kernel, initramfs) = match (&self.kernel_override, self.image) {
+            (Some((kernel, initramfs, _)), _) => (kernel.clone(), initramfs.clone()),
+            (None, KernelImage::BzImage) => (
+                env_path("FERROVISOR_KERNEL")?,
+                env_path("FERROVISOR_INITRAMFS")?,
+            ),
+            (None, KernelImage::Pvh) => (
+                env_path("FERROVISOR_VMLINUX")?,
+                env_path("FERROVISOR_INITRAMFS")?,
+            ),
         };
         let mut cmd = Command::new(env_path("FERROVISOR_BIN")?);
         cmd.arg("run")
             .arg("--kernel")
             .arg(kernel)
             .arg("--initramfs")
-            .arg(env_path("FERROVISOR_INITRAMFS")?)
+            .arg(initramfs)
             .arg("--cmdline")
             .arg(self.cmdline())
             .arg("--cpus")

@@ -114,6 +114,8 @@ pub struct GuestConfig {
     /// `--runtime-dir`: the VMM serves a control socket there and writes
     /// the console to `console.log` in it instead of stdout.
     pub runtime_dir: Option<PathBuf>,
+    /// `--cpu-features`: CPU feature edits such as `-x2apic,-avx2`.
+    pub cpu_features: Option<String>,
 }
 
 impl Default for GuestConfig {
@@ -131,6 +133,7 @@ impl Default for GuestConfig {
             rng: false,
             vsock: None,
             runtime_dir: None,
+            cpu_features: None,
         }
     }
 }
@@ -238,6 +241,9 @@ impl GuestConfig {
         }
         if let Some(dir) = &self.runtime_dir {
             args.extend(["--runtime-dir".to_string(), dir.display().to_string()]);
+        }
+        if let Some(features) = &self.cpu_features {
+            args.extend(["--cpu-features".to_string(), features.clone()]);
         }
         if let Some(vsock) = &self.vsock {
             args.extend([

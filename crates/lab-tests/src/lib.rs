@@ -114,13 +114,15 @@ pub struct GuestConfig {
     /// `--runtime-dir`: the VMM serves a control socket there and writes
     /// the console to `console.log` in it instead of stdout.
     pub runtime_dir: Option<PathBuf>,
-    /// More `ferrovisor run` flags, given last.
+    /// More `ferrovisor run` flags.
     pub extra_args: Vec<String>,
     /// Another guest's kernel, initramfs and command line in place of the
     /// kit's (a distribution's own); `extra_cmdline` is still added.
     pub kernel_override: Option<(PathBuf, PathBuf, String)>,
     /// `--uuid`: the SMBIOS system UUID.
     pub uuid: Option<String>,
+    /// `--cpu-features`: CPU feature edits such as `-x2apic,-avx2`.
+    pub cpu_features: Option<String>,
 }
 
 impl Default for GuestConfig {
@@ -141,6 +143,7 @@ impl Default for GuestConfig {
             extra_args: Vec::new(),
             kernel_override: None,
             uuid: None,
+            cpu_features: None,
         }
     }
 }
@@ -261,6 +264,9 @@ impl GuestConfig {
         args.extend(self.extra_args.iter().cloned());
         if let Some(uuid) = &self.uuid {
             args.extend(["--uuid".to_string(), uuid.clone()]);
+        }
+        if let Some(features) = &self.cpu_features {
+            args.extend(["--cpu-features".to_string(), features.clone()]);
         }
         if let Some(vsock) = &self.vsock {
             args.extend([

@@ -94,6 +94,24 @@ fn guest_cpu_has_the_tsc_deadline_timer_and_the_hosts_model_name() {
 
 #[test]
 #[ignore = "needs the lab: run by cargo xtask test"]
+fn removed_cpu_features_are_not_in_the_guests_flags() {
+    let exit = boot(GuestConfig {
+        cpu_features: Some("-x2apic,-tsc_deadline_timer,-avx2".into()),
+        ..running(
+            "for f in x2apic tsc_deadline_timer avx2 lm; do \
+             grep -qw $f /proc/cpuinfo && echo has-$f || echo no-$f; done",
+        )
+    });
+    let d = describe(&exit);
+    let out = exit.command_output();
+    for line in ["no-x2apic", "no-tsc_deadline_timer", "no-avx2", "has-lm"] {
+        assert!(out.contains(&line), "{line}: {d}");
+    }
+    assert_eq!(exit.status.code(), Some(0), "{d}");
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
 fn guest_sees_its_memory_size() {
     let exit = boot(GuestConfig {
         memory: "384M".to_string(),

@@ -157,7 +157,12 @@ fn env_file(spec: &Spec) -> String {
 }
 
 /// Writes the lab's initramfs for one run.
-fn build_initramfs(spec: &Spec, kit: &Kit, ferrovisor: Option<&Path>) -> Result<PathBuf> {
+fn build_initramfs(
+    spec: &Spec,
+    kit: &Kit,
+    ferrovisor: Option<&Path>,
+    run_dir: &RunDir,
+) -> Result<PathBuf> {
     let mut archive = Archive::new();
     guestkit::add_busybox(&mut archive, &kit.busybox)?;
     archive.host_file("/bin/portio", 0o755, &kit.portio);
@@ -193,11 +198,42 @@ fn build_initramfs(spec: &Spec, kit: &Kit, ferrovisor: Option<&Path>) -> Result<
     if let Some(command) = &spec.command {
         archive.bytes("/lab/cmd", 0o644, format!("{command}\n"));
     }
-    let dir = util::target_dir().join("lab");
-    util::mkdir(&dir)?;
-    let out = dir.join("initramfs.cpio");
+    let out = run_dir.initramfs();
     archive.write_to(&out)?;
     Ok(out)
+}
+
+/// One lab run's own directory, `target/lab/run-PID-N/`, for everything it
+/// writes (its initramfs, its heartbeat), so that labs started at the same
+/// time in one tree never share a path. Removed when the run ends.
+#[derive(Debug)]
+pub struct RunDir(PathBuf);
+
+impl RunDir {
+    pub fn new() -> Result<Self> {
+        static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = util::target_dir()
+            .join("lab")
+            .join(format!("run-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        util::mkdir(&dir)?;
+        Ok(Self(dir))
+    }
+
+    fn initramfs(&self) -> PathBuf {
+        self.0.join("initramfs.cpio")
+    }
+
+    fn heartbeat(&self) -> PathBuf {
+        self.0.join("heartbeat")
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Whether QEMU may run the lab with one host thread per vCPU.
@@ -205,11 +241,8 @@ fn multi_threaded_tcg() -> bool {
     std::env::var("FERROVISOR_LAB_MTTCG").map_or(true, |v| v != "0")
 }
 
-fn heartbeat_file() -> PathBuf {
-    util::target_dir().join("lab/heartbeat")
-}
-
-fn qemu_command(spec: &Spec, kit: &Kit, initramfs: &Path) -> Command {
+fn qemu_command(spec: &Spec, kit: &Kit, run_dir: &RunDir) -> Command {
+    let initramfs = run_dir.initramfs();
     let mut cmd = Command::new("qemu-system-x86_64");
     let accel = if multi_threaded_tcg() {
         "tcg,thread=multi"
@@ -230,7 +263,7 @@ fn qemu_command(spec: &Spec, kit: &Kit, initramfs: &Path) -> Command {
     .arg("-kernel")
     .arg(&kit.vmlinuz)
     .arg("-initrd")
-    .arg(initramfs)
+    .arg(&initramfs)
     .args(["-append", LAB_CMDLINE]);
     if spec.interactive {
         // Ctrl-A x quits; Ctrl-C goes to the lab.
@@ -244,7 +277,7 @@ fn qemu_command(spec: &Spec, kit: &Kit, initramfs: &Path) -> Command {
     cmd.arg("-chardev")
         .arg(format!(
             "file,id=heartbeat,path={}",
-            heartbeat_file().display()
+            run_dir.heartbeat().display()
         ))
         .args(["-serial", "chardev:heartbeat"]);
     cmd
@@ -260,17 +293,17 @@ enum Failure {
 fn attempt(
     spec: &Spec,
     kit: &Kit,
-    initramfs: &Path,
+    run_dir: &RunDir,
 ) -> Result<std::result::Result<Outcome, Failure>> {
     let watch = Watch {
         stall: (!spec.interactive).then_some(Duration::from_secs(90)),
         deadline: (!spec.interactive).then_some(spec.deadline),
         interactive: spec.interactive,
         hold_until: Some(HELLO),
-        heartbeat: Some(heartbeat_file()),
+        heartbeat: Some(run_dir.heartbeat()),
     };
-    let _ = std::fs::remove_file(heartbeat_file());
-    let report = watchdog::supervise(qemu_command(spec, kit, initramfs), &watch)?;
+    let _ = std::fs::remove_file(run_dir.heartbeat());
+    let report = watchdog::supervise(qemu_command(spec, kit, run_dir), &watch)?;
     let status = report.stdout.lines().rev().find_map(|l| {
         let at = l.find(STATUS_MARKER)?;
         l[at + STATUS_MARKER.len()..].trim().parse::<i32>().ok()
@@ -335,8 +368,9 @@ pub fn run_once(
     ferrovisor: Option<&Path>,
 ) -> Result<std::result::Result<Outcome, LabFailure>> {
     util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
-    let initramfs = build_initramfs(spec, kit, ferrovisor)?;
-    match attempt(spec, kit, &initramfs)? {
+    let run_dir = RunDir::new()?;
+    build_initramfs(spec, kit, ferrovisor, &run_dir)?;
+    match attempt(spec, kit, &run_dir)? {
         Ok(outcome) => Ok(Ok(outcome)),
         Err(Failure::Fatal(why)) => Err(fail!("{why}")),
         Err(Failure::Retry(why, console)) => Ok(Err(LabFailure { why, console })),
@@ -350,10 +384,11 @@ const ATTEMPTS: u32 = 3;
 /// or crashed lab is booted again, up to [`ATTEMPTS`] times in all.
 pub fn run(spec: &Spec, kit: &Kit, ferrovisor: Option<&Path>) -> Result<Outcome> {
     util::ensure_tool("qemu-system-x86_64", "qemu-system-x86")?;
-    let initramfs = build_initramfs(spec, kit, ferrovisor)?;
+    let run_dir = RunDir::new()?;
+    build_initramfs(spec, kit, ferrovisor, &run_dir)?;
     let mut last = String::new();
     for try_number in 1..=ATTEMPTS {
-        match attempt(spec, kit, &initramfs)? {
+        match attempt(spec, kit, &run_dir)? {
             Ok(outcome) => return Ok(outcome),
             Err(Failure::Fatal(why)) => return Err(fail!("{why}")),
             Err(Failure::Retry(why, _)) => {
@@ -411,4 +446,23 @@ pub fn command(args: &[String]) -> Result<u8> {
     };
     let outcome = run(&spec, &kit, ferrovisor.as_deref())?;
     Ok(u8::try_from(outcome.status.clamp(0, 255)).unwrap_or(255))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_runs_never_share_an_initramfs_or_a_heartbeat() {
+        let (a, b) = (RunDir::new().unwrap(), RunDir::new().unwrap());
+        assert_ne!(a.initramfs(), b.initramfs());
+        assert_ne!(a.heartbeat(), b.heartbeat());
+        assert!(a.initramfs().starts_with(&a.0) && a.heartbeat().starts_with(&a.0));
+        assert!(a.0.is_dir() && b.0.is_dir());
+        let gone = a.0.clone();
+        std::fs::write(a.heartbeat(), b"x").unwrap();
+        drop(a);
+        assert!(!gone.exists(), "a run's directory goes with it");
+        assert!(b.0.is_dir(), "and leaves the other run's alone");
+    }
 }

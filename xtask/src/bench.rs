@@ -692,6 +692,11 @@ pub fn command(args: &[String]) -> Result<u8> {
 /// Runs `xtask bench-in-lab ARGS` inside one lab session, with QEMU and
 /// this xtask binary shipped in, and returns its exit status.
 pub fn run_in_lab(args: &str, deadline: Duration) -> Result<u8> {
+    run_in_lab_with(args, deadline, |_| {})
+}
+
+/// [`run_in_lab`], with `more` adding to the lab session (files, data).
+pub fn run_in_lab_with(args: &str, deadline: Duration, more: impl FnOnce(&mut Spec)) -> Result<u8> {
     let kit = guestkit::build()?;
     let ferrovisor = lab::build_ferrovisor()?;
     let me = std::env::current_exe().ctx(|| "cannot find the xtask binary".to_string())?;
@@ -700,6 +705,7 @@ pub fn run_in_lab(args: &str, deadline: Duration) -> Result<u8> {
     spec.with_qemu = true;
     spec.deadline = deadline;
     spec.files.push((me, "/lab/bin/xtask".to_string()));
+    more(&mut spec);
     let outcome = lab::run(&spec, &kit, Some(&ferrovisor))?;
     Ok(u8::try_from(outcome.status.clamp(0, 255)).unwrap_or(1))
 }

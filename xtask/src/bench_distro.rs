@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use crate::bench::{print_medians, Metric};
 use crate::distro::{self, DISTRO_CMDLINE, LAB_IMAGE, LAB_INITRD, LAB_KERNEL, POWEROFF_WORD};
-use crate::lab::{self, Spec, LAB_FERROVISOR};
-use crate::util::{Context, Result};
+use crate::lab::LAB_FERROVISOR;
+use crate::util::Result;
 
 /// One boot may take this long before it counts as failed.
 const BOOT_LIMIT: Duration = Duration::from_secs(240);
@@ -197,17 +197,11 @@ pub fn in_lab(args: &[String]) -> Result<u8> {
 /// `cargo xtask bench boot --distro [--runs N]`.
 pub fn command(runs: usize) -> Result<u8> {
     let built = distro::build()?;
-    let kit = crate::guestkit::build()?;
-    let ferrovisor = lab::build_ferrovisor()?;
-    let me = std::env::current_exe().ctx(|| "cannot find the xtask binary".to_string())?;
-    let mut spec = Spec::new(Some(format!("/lab/bin/xtask bench-in-lab distro {runs}")));
-    spec.interactive = false;
-    spec.with_qemu = true;
-    spec.deadline = Duration::from_secs(60 * 60);
-    spec.files.push((me, "/lab/bin/xtask".to_string()));
-    built.add_to(&mut spec);
-    let outcome = lab::run(&spec, &kit, Some(&ferrovisor))?;
-    Ok(u8::try_from(outcome.status.clamp(0, 255)).unwrap_or(1))
+    crate::bench::run_in_lab_with(
+        &format!("distro {runs}"),
+        Duration::from_secs(60 * 60),
+        |spec| built.add_to(spec),
+    )
 }
 
 #[cfg(test)]

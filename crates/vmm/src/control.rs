@@ -232,15 +232,27 @@ impl Control {
         self.pause_changed.notify_all();
     }
 
-    /// Keeps a vCPU's dump from a fatal exit; the first one is kept.
-    pub fn set_dump(&self, text: String) {
+    /// Keeps a vCPU's dump: the one that failed first, then those of the
+    /// vCPUs stopped because of it, in order.
+    pub fn add_dump(&self, text: String) {
         let mut dump = self.dump.lock().unwrap_or_else(|p| p.into_inner());
-        dump.get_or_insert(text);
+        match dump.as_mut() {
+            Some(all) => all.push_str(&text),
+            None => *dump = Some(text),
+        }
     }
 
-    /// Takes the dump kept by [`Control::set_dump`], if any.
+    /// Takes the dumps kept by [`Control::add_dump`], if any.
     pub fn take_dump(&self) -> Option<String> {
         self.dump.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Whether a vCPU has left a dump: the VM is stopping for a failure.
+    pub fn has_dump(&self) -> bool {
+        self.dump
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// Whether the VM is stopping.

@@ -219,10 +219,27 @@ fn write_events(out: &mut String, e: &kvm_vcpu_events) {
     );
 }
 
+/// Whether the registers are those of a CPU just reset (the real-mode
+/// reset vector). KVM on AMD SVM reinitialises a vCPU that triple-faulted
+/// before it reports the shutdown, so its registers are lost there.
+fn looks_reset(state: &VcpuState) -> bool {
+    match (&state.regs, &state.sregs) {
+        (Some(r), Some(s)) => r.rip == 0xfff0 && s.cs.base == 0xffff_0000 && s.cr0 & 1 == 0,
+        _ => false,
+    }
+}
+
 /// The dump of vCPU `index`, headed by `why`, as lines of text.
 pub fn format(index: u8, why: &str, state: &VcpuState, ring: &ExitRing) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "vCPU {index} state at the exit ({why}):");
+    if looks_reset(state) {
+        let _ = writeln!(
+            out,
+            "(these registers are a reset CPU's: KVM on AMD SVM reinitialises a vCPU that \
+             triple-faulted before reporting it; the last exception and exits below remain)"
+        );
+    }
     let _ = writeln!(out, "registers:");
     match &state.regs {
         Some(r) => write_regs(&mut out, r),
@@ -299,5 +316,22 @@ mod tests {
         assert!(text.contains("out port 0x03f8 len 1 value 0x41"), "{text}");
         assert!(text.contains("mmio write 0xfee000b0 len 4"), "{text}");
         assert!(text.trim_end().ends_with("shutdown"), "{text}");
+        assert!(!text.contains("reset CPU"), "{text}");
+    }
+
+    #[test]
+    fn a_dump_of_a_reset_cpu_says_so() {
+        let mut sregs = kvm_sregs::default();
+        sregs.cs.base = 0xffff_0000;
+        let state = VcpuState {
+            regs: Some(kvm_regs {
+                rip: 0xfff0,
+                ..Default::default()
+            }),
+            sregs: Some(sregs),
+            events: None,
+        };
+        let text = format(1, "triple fault", &state, &ExitRing::default());
+        assert!(text.contains("reset CPU"), "{text}");
     }
 }

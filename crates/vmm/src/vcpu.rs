@@ -322,24 +322,29 @@ impl Vcpu {
                     why,
                     VmExit::TripleFault { .. } | VmExit::InternalError { .. }
                 ) {
-                    self.record_dump(&why);
+                    self.record_dump(&why.to_string());
                 }
                 self.control.request_exit(why);
-                break;
+                return;
             }
+        }
+        // Stopped because another vCPU died: this one's state, which KVM
+        // has not reset, shows what the rest of the guest was doing.
+        if self.control.has_dump() {
+            self.record_dump("stopped by the VMM after another vCPU's failure");
         }
     }
 
     /// Reads this vCPU's state from KVM and keeps its dump for the VMM to
     /// print and save.
-    fn record_dump(&self, why: &VmExit) {
+    fn record_dump(&self, why: &str) {
         let state = VcpuState {
             regs: self.fd.get_regs().ok(),
             sregs: self.fd.get_sregs().ok(),
             events: self.fd.get_vcpu_events().ok(),
         };
-        let text = dump::format(self.index, &why.to_string(), &state, &self.ring);
-        self.control.set_dump(text);
+        let text = dump::format(self.index, why, &state, &self.ring);
+        self.control.add_dump(text);
     }
 
     /// After a kick: answers the current liveness round.

@@ -654,13 +654,14 @@ pub fn command(args: &[String]) -> Result<u8> {
     let usage = || {
         fail!(
             "usage: cargo xtask bench boot [--runs N] [--q35] | \
-             cargo xtask bench boot --distro [--runs N] | \
+             cargo xtask bench boot --distro [--runs N] [--qemu-runs N] | \
              cargo xtask bench blk [--runs N] [--size MIB] [--secs N]"
         )
     };
     let mut runs = None;
     let mut q35 = "";
     let mut distro = false;
+    let mut qemu_runs = None;
     let mut it = args.iter();
     if it.next().map(String::as_str) != Some("boot") {
         return Err(usage());
@@ -676,6 +677,13 @@ pub fn command(args: &[String]) -> Result<u8> {
             }
             "--q35" => q35 = " q35",
             "--distro" => distro = true,
+            "--qemu-runs" => {
+                let n = it.next().ok_or_else(usage)?;
+                qemu_runs = Some(
+                    n.parse()
+                        .map_err(|_| fail!("--qemu-runs: `{n}` is not a number"))?,
+                );
+            }
             _ => return Err(usage()),
         }
     }
@@ -683,7 +691,13 @@ pub fn command(args: &[String]) -> Result<u8> {
         if !q35.is_empty() {
             return Err(usage());
         }
-        return crate::bench_distro::command(runs.unwrap_or(20));
+        return crate::bench_distro::command(
+            runs.unwrap_or(20),
+            qemu_runs.unwrap_or(crate::bench_distro::QEMU_RUNS),
+        );
+    }
+    if qemu_runs.is_some() {
+        return Err(usage());
     }
     let runs = runs.unwrap_or(3);
     run_in_lab(&format!("boot {runs}{q35}"), Duration::from_secs(15 * 60))

@@ -16,8 +16,9 @@ use crate::util::Result;
 
 /// One boot may take this long before it counts as failed.
 const BOOT_LIMIT: Duration = Duration::from_secs(240);
-/// QEMU boots, for the comparison: fewer, since they only give the ratio.
-const QEMU_RUNS: usize = 3;
+/// QEMU boots by default, for the comparison: fewer, since they mostly
+/// give the ratio.
+pub const QEMU_RUNS: usize = 3;
 
 /// One boot: when systemd reported, and how the VMM ended.
 #[derive(Debug, Default, Clone)]
@@ -175,11 +176,15 @@ const METRICS: [Metric<Boot>; 2] = [
     ("guest uptime at multi-user, ms", |b| b.guest_ms),
 ];
 
-/// `xtask bench-in-lab distro RUNS`: the measuring half, in the lab.
+/// `xtask bench-in-lab distro RUNS QEMU_RUNS`: the measuring half, in the lab.
 pub fn in_lab(args: &[String]) -> Result<u8> {
     let runs: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(20);
+    let qemu_runs: usize = args
+        .get(2)
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(QEMU_RUNS);
     let (ours, our_failures) = series("ferrovisor", false, runs);
-    let (theirs, their_failures) = series("qemu-pc", true, QEMU_RUNS);
+    let (theirs, their_failures) = series("qemu-pc", true, qemu_runs);
     println!();
     println!(
         "distribution boot: Debian bookworm (systemd, udev, cloud kernel and its initrd), \
@@ -190,15 +195,17 @@ pub fn in_lab(args: &[String]) -> Result<u8> {
         &[("ferrovisor", &ours[..]), ("qemu-pc", &theirs[..])],
         &METRICS,
     );
-    println!("failed boots: ferrovisor {our_failures} of {runs}, qemu-pc {their_failures} of {QEMU_RUNS}");
+    println!(
+        "failed boots: ferrovisor {our_failures} of {runs}, qemu-pc {their_failures} of {qemu_runs}"
+    );
     Ok(u8::from(our_failures > 0))
 }
 
-/// `cargo xtask bench boot --distro [--runs N]`.
-pub fn command(runs: usize) -> Result<u8> {
+/// `cargo xtask bench boot --distro [--runs N] [--qemu-runs N]`.
+pub fn command(runs: usize, qemu_runs: usize) -> Result<u8> {
     let built = distro::build()?;
     crate::bench::run_in_lab_with(
-        &format!("distro {runs}"),
+        &format!("distro {runs} {qemu_runs}"),
         Duration::from_secs(60 * 60),
         |spec| built.add_to(spec),
     )

@@ -40,9 +40,10 @@ commands:
                             the host's KVM is PVM); --run: run CMD, exit with its status
   bench boot [--runs N] [--q35]
                             boot-time, VM-exit and memory comparison with QEMU (in the lab)
-  bench boot --distro [--runs N]
-                            boot the Debian image N times (default 20): time to
-                            multi-user and every failed boot, beside QEMU (in the lab)
+  bench boot --distro [--runs N] [--qemu-runs N]
+                            boot the Debian image N times (default 20) under
+                            ferrovisor, then under QEMU (default 3): time to
+                            multi-user and every failed boot (in the lab)
   bench blk [--runs N] [--size MIB] [--secs N]
                             virtio-blk MiB/s and IOPS in the guest, against QEMU (in the lab)
   help                      show this text";

@@ -297,7 +297,7 @@ fn watch_marker(
             if grown && std::fs::read(&path).is_ok_and(|d| d.contains(&1)) {
                 return Some(start.elapsed().as_secs_f64() * 1000.0);
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(10));
         }
         None
     })

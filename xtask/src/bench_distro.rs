@@ -145,7 +145,7 @@ fn boot(qemu: bool) -> std::result::Result<Boot, String> {
             }),
             boot.line,
             last_lines(&console, 15),
-            last_lines(&stderr, 40)
+            last_lines(&stderr, 120)
         )),
     }
 }

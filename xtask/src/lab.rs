@@ -213,9 +213,9 @@ impl RunDir {
     pub fn new() -> Result<Self> {
         static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = util::target_dir()
-            .join("lab")
-            .join(format!("run-{}-{n}", std::process::id()));
+        let labs = util::target_dir().join("lab");
+        remove_orphans(&labs);
+        let dir = labs.join(format!("run-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         util::mkdir(&dir)?;
         Ok(Self(dir))
@@ -227,6 +227,26 @@ impl RunDir {
 
     fn heartbeat(&self) -> PathBuf {
         self.0.join("heartbeat")
+    }
+}
+
+/// Removes the directories of runs whose process is gone (killed before
+/// it could clean up), leaving those of live runs alone.
+fn remove_orphans(labs: &Path) {
+    let Ok(entries) = std::fs::read_dir(labs) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("run-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
     }
 }
 
@@ -464,5 +484,16 @@ mod tests {
         drop(a);
         assert!(!gone.exists(), "a run's directory goes with it");
         assert!(b.0.is_dir(), "and leaves the other run's alone");
+    }
+
+    #[test]
+    fn a_killed_run_leaves_nothing_behind_the_next() {
+        let labs = util::target_dir().join("lab");
+        // No process has pid 0x3fffffff (above the kernel's pid_max).
+        let orphan = labs.join("run-1073741823-0");
+        util::mkdir(&orphan).unwrap();
+        let live = RunDir::new().unwrap();
+        assert!(!orphan.exists(), "the dead run's directory is gone");
+        assert!(live.0.is_dir());
     }
 }

@@ -36,6 +36,26 @@ fn distro_guest() -> GuestConfig {
     }
 }
 
+/// The console line holding `needle`, once it is complete (the console
+/// arrives in pieces, so the line's end may not be there yet).
+fn whole_line(guest: &Guest, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let console = guest.console();
+        if let Some(at) = console.find(needle) {
+            if let Some(end) = console[at..].find('\n') {
+                return console[at..at + end].trim_end().to_string();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the line with {needle:?} never ended:\n{}",
+            tail(&console, 20)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 #[test]
 #[ignore = "needs the lab: run by cargo xtask test"]
 fn debian_with_systemd_reaches_multi_user_with_no_failed_units_and_powers_off() {
@@ -43,16 +63,11 @@ fn debian_with_systemd_reaches_multi_user_with_no_failed_units_and_powers_off() 
     guest
         .wait_for(READY)
         .unwrap_or_else(|e| panic!("systemd never finished starting: {e}"));
-    let console = guest.console();
-    let line = console
-        .lines()
-        .find(|l| l.contains(READY))
-        .unwrap_or_default()
-        .to_string();
+    let line = whole_line(&guest, READY);
     assert!(
         line.contains("system running after"),
         "systemd's state: {line}\n{}",
-        tail(&console, 40)
+        tail(&guest.console(), 40)
     );
     assert!(line.ends_with("failed units: []"), "{line}");
     // The autologin shell on the serial console takes a command.

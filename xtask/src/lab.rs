@@ -339,8 +339,8 @@ fn attempt(
         }),
         (Ending::Stalled(idle), _) => Err(Failure::Retry(
             format!(
-                "the lab hung: no console output and no CPU progress, or no heartbeat, \
-                 for {} s; killed it",
+                "the lab hung: no console output and no CPU progress, no heartbeat, or \
+                 one of its CPUs stuck (a soft lockup), for {} s; killed it",
                 idle.as_secs()
             ),
             report.stdout.clone(),

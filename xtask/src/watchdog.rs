@@ -118,7 +118,7 @@ fn pump_stdout(
     mut from: impl Read + Send + 'static,
     watch: &Watch,
     start: Instant,
-    last_active: Arc<AtomicU64>,
+    (last_active, stuck_secs): (Arc<AtomicU64>, Arc<AtomicU64>),
 ) -> JoinHandle<StreamOut> {
     let interactive = watch.interactive;
     let hold_until = watch.hold_until;
@@ -134,7 +134,11 @@ fn pump_stdout(
                 break;
             }
             last_active.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-            captured.extend(capture_filter.feed(&buf[..n]));
+            let new_text = capture_filter.feed(&buf[..n]);
+            if let Some(secs) = soft_lockup_secs(&String::from_utf8_lossy(&new_text)) {
+                stuck_secs.fetch_max(secs, Ordering::Relaxed);
+            }
+            captured.extend(new_text);
             let shown = if interactive {
                 buf[..n].to_vec()
             } else {
@@ -155,6 +159,20 @@ fn pump_stdout(
         }
         StreamOut { captured, released }
     })
+}
+
+/// The longest "soft lockup - CPU#N stuck for Ss!" the lab's kernel reports
+/// in `text`: one of its CPUs has not scheduled for that long, wedged under
+/// a nested guest, while the other CPU keeps the console and heartbeat
+/// going.
+fn soft_lockup_secs(text: &str) -> Option<u64> {
+    text.lines()
+        .filter(|l| l.contains("soft lockup"))
+        .filter_map(|l| {
+            let rest = &l[l.find("stuck for ")? + "stuck for ".len()..];
+            rest[..rest.find('s')?].parse().ok()
+        })
+        .max()
 }
 
 /// QEMU's warnings that carry no news (TCG lacks some features of the model).
@@ -199,11 +217,17 @@ pub fn supervise(mut cmd: Command, watch: &Watch) -> Result<Report> {
         .spawn()
         .ctx(|| format!("cannot start `{}`", util::show(&cmd)))?;
     let last_active = Arc::new(AtomicU64::new(0));
+    let stuck_secs = Arc::new(AtomicU64::new(0));
     let stdout = child.stdout.take().ok_or_else(|| fail!("no stdout pipe"))?;
     let stderr = child.stderr.take().ok_or_else(|| fail!("no stderr pipe"))?;
-    let out_thread = pump_stdout(stdout, watch, start, last_active.clone());
+    let out_thread = pump_stdout(
+        stdout,
+        watch,
+        start,
+        (last_active.clone(), stuck_secs.clone()),
+    );
     let err_thread = pump_stderr(stderr, start, last_active.clone());
-    let ending = watch_child(&mut child, watch, start, &last_active)?;
+    let ending = watch_child(&mut child, watch, start, (&last_active, &stuck_secs))?;
     let out = out_thread
         .join()
         .map_err(|_| fail!("console reader thread failed"))?;
@@ -220,7 +244,7 @@ fn watch_child(
     child: &mut Child,
     watch: &Watch,
     start: Instant,
-    last_active: &AtomicU64,
+    (last_active, stuck_secs): (&AtomicU64, &AtomicU64),
 ) -> Result<Ending> {
     use std::os::unix::process::ExitStatusExt;
     let hz = clock_ticks_per_second();
@@ -260,8 +284,10 @@ fn watch_child(
         let elapsed = start.elapsed();
         let idle =
             elapsed.saturating_sub(Duration::from_millis(last_active.load(Ordering::Relaxed)));
+        let stuck = Duration::from_secs(stuck_secs.load(Ordering::Relaxed));
         let ending = match (watch.stall, watch.deadline) {
             (Some(stall), _) if idle >= stall => Some(Ending::Stalled(idle)),
+            (Some(stall), _) if stuck >= stall => Some(Ending::Stalled(stuck)),
             (Some(stall), _) if silent.is_some_and(|s| s >= stall) => {
                 Some(Ending::Stalled(silent.unwrap_or_default()))
             }
@@ -279,6 +305,14 @@ fn watch_child(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_soft_lockup_report_gives_how_long_a_cpu_was_stuck() {
+        let text = "[   68.98] watchdog: BUG: soft lockup - CPU#1 stuck for 52s! [vcpu:149]\n\
+                    [   96.98] watchdog: BUG: soft lockup - CPU#1 stuck for 78s! [vcpu:149]\n";
+        assert_eq!(soft_lockup_secs(text), Some(78));
+        assert_eq!(soft_lockup_secs("test a ... ok\n"), None);
+    }
 
     #[test]
     fn filter_strips_escapes_and_carriage_returns() {

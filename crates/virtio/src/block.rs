@@ -32,7 +32,10 @@ use vm_memory::{
     Bytes, GuestMemoryBackend, ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile,
 };
 
+use vmm_sys_util::epoll::EventSet;
+
 use crate::queue::{Buffer, Chain, QueueError, QueueHandler, QueueSet, Worker};
+use crate::rate_limiter::DeviceLimiter;
 use crate::{
     device_type, read_config_bytes, ActivateError, ActiveQueue, Interrupt, Memory, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -131,6 +134,7 @@ pub struct Block {
     disk: Arc<Disk>,
     config: [u8; CONFIG_LEN],
     worker: Option<Worker>,
+    limiter: Option<Arc<DeviceLimiter>>,
 }
 
 impl Block {
@@ -173,7 +177,16 @@ impl Block {
             disk: Arc::new(disk),
             config,
             worker: None,
+            limiter: None,
         }
+    }
+
+    /// Serves requests through `limiter`: each costs its data bytes and
+    /// one operation, and a request out of tokens waits on the limiter's
+    /// timer.
+    pub fn with_rate_limiter(mut self, limiter: Arc<DeviceLimiter>) -> Block {
+        self.limiter = Some(limiter);
+        self
     }
 
     /// The disk's capacity in 512-byte sectors.
@@ -260,9 +273,15 @@ impl VirtioDevice for Block {
             stop: set.stop_flag(),
             disk: self.disk.clone(),
             features: features & self.device_features(),
+            limiter: self.limiter.clone(),
         };
+        let timer: Vec<_> = self
+            .limiter
+            .iter()
+            .map(|l| (l.timer_fd(), RATE_TIMER, EventSet::IN))
+            .collect();
         let worker =
-            Worker::spawn("virtio-blk", set, handler, &[]).map_err(ActivateError::Worker)?;
+            Worker::spawn("virtio-blk", set, handler, &timer).map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
         Ok(())
     }
@@ -273,18 +292,46 @@ impl VirtioDevice for Block {
     }
 }
 
+/// The worker's token for the rate limiter's timer.
+const RATE_TIMER: u32 = 0;
+
 struct BlockHandler {
     /// Set when the worker is told to stop: long requests end early.
     stop: Arc<AtomicBool>,
     disk: Arc<Disk>,
     features: u64,
+    limiter: Option<Arc<DeviceLimiter>>,
 }
 
 impl QueueHandler for BlockHandler {
     fn queue_event(&mut self, set: &mut QueueSet, qi: usize) {
         let (disk, features, stop) = (&*self.disk, self.features, &*self.stop);
-        set.drain(qi, |mem, chain| serve(disk, features, stop, mem, chain));
+        let limiter = self.limiter.as_deref();
+        set.drain_admitted(
+            qi,
+            |chain| limiter.is_none_or(|l| l.admit(request_bytes(chain), 1)),
+            |mem, chain| serve(disk, features, stop, mem, chain),
+        );
     }
+
+    fn backend_event(&mut self, set: &mut QueueSet, token: u32, _events: EventSet) {
+        if token == RATE_TIMER {
+            if let Some(limiter) = &self.limiter {
+                limiter.timer_fired();
+            }
+            if !set.queues[0].is_broken() {
+                self.queue_event(set, 0);
+            }
+        }
+    }
+}
+
+/// What a request costs a bandwidth limit: its data, that is the chain
+/// without the 16-byte header and the status byte.
+fn request_bytes(chain: &Chain) -> u64 {
+    let readable = u64::from(chain.readable_len()).saturating_sub(u64::from(HEADER_LEN));
+    let writable = u64::from(chain.writable_len()).saturating_sub(1);
+    readable + writable
 }
 
 /// Serves one request chain; returns the bytes written into it (data and

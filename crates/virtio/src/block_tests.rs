@@ -3,6 +3,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use vm_memory::GuestAddress;
 
@@ -705,4 +706,67 @@ fn reset_with_a_queue_of_long_write_zeroes_returns_after_the_first() {
     dev.reset();
     let done = usize::from(drv.used_idx(0));
     assert!(done < REQUESTS, "the reset waited for all {done} requests");
+}
+
+/// Queues a one-sector read at `sector`; returns its status address.
+fn queue_read(drv: &mut MockDriver, sector: u64) -> GuestAddress {
+    let h = drv.put(&header(VIRTIO_BLK_T_IN, sector));
+    let data = drv.alloc(512);
+    let status = drv.alloc(1);
+    drv.add_chain(
+        0,
+        &[
+            Buf::readable(h, 16),
+            Buf::writable(data, 512),
+            Buf::writable(status, 1),
+        ],
+    );
+    status
+}
+
+#[test]
+fn a_request_out_of_tokens_waits_until_the_limit_is_raised() {
+    use crate::rate_limiter::{BucketConfig, DeviceLimiter, LimiterConfig};
+    let image = TempImage::new(&vec![0u8; 64 * 1024]);
+    // One operation per hour: the first request empties the bucket.
+    let hourly = LimiterConfig {
+        bandwidth: None,
+        ops: Some(BucketConfig {
+            size: 1,
+            one_time_burst: 0,
+            refill_time: Duration::from_secs(3600),
+        }),
+    };
+    let limiter = DeviceLimiter::new(hourly).unwrap();
+    let mut drv = MockDriver::new(MEM, &[QUEUE_SIZE]);
+    let mut dev = Block::open(&image.0, false, "limited")
+        .unwrap()
+        .with_rate_limiter(limiter.clone());
+    let features = FEATURES & dev.device_features();
+    drv.activate(&mut dev, features).unwrap();
+    queue_read(&mut drv, 0);
+    queue_read(&mut drv, 1);
+    drv.kick(0);
+    assert_eq!(
+        drv.wait_used(0, 1).len(),
+        1,
+        "the first request was not served"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !limiter.stats().waiting && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        limiter.stats().waiting,
+        "the second request was not held back"
+    );
+    assert!(
+        drv.take_used(0).is_empty(),
+        "the second request went through"
+    );
+    limiter.set_config(LimiterConfig::default());
+    assert_eq!(drv.wait_used(0, 1).len(), 1, "the second request never ran");
+    let stats = limiter.stats();
+    assert_eq!((stats.delayed_ops, stats.delayed_bytes), (1, 512));
+    dev.reset();
 }

@@ -22,6 +22,7 @@ pub mod console;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fuzzing;
 pub mod queue;
+pub mod rate_limiter;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;

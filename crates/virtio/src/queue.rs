@@ -510,6 +510,13 @@ impl DeviceQueue {
         self.walker.walk(mem, head).map(Some)
     }
 
+    /// Puts the chain [`DeviceQueue::pop`] last returned back at the head
+    /// of the queue, to be popped again later (a rate-limited request).
+    pub fn undo_pop(&mut self) {
+        let next = Wrapping(self.queue.next_avail()) - Wrapping(1);
+        self.queue.set_next_avail(next.0);
+    }
+
     /// Returns a chain to the driver with `len` bytes written.
     pub fn add_used(&mut self, mem: &Memory, head: u16, len: u32) -> Result<(), QueueError> {
         self.queue
@@ -679,11 +686,23 @@ impl QueueSet {
     /// disable/drain/re-enable pattern so no kick is lost, then notifies
     /// once. A driver error stops the queue. A stop request ends the drain
     /// after the chain in progress; the rest stay available.
-    pub fn drain<F>(&mut self, qi: usize, mut serve: F)
+    pub fn drain<F>(&mut self, qi: usize, serve: F)
     where
         F: FnMut(&Memory, &Chain) -> Result<u32, QueueError>,
     {
-        if let Err(e) = self.drain_inner(qi, &mut serve) {
+        self.drain_admitted(qi, |_| true, serve);
+    }
+
+    /// [`QueueSet::drain`], asking `admit` before serving each chain. A
+    /// chain it refuses (a rate limiter out of tokens) stays at the head of
+    /// the queue and the drain ends; the caller drains again later, and
+    /// kicks meanwhile change nothing.
+    pub fn drain_admitted<A, F>(&mut self, qi: usize, mut admit: A, mut serve: F)
+    where
+        A: FnMut(&Chain) -> bool,
+        F: FnMut(&Memory, &Chain) -> Result<u32, QueueError>,
+    {
+        if let Err(e) = self.drain_inner(qi, &mut admit, &mut serve) {
             self.fail(qi, &e);
         }
         if !self.queues[qi].broken {
@@ -691,8 +710,14 @@ impl QueueSet {
         }
     }
 
-    fn drain_inner<F>(&mut self, qi: usize, serve: &mut F) -> Result<(), QueueError>
+    fn drain_inner<A, F>(
+        &mut self,
+        qi: usize,
+        admit: &mut A,
+        serve: &mut F,
+    ) -> Result<(), QueueError>
     where
+        A: FnMut(&Chain) -> bool,
         F: FnMut(&Memory, &Chain) -> Result<u32, QueueError>,
     {
         let q = &mut self.queues[qi];
@@ -705,6 +730,10 @@ impl QueueSet {
                 let Some(chain) = q.pop(&self.mem)? else {
                     break;
                 };
+                if !admit(&chain) {
+                    q.undo_pop();
+                    return Ok(());
+                }
                 let len = serve(&self.mem, &chain)?;
                 q.add_used(&self.mem, chain.head(), len)?;
             }

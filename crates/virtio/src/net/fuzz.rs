@@ -82,7 +82,7 @@ pub fn fuzz_tx(data: &[u8]) {
     };
     let features = features_for(Sink.offloads());
     let backend: Box<dyn NetBackend> = Box::new(Sink);
-    let mut handler = NetHandler::new(Arc::new(Mutex::new(backend)), features);
+    let mut handler = NetHandler::new(Arc::new(Mutex::new(backend)), features, Default::default());
     let mut set = QueueSet::new("virtio-net", mem, Arc::new(Quiet), vec![rx, tx], features);
     handler.process_tx(&mut set);
 }

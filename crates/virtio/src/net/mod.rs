@@ -32,11 +32,12 @@ use vmm_sys_util::epoll::EventSet;
 pub use tap::{tun_f, Tap, TapError};
 
 use crate::queue::{QueueSet, Worker};
+use crate::rate_limiter::DeviceLimiter;
 use crate::{
     device_type, ActivateError, ActiveQueue, Interrupt, Memory, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use worker::{NetHandler, SharedBackend};
+use worker::{NetHandler, NetLimiters, SharedBackend, BACKEND, RX_TIMER, TX_TIMER};
 
 /// Length of `virtio_net_hdr_v1`, which precedes every frame.
 pub const NET_HDR_LEN: usize = 12;
@@ -126,6 +127,7 @@ pub struct Net {
     features: u64,
     backend: SharedBackend,
     worker: Option<Worker>,
+    limiters: NetLimiters,
 }
 
 impl Net {
@@ -137,7 +139,21 @@ impl Net {
             features: features_for(backend.offloads()),
             backend: Arc::new(Mutex::new(backend)),
             worker: None,
+            limiters: NetLimiters::default(),
         }
+    }
+
+    /// Limits received frames with `rx` and transmitted ones with `tx`:
+    /// each frame costs its bytes (without the virtio-net header) and one
+    /// operation. Frames out of tokens wait on the limiter's timer: sent
+    /// frames in the transmit queue, received ones in the backend.
+    pub fn with_rate_limiters(
+        mut self,
+        rx: Option<Arc<DeviceLimiter>>,
+        tx: Option<Arc<DeviceLimiter>>,
+    ) -> Net {
+        self.limiters = NetLimiters { rx, tx };
+        self
     }
 
     /// The configuration space: mac, then status.
@@ -206,13 +222,18 @@ impl VirtioDevice for Net {
             backend.raw_fd()
         };
         let set = QueueSet::new("virtio-net", mem, interrupt, queues, features);
-        let handler = NetHandler::new(self.backend.clone(), features);
+        let handler = NetHandler::new(self.backend.clone(), features, self.limiters.clone());
         // Edge-triggered: while the guest has no receive buffer the worker
         // leaves frames in the backend, and a new frame or an rx kick wakes
         // it again.
-        let events = EventSet::IN | EventSet::EDGE_TRIGGERED;
-        let worker = Worker::spawn("virtio-net", set, handler, &[(fd, 0, events)])
-            .map_err(ActivateError::Worker)?;
+        let mut fds = vec![(fd, BACKEND, EventSet::IN | EventSet::EDGE_TRIGGERED)];
+        for (limiter, token) in [(&self.limiters.rx, RX_TIMER), (&self.limiters.tx, TX_TIMER)] {
+            if let Some(l) = limiter {
+                fds.push((l.timer_fd(), token, EventSet::IN));
+            }
+        }
+        let worker =
+            Worker::spawn("virtio-net", set, handler, &fds).map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
         Ok(())
     }

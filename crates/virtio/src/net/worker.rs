@@ -12,11 +12,25 @@ use super::{
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO,
 };
 use crate::queue::{Chain, QueueError, QueueHandler, QueueSet};
+use crate::rate_limiter::DeviceLimiter;
 use crate::Memory;
 
 /// Queue positions.
 pub(crate) const RX: usize = 0;
 pub(crate) const TX: usize = 1;
+
+/// Worker tokens: the backend, and the receive and transmit limiters'
+/// timers.
+pub(crate) const BACKEND: u32 = 0;
+pub(crate) const RX_TIMER: u32 = 1;
+pub(crate) const TX_TIMER: u32 = 2;
+
+/// The rate limiters of each direction; `None` is unlimited.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct NetLimiters {
+    pub rx: Option<Arc<DeviceLimiter>>,
+    pub tx: Option<Arc<DeviceLimiter>>,
+}
 
 const HDR_F_NEEDS_CSUM: u8 = 1;
 const GSO_NONE: u8 = 0;
@@ -38,16 +52,18 @@ pub(crate) struct NetHandler {
     /// Length of a frame in `rx_buf` still waiting for a receive buffer.
     rx_pending: Option<usize>,
     tx_buf: Vec<u8>,
+    limiters: NetLimiters,
 }
 
 impl NetHandler {
-    pub fn new(backend: SharedBackend, features: u64) -> NetHandler {
+    pub fn new(backend: SharedBackend, features: u64, limiters: NetLimiters) -> NetHandler {
         NetHandler {
             backend,
             features,
             rx_buf: vec![0; NET_HDR_LEN + MAX_FRAME_LEN],
             rx_pending: None,
             tx_buf: Vec::with_capacity(NET_HDR_LEN + MAX_FRAME_LEN),
+            limiters,
         }
     }
 
@@ -101,6 +117,14 @@ impl NetHandler {
                     "a receive buffer is shorter than the virtio-net header",
                 ));
             }
+            if let Some(limiter) = &self.limiters.rx {
+                if !limiter.admit((len - NET_HDR_LEN) as u64, 1) {
+                    // Out of tokens: the frame and the buffer wait for the
+                    // limiter's timer; the backend is not read meanwhile.
+                    q.undo_pop();
+                    return Ok(());
+                }
+            }
             self.rx_pending = None;
             let written = if room < len {
                 // Without merged buffers a frame must fit one chain: drop
@@ -142,10 +166,19 @@ impl NetHandler {
         let backend = &self.backend;
         let buf = &mut self.tx_buf;
         let features = self.features;
-        set.drain(TX, |mem, chain| {
-            send_chain(mem, chain, buf, features, backend)
-        });
+        let limiter = self.limiters.tx.as_deref();
+        set.drain_admitted(
+            TX,
+            |chain| limiter.is_none_or(|l| l.admit(frame_bytes(chain), 1)),
+            |mem, chain| send_chain(mem, chain, buf, features, backend),
+        );
     }
+}
+
+/// What a transmit chain costs a bandwidth limit: the frame without its
+/// virtio-net header.
+fn frame_bytes(chain: &Chain) -> u64 {
+    u64::from(chain.readable_len()).saturating_sub(NET_HDR_LEN as u64)
 }
 
 impl QueueHandler for NetHandler {
@@ -157,8 +190,24 @@ impl QueueHandler for NetHandler {
         }
     }
 
-    fn backend_event(&mut self, set: &mut QueueSet, _token: u32, _events: EventSet) {
-        self.process_rx(set);
+    fn backend_event(&mut self, set: &mut QueueSet, token: u32, _events: EventSet) {
+        match token {
+            RX_TIMER => {
+                if let Some(l) = &self.limiters.rx {
+                    l.timer_fired();
+                }
+                self.process_rx(set);
+            }
+            TX_TIMER => {
+                if let Some(l) = &self.limiters.tx {
+                    l.timer_fired();
+                }
+                if !set.queues[TX].is_broken() {
+                    self.process_tx(set);
+                }
+            }
+            _ => self.process_rx(set),
+        }
     }
 }
 

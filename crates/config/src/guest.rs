@@ -19,10 +19,13 @@
 //! [[disk]]
 //! path = "root.img"
 //! readonly = true
+//! rate = { bandwidth = "20MiB/s", ops = 500, burst = "64MiB" }  # optional
 //!
 //! [[net]]
 //! tap = "fv0"
 //! mac = "52:54:00:12:34:56"
+//! rx_rate = { bandwidth = "100Mbit/s" }   # frames to the guest (optional)
+//! tx_rate = { bandwidth = "100Mbit/s" }   # frames from the guest
 //!
 //! [vsock]
 //! cid = 3
@@ -40,6 +43,7 @@ use vmm::config::{
 };
 
 use arch::cpu_features::FeatureEdit;
+use vmm::rate::{RateSpec, RateValue, RATE_KEYS};
 
 use crate::fields::{kind, Fields};
 use crate::{parse_table, read_file, FileError};
@@ -262,8 +266,42 @@ fn affinity(f: &mut Fields, cpus: u8) -> Result<Vec<Vec<usize>>, FileError> {
 fn disk(mut d: Fields, base_dir: &Path) -> Result<DiskConfig, FileError> {
     let path = resolve(base_dir, &d.required_string("path")?);
     let readonly = d.boolean("readonly")?.unwrap_or(false);
+    let rate = rate(&mut d, "rate")?;
     d.finish()?;
-    Ok(DiskConfig { path, readonly })
+    Ok(DiskConfig {
+        path,
+        readonly,
+        rate,
+    })
+}
+
+/// An I/O limit: `key = { bandwidth = "20MiB/s", ops = 500, ... }` (the
+/// keys of `vmm::rate`); absent is no limit.
+fn rate(f: &mut Fields, key: &'static str) -> Result<RateSpec, FileError> {
+    let Some(mut t) = f.table(key)? else {
+        return Ok(RateSpec::default());
+    };
+    let mut spec = RateSpec::default();
+    for name in RATE_KEYS {
+        let value = match t.take(name) {
+            None => continue,
+            Some(toml::Value::String(s)) => spec.set(name, RateValue::Text(&s)),
+            Some(toml::Value::Integer(n)) => match u64::try_from(n) {
+                Ok(n) => spec.set(name, RateValue::Number(n)),
+                Err(_) => return Err(t.error(name, format!("{n} is not above 0"))),
+            },
+            Some(other) => {
+                return Err(t.error(
+                    name,
+                    format!("expected a string or an integer, found {}", kind(&other)),
+                ))
+            }
+        };
+        value.map_err(|e| t.error(name, e.problem))?;
+    }
+    spec.check().map_err(|e| t.error(&e.key, e.problem))?;
+    t.finish()?;
+    Ok(spec)
 }
 
 fn net(mut n: Fields) -> Result<NetConfig, FileError> {
@@ -278,8 +316,15 @@ fn net(mut n: Fields) -> Result<NetConfig, FileError> {
         None => None,
         Some(text) => Some(vmcfg::parse_mac(&text).map_err(|e| n.error("mac", e.to_string()))?),
     };
+    let rx_rate = rate(&mut n, "rx_rate")?;
+    let tx_rate = rate(&mut n, "tx_rate")?;
     n.finish()?;
-    Ok(NetConfig { tap, mac })
+    Ok(NetConfig {
+        tap,
+        mac,
+        rx_rate,
+        tx_rate,
+    })
 }
 
 fn vsock(mut v: Fields, base_dir: &Path) -> Result<VsockConfig, FileError> {

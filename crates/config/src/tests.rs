@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use vmm::config::{ConsoleMode, DiskConfig, NetConfig, VsockConfig, DEFAULT_CMDLINE};
 
 use super::*;
+use vmm::rate::RateSpec;
 
 const BASE: &str = "/srv/guests";
 
@@ -44,10 +45,13 @@ readonly = true
 
 [[disk]]
 path = "data.img"
+rate = { bandwidth = "20MiB/s", ops = 500, burst = "64MiB", refill_time = "50ms" }
 
 [[net]]
 tap = "fv0"
 mac = "52:54:00:12:34:56"
+rx_rate = { bandwidth = "100Mbit/s" }
+tx_rate = { ops = 1000, ops_burst = 100 }
 
 [vsock]
 cid = 7
@@ -76,11 +80,19 @@ fn a_full_guest_file_fills_every_field() {
         vec![
             DiskConfig {
                 path: "/srv/guests/root.img".into(),
-                readonly: true
+                readonly: true,
+                rate: Default::default(),
             },
             DiskConfig {
                 path: "/srv/guests/data.img".into(),
-                readonly: false
+                readonly: false,
+                rate: RateSpec {
+                    bandwidth: Some(20 << 20),
+                    burst: Some(64 << 20),
+                    ops: Some(500),
+                    ops_burst: None,
+                    refill_time: Some(std::time::Duration::from_millis(50)),
+                },
             }
         ]
     );
@@ -88,7 +100,16 @@ fn a_full_guest_file_fills_every_field() {
         c.nets,
         vec![NetConfig {
             tap: "fv0".into(),
-            mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+            mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+            rx_rate: RateSpec {
+                bandwidth: Some(12_500_000),
+                ..RateSpec::default()
+            },
+            tx_rate: RateSpec {
+                ops: Some(1000),
+                ops_burst: Some(100),
+                ..RateSpec::default()
+            },
         }]
     );
     assert_eq!(
@@ -249,7 +270,14 @@ fn cpu_feature_errors() {
 fn device_errors() {
     let cases = [
         ("[[disk]]\nreadonly = true", "guest.toml: disk[0].path: is required"),
-        ("[[disk]]\npath = \"a\"\n[[disk]]\npath = \"b\"\nsize = 1", "guest.toml: disk[1].size: unknown field (known here: path, readonly)"),
+        ("[[disk]]\npath = \"a\"\n[[disk]]\npath = \"b\"\nsize = 1", "guest.toml: disk[1].size: unknown field (known here: path, rate, readonly)"),
+        ("[[disk]]\npath = \"a\"\nrate = { bandwidth = \"fast\" }", "guest.toml: disk[0].rate.bandwidth: 'fast' is not a rate such as \"20MiB/s\" or \"100Mbit/s\""),
+        ("[[disk]]\npath = \"a\"\nrate = { ops = 0 }", "guest.toml: disk[0].rate.ops: must be above 0 (operations per second); leave it out for no limit"),
+        ("[[disk]]\npath = \"a\"\nrate = { ops = -3 }", "guest.toml: disk[0].rate.ops: -3 is not above 0"),
+        ("[[disk]]\npath = \"a\"\nrate = { burst = \"1M\" }", "guest.toml: disk[0].rate.burst: needs a bandwidth"),
+        ("[[disk]]\npath = \"a\"\nrate = { iops = 5 }", "guest.toml: disk[0].rate.iops: unknown field (known here: bandwidth, burst, ops, ops_burst, refill_time)"),
+        ("[[disk]]\npath = \"a\"\nrate = 5", "guest.toml: disk[0].rate: expected a table, found an integer"),
+        ("[[net]]\ntap = \"t\"\ntx_rate = { refill_time = \"1h\" }", "guest.toml: net[0].tx_rate.refill_time: '1h' is not a duration such as \"100ms\" or \"1s\""),
         ("[[disk]]\npath = \"a\"\nreadonly = \"on\"", "guest.toml: disk[0].readonly: expected true or false, found a string"),
         ("disk = \"a.img\"", "guest.toml: disk: expected an array of tables, found a string"),
         ("[[net]]\ntap = \"a/b\"", "guest.toml: net[0].tap: 'a/b' is not an interface name (1 to 15 characters, no '/', ':' or spaces)"),

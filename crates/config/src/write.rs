@@ -8,6 +8,7 @@ use std::path::Path;
 
 use toml::Value;
 use vmm::config::{format_cpu_list, VmConfig};
+use vmm::rate::RateSpec;
 
 use crate::guest::AFFINITY_ANY;
 use crate::system::System;
@@ -78,6 +79,22 @@ pub fn to_system_toml(system: &System) -> String {
     out
 }
 
+/// Writes `key = { ... }` for a rate spec that sets anything.
+fn write_rate(out: &mut String, key: &str, spec: &RateSpec) {
+    let entries = spec.entries();
+    if entries.is_empty() {
+        return;
+    }
+    let items: Vec<String> = entries
+        .into_iter()
+        .map(|(k, v)| match v.as_str() {
+            Some(s) => format!("{k} = {}", quoted(s)),
+            None => format!("{k} = {v}"),
+        })
+        .collect();
+    let _ = writeln!(out, "{key} = {{ {} }}", items.join(", "));
+}
+
 /// Writes the guest's keys; its sub-tables are named with `prefix`.
 fn write_guest(out: &mut String, config: &VmConfig, prefix: &str) {
     // Writing to a String cannot fail.
@@ -107,6 +124,7 @@ fn write_guest(out: &mut String, config: &VmConfig, prefix: &str) {
     for disk in &config.disks {
         let _ = writeln!(out, "\n[[{prefix}disk]]\npath = {}", path(&disk.path));
         let _ = writeln!(out, "readonly = {}", disk.readonly);
+        write_rate(out, "rate", &disk.rate);
     }
     for net in &config.nets {
         let _ = writeln!(out, "\n[[{prefix}net]]\ntap = {}", quoted(&net.tap));
@@ -117,6 +135,8 @@ fn write_guest(out: &mut String, config: &VmConfig, prefix: &str) {
             );
             let _ = writeln!(out, "mac = {}", quoted(&mac));
         }
+        write_rate(out, "rx_rate", &net.rx_rate);
+        write_rate(out, "tx_rate", &net.tx_rate);
     }
     if let Some(vsock) = &config.vsock {
         let _ = writeln!(out, "\n[{prefix}vsock]\ncid = {}", vsock.cid);

@@ -460,11 +460,13 @@ mod tests {
             vec![
                 DiskConfig {
                     path: "a.img".into(),
-                    readonly: false
+                    readonly: false,
+                    rate: Default::default(),
                 },
                 DiskConfig {
                     path: "b.img".into(),
-                    readonly: true
+                    readonly: true,
+                    rate: Default::default(),
                 }
             ]
         );

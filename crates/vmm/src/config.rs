@@ -9,6 +9,7 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
+use crate::rate::{RateError, RateSpec, RateValue, RATE_KEYS};
 pub use arch::smbios::{Uuid, UuidError};
 
 /// Errors in a device option string such as `path=disk.img,readonly=on`.
@@ -42,6 +43,8 @@ pub enum ConfigError {
     BadMemoryBacking(String),
     #[error("'{0}' is not a huge page size (2M or 1G)")]
     BadHugePages(String),
+    #[error("{0}")]
+    Rate(#[from] RateError),
 }
 
 /// The kernel command line when none is given: serial console, and a
@@ -60,6 +63,8 @@ pub const MAX_HOST_CPUS: usize = 1024;
 pub struct DiskConfig {
     pub path: PathBuf,
     pub readonly: bool,
+    /// Its I/O limit (none when empty).
+    pub rate: RateSpec,
 }
 
 /// A virtio-net interface backed by a tap device.
@@ -69,6 +74,9 @@ pub struct NetConfig {
     pub tap: String,
     /// The guest's MAC address; `None` picks a locally administered one.
     pub mac: Option<[u8; 6]>,
+    /// Limits on frames the guest receives and sends (none when empty).
+    pub rx_rate: RateSpec,
+    pub tx_rate: RateSpec,
 }
 
 /// A virtio-vsock device in the hybrid model: guest connections to host port
@@ -341,12 +349,52 @@ pub fn parse_cid(text: &str) -> Result<u32, ConfigError> {
     }
 }
 
+/// The rate keys of a NIC option, by direction.
+const RX_RATE_KEYS: [&str; 5] = [
+    "rx_bandwidth",
+    "rx_burst",
+    "rx_ops",
+    "rx_ops_burst",
+    "rx_refill_time",
+];
+const TX_RATE_KEYS: [&str; 5] = [
+    "tx_bandwidth",
+    "tx_burst",
+    "tx_ops",
+    "tx_ops_burst",
+    "tx_refill_time",
+];
+
+/// The rate spec of the option keys that start with `prefix`; errors name
+/// the key as written.
+fn flag_rate(pairs: &[(&str, &str)], prefix: &str) -> Result<RateSpec, ConfigError> {
+    let named = |e: RateError| RateError {
+        key: format!("{prefix}{}", e.key),
+        problem: e.problem,
+    };
+    let mut spec = RateSpec::default();
+    for (key, value) in pairs {
+        let Some(key) = key.strip_prefix(prefix).filter(|k| RATE_KEYS.contains(k)) else {
+            continue;
+        };
+        let value = match value.parse::<u64>() {
+            Ok(n) => RateValue::Number(n),
+            Err(_) => RateValue::Text(value),
+        };
+        spec.set(key, value).map_err(named)?;
+    }
+    spec.check().map_err(named)?;
+    Ok(spec)
+}
+
 impl FromStr for DiskConfig {
     type Err = ConfigError;
 
-    /// `path=FILE[,readonly=on]`
+    /// `path=FILE[,readonly=on][,bandwidth=20MiB/s,ops=500,burst=..]`
     fn from_str(text: &str) -> Result<Self, ConfigError> {
-        let pairs = pairs(text, &["path", "readonly"])?;
+        let mut known = vec!["path", "readonly"];
+        known.extend(RATE_KEYS);
+        let pairs = pairs(text, &known)?;
         let path = find(&pairs, "path").ok_or(ConfigError::Missing("path"))?;
         if path.is_empty() {
             return Err(ConfigError::Empty("path"));
@@ -358,6 +406,7 @@ impl FromStr for DiskConfig {
         Ok(DiskConfig {
             path: PathBuf::from(path),
             readonly,
+            rate: flag_rate(&pairs, "")?,
         })
     }
 }
@@ -365,15 +414,20 @@ impl FromStr for DiskConfig {
 impl FromStr for NetConfig {
     type Err = ConfigError;
 
-    /// `tap=NAME[,mac=MAC]`
+    /// `tap=NAME[,mac=MAC][,rx_bandwidth=..,tx_ops=..]`
     fn from_str(text: &str) -> Result<Self, ConfigError> {
-        let pairs = pairs(text, &["tap", "mac"])?;
+        let mut known = vec!["tap", "mac"];
+        known.extend(RX_RATE_KEYS);
+        known.extend(TX_RATE_KEYS);
+        let pairs = pairs(text, &known)?;
         let tap = find(&pairs, "tap").ok_or(ConfigError::Missing("tap"))?;
         check_tap_name(tap)?;
         let mac = find(&pairs, "mac").map(parse_mac).transpose()?;
         Ok(NetConfig {
             tap: tap.to_string(),
             mac,
+            rx_rate: flag_rate(&pairs, "rx_")?,
+            tx_rate: flag_rate(&pairs, "tx_")?,
         })
     }
 }
@@ -466,6 +520,32 @@ mod tests {
         assert!("tap=a/b".parse::<NetConfig>().is_err());
         assert!("tap=sixteen-chars-xx".parse::<NetConfig>().is_err());
         assert!("mac=52:54:00:ab:cd:ef".parse::<NetConfig>().is_err());
+    }
+
+    #[test]
+    fn rate_options_on_disks_and_nics() {
+        let d: DiskConfig = "path=a.img,bandwidth=20MiB/s,ops=500,burst=64M"
+            .parse()
+            .unwrap();
+        assert_eq!(d.rate.bandwidth, Some(20 << 20));
+        assert_eq!(d.rate.ops, Some(500));
+        assert_eq!(d.rate.burst, Some(64 << 20));
+        let n: NetConfig = "tap=fv0,rx_bandwidth=100Mbit/s,tx_ops=1000"
+            .parse()
+            .unwrap();
+        assert_eq!(n.rx_rate.bandwidth, Some(12_500_000));
+        assert_eq!(n.rx_rate.ops, None);
+        assert_eq!(n.tx_rate.ops, Some(1000));
+        let err = "tap=fv0,tx_bandwidth=fast"
+            .parse::<NetConfig>()
+            .unwrap_err();
+        assert!(err.to_string().starts_with("tx_bandwidth: 'fast'"), "{err}");
+        let err = "path=a,ops_burst=5".parse::<DiskConfig>().unwrap_err();
+        assert_eq!(err.to_string(), "ops_burst: needs ops");
+        assert_eq!(
+            "tap=fv0,bandwidth=1M".parse::<NetConfig>(),
+            Err(ConfigError::UnknownKey("bandwidth".into()))
+        );
     }
 
     #[test]

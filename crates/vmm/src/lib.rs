@@ -12,6 +12,7 @@ pub mod loader;
 pub mod machine;
 pub mod memory;
 pub mod pci;
+pub mod rate;
 pub mod runtime;
 pub mod stats;
 pub mod vcpu;

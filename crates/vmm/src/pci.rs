@@ -44,6 +44,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{ConsoleMode, DiskConfig, NetConfig, VmConfig};
 use crate::console::InputSink;
 use crate::memory::GuestMemory;
+use crate::rate::{Limits, LimitsBuilder};
 
 /// The highest GSI handed out for MSI-X vectors.
 const MAX_GSI: u32 = 1023;
@@ -291,6 +292,8 @@ fn default_mac(index: usize) -> [u8; 6] {
 pub struct DeviceSet {
     pub specs: Vec<DeviceSpec>,
     pub console_input: Option<ConsoleInput>,
+    /// The rate limiters of the disks and NICs, by device name.
+    pub limits: Limits,
 }
 
 impl DeviceSet {
@@ -304,19 +307,32 @@ impl DeviceSet {
 /// sockets, so a bad option fails here, before the VM exists.
 pub fn devices_from_config(config: &VmConfig) -> Result<DeviceSet, PciError> {
     let mut set = DeviceSet::default();
+    let mut limits = LimitsBuilder::default();
     for (index, disk) in config.disks.iter().enumerate() {
         let flag = disk_flag(disk);
         let serial = format!("fvdisk{index}");
-        let block = virtio::block::Block::open(&disk.path, disk.readonly, &serial)
+        let limiter = limits
+            .add(format!("disk{index}"), disk.rate)
             .map_err(device_error(flag.clone()))?;
+        let block = virtio::block::Block::open(&disk.path, disk.readonly, &serial)
+            .map_err(device_error(flag.clone()))?
+            .with_rate_limiter(limiter);
         set.push(flag, Box::new(block));
     }
     for (index, net) in config.nets.iter().enumerate() {
         let flag = net_flag(net);
         let tap = virtio::net::Tap::open(&net.tap).map_err(device_error(flag.clone()))?;
         let mac = net.mac.unwrap_or_else(|| default_mac(index));
-        set.push(flag, Box::new(virtio::net::Net::new(Box::new(tap), mac)));
+        let mut limiter = |dir: &str, spec| {
+            limits
+                .add(format!("net{index}-{dir}"), spec)
+                .map_err(device_error(flag.clone()))
+        };
+        let (rx, tx) = (limiter("rx", net.rx_rate)?, limiter("tx", net.tx_rate)?);
+        let nic = virtio::net::Net::new(Box::new(tap), mac).with_rate_limiters(Some(rx), Some(tx));
+        set.push(flag, Box::new(nic));
     }
+    set.limits = limits.build();
     if config.console == ConsoleMode::Virtio {
         let flag = "--console virtio".to_string();
         let console = virtio::console::Console::new(crate::console::output())
@@ -552,6 +568,7 @@ mod tests {
             disks: vec![DiskConfig {
                 path: "/nonexistent/x.img".into(),
                 readonly: true,
+                rate: Default::default(),
             }],
             ..Default::default()
         };

@@ -3,7 +3,8 @@
 //!
 //! - serves `DIR/control.sock`: one JSON request line per connection, one
 //!   JSON reply line, then the connection closes (`info`, `pause`,
-//!   `resume`, `shutdown`, `stop`);
+//!   `resume`, `shutdown`, `stop`, and `limit`, which changes a disk's or
+//!   NIC's rate limits);
 //! - appends the guest console to `DIR/console.log`, bounded: past
 //!   [`LOG_LIMIT`] it is rewritten to keep its last [`LOG_KEEP`] bytes;
 //! - sends the same output live to every client of `DIR/console.sock`, and
@@ -36,6 +37,7 @@ use crate::console::{self, InputSink};
 use crate::control::Control;
 use crate::exit::VmExit;
 use crate::memory::{self, Backing};
+use crate::rate::{self, LimitRequest, Limits};
 use crate::vcpu;
 
 /// The control socket's name in the runtime directory.
@@ -405,13 +407,15 @@ impl ConsoleServer {
 // The control socket.
 
 /// A control request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Op {
     Info,
     Pause,
     Resume,
     Shutdown,
     Stop,
+    /// Change a disk's or NIC's rate limits (see `rate`).
+    Limit(LimitRequest),
 }
 
 /// Parses one request line: a JSON object with an `op` and nothing else.
@@ -421,6 +425,9 @@ pub fn parse_request(line: &str) -> Result<Op, String> {
     let Value::Object(map) = value else {
         return Err("a request is a JSON object like {\"op\":\"info\"}".into());
     };
+    if map.get("op").and_then(Value::as_str) == Some("limit") {
+        return rate::parse_limit_request(&map).map(Op::Limit);
+    }
     if let Some(key) = map.keys().find(|k| *k != "op") {
         return Err(format!("unknown field '{key}'"));
     }
@@ -433,7 +440,7 @@ pub fn parse_request(line: &str) -> Result<Op, String> {
             "shutdown" => Ok(Op::Shutdown),
             "stop" => Ok(Op::Stop),
             other => Err(format!(
-                "unknown op '{other}' (known: info, pause, resume, shutdown, stop)"
+                "unknown op '{other}' (known: info, pause, resume, shutdown, stop, limit)"
             )),
         },
         Some(_) => Err("'op' must be a string".into()),
@@ -449,6 +456,10 @@ pub trait VmControl {
     /// Injects Ctrl-Alt-Del.
     fn shutdown(&self) -> Result<(), String>;
     fn stop(&self);
+    /// Changes a device's rate limits; returns the new limits.
+    fn limit(&self, _request: &LimitRequest) -> Result<Value, String> {
+        Err("this VM has no rate limits".into())
+    }
 }
 
 fn reply(result: Result<(), String>) -> Value {
@@ -473,6 +484,10 @@ pub fn answer(line: &str, vm: &dyn VmControl) -> (Value, bool) {
         Ok(Op::Resume) => (reply(vm.resume()), false),
         Ok(Op::Shutdown) => (reply(vm.shutdown()), false),
         Ok(Op::Stop) => (json!({ "ok": true }), true),
+        Ok(Op::Limit(request)) => match vm.limit(&request) {
+            Ok(limits) => (json!({ "ok": true, "limits": limits }), false),
+            Err(error) => (json!({ "ok": false, "error": error }), false),
+        },
     }
 }
 
@@ -540,6 +555,7 @@ struct LiveVm {
     memory_bytes: u64,
     memory_backing: Backing,
     memory_ranges: Vec<(usize, usize)>,
+    limits: Limits,
 }
 
 impl VmControl for LiveVm {
@@ -563,7 +579,14 @@ impl VmControl for LiveVm {
         let uptime = self.control.start().elapsed().as_millis() as u64;
         map.insert("uptime_ms".into(), uptime.into());
         map.insert("exits".into(), self.control.exits.total().into());
+        map.insert("rate_limits".into(), self.limits.report());
         map
+    }
+
+    fn limit(&self, request: &LimitRequest) -> Result<Value, String> {
+        self.limits
+            .apply(&request.device, &request.rate, request.replace)
+            .map_err(|e| e.to_string())
     }
 
     fn pause(&self) -> Result<(), String> {
@@ -625,6 +648,8 @@ pub struct VmParts {
     /// Guest RAM's backing and its host-virtual ranges, for `info`.
     pub memory_backing: Backing,
     pub memory_ranges: Vec<(usize, usize)>,
+    /// The disks' and NICs' rate limiters, for `info` and `limit`.
+    pub limits: Limits,
 }
 
 impl std::fmt::Debug for VmParts {
@@ -703,6 +728,7 @@ impl Runtime {
                 memory_bytes: vm.memory_bytes,
                 memory_backing: vm.memory_backing,
                 memory_ranges: vm.memory_ranges,
+                limits: vm.limits,
             };
             std::thread::Builder::new()
                 .name("control".into())
@@ -771,6 +797,34 @@ mod tests {
         assert_eq!(parse_request("{\"op\":\"info\"}"), Ok(Op::Info));
         assert_eq!(parse_request(" {\"op\": \"stop\"} \r"), Ok(Op::Stop));
         assert_eq!(parse_request("{\"op\":\"pause\"}"), Ok(Op::Pause));
+        let limit = r#"{"op":"limit","device":"net0","rate":{"bandwidth":"1MiB/s"}}"#;
+        let Ok(Op::Limit(request)) = parse_request(limit) else {
+            panic!("a limit request did not parse");
+        };
+        assert_eq!(request.device, "net0");
+        assert_eq!(request.rate, json!({"bandwidth": "1MiB/s"}));
+    }
+
+    #[test]
+    fn a_limit_request_reaches_the_devices_and_a_bad_one_changes_nothing() {
+        let mut builder = crate::rate::LimitsBuilder::default();
+        builder.add("disk0".into(), Default::default()).unwrap();
+        let limits = builder.build();
+        let vm = FakeVm {
+            limits: limits.clone(),
+            ..FakeVm::default()
+        };
+        let (reply, stop) = answer(r#"{"op":"limit","device":"disk0","rate":{"ops":500}}"#, &vm);
+        assert!(!stop);
+        assert_eq!(reply["ok"], true, "{reply}");
+        assert_eq!(reply["limits"][0]["limit"], json!({"ops": 500}));
+        let (reply, _) = answer(
+            r#"{"op":"limit","device":"disk0","rate":{"ops":"lots"}}"#,
+            &vm,
+        );
+        assert_eq!(reply["ok"], false);
+        assert!(reply["error"].as_str().unwrap().starts_with("rate.ops: "));
+        assert_eq!(limits.report()[0]["limit"], json!({"ops": 500}));
     }
 
     #[test]
@@ -821,6 +875,7 @@ mod tests {
         paused: Cell<bool>,
         shutdowns: Cell<u32>,
         stopped: Cell<bool>,
+        limits: crate::rate::Limits,
     }
 
     impl VmControl for FakeVm {
@@ -855,6 +910,11 @@ mod tests {
         }
         fn stop(&self) {
             self.stopped.set(true);
+        }
+        fn limit(&self, request: &LimitRequest) -> Result<Value, String> {
+            self.limits
+                .apply(&request.device, &request.rate, request.replace)
+                .map_err(|e| e.to_string())
         }
     }
 

@@ -193,6 +193,7 @@ pub fn run_with(
         .transpose()?;
     let interactive = runtime.is_none() && console::stdin_is_tty();
     let devices = machine::LegacyDevices::create(&vm)?;
+    let limits = pci_devices.limits.clone();
     let pci = PciDevices::create(&vm, &mem, pci_devices)?;
     let (io_bus, mmio_bus) = machine::buses(&devices, &pci)?;
     let (io_bus, mmio_bus) = (Arc::new(io_bus), Arc::new(mmio_bus));
@@ -225,6 +226,7 @@ pub fn run_with(
             memory_bytes: config.memory,
             memory_backing: backing,
             memory_ranges: ranges.clone(),
+            limits,
         })?,
         None => console::spawn_stdin_reader(console_input, control.clone(), interactive),
     }

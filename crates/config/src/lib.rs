@@ -27,6 +27,7 @@ pub use system::{
     MAX_NAME_LEN,
 };
 pub use vmm::config::{Uuid, VmConfig};
+pub use vmm::rate;
 pub use write::{to_guest_toml, to_system_toml};
 
 /// Errors in a description file. Each displays as one line that starts with

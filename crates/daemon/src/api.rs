@@ -111,7 +111,7 @@ impl CreateBody {
 
 /// A JSON object whose keys are all different (serde_json alone keeps the
 /// last of two equal keys, so `{"name":"a","name":"b"}` would pass).
-struct UniqueObject(serde_json::Map<String, Value>);
+pub(crate) struct UniqueObject(pub(crate) serde_json::Map<String, Value>);
 
 impl<'de> serde::Deserialize<'de> for UniqueObject {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -177,6 +177,13 @@ pub fn route(daemon: &Daemon, req: &Request) -> Route {
             Err(e) => Route::Reply(e.into()),
         },
         ("POST", ["guests", name, action]) => Route::Reply(action_on(daemon, name, action, req)),
+        (m @ ("PUT" | "PATCH"), ["guests", name, "devices", device, "rate"]) => Route::Reply(
+            crate::limits::change(daemon, name, device, m == "PUT", &req.body),
+        ),
+        (_, ["guests", _, "devices", _, "rate"]) => Route::Reply(Reply::error(
+            405,
+            format!("{method} is not allowed on {}", req.path),
+        )),
         (_, ["guests"] | ["events"] | ["guests", _] | ["guests", _, _] | ["guests", _, _, _]) => {
             Route::Reply(Reply::error(
                 405,

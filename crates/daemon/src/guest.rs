@@ -626,6 +626,7 @@ impl Guest {
             "uptime_ms": null,
             "vcpu_tids": null,
             "memory": null,
+            "rate_limits": null,
             "stale": false,
         });
         if record.state.is_live() {
@@ -633,7 +634,7 @@ impl Guest {
                 info["cpu_time_ms"] = json!(process::cpu_time_ms(id.pid));
                 let (facts, stale) = self.vmm_facts(record.runs);
                 if let Some(reply) = facts {
-                    for key in ["exits", "uptime_ms", "vcpu_tids", "memory"] {
+                    for key in ["exits", "uptime_ms", "vcpu_tids", "memory", "rate_limits"] {
                         info[key] = reply.get(key).cloned().unwrap_or(Value::Null);
                     }
                 }

@@ -11,7 +11,8 @@
 //! - [`process`]: process identity, spawning, the VMM's control socket;
 //! - [`events`]: the lifecycle event bus;
 //! - [`client`]: the API client used by the CLI;
-//! - [`description`]: checking guest descriptions.
+//! - [`description`]: checking guest descriptions;
+//! - [`limits`]: changing a running guest's disk and NIC rate limits.
 
 pub mod api;
 pub mod client;
@@ -20,6 +21,7 @@ pub mod description;
 pub mod events;
 pub mod guest;
 pub mod http;
+pub mod limits;
 pub mod process;
 pub mod server;
 

@@ -1,11 +1,12 @@
 //! The management subcommands: `ferrovisor daemon` and the commands that
 //! talk to it over its API socket (up, create, start, pause, resume, stop,
-//! kill, delete, list, info, console, top).
+//! kill, delete, list, info, console, top, limit).
 //!
 //! Every command takes `--socket PATH`; listings take `--json`. An error is
 //! one line on stderr and exit status 1 (2 for a usage error).
 
 mod console;
+mod limit;
 mod top;
 
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use thiserror::Error;
 /// The subcommands handled here.
 const COMMANDS: &[&str] = &[
     "daemon", "up", "create", "start", "pause", "resume", "stop", "kill", "delete", "list", "info",
-    "console", "top",
+    "console", "top", "limit",
 ];
 
 const USAGE: &str = "\
@@ -32,6 +33,9 @@ Management commands (all take --socket PATH, default /run/ferrovisor/api.sock):
   ferrovisor info NAME [--json]         one guest in detail
   ferrovisor console NAME [--log]       attach to the console (Ctrl-] detaches); --log prints the log
   ferrovisor top [--once] [--json]      live per-guest table, refreshed each second
+  ferrovisor limit NAME DEVICE [--bandwidth RATE] [--burst SIZE] [--ops N] [--ops-burst N]
+                   [--refill-time T] [--replace]   change a running guest's disk or NIC rate
+                                        limits (DEVICE: disk0, net0, net0-rx, net0-tx; off removes)
 ";
 
 /// Errors of the management commands.
@@ -181,6 +185,7 @@ fn run(command: &str, rest: &[String]) -> Result<ExitCode, CliError> {
         "info" => info(rest),
         "console" => console::main(rest),
         "top" => top::main(rest),
+        "limit" => limit::main(rest),
         _ => Err(CliError::Usage(format!("unknown command '{command}'"))),
     }
 }
@@ -347,6 +352,9 @@ fn info(rest: &[String]) -> Result<ExitCode, CliError> {
     }
     if let Some(reason) = info["exit"]["reason"].as_str() {
         println!("{:<13} {reason}", "exit");
+    }
+    for line in limit::device_lines(&info["rate_limits"]) {
+        println!("{:<13} {line}", "rate");
     }
     println!("config:\n{}", info["config"].as_str().unwrap_or(""));
     Ok(ExitCode::SUCCESS)

@@ -70,6 +70,7 @@ fn rows(
                 "memory_bytes": g["memory_bytes"],
                 "cpu_percent": rate(|s| s.cpu_ms, 0.1),
                 "exits_per_sec": rate(|s| s.exits, 1.0),
+                "rate_limits": g["rate_limits"],
             })
         })
         .collect()
@@ -91,6 +92,13 @@ fn print_table(rows: &[Value]) {
             human_size(r["memory_bytes"].as_u64().unwrap_or(0)),
             num(&r["exits_per_sec"]),
         );
+    }
+    let limits = super::limit::top_lines(rows);
+    if !limits.is_empty() {
+        println!("\nI/O RATE LIMITS");
+        for line in limits {
+            println!("{line}");
+        }
     }
 }
 

@@ -52,6 +52,15 @@ struct Harness {
 
 impl Harness {
     fn new(offloads: u32) -> Harness {
+        Harness::limited(offloads, None, None)
+    }
+
+    /// A harness whose device limits received (`rx`) and sent (`tx`) frames.
+    fn limited(
+        offloads: u32,
+        rx: Option<Arc<crate::rate_limiter::DeviceLimiter>>,
+        tx: Option<Arc<crate::rate_limiter::DeviceLimiter>>,
+    ) -> Harness {
         let (a, peer) = UnixDatagram::pair().expect("socketpair");
         a.set_nonblocking(true).expect("nonblocking");
         peer.set_read_timeout(Some(Duration::from_secs(10)))
@@ -63,7 +72,7 @@ impl Harness {
             set: set.clone(),
         };
         Harness {
-            net: Net::new(Box::new(backend), [0x52, 0x54, 0, 1, 2, 3]),
+            net: Net::new(Box::new(backend), [0x52, 0x54, 0, 1, 2, 3]).with_rate_limiters(rx, tx),
             peer,
             drv: MockDriver::new(1 << 22, &[QUEUE_SIZE, QUEUE_SIZE]),
             set_offloads: set,
@@ -470,4 +479,73 @@ fn net_corpus_replays_cleanly() {
         n += 1;
     }
     assert!(n >= 10, "only {n} corpus files");
+}
+
+/// A limit of one frame per hour: the first frame empties the bucket.
+fn one_per_hour() -> Arc<crate::rate_limiter::DeviceLimiter> {
+    use crate::rate_limiter::{BucketConfig, DeviceLimiter, LimiterConfig};
+    DeviceLimiter::new(LimiterConfig {
+        bandwidth: None,
+        ops: Some(BucketConfig {
+            size: 1,
+            one_time_burst: 0,
+            refill_time: Duration::from_secs(3600),
+        }),
+    })
+    .expect("a limiter")
+}
+
+/// Waits until `limiter` holds a frame back.
+fn wait_held(limiter: &crate::rate_limiter::DeviceLimiter) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !limiter.stats().waiting && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        limiter.stats().waiting,
+        "the second frame was not held back"
+    );
+}
+
+#[test]
+fn frames_out_of_tokens_wait_in_each_direction_until_the_limit_is_lifted() {
+    let (rx, tx) = (one_per_hour(), one_per_hour());
+    let mut h = Harness::limited(0, Some(rx.clone()), Some(tx.clone()));
+    let features = h.net.device_features();
+    h.activate(features);
+
+    h.send_frame(header(0, 0), &payload(100, 1));
+    h.send_frame(header(0, 0), &payload(200, 2));
+    h.drv.kick(TX);
+    let mut got = vec![0u8; 4096];
+    assert_eq!(h.peer.recv(&mut got).expect("the first frame"), 112);
+    wait_held(&tx);
+    h.peer.set_nonblocking(true).expect("nonblocking");
+    assert!(h.peer.recv(&mut got).is_err(), "the second frame went out");
+    h.peer.set_nonblocking(false).expect("blocking");
+    tx.set_config(Default::default());
+    assert_eq!(h.peer.recv(&mut got).expect("the second frame"), 212);
+
+    for i in 0..2 {
+        h.peer.send(&with_header(&payload(60, i))).expect("send");
+        h.post_rx(2048);
+    }
+    h.drv.kick(RX);
+    assert_eq!(
+        h.drv.wait_used(RX, 1).len(),
+        1,
+        "the first frame was not received"
+    );
+    wait_held(&rx);
+    assert!(
+        h.drv.take_used(RX).is_empty(),
+        "the second frame was received"
+    );
+    rx.set_config(Default::default());
+    assert_eq!(
+        h.drv.wait_used(RX, 1).len(),
+        1,
+        "the second frame never arrived"
+    );
+    assert_eq!((rx.stats().delayed_ops, tx.stats().delayed_bytes), (1, 200));
 }

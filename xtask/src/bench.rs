@@ -609,10 +609,11 @@ pub fn in_lab(args: &[String]) -> Result<u8> {
     match args.first().map(String::as_str) {
         Some("boot") => {}
         Some("blk") => return crate::bench_blk::in_lab(args),
+        Some("rate") => return crate::bench_rate::in_lab(args),
         Some("distro") => return crate::bench_distro::in_lab(args),
         _ => {
             return Err(fail!(
-                "bench-in-lab: only `boot`, `distro` and `blk` are known"
+                "bench-in-lab: only `boot`, `distro`, `blk` and `rate` are known"
             ))
         }
     }
@@ -651,11 +652,15 @@ pub fn command(args: &[String]) -> Result<u8> {
     if args.first().map(String::as_str) == Some("blk") {
         return crate::bench_blk::command(&args[1..]);
     }
+    if args.first().map(String::as_str) == Some("rate") {
+        return crate::bench_rate::command(&args[1..]);
+    }
     let usage = || {
         fail!(
             "usage: cargo xtask bench boot [--runs N] [--q35] | \
              cargo xtask bench boot --distro [--runs N] [--qemu-runs N] | \
-             cargo xtask bench blk [--runs N] [--size MIB] [--secs N]"
+             cargo xtask bench blk [--runs N] [--size MIB] [--secs N] | \
+             cargo xtask bench rate [--size MIB] [--secs N] [--net MIB]"
         )
     };
     let mut runs = None;

@@ -15,17 +15,17 @@ use crate::lab::{LAB_FERROVISOR, LAB_INITRAMFS, LAB_KERNEL};
 use crate::util::{self, Context, Result};
 
 /// Where the image lives inside the lab (its tmpfs).
-const IMAGE: &str = "/tmp/bench-blk.img";
+pub(crate) const IMAGE: &str = "/tmp/bench-blk.img";
 const MEMORY: &str = "512M";
 /// One boot with its I/O may take this long before it is abandoned.
 const RUN_LIMIT: Duration = Duration::from_secs(600);
 
 /// What the guest's blkbench printed.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
-struct Sample {
-    seq_write_mib_s: f64,
-    seq_read_mib_s: f64,
-    rand_read_iops: f64,
+pub(crate) struct Sample {
+    pub(crate) seq_write_mib_s: f64,
+    pub(crate) seq_read_mib_s: f64,
+    pub(crate) rand_read_iops: f64,
 }
 
 /// The VMMs compared.
@@ -44,7 +44,7 @@ impl Vmm {
     }
 }
 
-fn cmdline(size_mib: u64, secs: u64) -> String {
+pub(crate) fn cmdline(size_mib: u64, secs: u64) -> String {
     let run = format!("blkbench /dev/vda {size_mib} {secs}");
     format!(
         "{} ferrovisor.run64={}",
@@ -82,7 +82,7 @@ fn command_for(vmm: Vmm, cmdline: &str) -> Command {
 }
 
 /// Reads `blkbench: NAME VALUE UNIT ...` lines.
-fn parse(console: &str) -> Option<Sample> {
+pub(crate) fn parse(console: &str) -> Option<Sample> {
     let value = |name: &str| -> Option<f64> {
         console.lines().find_map(|l| {
             let rest = l[l.find("blkbench: ")? + "blkbench: ".len()..].strip_prefix(name)?;
@@ -97,12 +97,38 @@ fn parse(console: &str) -> Option<Sample> {
 }
 
 fn measure(vmm: Vmm, size_mib: u64, secs: u64) -> Result<Sample> {
-    let mut child = command_for(vmm, &cmdline(size_mib, secs))
+    let (console, stderr, status) =
+        run_to_end(vmm.name(), command_for(vmm, &cmdline(size_mib, secs)))?;
+    for line in console.lines().filter(|l| l.contains("blkbench")) {
+        println!("bench: {}: {}", vmm.name(), line.trim_end_matches('\r'));
+    }
+    parse(&console).ok_or_else(|| {
+        fail!(
+            "{} ({status}) printed no blkbench results; console tail: {}; stderr: {}",
+            vmm.name(),
+            console
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join(" | "),
+            stderr.lines().last().unwrap_or("")
+        )
+    })
+}
+
+/// Runs a VMM (`name` in messages) to its end, at most [`RUN_LIMIT`];
+/// returns its console (stdout), its stderr and its exit status.
+pub(crate) fn run_to_end(
+    name: &str,
+    mut command: Command,
+) -> Result<(String, String, std::process::ExitStatus)> {
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .ctx(|| format!("cannot start {}", vmm.name()))?;
+        .ctx(|| format!("cannot start {name}"))?;
     let mut stdout = child.stdout.take().ok_or_else(|| fail!("no stdout"))?;
     let out = std::thread::spawn(move || {
         let mut text = String::new();
@@ -124,31 +150,17 @@ fn measure(vmm: Vmm, size_mib: u64, secs: u64) -> Result<Sample> {
             let _ = child.kill();
             let _ = child.wait();
             return Err(fail!(
-                "{} did not finish within {} s",
-                vmm.name(),
+                "{name} did not finish within {} s",
                 RUN_LIMIT.as_secs()
             ));
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    let console = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
-    for line in console.lines().filter(|l| l.contains("blkbench")) {
-        println!("bench: {}: {}", vmm.name(), line.trim_end_matches('\r'));
-    }
-    parse(&console).ok_or_else(|| {
-        fail!(
-            "{} ({status}) printed no blkbench results; console tail: {}; stderr: {}",
-            vmm.name(),
-            console
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .join(" | "),
-            stderr.lines().last().unwrap_or("")
-        )
-    })
+    Ok((
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+        status,
+    ))
 }
 
 const METRICS: [Metric<Sample>; 3] = [
@@ -180,7 +192,7 @@ fn print_table(results: &[(Vmm, Vec<Sample>)], size_mib: u64, secs: u64) {
 
 /// Makes the image and writes it through once, so that no VMM pays for
 /// the tmpfs allocating its pages.
-fn make_image(size_mib: u64) -> Result<()> {
+pub(crate) fn make_image(size_mib: u64) -> Result<()> {
     let chunk = vec![0u8; 1 << 20];
     let mut data = Vec::with_capacity(chunk.len() * size_mib as usize);
     for _ in 0..size_mib {
@@ -212,30 +224,51 @@ pub fn in_lab(args: &[String]) -> Result<u8> {
     Ok(if complete { 0 } else { 1 })
 }
 
-/// `cargo xtask bench blk [--runs N] [--size MIB] [--secs N]`.
-pub fn command(args: &[String]) -> Result<u8> {
-    let usage = || fail!("usage: cargo xtask bench blk [--runs N] [--size MIB] [--secs N]");
-    let (mut runs, mut size, mut secs) = (3u64, 256u64, 10u64);
+/// Refuses an image too large for the lab's RAM.
+pub(crate) fn check_image_size(size_mib: u64) -> Result<()> {
+    if size_mib > 1024 {
+        return Err(fail!(
+            "--size: at most 1024 MiB (the image lives in the lab's RAM)"
+        ));
+    }
+    Ok(())
+}
+
+/// Reads `--NAME N` options, each a positive number, into `options`.
+pub(crate) fn positive_options(
+    args: &[String],
+    options: &mut [(&str, &mut u64)],
+    usage: &str,
+) -> Result<()> {
     let mut it = args.iter();
     while let Some(arg) = it.next() {
-        let target = match arg.as_str() {
-            "--runs" => &mut runs,
-            "--size" => &mut size,
-            "--secs" => &mut secs,
-            _ => return Err(usage()),
+        let Some((_, target)) = options.iter_mut().find(|(name, _)| name == arg) else {
+            return Err(fail!("{usage}"));
         };
-        let value = it.next().ok_or_else(usage)?;
-        *target = value
+        let value = it.next().ok_or_else(|| fail!("{usage}"))?;
+        **target = value
             .parse()
             .ok()
             .filter(|&n| n > 0)
             .ok_or_else(|| fail!("{arg}: `{value}` is not a positive number"))?;
     }
-    if size > 1024 {
-        return Err(fail!(
-            "--size: at most 1024 MiB (the image lives in the lab's RAM)"
-        ));
-    }
+    Ok(())
+}
+
+/// `cargo xtask bench blk [--runs N] [--size MIB] [--secs N]`.
+pub fn command(args: &[String]) -> Result<u8> {
+    let usage = "usage: cargo xtask bench blk [--runs N] [--size MIB] [--secs N]";
+    let (mut runs, mut size, mut secs) = (3u64, 256u64, 10u64);
+    positive_options(
+        args,
+        &mut [
+            ("--runs", &mut runs),
+            ("--size", &mut size),
+            ("--secs", &mut secs),
+        ],
+        usage,
+    )?;
+    check_image_size(size)?;
     crate::bench::run_in_lab(
         &format!("blk {runs} {size} {secs}"),
         Duration::from_secs(25 * 60),

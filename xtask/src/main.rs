@@ -5,6 +5,7 @@ mod util;
 mod bench;
 mod bench_blk;
 mod bench_distro;
+mod bench_rate;
 mod cpio;
 mod deb;
 mod demo;
@@ -46,6 +47,9 @@ commands:
                             multi-user and every failed boot (in the lab)
   bench blk [--runs N] [--size MIB] [--secs N]
                             virtio-blk MiB/s and IOPS in the guest, against QEMU (in the lab)
+  bench rate [--size MIB] [--secs N] [--net MIB]
+                            a disk limited to 20 MiB/s and 500 IOPS and a NIC limited to
+                            100 Mbit/s under a flooding guest: achieved against the limit
   help                      show this text";
 
 /// What a command asks the process to exit with.

@@ -27,6 +27,7 @@ Usage:
   ferrovisor up SYSTEM.toml | create FILE [--name N] [--start]
   ferrovisor start|pause|resume|stop|kill|delete|info|console NAME
   ferrovisor list | top
+  ferrovisor limit NAME DEVICE [--bandwidth RATE] [--ops N] [--burst SIZE] ...
   ferrovisor --help | --version
 
 The management commands talk to the daemon; 'ferrovisor list --help' lists
@@ -50,9 +51,13 @@ Ctrl-A x stops it.
                      a memfd when something shares it)
   --hugepages 2M|1G  guest RAM on the host's reserved hugetlb pages
   --disk path=FILE[,readonly=on]
-                     a virtio-blk disk backed by a raw image (repeatable)
+                     a virtio-blk disk backed by a raw image (repeatable); a
+                     rate limit: ,bandwidth=20MiB/s,ops=500,burst=64MiB,
+                     ops_burst=N,refill_time=100ms
   --net tap=NAME[,mac=MAC]
-                     a virtio-net interface on a host tap device (repeatable)
+                     a virtio-net interface on a host tap device (repeatable);
+                     rate limits as for disks, rx_ or tx_ first (rx_bandwidth=
+                     100Mbit/s limits frames to the guest)
   --console serial|virtio
                      where the console is: the UART (ttyS0, default) or
                      virtio-console (hvc0)

@@ -7,8 +7,9 @@
 //! line). Every wait has a deadline after which the VMM is killed, so a hung
 //! guest fails its test instead of stalling the suite.
 
-use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -502,4 +503,41 @@ pub fn tail(text: &str, n: usize) -> String {
 /// Boots a guest that runs `config.run` and returns how it ended.
 pub fn run_guest(config: &GuestConfig) -> Result<Exit, HarnessError> {
     Guest::start(config)?.wait_exit()
+}
+
+/// Polls `path` until it contains `needle`, while `guest` runs; returns
+/// its text.
+pub fn wait_in_file(guest: &mut Guest, path: &Path, needle: &str) -> Result<String, String> {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(text);
+        }
+        if !guest.is_running() || start.elapsed() > timeout() {
+            return Err(format!(
+                "no {needle:?} in {} (VMM running: {}, waited {} s); it holds:\n{}",
+                path.display(),
+                guest.is_running(),
+                start.elapsed().as_secs(),
+                tail(&text, 20)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends one request line on the control socket of the VMM serving the
+/// runtime directory `dir`; returns the reply line.
+pub fn control(dir: &Path, request: &str) -> Result<String, String> {
+    let path = dir.join("control.sock");
+    let mut stream =
+        UnixStream::connect(&path).map_err(|e| format!("connect {}: {e}", path.display()))?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    writeln!(stream, "{request}").map_err(|e| format!("send: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(|e| format!("read the reply: {e}"))?;
+    Ok(reply.trim_end().to_string())
 }

@@ -10,7 +10,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use lab_tests::net::{configure_interface, wait_for_interface};
-use lab_tests::{run_guest, tail, timeout, Console, Disk, Exit, Guest, GuestConfig, Net, Vsock};
+use lab_tests::{
+    control, run_guest, tail, timeout, wait_in_file, Console, Disk, Exit, Guest, GuestConfig, Net,
+    Vsock,
+};
 
 const MIB: usize = 1 << 20;
 
@@ -440,42 +443,6 @@ fn sigint_to_init_syncs_and_powers_off() {
         "the buffered write did not reach the image\n{d}"
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Polls `path` until it contains `needle`, while `guest` runs; returns
-/// its text.
-fn wait_in_file(guest: &mut Guest, path: &Path, needle: &str) -> Result<String, String> {
-    let start = std::time::Instant::now();
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.contains(needle) {
-            return Ok(text);
-        }
-        if !guest.is_running() || start.elapsed() > timeout() {
-            return Err(format!(
-                "no {needle:?} in {} (VMM running: {}, waited {} s); it holds:\n{}",
-                path.display(),
-                guest.is_running(),
-                start.elapsed().as_secs(),
-                tail(&text, 20)
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Sends one request line on the VMM's control socket; returns the reply.
-fn control(dir: &Path, request: &str) -> Result<String, String> {
-    let path = dir.join("control.sock");
-    let mut stream =
-        UnixStream::connect(&path).map_err(|e| format!("connect {}: {e}", path.display()))?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    writeln!(stream, "{request}").map_err(|e| format!("send: {e}"))?;
-    let mut reply = String::new();
-    BufReader::new(stream)
-        .read_line(&mut reply)
-        .map_err(|e| format!("read the reply: {e}"))?;
-    Ok(reply.trim_end().to_string())
 }
 
 #[test]

@@ -1,0 +1,328 @@
+//! `cargo xtask bench rate`: I/O rate limits under a guest that floods them,
+//! in the lab. Reports the rate the guest achieved against the limit.
+//!
+//! - **Disk**: a virtio-blk disk limited to 20 MiB/s and 500 operations per
+//!   second. The guest kit's `blkbench` writes then reads SIZE MiB in 1 MiB
+//!   requests (held by the bandwidth) and then reads 4 KiB at random for
+//!   SECS seconds (held by the operations limit), all O_DIRECT at queue
+//!   depth 1. QEMU's block throttling with the same limits
+//!   (`throttling.bps-total`, `throttling.iops-total`) is the peer.
+//! - **NIC**: a virtio-net interface whose transmit direction is limited to
+//!   100 Mbit/s. The guest pipes zeros into `nc` to a TCP listener in the
+//!   lab, on the far end of the tap; the lab counts the bytes the tap
+//!   received (Ethernet frames, what the limiter counts) and the TCP
+//!   payload between the first byte and the end of the stream. The same
+//!   flood without a limit shows what the path carries unlimited.
+//!
+//! See docs/scheduling.md ("I/O rate limits") for the figures.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::bench_blk::{self, IMAGE};
+use crate::guestkit;
+use crate::lab::{LAB_FERROVISOR, LAB_INITRAMFS, LAB_KERNEL};
+use crate::util::{self, Context, Result};
+
+const MEMORY: &str = "512M";
+/// The disk's limits.
+const DISK_MIB_S: f64 = 20.0;
+const DISK_IOPS: f64 = 500.0;
+/// The NIC's transmit limit.
+const NIC_MBIT_S: f64 = 100.0;
+/// The tap and its two ends.
+const TAP: &str = "fvrate0";
+const HOST_ADDR: &str = "10.0.78.1";
+const GUEST_ADDR: &str = "10.0.78.2";
+const PORT: u16 = 5078;
+
+/// The guest's command line running `run`.
+fn cmdline(run: &str) -> String {
+    format!(
+        "{} ferrovisor.run64={}",
+        guestkit::DEFAULT_CMDLINE,
+        util::base64(run.as_bytes())
+    )
+}
+
+fn ferrovisor(cmdline: &str) -> Command {
+    let mut cmd = Command::new(LAB_FERROVISOR);
+    cmd.args(["run", "--kernel", LAB_KERNEL, "--initramfs", LAB_INITRAMFS])
+        .args(["--cmdline", cmdline, "--cpus", "1", "--memory", MEMORY]);
+    cmd
+}
+
+/// The limited disk under Ferrovisor, or QEMU with the same throttling.
+fn disk_command(qemu: bool, cmdline: &str) -> Command {
+    let bytes = (DISK_MIB_S as u64) << 20;
+    let iops = DISK_IOPS as u64;
+    if !qemu {
+        let mut cmd = ferrovisor(cmdline);
+        cmd.args([
+            "--disk",
+            &format!("path={IMAGE},bandwidth={bytes},ops={iops}"),
+        ]);
+        return cmd;
+    }
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-M", "pc", "-accel", "kvm", "-cpu", "host", "-smp", "1"])
+        .args(["-m", MEMORY, "-nodefaults", "-no-user-config"])
+        .args(["-display", "none", "-no-reboot", "-serial", "stdio"])
+        .args(["-kernel", LAB_KERNEL, "-initrd", LAB_INITRAMFS])
+        .args(["-append", cmdline])
+        .arg("-drive")
+        .arg(format!(
+            "file={IMAGE},format=raw,if=none,id=d0,cache=writeback,aio=threads,\
+             throttling.bps-total={bytes},throttling.iops-total={iops}"
+        ))
+        .args(["-device", "virtio-blk-pci,drive=d0"]);
+    cmd
+}
+
+/// One disk run: blkbench's three figures.
+fn disk_run(qemu: bool, size_mib: u64, secs: u64) -> Result<bench_blk::Sample> {
+    let name = if qemu { "qemu-pc" } else { "ferrovisor" };
+    let command = disk_command(qemu, &bench_blk::cmdline(size_mib, secs));
+    let (console, stderr, status) = bench_blk::run_to_end(name, command)?;
+    for line in console.lines().filter(|l| l.contains("blkbench: ")) {
+        println!("bench: {name}: {}", line.trim_end_matches('\r'));
+    }
+    bench_blk::parse(&console).ok_or_else(|| {
+        fail!(
+            "{name} ({status}) printed no blkbench results; stderr: {}",
+            stderr.lines().last().unwrap_or("")
+        )
+    })
+}
+
+/// What one NIC flood delivered.
+#[derive(Debug, Clone, Copy)]
+struct Flood {
+    /// Ethernet frames the tap received, Mbit/s.
+    frames_mbit_s: f64,
+    /// TCP payload, Mbit/s.
+    payload_mbit_s: f64,
+}
+
+/// The tap's received-bytes counter.
+fn tap_rx_bytes() -> Option<u64> {
+    std::fs::read_to_string(format!("/sys/class/net/{TAP}/statistics/rx_bytes"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Gives the host end of the tap its address once the VMM has created it.
+fn configure_tap() -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tap_rx_bytes().is_none() {
+        if Instant::now() > deadline {
+            return Err(fail!("the VMM did not create the tap {TAP}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for args in [
+        vec!["addr", "add", &format!("{HOST_ADDR}/24"), "dev", TAP],
+        vec!["link", "set", TAP, "up"],
+    ] {
+        let status = Command::new("ip")
+            .args(&args)
+            .status()
+            .ctx(|| "cannot run ip".to_string())?;
+        if !status.success() {
+            return Err(fail!("ip {} failed: {status}", args.join(" ")));
+        }
+    }
+    Ok(())
+}
+
+/// Accepts the guest's stream and reads it to its end.
+fn receive(listener: &TcpListener) -> Result<Flood> {
+    let (mut stream, _) = listener
+        .accept()
+        .ctx(|| "the guest never connected".to_string())?;
+    let mut buf = vec![0u8; 1 << 20];
+    // The clock starts at the first byte, so the guest's boot and the
+    // connection are not counted.
+    if stream.read(&mut buf).ctx(|| "read".to_string())? == 0 {
+        return Err(fail!("the guest connected but sent nothing"));
+    }
+    let (start, rx_start) = (Instant::now(), tap_rx_bytes().unwrap_or(0));
+    let mut total = 0u64;
+    loop {
+        let n = stream.read(&mut buf).ctx(|| "read".to_string())?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let frames = tap_rx_bytes().unwrap_or(0).saturating_sub(rx_start);
+    Ok(Flood {
+        frames_mbit_s: frames as f64 * 8.0 / secs / 1e6,
+        payload_mbit_s: total as f64 * 8.0 / secs / 1e6,
+    })
+}
+
+/// One flood of `mib` MiB from the guest, with the transmit limit or none.
+fn nic_run(limited: bool, mib: u64) -> Result<Flood> {
+    let listener =
+        TcpListener::bind(("0.0.0.0", PORT)).ctx(|| format!("cannot listen on {PORT}"))?;
+    let run = format!(
+        "ip link set eth0 up && ip addr add {GUEST_ADDR}/24 dev eth0 && \
+         for i in $(seq 1 60); do ping -c 1 -W 1 {HOST_ADDR} >/dev/null 2>&1 && break; done; \
+         dd if=/dev/zero bs=64k count={} 2>/dev/null | nc {HOST_ADDR} {PORT}; echo flood-done",
+        mib * 16
+    );
+    let mut net = format!("tap={TAP}");
+    if limited {
+        net.push_str(&format!(",tx_bandwidth={}Mbit/s", NIC_MBIT_S as u64));
+    }
+    let mut command = ferrovisor(&cmdline(&run));
+    command.args(["--net", &net]);
+    let vmm = std::thread::spawn(move || bench_blk::run_to_end("ferrovisor", command));
+    configure_tap()?;
+    let flood = receive(&listener);
+    let ended = vmm.join().map_err(|_| fail!("the VMM's thread panicked"))?;
+    let (console, _, status) = ended?;
+    if !console.contains("flood-done") {
+        return Err(fail!("the guest's flood did not finish ({status})"));
+    }
+    flood
+}
+
+/// `limit` and how far `achieved` is from it, as table cells.
+fn cells(achieved: Option<f64>, limit: f64) -> (String, String) {
+    match achieved {
+        Some(v) => (
+            format!("{v:.1}"),
+            format!("{:+.1}%", (v - limit) / limit * 100.0),
+        ),
+        None => ("-".into(), "-".into()),
+    }
+}
+
+fn row(label: &str, limit: f64, ours: Option<f64>, peer: Option<f64>, peer_name: &str) {
+    let (a, ae) = cells(ours, limit);
+    let (b, be) = cells(peer, limit);
+    println!("{label:<40} {limit:>8.1} {a:>11} {ae:>8} {b:>11} {be:>8}  {peer_name}");
+}
+
+/// Reads one figure from a run.
+type Figure<S> = fn(&S) -> f64;
+
+/// The disk's rows: label, limit, and the figure from blkbench's run.
+const DISK_ROWS: [(&str, f64, Figure<bench_blk::Sample>); 3] = [
+    ("disk sequential write, MiB/s", DISK_MIB_S, |s| {
+        s.seq_write_mib_s
+    }),
+    ("disk sequential read, MiB/s", DISK_MIB_S, |s| {
+        s.seq_read_mib_s
+    }),
+    ("disk random read 4 KiB, IOPS", DISK_IOPS, |s| {
+        s.rand_read_iops
+    }),
+];
+
+/// The NIC's rows, against [`NIC_MBIT_S`].
+const NIC_ROWS: [(&str, Figure<Flood>); 2] = [
+    ("NIC transmit, frames, Mbit/s", |f| f.frames_mbit_s),
+    ("NIC transmit, TCP payload, Mbit/s", |f| f.payload_mbit_s),
+];
+
+/// `xtask bench-in-lab rate SIZE_MIB SECS NET_MIB`: the measuring half.
+pub fn in_lab(args: &[String]) -> Result<u8> {
+    let number = |i: usize, default: u64| -> u64 {
+        args.get(i).and_then(|v| v.parse().ok()).unwrap_or(default)
+    };
+    let (size_mib, secs, net_mib) = (number(1, 128), number(2, 10), number(3, 128));
+    bench_blk::make_image(size_mib)?;
+    let report = |what: &str, r: &Result<bench_blk::Sample>| {
+        if let Err(e) = r {
+            println!("bench: {what} failed: {e}");
+        }
+    };
+    let ours = disk_run(false, size_mib, secs);
+    report("ferrovisor disk", &ours);
+    let qemu = disk_run(true, size_mib, secs);
+    report("qemu disk", &qemu);
+    let limited = nic_run(true, net_mib);
+    let open = nic_run(false, net_mib);
+    for (what, r) in [("limited flood", &limited), ("unlimited flood", &open)] {
+        if let Err(e) = r {
+            println!("bench: {what} failed: {e}");
+        }
+    }
+    let (ours, qemu) = (ours.ok(), qemu.ok());
+    let (limited, open) = (limited.ok(), open.ok());
+    println!();
+    println!(
+        "rate-limit benchmark: guest kit, 1 vCPU, {MEMORY}, in the lab (nested KVM on emulated \
+         AMD SVM); disk: {size_mib} MiB sequential in 1 MiB requests, {secs} s of 4 KiB random \
+         reads, O_DIRECT, queue depth 1; NIC: {net_mib} MiB of TCP from the guest through a tap"
+    );
+    println!(
+        "{:<40} {:>8} {:>11} {:>8} {:>11} {:>8}",
+        "metric", "limit", "ferrovisor", "error", "peer", "error"
+    );
+    for (label, limit, get) in DISK_ROWS {
+        let (a, b) = (ours.as_ref().map(get), qemu.as_ref().map(get));
+        row(label, limit, a, b, "qemu-pc throttling");
+    }
+    for (label, get) in NIC_ROWS {
+        let (a, b) = (limited.as_ref().map(get), open.as_ref().map(get));
+        row(label, NIC_MBIT_S, a, b, "ferrovisor unlimited");
+    }
+    println!("error = (achieved - limit) / limit; goal: within 5%. The limiter counts a disk");
+    println!("request's data and a frame without its virtio-net header; the unlimited NIC");
+    println!("column shows what the path carries without a limit.");
+    let complete = ours.is_some() && limited.is_some();
+    Ok(if complete { 0 } else { 1 })
+}
+
+/// Runs the rate benchmark in the lab and prints its table:
+/// `cargo xtask bench rate [--size MIB] [--secs N] [--net MIB]`.
+pub fn command(args: &[String]) -> Result<u8> {
+    let usage = "usage: cargo xtask bench rate [--size MIB] [--secs N] [--net MIB]";
+    let (mut size, mut secs, mut net) = (128u64, 10u64, 128u64);
+    bench_blk::positive_options(
+        args,
+        &mut [
+            ("--size", &mut size),
+            ("--secs", &mut secs),
+            ("--net", &mut net),
+        ],
+        usage,
+    )?;
+    bench_blk::check_image_size(size)?;
+    crate::bench::run_in_lab(
+        &format!("rate {size} {secs} {net}"),
+        Duration::from_secs(25 * 60),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_error_is_signed_against_the_limit() {
+        assert_eq!(cells(Some(21.0), 20.0), ("21.0".into(), "+5.0%".into()));
+        assert_eq!(cells(Some(19.0), 20.0), ("19.0".into(), "-5.0%".into()));
+        assert_eq!(cells(None, 20.0), ("-".into(), "-".into()));
+    }
+
+    #[test]
+    fn the_limits_reach_both_vmms() {
+        let ours = format!("{:?}", disk_command(false, "c"));
+        assert!(ours.contains("bandwidth=20971520,ops=500"), "{ours}");
+        let qemu = format!("{:?}", disk_command(true, "c"));
+        assert!(
+            qemu.contains("throttling.bps-total=20971520,throttling.iops-total=500"),
+            "{qemu}"
+        );
+    }
+}

@@ -141,9 +141,25 @@ fn configure_tap() -> Result<()> {
 
 /// Accepts the guest's stream and reads it to its end.
 fn receive(listener: &TcpListener) -> Result<Flood> {
-    let (mut stream, _) = listener
-        .accept()
-        .ctx(|| "the guest never connected".to_string())?;
+    // The guest connects within its boot and a minute of pings; a guest
+    // that cannot must not hold the lab until its deadline.
+    listener
+        .set_nonblocking(true)
+        .ctx(|| "listener".to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(fail!("the guest never connected: {e}")),
+        }
+    };
+    stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_read_timeout(Some(Duration::from_secs(60))))
+        .ctx(|| "stream".to_string())?;
     let mut buf = vec![0u8; 1 << 20];
     // The clock starts at the first byte, so the guest's boot and the
     // connection are not counted.

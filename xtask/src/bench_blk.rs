@@ -22,10 +22,10 @@ const RUN_LIMIT: Duration = Duration::from_secs(600);
 
 /// What the guest's blkbench printed.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
-pub(crate) struct Sample {
-    pub(crate) seq_write_mib_s: f64,
-    pub(crate) seq_read_mib_s: f64,
-    pub(crate) rand_read_iops: f64,
+struct Sample {
+    seq_write_mib_s: f64,
+    seq_read_mib_s: f64,
+    rand_read_iops: f64,
 }
 
 /// The VMMs compared.
@@ -44,7 +44,7 @@ impl Vmm {
     }
 }
 
-pub(crate) fn cmdline(size_mib: u64, secs: u64) -> String {
+fn cmdline(size_mib: u64, secs: u64) -> String {
     let run = format!("blkbench /dev/vda {size_mib} {secs}");
     format!(
         "{} ferrovisor.run64={}",
@@ -82,7 +82,7 @@ fn command_for(vmm: Vmm, cmdline: &str) -> Command {
 }
 
 /// Reads `blkbench: NAME VALUE UNIT ...` lines.
-pub(crate) fn parse(console: &str) -> Option<Sample> {
+fn parse(console: &str) -> Option<Sample> {
     let value = |name: &str| -> Option<f64> {
         console.lines().find_map(|l| {
             let rest = l[l.find("blkbench: ")? + "blkbench: ".len()..].strip_prefix(name)?;

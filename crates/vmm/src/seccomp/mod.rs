@@ -33,7 +33,8 @@ use thiserror::Error;
 /// never a debug-exit status (always odd), and apart from 0 and 2.
 pub const STATUS_SECCOMP: i32 = 148;
 
-/// The start of the line the handler writes; the daemon looks for it.
+/// The start of the line the handler writes; the daemon looks for it in
+/// the VMM's stderr.
 pub const BLOCKED_LINE: &str = "ferrovisor: seccomp blocked syscall ";
 
 /// Whether and how the VMM's threads are filtered.
@@ -298,14 +299,6 @@ extern "C" fn on_blocked_call(_: libc::c_int, info: *mut libc::siginfo_t, _: *mu
     }
 }
 
-/// Parses the blocked-call line out of a VMM's stderr: the last such line,
-/// as the reason a supervisor shows (`seccomp blocked syscall NAME (NR) in
-/// a KIND thread`).
-pub fn blocked_reason(stderr: &str) -> Option<String> {
-    let line = stderr.lines().rev().find(|l| l.starts_with(BLOCKED_LINE))?;
-    Some(line.trim_start_matches("ferrovisor: ").to_string())
-}
-
 #[cfg(feature = "test-hooks")]
 mod hook {
     //! Test builds only: `FERROVISOR_TEST_SECCOMP_VIOLATION=KIND` (main,
@@ -372,16 +365,5 @@ mod tests {
             line,
             "ferrovisor: seccomp blocked syscall ? (9999) in a VMM thread\n"
         );
-    }
-
-    #[test]
-    fn the_reason_is_the_last_blocked_line_of_stderr() {
-        let err = "ferrovisor: warning: PVM\n\
-                   ferrovisor: seccomp blocked syscall ptrace (101) in a device worker thread\n";
-        assert_eq!(
-            blocked_reason(err).as_deref(),
-            Some("seccomp blocked syscall ptrace (101) in a device worker thread")
-        );
-        assert_eq!(blocked_reason("ferrovisor: guest powered off\n"), None);
     }
 }

@@ -134,6 +134,10 @@ const TUNSETOFFLOAD: u64 = iow(b'T' as u64, 208, size_of::<libc::c_uint>());
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
 const FIONBIO: u64 = 0x5421;
+/// `seccomp(SECCOMP_SET_MODE_FILTER, ...)`.
+const SECCOMP_SET_MODE_FILTER: u64 = 1;
+/// `prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, ...)`.
+const PR_SET_VMA: u64 = 0x5356_4d41;
 
 /// What every filtered thread needs, whatever its work.
 fn base(b: &mut Builder) {
@@ -148,6 +152,9 @@ fn base(b: &mut Builder) {
         .allow(libc::SYS_mremap)
         .allow(libc::SYS_madvise)
         .allow(libc::SYS_brk)
+        // glibc names each new malloc arena's mapping (a thread's first
+        // allocation may create one).
+        .allow_if(libc::SYS_prctl, &[eq(0, PR_SET_VMA)])
         // A thread's end: std frees its signal stack, then the thread exits;
         // the process ends with exit_group (also the blocked-call handler).
         .allow(libc::SYS_sigaltstack)
@@ -279,7 +286,11 @@ fn launcher(b: &mut Builder) {
         .allow(libc::SYS_set_robust_list)
         .allow(libc::SYS_rseq)
         .allow_if(libc::SYS_prctl, &[eq(0, libc::PR_SET_NAME as u64)])
-        .allow(libc::SYS_sched_getaffinity);
+        .allow(libc::SYS_sched_getaffinity)
+        // seccomp::enter in each new worker: it adds the worker filter on
+        // top of this one (filters only ever narrow).
+        .allow_if(libc::SYS_prctl, &[eq(0, libc::PR_SET_NO_NEW_PRIVS as u64)])
+        .allow_if(libc::SYS_seccomp, &[eq(0, SECCOMP_SET_MODE_FILTER)]);
 }
 
 /// The control socket server (`runtime::serve_control`) and the signal

@@ -47,6 +47,8 @@ const BOOT_LIMIT: Duration = Duration::from_secs(180);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Vmm {
     Ferrovisor,
+    /// Ferrovisor with `--seccomp off`: what the filters cost.
+    FerrovisorNoSeccomp,
     QemuMicrovm,
     QemuQ35,
 }
@@ -81,8 +83,9 @@ impl Peer {
 
     /// The columns of a default run; q35 is added on request (inner QEMU
     /// q35 boots have wedged the lab).
-    const DEFAULT: [Peer; 5] = [
+    const DEFAULT: [Peer; 6] = [
         Peer::new(Vmm::Ferrovisor, Image::Pvh, QemuRam::Default),
+        Peer::new(Vmm::FerrovisorNoSeccomp, Image::Pvh, QemuRam::Default),
         Peer::new(Vmm::Ferrovisor, Image::BzImage, QemuRam::Default),
         Peer::new(Vmm::QemuMicrovm, Image::Pvh, QemuRam::Default),
         Peer::new(Vmm::QemuMicrovm, Image::Pvh, QemuRam::Memfd),
@@ -90,9 +93,14 @@ impl Peer {
     ];
     const Q35: Peer = Peer::new(Vmm::QemuQ35, Image::BzImage, QemuRam::Default);
 
+    fn is_ferrovisor(self) -> bool {
+        matches!(self.vmm, Vmm::Ferrovisor | Vmm::FerrovisorNoSeccomp)
+    }
+
     fn name(self) -> String {
         let vmm = match self.vmm {
             Vmm::Ferrovisor => "ferrovisor",
+            Vmm::FerrovisorNoSeccomp => "ferrovisor no-seccomp",
             Vmm::QemuMicrovm => "microvm",
             Vmm::QemuQ35 => "q35",
         };
@@ -101,7 +109,7 @@ impl Peer {
             Image::BzImage => "bzImage",
         };
         let ram = match (self.vmm, self.ram) {
-            (Vmm::Ferrovisor, _) | (_, QemuRam::Default) => "",
+            (Vmm::Ferrovisor | Vmm::FerrovisorNoSeccomp, _) | (_, QemuRam::Default) => "",
             (_, QemuRam::Memfd) => " memfd",
         };
         format!("{vmm} {image}{ram}")
@@ -150,11 +158,14 @@ fn kernel_path(image: Image) -> &'static str {
 fn command_for(peer: Peer, marker_file: &Path) -> Command {
     let memory = format!("{MEMORY_MIB}M");
     let kernel = kernel_path(peer.image);
-    if peer.vmm == Vmm::Ferrovisor {
+    if peer.is_ferrovisor() {
         let mut cmd = Command::new(LAB_FERROVISOR);
         cmd.args(["run", "--kernel", kernel, "--initramfs", LAB_INITRAMFS])
             .args(["--cmdline", &guest_cmdline(), "--cpus", "1"])
             .args(["--memory", &memory, "--stats"]);
+        if peer.vmm == Vmm::FerrovisorNoSeccomp {
+            cmd.args(["--seccomp", "off"]);
+        }
         return cmd;
     }
     let machine = match (peer.vmm, peer.ram) {
@@ -427,8 +438,7 @@ fn measure(peer: Peer) -> Result<Sample> {
         .ctx(|| format!("cannot start {}", peer.name()))?;
     let done = Arc::new(AtomicBool::new(false));
     // Ferrovisor times its own marker; QEMU's is its debugcon file, polled.
-    let marker =
-        (peer.vmm != Vmm::Ferrovisor).then(|| watch_marker(marker_file, start, done.clone()));
+    let marker = (!peer.is_ferrovisor()).then(|| watch_marker(marker_file, start, done.clone()));
     let stdout = child.stdout.take().ok_or_else(|| fail!("no stdout"))?;
     let init_seen: InitSeen = Arc::new(Mutex::new(None));
     let reader = read_console(stdout, start, before.clone(), init_seen.clone());
@@ -459,7 +469,7 @@ fn measure(peer: Peer) -> Result<Sample> {
     sample.user_exits = stats
         .and_then(|json| json_number(json, "exits"))
         .map(|v| v as u64);
-    sample.marker_ms = if peer.vmm == Vmm::Ferrovisor {
+    sample.marker_ms = if peer.is_ferrovisor() {
         stats
             .and_then(|json| json_number(json, "boot_marker_us"))
             .map(|us| us / 1000.0)

@@ -15,6 +15,7 @@
 //!                                # entry per vCPU: ["2", "3"]
 //! uuid = "6f1c2e3d-4b5a-4978-8a1b-0c2d3e4f5a6b"  # SMBIOS system UUID;
 //!                                # random at each run when absent
+//! seccomp = "on"                 # or "log" or "off"
 //!
 //! [[disk]]
 //! path = "root.img"
@@ -128,6 +129,10 @@ pub(crate) fn guest_fields(f: &mut Fields, base_dir: &Path) -> Result<VmConfig, 
                 .map_err(|e: arch::smbios::UuidError| f.error("uuid", e.to_string()))?,
         ),
     };
+    let seccomp = match f.string("seccomp")? {
+        None => vmm::SeccompMode::default(),
+        Some(text) => text.parse().map_err(|e: String| f.error("seccomp", e))?,
+    };
     Ok(VmConfig {
         kernel,
         initramfs,
@@ -144,6 +149,7 @@ pub(crate) fn guest_fields(f: &mut Fields, base_dir: &Path) -> Result<VmConfig, 
         affinity,
         cpu_features,
         uuid,
+        seccomp,
     })
 }
 

@@ -38,6 +38,7 @@ console = "virtio"
 rng = true
 affinity = ["0", "1-3"]
 uuid = "6F1C2E3D-4b5a-4978-8a1b-0c2d3e4f5a6b"
+seccomp = "log"
 
 [[disk]]
 path = "root.img"
@@ -121,6 +122,7 @@ fn a_full_guest_file_fills_every_field() {
     );
     let features: Vec<String> = c.cpu_features.iter().map(ToString::to_string).collect();
     assert_eq!(features, ["-x2apic", "+rdtscp", "-rdtscp"], "kept in order");
+    assert_eq!(c.seccomp, vmm::SeccompMode::Log);
 }
 
 #[test]
@@ -133,6 +135,7 @@ fn a_minimal_guest_file_takes_the_run_defaults() {
     assert!(c.affinity.is_empty());
     assert!(c.cpu_features.is_empty());
     assert_eq!(c.uuid, None, "a random one at each run");
+    assert_eq!(c.seccomp, vmm::SeccompMode::On, "filters on by default");
 }
 
 #[test]
@@ -162,6 +165,7 @@ fn written_toml_reads_back_to_the_same_config() {
         "kernel = \"k\"",
         "kernel = \"k\"\ncpus = 2\naffinity = \"3\"\nmemory = 16781312",
         "kernel = \"k\"\nmemory_backing = \"memfd\"\nhugepages = \"2M\"",
+        "kernel = \"k\"\nseccomp = \"off\"",
         "kernel = \"a \\\"quoted\\\" path\"\ncmdline = \"x='1' \\\\ y\"\naffinity = [\"any\"]",
     ] {
         let first = guest(text).unwrap();
@@ -219,8 +223,10 @@ fn guest_field_errors() {
         ("kernel = \"k\"\nrng = \"yes\"", "guest.toml: rng: expected true or false, found a string"),
         ("kernel = \"k\"\nmemory_backing = \"shm\"", "guest.toml: memory_backing: 'shm' is not auto, anonymous or memfd"),
         ("kernel = \"k\"\nhugepages = \"4K\"", "guest.toml: hugepages: '4K' is not a huge page size (2M or 1G)"),
+        ("kernel = \"k\"\nseccomp = \"yes\"", "guest.toml: seccomp: 'yes' is not on, log or off"),
+        ("kernel = \"k\"\nseccomp = true", "guest.toml: seccomp: expected a string, found a boolean"),
         ("kernel = \"k\"\nuuid = \"1234\"", "guest.toml: uuid: '1234' is not a UUID (example: 123e4567-e89b-42d3-a456-426614174000)"),
-        ("kernel = \"k\"\nsize = 3", "guest.toml: size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, rng, uuid, vsock)"),
+        ("kernel = \"k\"\nsize = 3", "guest.toml: size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, rng, seccomp, uuid, vsock)"),
     ];
     for (text, expected) in cases {
         assert_eq!(guest_err(text), expected, "{text}");
@@ -408,7 +414,7 @@ fn system_errors() {
         ("[guests]\nweb = 3", "system.toml: guests.web: expected a table, found an integer"),
         ("[guests.web]\nkernel = \"k\"\nmemory = \"12X\"", "system.toml: guests.web.memory: '12X' is not a size (examples: 512M, 2G, 1048576K)"),
         ("[guests.web]\nkernel = \"k\"\nstart = \"later\"", "system.toml: guests.web.start: 'later' is not \"boot\" or \"held\""),
-        ("[guests.web]\nkernel = \"k\"\nsize = 1", "system.toml: guests.web.size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, rng, start, uuid, vsock)"),
+        ("[guests.web]\nkernel = \"k\"\nsize = 1", "system.toml: guests.web.size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, rng, seccomp, start, uuid, vsock)"),
         ("[guests.web]\nfile = \"w.toml\"\ncpus = 2", "system.toml: guests.web.cpus: a guest given by 'file' takes only 'start' beside it; put this in the guest file"),
         ("[guests.web]\nfile = \"\"", "system.toml: guests.web.file: is empty"),
         ("[guests.web]\nstart = \"boot\"", "system.toml: guests.web.kernel: is required"),

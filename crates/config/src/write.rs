@@ -121,6 +121,9 @@ fn write_guest(out: &mut String, config: &VmConfig, prefix: &str) {
     if let Some(uuid) = config.uuid {
         let _ = writeln!(out, "uuid = {}", quoted(&uuid.to_string()));
     }
+    if config.seccomp != vmm::SeccompMode::default() {
+        let _ = writeln!(out, "seccomp = {}", quoted(config.seccomp.name()));
+    }
     for disk in &config.disks {
         let _ = writeln!(out, "\n[[{prefix}disk]]\npath = {}", path(&disk.path));
         let _ = writeln!(out, "readonly = {}", disk.readonly);

@@ -199,6 +199,42 @@ fn read_exit_report(runtime: &Path) -> Option<ExitRecord> {
 
 /// The VMM's status for a failed guest (triple fault, panic, KVM error).
 const STATUS_GUEST_FAILED: i32 = 2;
+/// The VMM's status after seccomp blocked a system call. The VMM ends at
+/// once, without an exit report, after one line on its stderr.
+const STATUS_SECCOMP: i32 = 148;
+/// How that line starts.
+const SECCOMP_LINE: &str = "ferrovisor: seccomp blocked syscall ";
+/// How much of the end of `vmm.err` is searched for that line.
+const ERR_TAIL: u64 = 64 << 10;
+
+/// The exit report of a VMM that seccomp ended (status [`STATUS_SECCOMP`]):
+/// the blocked-call line from the end of its stderr, `err`, is the reason.
+fn seccomp_report(err: &Path, code: Option<i32>) -> Option<ExitRecord> {
+    use std::io::{Read, Seek, SeekFrom};
+    if code != Some(STATUS_SECCOMP) {
+        return None;
+    }
+    let mut tail = String::new();
+    if let Ok(mut file) = fs::File::open(err) {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(ERR_TAIL)));
+        let mut bytes = Vec::new();
+        let _ = file.read_to_end(&mut bytes);
+        tail = String::from_utf8_lossy(&bytes).into_owned();
+    }
+    let reason = tail
+        .lines()
+        .rev()
+        .find(|l| l.starts_with(SECCOMP_LINE))
+        .map_or_else(
+            || "seccomp blocked a system call".to_string(),
+            |l| l["ferrovisor: ".len()..].to_string(),
+        );
+    Some(ExitRecord {
+        status: code,
+        reason,
+    })
+}
 
 /// Classifies the end of a run from the exit report (if any) and what the
 /// daemon knows: `signal` when it reaped the process itself, `killing` when
@@ -210,7 +246,8 @@ fn classify(
     killing: bool,
 ) -> (ExitRecord, State) {
     if let Some(report) = report {
-        let state = if report.status == Some(STATUS_GUEST_FAILED) && !killing {
+        let failed = matches!(report.status, Some(STATUS_GUEST_FAILED | STATUS_SECCOMP));
+        let state = if failed && !killing {
             State::Crashed
         } else {
             State::Stopped
@@ -371,8 +408,11 @@ impl Guest {
             use std::os::unix::process::ExitStatusExt;
             let status = child.wait().ok();
             let killing = lock(&guest.data).killing;
+            let report = read_exit_report(&guest.runtime()).or_else(|| {
+                seccomp_report(&guest.dir.join("vmm.err"), status.and_then(|s| s.code()))
+            });
             let end = classify(
-                read_exit_report(&guest.runtime()),
+                report,
                 status.and_then(|s| s.signal()),
                 status.and_then(|s| s.code()),
                 killing,
@@ -672,6 +712,29 @@ mod tests {
             classify(Some(report(2)), None, Some(2), true).1,
             State::Stopped
         );
+    }
+
+    #[test]
+    fn a_vmm_that_seccomp_ended_crashed_with_the_blocked_call_as_reason() {
+        let err = std::env::temp_dir().join(format!("fv-seccomp-{}.err", std::process::id()));
+        fs::write(
+            &err,
+            "ferrovisor: warning: PVM\n\
+             ferrovisor: seccomp blocked syscall ptrace (101) in a vcpu thread\n",
+        )
+        .unwrap();
+        assert_eq!(seccomp_report(&err, Some(0)), None, "only status 148");
+        let report = seccomp_report(&err, Some(STATUS_SECCOMP));
+        let (exit, state) = classify(report, None, Some(STATUS_SECCOMP), false);
+        assert_eq!(state, State::Crashed);
+        assert_eq!(
+            exit.reason,
+            "seccomp blocked syscall ptrace (101) in a vcpu thread"
+        );
+        fs::write(&err, "").unwrap();
+        let report = seccomp_report(&err, Some(STATUS_SECCOMP)).unwrap();
+        assert_eq!(report.reason, "seccomp blocked a system call");
+        let _ = fs::remove_file(&err);
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub enum ArgsError {
     BadUuid(String),
     #[error("--affinity: {0}")]
     BadAffinity(String),
+    #[error("--seccomp: {0}")]
+    BadSeccomp(String),
     #[error("--cpu-features: {0}")]
     BadCpuFeatures(FeatureError),
     #[error("unexpected argument '{0}'")]
@@ -73,6 +75,8 @@ pub struct RunArgs {
     /// The runtime directory (control socket, console log and socket, exit
     /// record), when the VMM runs under a supervisor.
     pub runtime_dir: Option<PathBuf>,
+    /// `--seccomp`: overrides the guest's own setting.
+    pub seccomp: Option<vmm::SeccompMode>,
 }
 
 /// What the user asked for.
@@ -169,6 +173,7 @@ struct RunFlags {
     stats: bool,
     config: Option<PathBuf>,
     runtime_dir: Option<PathBuf>,
+    seccomp: Option<vmm::SeccompMode>,
     /// The first flag seen that describes the machine (not allowed with
     /// `--config`).
     machine_flag: Option<&'static str>,
@@ -250,6 +255,11 @@ impl RunFlags {
                 PathBuf::from(value("--runtime-dir")?),
                 "--runtime-dir",
             )?,
+            "--seccomp" => set_once(
+                &mut self.seccomp,
+                value("--seccomp")?.parse().map_err(ArgsError::BadSeccomp)?,
+                "--seccomp",
+            )?,
             "-h" | "--help" => return Ok(false),
             f => return Err(ArgsError::UnknownFlag(f.into())),
         }
@@ -308,6 +318,7 @@ impl RunFlags {
                 guest: Guest::File(file),
                 stats: self.stats,
                 runtime_dir: self.runtime_dir,
+                seccomp: self.seccomp,
             });
         }
         let cpus = self.cpus.unwrap_or(config::DEFAULT_CPUS);
@@ -328,11 +339,13 @@ impl RunFlags {
             affinity,
             cpu_features: self.cpu_features.unwrap_or_default(),
             uuid: self.uuid,
+            seccomp: self.seccomp.unwrap_or_default(),
         };
         Ok(RunArgs {
             guest: Guest::Flags(Box::new(vm)),
             stats: self.stats,
             runtime_dir: self.runtime_dir,
+            seccomp: self.seccomp,
         })
     }
 }
@@ -679,5 +692,29 @@ mod tests {
         for e in errors {
             assert!(!e.to_string().contains('\n'), "{e}");
         }
+    }
+
+    #[test]
+    fn seccomp_is_on_unless_a_flag_says_otherwise() {
+        assert_eq!(run("run --kernel k").vm.seccomp, vmm::SeccompMode::On);
+        assert_eq!(
+            run("run --kernel k --seccomp log").vm.seccomp,
+            vmm::SeccompMode::Log
+        );
+        assert_eq!(
+            run("run --kernel k --seccomp=off").vm.seccomp,
+            vmm::SeccompMode::Off
+        );
+        // With a guest file the flag overrides the file's setting.
+        let r = run_args("run --config g.toml --seccomp off");
+        assert_eq!(r.seccomp, Some(vmm::SeccompMode::Off));
+        assert_eq!(
+            message("run --kernel k --seccomp maybe"),
+            "--seccomp: 'maybe' is not on, log or off"
+        );
+        assert_eq!(
+            message("run --kernel k --seccomp on --seccomp off"),
+            "--seccomp given twice"
+        );
     }
 }

@@ -20,9 +20,9 @@ Usage:
                  [--disk path=FILE[,readonly=on]]... [--net tap=NAME[,mac=MAC]]...
                  [--console serial|virtio] [--rng] [--vsock cid=N,socket=PATH]
                  [--affinity CPUS | --affinity VCPU=CPUS...] [--cpu-features -NAME,+NAME...]
-                 [--uuid UUID]
+                 [--uuid UUID] [--seccomp on|log|off]
                  [--runtime-dir DIR] [--stats]
-  ferrovisor run --config GUEST.toml [--runtime-dir DIR] [--stats]
+  ferrovisor run --config GUEST.toml [--seccomp on|log|off] [--runtime-dir DIR] [--stats]
   ferrovisor daemon [--socket PATH] [--state-dir DIR]
   ferrovisor up SYSTEM.toml | create FILE [--name N] [--start]
   ferrovisor start|pause|resume|stop|kill|delete|info|console NAME
@@ -36,7 +36,7 @@ their options (docs/control-plane.md).
 
 const RUN_USAGE: &str = "\
 Usage: ferrovisor run --kernel PATH [options]
-       ferrovisor run --config GUEST.toml [--runtime-dir DIR] [--stats]
+       ferrovisor run --config GUEST.toml [--seccomp on|log|off] [--runtime-dir DIR] [--stats]
 
 Boots one guest in the foreground. Its serial console is this terminal;
 Ctrl-A x stops it.
@@ -75,6 +75,10 @@ Ctrl-A x stops it.
                      its first group is the serial number); random if absent
   --config FILE      read the guest from a TOML guest file (docs/config.md)
                      instead of the flags above
+  --seccomp on|log|off
+                     seccomp filters on every VMM thread: on (default; a
+                     blocked call ends the VMM with status 148), log (the
+                     kernel logs calls outside the filters), off
   --runtime-dir DIR  serve DIR/control.sock, write the console to
                      DIR/console.log and DIR/console.sock, and DIR/exit.json
                      at exit (docs/running.md)
@@ -82,7 +86,8 @@ Ctrl-A x stops it.
 
 Exit status: 0 when the guest powers off, reboots or halts, or on SIGINT/SIGTERM;
 (v << 1) | 1 when the guest writes v to the debug-exit port (0xf4);
-2 when the guest fails (triple fault, panic, KVM error) or on a usage error.
+2 when the guest fails (triple fault, panic, KVM error) or on a usage error;
+148 when seccomp blocked a system call (one line names it).
 ";
 
 /// One line: the error and each of its causes. A newline inside (from a
@@ -145,7 +150,7 @@ fn print_dump(text: &str, saved: Option<&Result<std::path::PathBuf, String>>) {
 
 /// Runs the guest; returns the exit status and its one-line reason.
 fn run_guest(args: RunArgs, start: Instant) -> (i32, String) {
-    let vm = match args.guest {
+    let mut vm = match args.guest {
         Guest::Flags(vm) => *vm,
         Guest::File(path) => match config::load_guest(&path) {
             Ok(vm) => vm,
@@ -156,6 +161,9 @@ fn run_guest(args: RunArgs, start: Instant) -> (i32, String) {
             }
         },
     };
+    if let Some(mode) = args.seccomp {
+        vm.seccomp = mode;
+    }
     warn_if_pvm();
     let options = RunOptions {
         runtime_dir: args.runtime_dir,

@@ -227,10 +227,10 @@ impl Console {
             room,
         });
         let thread_buffer = buffer.clone();
-        std::thread::Builder::new()
-            .name("virtio-console-out".to_string())
-            .spawn(move || write_output(thread_buffer, output))
-            .map_err(ConsoleError::Thread)?;
+        crate::thread::spawn("virtio-console-out", move || {
+            write_output(thread_buffer, output)
+        })
+        .map_err(ConsoleError::Thread)?;
         Ok(Console {
             input: ConsoleInput {
                 queue: Arc::new(InputQueue {

@@ -26,6 +26,7 @@ pub mod rate_limiter;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod thread;
 
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;

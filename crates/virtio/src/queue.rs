@@ -790,9 +790,7 @@ impl Worker {
         }
         set.epoll = Some(epoll.clone());
         let flag = set.stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || run(epoll, set, handler))?;
+        let thread = crate::thread::spawn(name, move || run(epoll, set, handler))?;
         Ok(Worker {
             stop,
             flag,

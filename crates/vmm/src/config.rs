@@ -201,6 +201,8 @@ pub struct VmConfig {
     /// The system UUID the guest sees in SMBIOS (`product_uuid`); `None`
     /// makes a random one at each run.
     pub uuid: Option<Uuid>,
+    /// Seccomp filters on the VMM's threads (`on`, `log` or `off`).
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// Splits `a=1,b=2` into pairs, refusing repeats and keys outside `known`.

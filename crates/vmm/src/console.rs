@@ -86,6 +86,7 @@ pub fn enter_raw_mode() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     *saved().lock().unwrap_or_else(|p| p.into_inner()) = Some(termios);
+    let _ = FIRST_TERMIOS.set(termios);
     let mut raw = termios;
     // SAFETY: `raw` is a valid termios.
     unsafe { libc::cfmakeraw(&mut raw) };
@@ -103,6 +104,19 @@ pub fn restore_terminal() {
     if let Some(termios) = termios {
         // SAFETY: `termios` was read from this terminal by tcgetattr.
         unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &termios) };
+    }
+}
+
+/// The terminal's mode before the first [`enter_raw_mode`], readable
+/// without a lock.
+static FIRST_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
+
+/// Restores the terminal from a signal handler: no lock, no allocation;
+/// tcsetattr is async-signal-safe.
+pub fn restore_terminal_from_signal_handler() {
+    if let Some(termios) = FIRST_TERMIOS.get() {
+        // SAFETY: `termios` was read from this terminal by tcgetattr.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, termios) };
     }
 }
 
@@ -156,6 +170,7 @@ pub fn spawn_stdin_reader(mut sink: InputSink, control: Arc<Control>, escapes: b
     let spawned = std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Console);
             let mut stdin = std::io::stdin().lock();
             let mut filter = EscapeFilter::default();
             let mut buf = [0u8; 256];

@@ -377,11 +377,16 @@ fn spawn_resampler(list: Vec<(EventFd, IntxResampler)>) -> Result<(), PciError> 
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `all` is valid storage.
     unsafe { libc::sigfillset(&mut all) };
+    // SIGSYS stays deliverable: a blocked signal would turn a blocked
+    // call into a silent kill instead of the seccomp line.
+    // SAFETY: as above.
+    unsafe { libc::sigdelset(&mut all, libc::SIGSYS) };
     // SAFETY: both sets are valid; this changes only this thread's mask.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) };
     let spawned = std::thread::Builder::new()
         .name("pci-intx".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Worker);
             let mut events = [EpollEvent::default(); 8];
             loop {
                 let n = match epoll.wait(-1, &mut events) {

@@ -717,7 +717,10 @@ impl Runtime {
             };
             std::thread::Builder::new()
                 .name("console".into())
-                .spawn(move || server.run())
+                .spawn(move || {
+                    crate::seccomp::enter(crate::seccomp::ThreadKind::Console);
+                    server.run()
+                })
                 .map_err(|e| RuntimeError::Thread("console", e))?;
         }
         if let Some(listener) = self.control.take() {
@@ -732,7 +735,10 @@ impl Runtime {
             };
             std::thread::Builder::new()
                 .name("control".into())
-                .spawn(move || serve_control(listener, live))
+                .spawn(move || {
+                    crate::seccomp::enter(crate::seccomp::ThreadKind::Control);
+                    serve_control(listener, live)
+                })
                 .map_err(|e| RuntimeError::Thread("control", e))?;
         }
         Ok(())

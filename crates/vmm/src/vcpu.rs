@@ -288,6 +288,8 @@ impl Vcpu {
                 return;
             }
         }
+        // Pinned, and not yet in the guest: from here on, the vCPU filter.
+        crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
         while !self.control.is_stopping() {
             self.control.park_if_paused();
             if self.control.is_stopping() {

@@ -26,6 +26,7 @@ use crate::loader::{self, BootSpec, LoaderError};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::pci::{self, PciDevices};
 use crate::runtime::{RunOptions, Runtime, RuntimeError, VmParts};
+use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::{self, Vcpu, VcpuError};
 use crate::{console, machine};
 
@@ -76,6 +77,8 @@ pub enum VmError {
     /// A VMM thread could not be started.
     #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// How a run ended, and what it measured.
@@ -166,6 +169,8 @@ pub fn run_with(
     }
     vcpu::check_affinity(&config.affinity, config.cpus)?;
     let regions = memmap::ram_regions(config.memory)?;
+    // Before any VMM thread starts: each installs its filter as it starts.
+    seccomp::prepare(config.seccomp)?;
     let pci_devices = pci::devices_from_config(config)?;
     // No memory is locked yet: more than the host has is only a warning.
     if !memory::check_host_fits(config.memory, false)? {
@@ -242,6 +247,8 @@ pub fn run_with(
         }
     };
 
+    // Every thread is started: the main thread narrows to its own list.
+    seccomp::enter(ThreadKind::Main);
     let exit = supervise(&control, &threads);
     let memory = MemoryReport {
         backing,
@@ -455,7 +462,7 @@ fn stop_signal_set() -> libc::sigset_t {
 
 /// Blocks the stop signals in this thread and every thread it starts, so
 /// that only the signal waiter receives them.
-fn block_stop_signals() {
+pub(crate) fn block_stop_signals() {
     let set = stop_signal_set();
     // SAFETY: `set` is a valid signal set; a null old-set pointer is allowed.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -465,6 +472,7 @@ fn spawn_signal_waiter(control: Arc<Control>) -> Result<(), VmError> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            seccomp::enter(ThreadKind::Control);
             let set = stop_signal_set();
             let mut signal: libc::c_int = 0;
             // SAFETY: `set` is a valid signal set blocked in this thread, and

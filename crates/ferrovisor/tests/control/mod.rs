@@ -55,11 +55,18 @@ pub struct TestDaemon {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     child: Option<Child>,
+    /// Environment variables the daemon (and so its VMMs) gets.
+    env: Vec<(String, String)>,
 }
 
 impl TestDaemon {
     /// Starts a daemon in a new, empty directory (short, for socket paths).
     pub fn start() -> TestDaemon {
+        Self::start_with_env(&[])
+    }
+
+    /// [`TestDaemon::start`], with extra environment variables.
+    pub fn start_with_env(env: &[(&str, &str)]) -> TestDaemon {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let dir = PathBuf::from(format!("/tmp/fvd-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -69,6 +76,10 @@ impl TestDaemon {
             state_dir: dir.join("state"),
             dir,
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         daemon.spawn();
         daemon
@@ -87,6 +98,7 @@ impl TestDaemon {
             .arg(&self.socket)
             .arg("--state-dir")
             .arg(&self.state_dir)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

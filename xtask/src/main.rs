@@ -5,6 +5,7 @@ mod util;
 mod bench;
 mod bench_blk;
 mod bench_distro;
+mod bench_fabric;
 mod bench_rate;
 mod cpio;
 mod deb;
@@ -50,6 +51,9 @@ commands:
   bench rate [--size MIB] [--secs N] [--net MIB]
                             a disk limited to 20 MiB/s and 500 IOPS and a NIC limited to
                             100 Mbit/s under a flooding guest: achieved against the limit
+  bench fabric --switch-only [--secs N]
+                            the switch core's forwarding rate (frames/s, 64 B and
+                            1500 B, hub and bridge) with a host-side frame generator
   help                      show this text";
 
 /// What a command asks the process to exit with.

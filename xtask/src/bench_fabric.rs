@@ -1,0 +1,60 @@
+//! `cargo xtask bench fabric --switch-only`: the switch core's forwarding
+//! rate on the host, with a frame generator on two ports (the `switch`
+//! crate's `forward_rate` example, built in release mode). Frames per second
+//! for 64 B and 1500 B frames in hub mode, bridge mode, and bridge mode
+//! between an access port and a trunk (a tag added or removed per frame).
+//!
+//! The benchmark with guests (throughput and latency through a bridge
+//! against QEMU guests on a Linux bridge, shared regions, guest-to-guest
+//! vsock) needs the switch connected to guests, which is not built yet.
+
+use std::process::Command;
+
+use crate::util::{self, Result};
+
+const USAGE: &str = "usage: cargo xtask bench fabric --switch-only [--secs N]";
+
+/// Builds and runs the forwarding-rate benchmark, niced so that it leaves
+/// the machine to interactive work.
+pub fn command(args: &[String]) -> Result<u8> {
+    let mut switch_only = false;
+    let mut secs = 2u64;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--switch-only" => switch_only = true,
+            "--secs" => {
+                let n = it.next().ok_or_else(|| fail!("{USAGE}"))?;
+                secs = match n.parse() {
+                    Ok(n) if n > 0 => n,
+                    _ => return Err(fail!("--secs: `{n}` is not a positive number")),
+                };
+            }
+            _ => return Err(fail!("{USAGE}")),
+        }
+    }
+    if !switch_only {
+        return Err(fail!(
+            "the fabric benchmark with guests is not built yet (the switch is not \
+             connected to guests); run `cargo xtask bench fabric --switch-only`"
+        ));
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    util::run(
+        Command::new("nice")
+            .args(["-n", "15", &cargo, "build", "--release", "-p", "switch"])
+            .args(["--example", "forward_rate"])
+            .current_dir(util::workspace_root()),
+    )?;
+    let bin = util::target_dir().join("release/examples/forward_rate");
+    if !bin.is_file() {
+        return Err(fail!("cargo built no {}", bin.display()));
+    }
+    util::run(
+        Command::new("nice")
+            .args(["-n", "15"])
+            .arg(&bin)
+            .arg(secs.to_string()),
+    )?;
+    Ok(0)
+}

@@ -40,6 +40,8 @@ pub const STATUS_CAPABILITIES: u16 = 1 << 4;
 
 /// BAR low bits: 64-bit memory BAR type.
 const BAR_MEM64: u32 = 0b100;
+/// BAR low bits: prefetchable memory.
+const BAR_PREFETCHABLE: u32 = 0b1000;
 /// Where the first capability goes, after the standard header.
 const FIRST_CAPABILITY: usize = 0x40;
 
@@ -206,6 +208,16 @@ impl ConfigSpace {
         Ok(())
     }
 
+    /// Marks BAR `index` prefetchable (reads have no side effects; memory,
+    /// not registers). Does nothing for an undeclared BAR.
+    pub fn set_bar_prefetchable(&mut self, index: usize) {
+        if self.bar_size(index).is_some() {
+            let offset = REG_BAR0 + 4 * index;
+            let low = self.u32_at(offset) | BAR_PREFETCHABLE;
+            self.set_u32(offset, low);
+        }
+    }
+
     /// Programs BAR `index`'s address as firmware would.
     pub fn set_bar_address(&mut self, index: usize, address: u64) {
         let Some(bar) = self.bars.get(index).copied().flatten() else {
@@ -334,6 +346,20 @@ mod tests {
             s.add_bar(3, 16, BarKind::Memory32),
             Err(ConfigError::BarInUse(3))
         );
+    }
+
+    #[test]
+    fn prefetchable_bit_survives_sizing_and_addressing() {
+        let mut s = space();
+        s.add_bar(2, 0x10_0000, BarKind::Memory64).unwrap();
+        s.set_bar_prefetchable(2);
+        s.set_bar_prefetchable(4);
+        s.write(REG_BAR0 + 8, &u32::MAX.to_le_bytes());
+        assert_eq!(read32(&s, REG_BAR0 + 8), 0xfff0_000c);
+        s.set_bar_address(2, 0xc020_0000);
+        assert_eq!(read32(&s, REG_BAR0 + 8), 0xc020_000c);
+        assert_eq!(s.bar_address(2), Some(0xc020_0000));
+        assert_eq!(read32(&s, REG_BAR0 + 16), 0);
     }
 
     #[test]

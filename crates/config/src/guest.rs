@@ -34,13 +34,18 @@
 //!
 //! [cpu]
 //! features = ["-x2apic", "+rdtscp"]   # applied in order to the host's set
+//!
+//! [[region]]                     # shared memory: an ivshmem-compatible device
+//! path = "/dev/shm/ring0"        # the file; its size (a power of two) is the region's
+//! id = 0                         # this guest's peer id (IVPosition), 0 to 65535
+//! readonly = false
 //! ```
 
 use std::path::{Path, PathBuf};
 
 use vmm::config::{
-    self as vmcfg, ConsoleMode, DiskConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE,
-    DEFAULT_CPUS, DEFAULT_MEMORY,
+    self as vmcfg, ConsoleMode, DiskConfig, NetConfig, RegionConfig, VmConfig, VsockConfig,
+    DEFAULT_CMDLINE, DEFAULT_CPUS, DEFAULT_MEMORY,
 };
 
 use arch::cpu_features::FeatureEdit;
@@ -122,6 +127,11 @@ pub(crate) fn guest_fields(f: &mut Fields, base_dir: &Path) -> Result<VmConfig, 
         None => Vec::new(),
         Some(c) => cpu(c)?,
     };
+    let regions = f
+        .tables("region")?
+        .into_iter()
+        .map(|r| region(r, base_dir))
+        .collect::<Result<_, _>>()?;
     let uuid = match f.string("uuid")? {
         None => None,
         Some(text) => Some(
@@ -150,6 +160,7 @@ pub(crate) fn guest_fields(f: &mut Fields, base_dir: &Path) -> Result<VmConfig, 
         cpu_features,
         uuid,
         seccomp,
+        regions,
     })
 }
 
@@ -344,6 +355,18 @@ fn vsock(mut v: Fields, base_dir: &Path) -> Result<VsockConfig, FileError> {
     let socket = resolve(base_dir, &v.required_string("socket")?);
     v.finish()?;
     Ok(VsockConfig { cid, socket })
+}
+
+fn region(mut r: Fields, base_dir: &Path) -> Result<RegionConfig, FileError> {
+    let path = resolve(base_dir, &r.required_string("path")?);
+    let id = match r.integer("id")? {
+        None => 0,
+        Some(n) => u16::try_from(n)
+            .map_err(|_| r.error("id", format!("{n} is not a peer id (0 to 65535)")))?,
+    };
+    let readonly = r.boolean("readonly")?.unwrap_or(false);
+    r.finish()?;
+    Ok(RegionConfig { path, id, readonly })
 }
 
 /// The `[cpu]` table: `features = ["-name", "+name", ...]`. Names must be

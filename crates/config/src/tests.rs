@@ -167,6 +167,7 @@ fn written_toml_reads_back_to_the_same_config() {
         "kernel = \"k\"\nmemory_backing = \"memfd\"\nhugepages = \"2M\"",
         "kernel = \"k\"\nseccomp = \"off\"",
         "kernel = \"a \\\"quoted\\\" path\"\ncmdline = \"x='1' \\\\ y\"\naffinity = [\"any\"]",
+        "kernel = \"k\"\n[[region]]\npath = \"/dev/shm/r\"\nid = 65535\nreadonly = true",
     ] {
         let first = guest(text).unwrap();
         let written = to_guest_toml(&first);
@@ -226,7 +227,7 @@ fn guest_field_errors() {
         ("kernel = \"k\"\nseccomp = \"yes\"", "guest.toml: seccomp: 'yes' is not on, log or off"),
         ("kernel = \"k\"\nseccomp = true", "guest.toml: seccomp: expected a string, found a boolean"),
         ("kernel = \"k\"\nuuid = \"1234\"", "guest.toml: uuid: '1234' is not a UUID (example: 123e4567-e89b-42d3-a456-426614174000)"),
-        ("kernel = \"k\"\nsize = 3", "guest.toml: size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, rng, seccomp, uuid, vsock)"),
+        ("kernel = \"k\"\nsize = 3", "guest.toml: size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, region, rng, seccomp, uuid, vsock)"),
     ];
     for (text, expected) in cases {
         assert_eq!(guest_err(text), expected, "{text}");
@@ -273,6 +274,19 @@ fn cpu_feature_errors() {
 }
 
 #[test]
+fn a_region_takes_its_path_relative_to_the_file_and_defaults() {
+    let config = guest("kernel = \"k\"\n[[region]]\npath = \"ring0\"").unwrap();
+    assert_eq!(
+        config.regions,
+        vec![vmm::config::RegionConfig {
+            path: "/srv/guests/ring0".into(),
+            id: 0,
+            readonly: false,
+        }]
+    );
+}
+
+#[test]
 fn device_errors() {
     let cases = [
         ("[[disk]]\nreadonly = true", "guest.toml: disk[0].path: is required"),
@@ -294,6 +308,10 @@ fn device_errors() {
         ("[vsock]\ncid = 4294967295\nsocket = \"s\"", "guest.toml: vsock.cid: 4294967295 is not a guest CID (3 to 4294967294)"),
         ("[vsock]\ncid = 3", "guest.toml: vsock.socket: is required"),
         ("vsock = 3", "guest.toml: vsock: expected a table, found an integer"),
+        ("[[region]]\nid = 1", "guest.toml: region[0].path: is required"),
+        ("[[region]]\npath = \"r\"\nid = 65536", "guest.toml: region[0].id: 65536 is not a peer id (0 to 65535)"),
+        ("[[region]]\npath = \"r\"\nid = -1", "guest.toml: region[0].id: -1 is not a peer id (0 to 65535)"),
+        ("[[region]]\npath = \"r\"\nsize = \"1M\"", "guest.toml: region[0].size: unknown field (known here: id, path, readonly)"),
     ];
     for (text, expected) in cases {
         let text = format!("kernel = \"k\"\n{text}");
@@ -414,7 +432,7 @@ fn system_errors() {
         ("[guests]\nweb = 3", "system.toml: guests.web: expected a table, found an integer"),
         ("[guests.web]\nkernel = \"k\"\nmemory = \"12X\"", "system.toml: guests.web.memory: '12X' is not a size (examples: 512M, 2G, 1048576K)"),
         ("[guests.web]\nkernel = \"k\"\nstart = \"later\"", "system.toml: guests.web.start: 'later' is not \"boot\" or \"held\""),
-        ("[guests.web]\nkernel = \"k\"\nsize = 1", "system.toml: guests.web.size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, rng, seccomp, start, uuid, vsock)"),
+        ("[guests.web]\nkernel = \"k\"\nsize = 1", "system.toml: guests.web.size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, region, rng, seccomp, start, uuid, vsock)"),
         ("[guests.web]\nfile = \"w.toml\"\ncpus = 2", "system.toml: guests.web.cpus: a guest given by 'file' takes only 'start' beside it; put this in the guest file"),
         ("[guests.web]\nfile = \"\"", "system.toml: guests.web.file: is empty"),
         ("[guests.web]\nstart = \"boot\"", "system.toml: guests.web.kernel: is required"),

@@ -145,6 +145,11 @@ fn write_guest(out: &mut String, config: &VmConfig, prefix: &str) {
         let _ = writeln!(out, "\n[{prefix}vsock]\ncid = {}", vsock.cid);
         let _ = writeln!(out, "socket = {}", path(&vsock.socket));
     }
+    for region in &config.regions {
+        let _ = writeln!(out, "\n[[{prefix}region]]\npath = {}", path(&region.path));
+        let _ = writeln!(out, "id = {}", region.id);
+        let _ = writeln!(out, "readonly = {}", region.readonly);
+    }
     if !config.cpu_features.is_empty() {
         let edits: Vec<String> = config
             .cpu_features

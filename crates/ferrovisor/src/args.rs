@@ -340,6 +340,7 @@ impl RunFlags {
             cpu_features: self.cpu_features.unwrap_or_default(),
             uuid: self.uuid,
             seccomp: self.seccomp.unwrap_or_default(),
+            regions: Vec::new(),
         };
         Ok(RunArgs {
             guest: Guest::Flags(Box::new(vm)),

@@ -203,6 +203,20 @@ pub struct VmConfig {
     pub uuid: Option<Uuid>,
     /// Seccomp filters on the VMM's threads (`on`, `log` or `off`).
     pub seccomp: crate::seccomp::SeccompMode,
+    /// Shared memory regions, each an ivshmem-compatible PCI device.
+    pub regions: Vec<RegionConfig>,
+}
+
+/// A shared memory region the guest sees as an ivshmem-compatible device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionConfig {
+    /// The file that holds the region (for example under `/dev/shm`), which
+    /// every guest sharing it names; its size is the region's.
+    pub path: PathBuf,
+    /// This guest's peer id on the region (the device's IVPosition).
+    pub id: u16,
+    /// The guest may only read the region.
+    pub readonly: bool,
 }
 
 /// Splits `a=1,b=2` into pairs, refusing repeats and keys outside `known`.

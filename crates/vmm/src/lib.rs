@@ -13,6 +13,7 @@ pub mod machine;
 pub mod memory;
 pub mod pci;
 pub mod rate;
+pub mod region;
 pub mod runtime;
 pub mod seccomp;
 pub mod stats;

@@ -45,6 +45,7 @@ use crate::config::{ConsoleMode, DiskConfig, NetConfig, VmConfig};
 use crate::console::InputSink;
 use crate::memory::GuestMemory;
 use crate::rate::{Limits, LimitsBuilder};
+use crate::region::{self, RegionBacking};
 
 /// The highest GSI handed out for MSI-X vectors.
 const MAX_GSI: u32 = 1023;
@@ -294,6 +295,9 @@ pub struct DeviceSet {
     pub console_input: Option<ConsoleInput>,
     /// The rate limiters of the disks and NICs, by device name.
     pub limits: Limits,
+    /// Shared regions, mapped; each becomes an ivshmem device after the
+    /// virtio devices.
+    pub regions: Vec<RegionBacking>,
 }
 
 impl DeviceSet {
@@ -353,6 +357,11 @@ pub fn devices_from_config(config: &VmConfig) -> Result<DeviceSet, PciError> {
             .map_err(device_error(flag.clone()))?;
         set.push(flag, Box::new(device));
     }
+    for config in &config.regions {
+        let backing =
+            RegionBacking::open(config).map_err(device_error(region::region_flag(config)))?;
+        set.regions.push(backing);
+    }
     Ok(set)
 }
 
@@ -409,6 +418,69 @@ fn spawn_resampler(list: Vec<(EventFd, IntxResampler)>) -> Result<(), PciError> 
         .map_err(|e| PciError::Kvm("start the INTx thread", e))
 }
 
+/// `vectors` MSI-X vectors on consecutive GSIs, each with an irqfd.
+fn kvm_msi(vm: &Arc<VmFd>, router: &Arc<GsiRouter>, vectors: u32) -> Result<Arc<KvmMsi>, PciError> {
+    let first_gsi = router.allocate(vectors)?;
+    let mut irqfds = Vec::new();
+    for i in 0..vectors {
+        let fd = new_eventfd("create an MSI-X eventfd")?;
+        vm.register_irqfd(&fd, first_gsi + i)
+            .map_err(|e| PciError::Kvm("register an MSI-X irqfd", kvm_io(e)))?;
+        irqfds.push(fd);
+    }
+    Ok(Arc::new(KvmMsi {
+        router: router.clone(),
+        first_gsi,
+        irqfds,
+    }))
+}
+
+/// Puts a shared region on the bus as an ivshmem device: one MSI-X vector,
+/// INTA on its slot's GSI, the memory placed as a KVM slot wherever BAR 2
+/// decodes. No peers: its doorbells reach nobody and are counted.
+fn add_region(
+    vm: &Arc<VmFd>,
+    router: &Arc<GsiRouter>,
+    root: &SharedRoot,
+    index: usize,
+    backing: RegionBacking,
+) -> Result<(), PciError> {
+    let flag = region::region_flag(&backing.config);
+    let mapping = Arc::new(
+        backing
+            .kvm_mapping(vm, index)
+            .map_err(device_error(flag.clone()))?,
+    );
+    let msi = kvm_msi(vm, router, 1)?;
+    let intx = new_eventfd("create an INTx eventfd")?;
+    let intx_irqfd = intx
+        .try_clone()
+        .map_err(|e| PciError::Kvm("create an INTx eventfd", e))?;
+    let settings = pci::IvshmemConfig {
+        size: backing.size,
+        position: backing.config.id,
+        vectors: 1,
+        read_only: backing.config.readonly,
+    };
+    let device = pci::IvshmemDevice::new(
+        settings,
+        msi,
+        intx,
+        Arc::new(pci::EventFdDoorbells::default()),
+        mapping.clone(),
+    )
+    .map_err(device_error(flag.clone()))?;
+    let slot = root
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .add(Box::new(device))?;
+    if let Some(e) = mapping.take_error() {
+        return Err(device_error(flag)(e));
+    }
+    vm.register_irqfd(&intx_irqfd, layout::pci_intx_gsi(slot as u32, 0))
+        .map_err(|e| PciError::Kvm("register an INTx irqfd", kvm_io(e)))
+}
+
 /// The PCI bus of one VM.
 pub struct PciDevices {
     root: SharedRoot,
@@ -434,19 +506,7 @@ impl PciDevices {
         let mut resamplers = Vec::new();
         for spec in set.specs {
             let vectors = spec.device.queue_max_sizes().len() as u32 + 1;
-            let first_gsi = router.allocate(vectors)?;
-            let mut irqfds = Vec::new();
-            for i in 0..vectors {
-                let fd = new_eventfd("create an MSI-X eventfd")?;
-                vm.register_irqfd(&fd, first_gsi + i)
-                    .map_err(|e| PciError::Kvm("register an MSI-X irqfd", kvm_io(e)))?;
-                irqfds.push(fd);
-            }
-            let msi = Arc::new(KvmMsi {
-                router: router.clone(),
-                first_gsi,
-                irqfds,
-            });
+            let msi = kvm_msi(vm, &router, vectors)?;
             let intx = new_eventfd("create an INTx eventfd")?;
             let intx_irqfd = intx
                 .try_clone()
@@ -471,6 +531,9 @@ impl PciDevices {
                 vm.register_irqfd(&intx_irqfd, gsi)
                     .map_err(|e| PciError::Kvm("register an INTx irqfd", kvm_io(e)))?;
             }
+        }
+        for (index, backing) in set.regions.into_iter().enumerate() {
+            add_region(vm, &router, &root, index, backing)?;
         }
         if !resamplers.is_empty() {
             spawn_resampler(resamplers)?;

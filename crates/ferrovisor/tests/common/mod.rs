@@ -3,6 +3,10 @@
 
 #![allow(dead_code)]
 
+mod checks;
+#[allow(unused_imports)]
+pub use checks::{Checks, PASS};
+
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};

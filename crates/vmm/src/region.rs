@@ -1,0 +1,257 @@
+//! Shared memory regions (`[[region]]` in the guest file): a file that
+//! several VMMs map, which each guest sees as an ivshmem-compatible PCI
+//! device (`pci::ivshmem`) with the file's memory as BAR 2.
+//!
+//! The file is opened and mapped (shared) before the VM exists, so a bad
+//! region is one line and nothing starts. The mapping lives as long as the
+//! process, which is the VM's life: KVM may reference it from a memory slot
+//! until the very end. Whenever the guest's BAR 2 decodes, [`KvmRegion`]
+//! puts the mapping there as a KVM memory slot, read-only
+//! (`KVM_MEM_READONLY`) for a guest that may only read: its writes exit to
+//! the device model, which drops them.
+//!
+//! Doorbells between guests need the peers' eventfds, which only the daemon
+//! can hand out; a region given in a guest file has none, so its Doorbell
+//! writes are dropped (and counted).
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_ioctls::{Cap, VmFd};
+use pci::ivshmem::{RegionMapping, MIN_SIZE};
+
+use crate::config::RegionConfig;
+
+/// The first KVM memory slot used by regions (guest RAM takes the slots
+/// below).
+const FIRST_SLOT: u32 = 16;
+/// The largest region: half the PCI window below 4 GiB, which holds every
+/// BAR.
+pub const MAX_SIZE: u64 = arch::layout::PCI_MMIO_SIZE / 2;
+
+/// Errors from opening a region.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    /// The file could not be opened or examined.
+    #[error("cannot open {0}")]
+    Open(PathBuf, #[source] std::io::Error),
+    /// The file's size is not one a region can have.
+    #[error(
+        "{path} holds {size} bytes; a region's file must be a power of two from 4 KiB to {} MiB (e.g. `truncate -s 1M {path}`)",
+        MAX_SIZE >> 20
+    )]
+    Size { path: PathBuf, size: u64 },
+    /// The file could not be mapped.
+    #[error("cannot map {0}")]
+    Map(PathBuf, #[source] std::io::Error),
+    /// The host's KVM cannot map memory read-only.
+    #[error("this host's KVM cannot map memory read-only (no KVM_CAP_READONLY_MEM), so a read-only region cannot be given")]
+    NoReadOnly,
+}
+
+/// How a region appears in errors: as the guest file names it.
+pub fn region_flag(config: &RegionConfig) -> String {
+    format!("[[region]] path = {:?}", config.path.display().to_string())
+}
+
+/// A region's file, mapped into this process.
+#[derive(Debug)]
+pub struct RegionBacking {
+    pub config: RegionConfig,
+    pub size: u64,
+    /// Where the file is mapped in this process.
+    host: u64,
+}
+
+impl RegionBacking {
+    /// Opens and maps the region's file: read-write, or read-only for a
+    /// guest that may only read.
+    pub fn open(config: &RegionConfig) -> Result<Self, RegionError> {
+        let path = &config.path;
+        let file: File = OpenOptions::new()
+            .read(true)
+            .write(!config.readonly)
+            .open(path)
+            .map_err(|e| RegionError::Open(path.clone(), e))?;
+        let size = file
+            .metadata()
+            .map_err(|e| RegionError::Open(path.clone(), e))?
+            .len();
+        if !size.is_power_of_two() || !(MIN_SIZE..=MAX_SIZE).contains(&size) {
+            return Err(RegionError::Size {
+                path: path.clone(),
+                size,
+            });
+        }
+        let prot = if config.readonly {
+            libc::PROT_READ
+        } else {
+            libc::PROT_READ | libc::PROT_WRITE
+        };
+        // SAFETY: a fresh shared mapping of `size` bytes of an open file at
+        // an address the kernel picks; it overlaps nothing of ours. The file
+        // may be closed afterwards: the mapping keeps it.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                prot,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if host == libc::MAP_FAILED {
+            return Err(RegionError::Map(
+                path.clone(),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(Self {
+            config: config.clone(),
+            size,
+            host: host as u64,
+        })
+    }
+
+    /// The region's KVM placement, in slot `FIRST_SLOT + index`.
+    pub fn kvm_mapping(&self, vm: &Arc<VmFd>, index: usize) -> Result<KvmRegion, RegionError> {
+        if self.config.readonly && !vm.check_extension(Cap::ReadonlyMem) {
+            return Err(RegionError::NoReadOnly);
+        }
+        Ok(KvmRegion {
+            vm: vm.clone(),
+            slot: FIRST_SLOT + index as u32,
+            host: self.host,
+            size: self.size,
+            flags: if self.config.readonly {
+                KVM_MEM_READONLY
+            } else {
+                0
+            },
+            last_error: Mutex::new(None),
+        })
+    }
+}
+
+/// Places a region in the guest as a KVM memory slot.
+#[derive(Debug)]
+pub struct KvmRegion {
+    vm: Arc<VmFd>,
+    slot: u32,
+    host: u64,
+    size: u64,
+    flags: u32,
+    /// The last error KVM gave, kept for [`KvmRegion::take_error`].
+    last_error: Mutex<Option<std::io::Error>>,
+}
+
+impl KvmRegion {
+    /// The last error from placing the region, if any, forgotten once
+    /// taken. The device only counts such errors; the VMM checks this after
+    /// the build-time placement, so a region KVM refused stops the start.
+    pub fn take_error(&self) -> Option<std::io::Error> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    fn set(&self, gpa: u64, size: u64) -> std::io::Result<()> {
+        let result = self.set_slot(gpa, size);
+        if let Err(e) = &result {
+            let copy = std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO));
+            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(copy);
+        }
+        result
+    }
+
+    fn set_slot(&self, gpa: u64, size: u64) -> std::io::Result<()> {
+        let desc = kvm_userspace_memory_region {
+            slot: self.slot,
+            flags: self.flags,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: self.host,
+        };
+        // SAFETY: the mapping at `host` covers `size` bytes and is never
+        // unmapped while the process lives (see the module's comment).
+        unsafe { self.vm.set_user_memory_region(desc) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+impl RegionMapping for KvmRegion {
+    fn map(&self, gpa: u64) -> std::io::Result<()> {
+        self.set(gpa, self.size)
+    }
+
+    fn unmap(&self, gpa: u64) -> std::io::Result<()> {
+        self.set(gpa, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(path: PathBuf, readonly: bool) -> RegionConfig {
+        RegionConfig {
+            path,
+            id: 0,
+            readonly,
+        }
+    }
+
+    fn temp_file(name: &str, size: u64) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let file = File::create(&path).unwrap();
+        file.set_len(size).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_file_of_a_power_of_two_size_is_mapped_and_shared() {
+        let path = temp_file("fv-region-ok", 0x10000);
+        let backing = RegionBacking::open(&config(path.clone(), false)).unwrap();
+        assert_eq!(backing.size, 0x10000);
+        // A write through the mapping reaches the file.
+        // SAFETY: the mapping is 64 KiB, read-write, and lives on.
+        unsafe { *(backing.host as *mut u32).add(1) = 0xcafe_f00d };
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[4..8], &0xcafe_f00du32.to_le_bytes());
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn bad_sizes_and_missing_files_are_one_line_naming_the_file() {
+        let odd = temp_file("fv-region-odd", 0x3000);
+        let err = RegionBacking::open(&config(odd.clone(), true)).unwrap_err();
+        assert!(
+            err.to_string().starts_with(&format!(
+                "{} holds 12288 bytes; a region's file must be a power of two",
+                odd.display()
+            )),
+            "{err}"
+        );
+        std::fs::remove_file(odd).unwrap();
+        let empty = temp_file("fv-region-empty", 0);
+        assert!(matches!(
+            RegionBacking::open(&config(empty.clone(), false)),
+            Err(RegionError::Size { size: 0, .. })
+        ));
+        std::fs::remove_file(empty).unwrap();
+        let missing = PathBuf::from("/nonexistent/region");
+        let err = RegionBacking::open(&config(missing, false)).unwrap_err();
+        assert_eq!(err.to_string(), "cannot open /nonexistent/region");
+    }
+
+    #[test]
+    fn the_flag_names_the_file() {
+        let c = config("/dev/shm/ring0".into(), false);
+        assert_eq!(region_flag(&c), "[[region]] path = \"/dev/shm/ring0\"");
+    }
+}

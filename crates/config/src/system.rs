@@ -159,7 +159,8 @@ fn system_guest(
 }
 
 /// Refuses what two guests of one host cannot share: a vsock CID, a tap
-/// device, a disk image that either of them may write.
+/// device, a disk image that either of them may write, a peer id on a
+/// shared region.
 fn check_conflicts(
     earlier: &[SystemGuest],
     guest: &SystemGuest,
@@ -198,6 +199,25 @@ fn check_conflicts(
                 return Err(root_error(
                     origin,
                     &field(format!("disk[{i}].path")),
+                    &problem,
+                ));
+            }
+        }
+        for (i, region) in guest.config.regions.iter().enumerate() {
+            let regions = &other.config.regions;
+            if regions
+                .iter()
+                .any(|r| r.path == region.path && r.id == region.id)
+            {
+                let problem = format!(
+                    "id {} on region '{}' is also guest '{}''s; guests sharing a region need distinct ids",
+                    region.id,
+                    region.path.display(),
+                    other.name
+                );
+                return Err(root_error(
+                    origin,
+                    &field(format!("region[{i}].id")),
                     &problem,
                 ));
             }

@@ -442,10 +442,22 @@ fn system_errors() {
          "system.toml: guests.b.net[1].tap: tap 'fv0' is also used by guest 'a'"),
         ("[guests.a]\nkernel = \"k\"\ndisk = [{path = \"d.img\", readonly = true}]\n[guests.b]\nkernel = \"k\"\ndisk = [{path = \"d.img\"}]",
          "system.toml: guests.b.disk[0].path: '/srv/guests/d.img' is also a disk of guest 'a', and one of them may write it"),
+        ("[guests.a]\nkernel = \"k\"\nregion = [{path = \"r\", id = 1}]\n[guests.b]\nkernel = \"k\"\nregion = [{path = \"q\", id = 1}, {path = \"r\", id = 1, readonly = true}]",
+         "system.toml: guests.b.region[1].id: id 1 on region '/srv/guests/r' is also guest 'a''s; guests sharing a region need distinct ids"),
     ];
     for (text, expected) in cases {
         assert_eq!(system_err(text), expected, "{text}");
     }
+}
+
+#[test]
+fn guests_share_a_region_with_distinct_ids() {
+    let s = system(
+        "[guests.a]\nkernel = \"k\"\nregion = [{path = \"r\"}]\n\
+         [guests.b]\nkernel = \"k\"\nregion = [{path = \"r\", id = 1, readonly = true}]",
+    )
+    .unwrap();
+    assert_eq!(s.guests[1].config.regions[0].id, 1);
 }
 
 #[test]

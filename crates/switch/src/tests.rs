@@ -437,3 +437,86 @@ fn a_full_station_table_floods_new_stations() {
         Verdict::Forwarded(2)
     );
 }
+
+/// Every combination of: known, broadcast and multicast addresses; no tag
+/// or a tag for a carried, foreign or reserved VLAN; lengths around the
+/// header sizes; and no change or one byte of the EtherType or tag
+/// overwritten.
+fn mangled_frames() -> Vec<Vec<u8>> {
+    let macs = [A, B, C, X, BCAST, MCAST];
+    let tags = [None, Some(10), Some(20), Some(30), Some(0), Some(4095)];
+    let lens = [0, 13, 14, 17, 18, 60];
+    let mutations = [None, Some(12), Some(13), Some(15)];
+    let mut out = Vec::new();
+    for dst in macs {
+        for src in macs {
+            for tag in tags {
+                for len in lens {
+                    for mutation in mutations {
+                        let mut f = match tag {
+                            None => frame(dst, src, 60),
+                            Some(vlan) => tagged(dst, src, vlan, 60),
+                        };
+                        if let Some(at) = mutation {
+                            f[at] ^= 0x5a;
+                        }
+                        f.truncate(len);
+                        out.push(f);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn mangled_frames_never_break_isolation_tagging_or_the_counts() {
+    let mut rig = Rig::new(Mode::Bridge);
+    let a10 = rig.port(VlanMode::Access(10), Some(A));
+    let trunk = rig.port(VlanMode::Trunk(vec![10, 20]), None);
+    let c20 = rig.port(VlanMode::Access(20), Some(C));
+    let frames = mangled_frames();
+    let mut dropped = [0u64; 3];
+    let mut from_a10_to_c20 = 0;
+    let sends = frames
+        .iter()
+        .flat_map(|f| [a10, trunk, c20].map(|p| (p, f)));
+    for (from, f) in sends {
+        if let Verdict::Dropped(_) = rig.send(from, f) {
+            dropped[from] += 1;
+        }
+        let (at_a10, at_trunk, at_c20) = (rig.got(a10), rig.got(trunk), rig.got(c20));
+        if from == a10 {
+            from_a10_to_c20 += at_c20.len();
+        }
+        rig.clock.advance(Duration::from_millis(50));
+        for frame in at_a10.iter().chain(&at_c20) {
+            assert_ne!(
+                &frame[12..14],
+                &[0x81, 0x00],
+                "a tagged frame left an access port"
+            );
+        }
+        for frame in at_trunk {
+            let header = frame::parse(&frame).expect("the trunk got a malformed frame");
+            assert!(matches!(header.vlan(), Some(10 | 20)), "{header:?}");
+        }
+    }
+    assert_eq!(
+        from_a10_to_c20, 0,
+        "a frame crossed from VLAN 10 to VLAN 20"
+    );
+    let mut received = 0;
+    for port in [a10, trunk, c20] {
+        let c = rig.counters(port);
+        received += c.rx_frames;
+        assert_eq!(c.rx_dropped, dropped[port]);
+        assert_eq!(
+            c.rx_dropped,
+            c.rx_spoofed + c.rx_malformed + c.rx_vlan_dropped
+        );
+        assert!(c.rx_dropped > 0 && c.rx_dropped < c.rx_frames, "{c:?}");
+    }
+    assert_eq!(received, 3 * frames.len() as u64);
+}

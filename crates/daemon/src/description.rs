@@ -30,7 +30,8 @@ pub fn check(text: &str) -> Result<(Summary, String), DescriptionError> {
 }
 
 /// Like [`check`], for a new guest: also the files it boots from (kernel,
-/// initramfs, disk images) must be readable regular files now, so that a
+/// initramfs, disk images, shared regions) must be readable regular files
+/// now, so that a
 /// guest that cannot start is refused at once, naming the field. A
 /// description without a `uuid` gets a random one, which the stored text
 /// keeps, so the guest has the same SMBIOS UUID at every start.
@@ -46,6 +47,9 @@ pub fn check_new(text: &str) -> Result<(Summary, String), DescriptionError> {
     }
     for (i, disk) in config.disks.iter().enumerate() {
         check_file(&format!("disk[{i}].path"), &disk.path)?;
+    }
+    for (i, region) in config.regions.iter().enumerate() {
+        check_file(&format!("region[{i}].path"), &region.path)?;
     }
     Ok(summarize(&config))
 }
@@ -123,6 +127,16 @@ mod tests {
         // Reading the stored text back keeps it.
         let (_, again) = check(&first).unwrap();
         assert_eq!(uuid_of(&again), Some(uuid));
+    }
+
+    #[test]
+    fn a_new_guest_with_a_missing_region_file_is_refused_naming_it() {
+        let region = "[[region]]\npath = \"/nonexistent/ring0\"\n";
+        let err = check_new(&description(region)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "region[0].path: /nonexistent/ring0: No such file or directory"
+        );
     }
 
     #[test]

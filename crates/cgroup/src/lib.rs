@@ -68,6 +68,12 @@ pub enum CgroupError {
     Missing(&'static str),
     #[error("CPU weight {0} is out of range: use 1-10000 (100 is the default)")]
     BadWeight(u32),
+    #[error("real-time runtime: {wanted} us per second asked for, {free} us left under {path} (other guests hold the rest)")]
+    RtRuntimeShort {
+        path: PathBuf,
+        wanted: u64,
+        free: u64,
+    },
     #[error("CPU cap {0}% is out of range: use 1-{max}% (100% is one host CPU)", max = MAX_CAP_PERCENT)]
     BadCap(u32),
 }
@@ -370,6 +376,47 @@ impl GuestCgroup {
         Ok(read(&dir.path.join(file))?.trim().to_string())
     }
 
+    /// Gives the group `us` microseconds of real-time (SCHED_FIFO/RR) runtime
+    /// per `cpu.rt_period_us`, where the kernel groups real-time bandwidth
+    /// (v1 `cpu.rt_runtime_us`, RT_GROUP_SCHED): without it a real-time
+    /// thread cannot run in a child group at all. The shared parent is
+    /// raised to its own parent's runtime first, so guests share that.
+    /// Elsewhere (v2, or a kernel without it) there is nothing to do.
+    pub fn grant_rt_runtime(&self, us: u64) -> Result<()> {
+        let Some(dir) = self.dir_with(Controller::Cpu) else {
+            return Err(CgroupError::Missing("cpu"));
+        };
+        let file = "cpu.rt_runtime_us";
+        if dir.version == Version::V2 || !dir.base.join(file).exists() {
+            return Ok(());
+        }
+        let parent = dir.base.join(PARENT);
+        let base_runtime = read_signed(&dir.base.join(file))?;
+        if read_signed(&parent.join(file))? < base_runtime {
+            write(&parent.join(file), &base_runtime.to_string())?;
+        }
+        let own = read_signed(&dir.path.join(file))?.max(0) as u64;
+        let held = children_rt_runtime(&parent)?.saturating_sub(own);
+        let free = (base_runtime.max(0) as u64).saturating_sub(held);
+        if us > free {
+            return Err(CgroupError::RtRuntimeShort {
+                path: parent,
+                wanted: us,
+                free,
+            });
+        }
+        write(&dir.path.join(file), &us.to_string())
+    }
+
+    /// Moves process `pid` back to the creator's own group (so that this
+    /// group can be removed while the process lives on).
+    pub fn leave(&self, pid: u32) -> Result<()> {
+        for dir in &self.dirs {
+            write(&dir.base.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
     /// What the group has used, and its limits.
     pub fn usage(&self) -> Usage {
         let mut usage = Usage::default();
@@ -453,6 +500,33 @@ fn read_limit(path: &Path) -> Option<Option<u64>> {
     let value: u64 = text.parse().ok()?;
     // v1 reports "no limit" as the largest page-aligned value.
     Some((value < (1 << 62)).then_some(value))
+}
+
+fn read_signed(path: &Path) -> Result<i64> {
+    let text = read(path)?;
+    text.trim().parse().map_err(|_| CgroupError::Read {
+        path: path.to_path_buf(),
+        source: io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not a number: {text:?}"),
+        ),
+    })
+}
+
+/// The real-time runtime the child groups of `parent` hold.
+fn children_rt_runtime(parent: &Path) -> Result<u64> {
+    let entries = fs::read_dir(parent).map_err(|source| CgroupError::Read {
+        path: parent.to_path_buf(),
+        source,
+    })?;
+    let mut sum = 0;
+    for entry in entries.flatten() {
+        let file = entry.path().join("cpu.rt_runtime_us");
+        if file.exists() {
+            sum += read_signed(&file)?.max(0) as u64;
+        }
+    }
+    Ok(sum)
 }
 
 fn read(path: &Path) -> Result<String> {

@@ -39,6 +39,8 @@
 //! path = "/dev/shm/ring0"        # the file; its size (a power of two) is the region's
 //! id = 0                         # this guest's peer id (IVPosition), 0 to 65535
 //! readonly = false
+//! [sched]                        # CPU policy and memory isolation: see `sched`
+//! weight = 200
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -132,6 +134,7 @@ pub(crate) fn guest_fields(f: &mut Fields, base_dir: &Path) -> Result<VmConfig, 
         .into_iter()
         .map(|r| region(r, base_dir))
         .collect::<Result<_, _>>()?;
+    let sched = crate::sched::sched_fields(f, cpus)?;
     let uuid = match f.string("uuid")? {
         None => None,
         Some(text) => Some(
@@ -161,6 +164,7 @@ pub(crate) fn guest_fields(f: &mut Fields, base_dir: &Path) -> Result<VmConfig, 
         uuid,
         seccomp,
         regions,
+        sched,
     })
 }
 

@@ -14,6 +14,7 @@
 
 mod fields;
 mod guest;
+mod sched;
 mod system;
 mod write;
 

@@ -169,11 +169,16 @@ fn written_toml_reads_back_to_the_same_config() {
         "kernel = \"a \\\"quoted\\\" path\"\ncmdline = \"x='1' \\\\ y\"\naffinity = [\"any\"]",
         "kernel = \"k\"\n[[region]]\npath = \"/dev/shm/r\"\nid = 65535\nreadonly = true",
     ] {
-        let first = guest(text).unwrap();
-        let written = to_guest_toml(&first);
-        let again = parse_guest(&written, "written.toml", Path::new("/elsewhere")).unwrap();
-        assert_eq!(again, first, "{written}");
+        assert_reads_back(text);
     }
+}
+
+/// Parses `text`, writes it back, and checks the written text parses to the same.
+fn assert_reads_back(text: &str) {
+    let first = guest(text).unwrap();
+    let written = to_guest_toml(&first);
+    let again = parse_guest(&written, "written.toml", Path::new("/elsewhere")).unwrap();
+    assert_eq!(again, first, "{written}");
 }
 
 #[test]
@@ -227,7 +232,7 @@ fn guest_field_errors() {
         ("kernel = \"k\"\nseccomp = \"yes\"", "guest.toml: seccomp: 'yes' is not on, log or off"),
         ("kernel = \"k\"\nseccomp = true", "guest.toml: seccomp: expected a string, found a boolean"),
         ("kernel = \"k\"\nuuid = \"1234\"", "guest.toml: uuid: '1234' is not a UUID (example: 123e4567-e89b-42d3-a456-426614174000)"),
-        ("kernel = \"k\"\nsize = 3", "guest.toml: size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, region, rng, seccomp, uuid, vsock)"),
+        ("kernel = \"k\"\nsize = 3", "guest.toml: size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, region, rng, sched, seccomp, uuid, vsock)"),
     ];
     for (text, expected) in cases {
         assert_eq!(guest_err(text), expected, "{text}");
@@ -432,7 +437,7 @@ fn system_errors() {
         ("[guests]\nweb = 3", "system.toml: guests.web: expected a table, found an integer"),
         ("[guests.web]\nkernel = \"k\"\nmemory = \"12X\"", "system.toml: guests.web.memory: '12X' is not a size (examples: 512M, 2G, 1048576K)"),
         ("[guests.web]\nkernel = \"k\"\nstart = \"later\"", "system.toml: guests.web.start: 'later' is not \"boot\" or \"held\""),
-        ("[guests.web]\nkernel = \"k\"\nsize = 1", "system.toml: guests.web.size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, region, rng, seccomp, start, uuid, vsock)"),
+        ("[guests.web]\nkernel = \"k\"\nsize = 1", "system.toml: guests.web.size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, region, rng, sched, seccomp, start, uuid, vsock)"),
         ("[guests.web]\nfile = \"w.toml\"\ncpus = 2", "system.toml: guests.web.cpus: a guest given by 'file' takes only 'start' beside it; put this in the guest file"),
         ("[guests.web]\nfile = \"\"", "system.toml: guests.web.file: is empty"),
         ("[guests.web]\nstart = \"boot\"", "system.toml: guests.web.kernel: is required"),
@@ -530,5 +535,57 @@ fn mangled_files_give_one_line_errors_and_never_panic() {
                 "{line}"
             );
         }
+    }
+}
+
+#[test]
+fn sched_table_declares_every_policy() {
+    let c = guest(
+        "kernel = \"k\"\ncpus = 2\n[sched]\nweight = 400\ncap = 25\n\
+         rt = [{ budget = \"2ms\", period = \"10ms\" }, \"none\"]\nlocked = true\n\
+         memory_limit = \"1G\"\n[sched.partition]\nframe = \"20ms\"\nepoch = 5\n\
+         windows = [{ start = \"10ms\", length = \"10ms\" }, { start = \"0ms\", length = \"5ms\" }]",
+    )
+    .unwrap();
+    let s = &c.sched;
+    assert_eq!((s.weight, s.cap, s.locked), (Some(400), Some(25), true));
+    assert_eq!(s.memory_limit, Some(1 << 30));
+    assert_eq!(s.vcpu_rt, vec![Some("2ms/10ms".parse().unwrap()), None]);
+    let p = s.partition.as_ref().unwrap();
+    assert_eq!(p.windows[0].start_ns, 0, "windows are sorted");
+    assert_eq!(p.epoch_ns, Some(5));
+    let rr = guest("kernel = \"k\"\n[sched]\npriority = 10\npolicy = \"rr\"").unwrap();
+    assert_eq!(rr.sched.priority.unwrap().level, 10);
+    for text in [
+        "kernel = \"k\"\ncpus = 2\n[sched]\nweight = 400\ncap = 25\nrt = [\"1ms/4ms\", \"none\"]\nlocked = true\nmemory_limit = \"1G\"\n[sched.partition]\nframe = \"20ms\"\nwindows = [{ start = \"0ms\", length = \"5ms\" }]",
+        "kernel = \"k\"\n[sched]\npriority = 10\npolicy = \"rr\"",
+        "kernel = \"k\"\n[sched]\nrt = { budget = \"500us\", period = \"1s\" }",
+    ] {
+        assert_reads_back(text);
+    }
+}
+
+#[test]
+fn sched_field_errors() {
+    let cases = [
+        ("weight = 0", "guest.toml: sched.weight: 0 is out of range (1 to 10000)"),
+        ("cap = 0", "guest.toml: sched.cap: 0 is out of range (1 to 25600)"),
+        ("priority = 100", "guest.toml: sched.priority: 100 is out of range (1 to 99)"),
+        ("policy = \"rr\"", "guest.toml: sched.policy: needs a priority"),
+        ("policy = \"edf\"\npriority = 3", "guest.toml: sched.policy: 'edf' is not fifo or rr"),
+        ("rt = { budget = \"20ms\", period = \"10ms\" }", "guest.toml: sched.rt: budget 20ms is more than its period 10ms"),
+        ("rt = { budget = \"2ms\" }", "guest.toml: sched.rt: period is missing"),
+        ("rt = [\"1ms/10ms\", \"1ms/10ms\"]", "guest.toml: sched.rt: 2 entries for 1 vCPU(s)"),
+        ("rt = [\"fast\"]", "guest.toml: sched.rt[0]: 'fast' is not budget=DURATION,period=DURATION (or budget/period)"),
+        ("rt = \"1ms/10ms\"\npriority = 5", "guest.toml: sched.rt: rt and priority cannot both be set: a vCPU thread has one scheduling class"),
+        ("memory_limit = \"lots\"", "guest.toml: sched.memory_limit: 'lots' is not a size (examples: 512M, 2G)"),
+        ("shares = 3", "guest.toml: sched.shares: unknown field (known here: cap, locked, memory_limit, partition, policy, priority, rt, weight)"),
+        ("[sched.partition]\nframe = \"20ms\"\nwindows = [{ start = \"15ms\", length = \"10ms\" }]", "guest.toml: sched.partition.windows: window 0: ends at 25ms, past the frame's 20ms"),
+        ("[sched.partition]\nframe = \"20ms\"", "guest.toml: sched.partition.windows: no windows: a partitioned guest needs at least one"),
+        ("[sched.partition]\nframe = \"soon\"\nwindows = []", "guest.toml: sched.partition.frame: 'soon' is not a duration like 2ms, 500us or 1s"),
+    ];
+    for (text, expected) in cases {
+        let text = format!("kernel = \"k\"\n[sched]\n{text}");
+        assert_eq!(guest_err(&text), expected, "{text}");
     }
 }

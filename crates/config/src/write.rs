@@ -158,4 +158,5 @@ fn write_guest(out: &mut String, config: &VmConfig, prefix: &str) {
             .collect();
         let _ = writeln!(out, "\n[{prefix}cpu]\nfeatures = [{}]", edits.join(", "));
     }
+    crate::sched::write_sched(out, &config.sched, prefix);
 }

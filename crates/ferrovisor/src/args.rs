@@ -341,6 +341,7 @@ impl RunFlags {
             uuid: self.uuid,
             seccomp: self.seccomp.unwrap_or_default(),
             regions: Vec::new(),
+            sched: Default::default(),
         };
         Ok(RunArgs {
             guest: Guest::Flags(Box::new(vm)),

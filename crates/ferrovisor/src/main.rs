@@ -3,6 +3,7 @@
 
 mod args;
 mod cli;
+mod placement;
 
 use std::error::Error;
 use std::process::ExitCode;
@@ -150,10 +151,10 @@ fn print_dump(text: &str, saved: Option<&Result<std::path::PathBuf, String>>) {
 
 /// Runs the guest; returns the exit status and its one-line reason.
 fn run_guest(args: RunArgs, start: Instant) -> (i32, String) {
-    let mut vm = match args.guest {
-        Guest::Flags(vm) => *vm,
+    let (mut vm, file) = match args.guest {
+        Guest::Flags(vm) => (*vm, None),
         Guest::File(path) => match config::load_guest(&path) {
-            Ok(vm) => vm,
+            Ok(vm) => (vm, Some(path)),
             Err(e) => {
                 let reason = one_line(&e);
                 eprintln!("ferrovisor: {reason}");
@@ -168,7 +169,18 @@ fn run_guest(args: RunArgs, start: Instant) -> (i32, String) {
     let options = RunOptions {
         runtime_dir: args.runtime_dir,
     };
-    match vmm::run_with(&vm, start, &options) {
+    let group = match placement::enter(&placement::group_name(file.as_deref()), &vm.sched) {
+        Ok(group) => group,
+        Err(reason) => {
+            eprintln!("ferrovisor: {reason}");
+            return (2, reason);
+        }
+    };
+    let result = vmm::run_with(&vm, start, &options);
+    if let Some(group) = group {
+        placement::leave(group);
+    }
+    match result {
         Ok(report) => {
             if args.stats {
                 print_stats(&report);

@@ -123,15 +123,7 @@ impl Vmm {
 
     /// Sends one request line, returns the reply line as JSON.
     fn request(&self, line: &str) -> Value {
-        let mut s = UnixStream::connect(self.dir.join("control.sock")).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(line.as_bytes()).unwrap();
-        s.write_all(b"\n").unwrap();
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).unwrap();
-        assert!(reply.ends_with('\n'), "one reply line: {reply:?}");
-        assert_eq!(reply.matches('\n').count(), 1, "one reply line: {reply:?}");
-        serde_json::from_str(&reply).unwrap()
+        control_request(&self.dir, line)
     }
 
     fn log(&self) -> Vec<u8> {

@@ -205,6 +205,8 @@ pub struct VmConfig {
     pub seccomp: crate::seccomp::SeccompMode,
     /// Shared memory regions, each an ivshmem-compatible PCI device.
     pub regions: Vec<RegionConfig>,
+    /// CPU policy, time partitions and memory isolation (`[sched]`).
+    pub sched: crate::sched::SchedConfig,
 }
 
 /// A shared memory region the guest sees as an ivshmem-compatible device.

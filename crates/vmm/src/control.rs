@@ -97,6 +97,14 @@ pub struct Control {
     pause_changed: Condvar,
     /// The first vCPU dump taken at a fatal exit.
     dump: Mutex<Option<String>>,
+    /// Closed by a time-partition gate outside the guest's windows: vCPUs
+    /// park as when paused. Written with `pause` held, like `pause_requested`.
+    gate_closed: AtomicBool,
+    /// The CLOCK_MONOTONIC edge the gate last opened at (0: closed, or no gate).
+    gate_edge_ns: AtomicU64,
+    gate: std::sync::OnceLock<std::sync::Arc<crate::gate::GateStats>>,
+    /// The guest's scheduling policy, as last applied.
+    sched: Mutex<crate::sched::SchedConfig>,
 }
 
 impl Control {
@@ -117,7 +125,27 @@ impl Control {
             pause_requested: AtomicBool::new(false),
             pause_changed: Condvar::new(),
             dump: Mutex::new(None),
+            gate_closed: AtomicBool::new(false),
+            gate_edge_ns: AtomicU64::new(0),
+            gate: std::sync::OnceLock::new(),
+            sched: Mutex::new(crate::sched::SchedConfig::default()),
         }
+    }
+
+    /// Sets the guest's scheduling policy (applied by each vCPU thread as it starts).
+    pub fn with_sched(self, sched: crate::sched::SchedConfig) -> Self {
+        *self.sched.lock().unwrap_or_else(|p| p.into_inner()) = sched;
+        self
+    }
+
+    /// The guest's scheduling policy.
+    pub fn sched(&self) -> crate::sched::SchedConfig {
+        self.sched.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the guest's scheduling policy after it was applied.
+    pub fn set_sched(&self, sched: crate::sched::SchedConfig) {
+        *self.sched.lock().unwrap_or_else(|p| p.into_inner()) = sched;
     }
 
     /// Sets the host CPUs each vCPU may run on, by vCPU index.
@@ -199,22 +227,69 @@ impl Control {
     /// Called by a vCPU thread outside KVM_RUN: while the guest is paused,
     /// blocks here. Returns at once otherwise, and when the VM stops.
     pub fn park_if_paused(&self) {
-        if !self.is_paused() {
+        if !self.must_park() {
             return;
         }
         let mut state = self.pause_state();
-        if !self.is_paused() || self.is_stopping() {
+        if !self.must_park() || self.is_stopping() {
             return;
         }
         state.parked += 1;
         self.pause_changed.notify_all();
-        while self.is_paused() && !self.is_stopping() {
+        while self.must_park() && !self.is_stopping() {
             state = self
                 .pause_changed
                 .wait(state)
                 .unwrap_or_else(|p| p.into_inner());
         }
         state.parked -= 1;
+        drop(state);
+        // Released by the gate: how late this vCPU resumes after its window's edge.
+        if let (Some(stats), edge) = (self.gate.get(), self.gate_edge_ns.load(Ordering::SeqCst)) {
+            if edge != 0 && !self.is_stopping() {
+                stats.record_vcpu_start(crate::gate::monotonic_ns().saturating_sub(edge));
+            }
+        }
+    }
+
+    /// Hands the gate's figures to the vCPUs, which record when they resume.
+    pub fn set_gate_stats(&self, stats: std::sync::Arc<crate::gate::GateStats>) {
+        let _ = self.gate.set(stats);
+    }
+
+    /// Whether a vCPU must stay outside KVM_RUN: paused, or its time
+    /// partition's window is closed.
+    fn must_park(&self) -> bool {
+        self.is_paused() || self.gate_closed.load(Ordering::SeqCst)
+    }
+
+    /// Closes (true) or opens the time-partition gate. Closing only raises
+    /// the flag: the caller kicks the vCPUs and waits with
+    /// [`Control::wait_all_parked`]; opening wakes them.
+    pub fn set_gate_closed(&self, closed: bool, edge_ns: u64) {
+        let _state = self.pause_state();
+        self.gate_closed.store(closed, Ordering::SeqCst);
+        self.gate_edge_ns
+            .store(if closed { 0 } else { edge_ns }, Ordering::SeqCst);
+        if !closed {
+            self.pause_changed.notify_all();
+        }
+    }
+
+    /// Waits up to `timeout` until every started vCPU is parked (for the
+    /// gate: a vCPU thread not started yet parks before it first runs).
+    pub fn wait_all_parked(&self, timeout: Duration) -> bool {
+        let all = self
+            .tids
+            .iter()
+            .filter(|t| t.load(Ordering::SeqCst) != 0)
+            .count();
+        let state = self.pause_state();
+        let (state, _) = self
+            .pause_changed
+            .wait_timeout_while(state, timeout, |s| s.parked < all && !self.is_stopping())
+            .unwrap_or_else(|p| p.into_inner());
+        state.parked == all
     }
 
     /// Asks the VM to stop. The first reason given is the one that counts.

@@ -76,6 +76,31 @@ pub enum MemoryError {
     /// More locked memory than the host has.
     #[error("guest memory of {requested} MiB is more than this host's {host} MiB")]
     MoreThanHost { requested: u64, host: u64 },
+    /// Locking guest RAM failed (`locked = true`).
+    #[error(
+        "locked = true: cannot lock {mib} MiB of guest RAM (raise RLIMIT_MEMLOCK, or run as root)"
+    )]
+    Lock {
+        mib: u64,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Prefaults and locks every range of guest RAM (`mlock` faults each page in
+/// and keeps it resident), for guests that must never wait on a page fault.
+pub fn lock(ranges: &[(usize, usize)]) -> Result<(), MemoryError> {
+    for &(start, len) in ranges {
+        // SAFETY: the range is a live mapping of guest RAM owned by this
+        // process; mlock neither moves nor frees it.
+        if unsafe { libc::mlock(start as *const libc::c_void, len) } != 0 {
+            return Err(MemoryError::Lock {
+                mib: (len >> 20) as u64,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Guest RAM, one mapping per region.

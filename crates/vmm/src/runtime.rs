@@ -36,8 +36,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::console::{self, InputSink};
 use crate::control::Control;
 use crate::exit::VmExit;
+use crate::gate::GateStats;
 use crate::memory::{self, Backing};
 use crate::rate::{self, LimitRequest, Limits};
+use crate::sched;
 use crate::vcpu;
 
 /// The control socket's name in the runtime directory.
@@ -416,6 +418,8 @@ pub enum Op {
     Stop,
     /// Change a disk's or NIC's rate limits (see `rate`).
     Limit(LimitRequest),
+    /// A new thread policy for every vCPU (see `sched::change`).
+    Sched(Map<String, Value>),
 }
 
 /// Parses one request line: a JSON object with an `op` and nothing else.
@@ -427,6 +431,11 @@ pub fn parse_request(line: &str) -> Result<Op, String> {
     };
     if map.get("op").and_then(Value::as_str) == Some("limit") {
         return rate::parse_limit_request(&map).map(Op::Limit);
+    }
+    if map.get("op").and_then(Value::as_str) == Some("sched") {
+        let mut fields = map;
+        fields.remove("op");
+        return Ok(Op::Sched(fields));
     }
     if let Some(key) = map.keys().find(|k| *k != "op") {
         return Err(format!("unknown field '{key}'"));
@@ -440,7 +449,7 @@ pub fn parse_request(line: &str) -> Result<Op, String> {
             "shutdown" => Ok(Op::Shutdown),
             "stop" => Ok(Op::Stop),
             other => Err(format!(
-                "unknown op '{other}' (known: info, pause, resume, shutdown, stop, limit)"
+                "unknown op '{other}' (known: info, pause, resume, shutdown, stop, limit, sched)"
             )),
         },
         Some(_) => Err("'op' must be a string".into()),
@@ -459,6 +468,10 @@ pub trait VmControl {
     /// Changes a device's rate limits; returns the new limits.
     fn limit(&self, _request: &LimitRequest) -> Result<Value, String> {
         Err("this VM has no rate limits".into())
+    }
+    /// Changes the vCPU threads' policy; a refused change leaves the old one.
+    fn sched(&self, _change: &Map<String, Value>) -> Result<(), String> {
+        Err("scheduling changes are not supported here".into())
     }
 }
 
@@ -488,6 +501,7 @@ pub fn answer(line: &str, vm: &dyn VmControl) -> (Value, bool) {
             Ok(limits) => (json!({ "ok": true, "limits": limits }), false),
             Err(error) => (json!({ "ok": false, "error": error }), false),
         },
+        Ok(Op::Sched(change)) => (reply(vm.sched(&change)), false),
     }
 }
 
@@ -556,6 +570,7 @@ struct LiveVm {
     memory_backing: Backing,
     memory_ranges: Vec<(usize, usize)>,
     limits: Limits,
+    gate: Option<Arc<GateStats>>,
 }
 
 impl VmControl for LiveVm {
@@ -580,7 +595,15 @@ impl VmControl for LiveVm {
         map.insert("uptime_ms".into(), uptime.into());
         map.insert("exits".into(), self.control.exits.total().into());
         map.insert("rate_limits".into(), self.limits.report());
+        map.insert(
+            "sched".into(),
+            sched::info(&self.control, self.gate.as_deref()).into(),
+        );
         map
+    }
+
+    fn sched(&self, change: &Map<String, Value>) -> Result<(), String> {
+        sched::change(&self.control, change)
     }
 
     fn limit(&self, request: &LimitRequest) -> Result<Value, String> {
@@ -650,6 +673,8 @@ pub struct VmParts {
     pub memory_ranges: Vec<(usize, usize)>,
     /// The disks' and NICs' rate limiters, for `info` and `limit`.
     pub limits: Limits,
+    /// The time-partition gate's figures, when the guest has windows.
+    pub gate: Option<Arc<GateStats>>,
 }
 
 impl std::fmt::Debug for VmParts {
@@ -732,6 +757,7 @@ impl Runtime {
                 memory_backing: vm.memory_backing,
                 memory_ranges: vm.memory_ranges,
                 limits: vm.limits,
+                gate: vm.gate,
             };
             std::thread::Builder::new()
                 .name("control".into())

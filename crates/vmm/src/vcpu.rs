@@ -288,7 +288,15 @@ impl Vcpu {
                 return;
             }
         }
-        // Pinned, and not yet in the guest: from here on, the vCPU filter.
+        if let Err(detail) = self.apply_policy() {
+            self.control.request_exit(VmExit::InternalError {
+                vcpu: self.index,
+                detail,
+            });
+            return;
+        }
+        // Pinned, in its scheduling class, and not yet in the guest: from
+        // here on, the vCPU filter.
         crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
         while !self.control.is_stopping() {
             self.control.park_if_paused();
@@ -335,6 +343,19 @@ impl Vcpu {
         if self.control.has_dump() {
             self.record_dump("stopped by the VMM after another vCPU's failure");
         }
+    }
+
+    /// Gives this thread the guest's policy for it, before the guest runs;
+    /// a deadline thread's overruns are counted from then on.
+    fn apply_policy(&self) -> Result<(), String> {
+        let index = usize::from(self.index);
+        crate::sched::track_overruns(index, current_tid())
+            .map_err(|e| format!("cannot count deadline overruns: {e}"))?;
+        let policy = self.control.sched().thread_policy(index);
+        if policy == crate::sched::ThreadPolicy::Fair {
+            return Ok(());
+        }
+        crate::sched::apply(0, policy).map_err(|e| e.to_string())
     }
 
     /// Reads this vCPU's state from KVM and keeps its dump for the VMM to

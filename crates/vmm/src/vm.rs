@@ -28,7 +28,7 @@ use crate::pci::{self, PciDevices};
 use crate::runtime::{RunOptions, Runtime, RuntimeError, VmParts};
 use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::{self, Vcpu, VcpuError};
-use crate::{console, machine};
+use crate::{console, gate, machine};
 
 /// How often the main thread kicks vCPUs to see whether they can still run.
 const LIVENESS_PERIOD: Duration = Duration::from_millis(200);
@@ -74,6 +74,8 @@ pub enum VmError {
     Pci(#[from] pci::PciError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error("sched: {0}")]
+    Sched(#[from] crate::sched::SchedError),
     /// A VMM thread could not be started.
     #[error("cannot start the {0} thread")]
     Thread(&'static str, #[source] std::io::Error),
@@ -168,12 +170,13 @@ pub fn run_with(
         return Err(VmError::Cpus(config.cpus));
     }
     vcpu::check_affinity(&config.affinity, config.cpus)?;
+    config.sched.check(usize::from(config.cpus))?;
     let regions = memmap::ram_regions(config.memory)?;
     // Before any VMM thread starts: each installs its filter as it starts.
     seccomp::prepare(config.seccomp)?;
     let pci_devices = pci::devices_from_config(config)?;
-    // No memory is locked yet: more than the host has is only a warning.
-    if !memory::check_host_fits(config.memory, false)? {
+    // Unlocked memory more than the host has is only a warning.
+    if !memory::check_host_fits(config.memory, config.sched.locked)? {
         eprintln!(
             "warning: guest memory of {} MiB is more than this host's RAM; it is committed as the guest touches it",
             config.memory >> 20
@@ -185,11 +188,16 @@ pub fn run_with(
     let ram = create_memory(&vm, config, &regions)?;
     let (mem, backing, ranges) = (ram.mem.clone(), ram.backing, ram.host_ranges());
     drop(ram);
+    if config.sched.locked {
+        memory::lock(&ranges)?;
+    }
 
     let kernel = load_guest(&mem, config, &regions)?;
 
     let control = Arc::new(
-        Control::new(usize::from(config.cpus), start).with_affinity(config.affinity.clone()),
+        Control::new(usize::from(config.cpus), start)
+            .with_affinity(config.affinity.clone())
+            .with_sched(config.sched.clone()),
     );
     let mut runtime = options
         .runtime_dir
@@ -223,6 +231,13 @@ pub fn run_with(
     let console_input = pci
         .console_input()
         .unwrap_or_else(|| devices.console_input());
+    let gate = match &config.sched.partition {
+        Some(partition) => Some(
+            gate::start(partition.clone(), control.clone())
+                .map_err(|e| VmError::Thread("partition gate", e))?,
+        ),
+        None => None,
+    };
     match runtime.as_mut() {
         Some(rt) => rt.start(VmParts {
             control: control.clone(),
@@ -232,6 +247,7 @@ pub fn run_with(
             memory_backing: backing,
             memory_ranges: ranges.clone(),
             limits,
+            gate,
         })?,
         None => console::spawn_stdin_reader(console_input, control.clone(), interactive),
     }

@@ -310,8 +310,13 @@ fn control(b: &mut Builder) {
         .allow(libc::SYS_sendto)
         .allow(libc::SYS_shutdown)
         .allow(libc::SYS_poll)
-        // pause: kick every vCPU out of KVM_RUN (vcpu::kick).
+        // pause: kick every vCPU out of KVM_RUN (vcpu::kick); the partition
+        // gate (which runs under this filter) does the same at each window end.
         .allow(libc::SYS_tgkill)
+        // sched::change and sched::info: the vCPU threads' class, set and
+        // read back.
+        .allow(libc::SYS_sched_setattr)
+        .allow(libc::SYS_sched_getattr)
         // The signal waiter: sigwait.
         .allow(libc::SYS_rt_sigtimedwait);
 }
@@ -356,6 +361,9 @@ fn main(b: &mut Builder) {
         .allow(libc::SYS_renameat2)
         .allow(libc::SYS_unlink)
         .allow(libc::SYS_unlinkat)
+        // The end of a `ferrovisor run` with a CPU policy: it leaves its own
+        // guest cgroup (a write to the parent's cgroup.procs) and removes it.
+        .allow(libc::SYS_rmdir)
         // runtime::dir_in_use: is another VMM serving the directory?
         .allow_if(libc::SYS_socket, &[eq(0, libc::AF_UNIX as u64)])
         .allow(libc::SYS_connect);

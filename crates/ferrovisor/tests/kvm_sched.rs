@@ -1,0 +1,306 @@
+//! Host KVM tests of scheduling and memory isolation: the policy a guest
+//! file declares reaches its vCPU threads (read back with `sched_getattr`),
+//! its cgroup files and its memory; a run-time change takes effect and a
+//! refused one leaves the old policy; a time-partitioned guest makes no
+//! progress while its window is closed.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A guest that spins forever, writing port 0x80 each round: every write
+/// is an exit, so the VMM's exit count is the guest's progress counter.
+fn spinning_guest() -> PathBuf {
+    let code = Asm::default()
+        .label("top")
+        .mov_dx(0x80)
+        .mov_al(1)
+        .out_dx_al()
+        .bytes(&[0xb9, 0x10, 0x00, 0x00, 0x00]) // mov ecx, 16
+        .label("spin")
+        .jump(0xe2, "spin") // loop spin
+        .jump(0xeb, "top")
+        .finish();
+    write_temp("spin.elf", &multiboot_kernel(0x10_0000, &[], &code, 0))
+}
+
+/// A VMM started from a guest file with a runtime directory; killed on drop.
+struct Guest {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Guest {
+    /// Writes `NAME.toml` (spinning guest, `cpus`, then `extra` TOML) and
+    /// starts it; waits until every vCPU thread is up.
+    fn start(name: &str, cpus: u8, extra: &str) -> Guest {
+        let dir = PathBuf::from(format!("/tmp/fvsc-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(format!("{name}.toml"));
+        let text = format!(
+            "kernel = {:?}\nmemory = \"32M\"\ncpus = {cpus}\n{extra}\n",
+            spinning_guest()
+        );
+        std::fs::write(&file, text).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ferrovisor"))
+            .args(["run", "--config", file.to_str().unwrap(), "--runtime-dir"])
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let guest = Guest { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if guest.dir.join("control.sock").exists() {
+                let tids = guest.tids();
+                if tids.len() == usize::from(cpus) && !tids.contains(&0) {
+                    return guest;
+                }
+            }
+            assert!(Instant::now() < deadline, "the VMM did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn request(&self, line: &str) -> Value {
+        control_request(&self.dir, line)
+    }
+
+    fn info(&self) -> Value {
+        self.request("{\"op\":\"info\"}")
+    }
+
+    fn tids(&self) -> Vec<i32> {
+        self.info()["vcpu_tids"]
+            .as_array()
+            .map(|a| a.iter().map(|t| t.as_i64().unwrap() as i32).collect())
+            .unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// What the kernel says of a thread: policy, priority, runtime, period.
+fn kernel_policy(tid: i32) -> (u32, u32, u64, u64) {
+    let mut attr = [0u64; 6];
+    // SAFETY: `attr` is 48 writable bytes, the size passed.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_getattr, tid, attr.as_mut_ptr(), 48u32, 0u32) };
+    assert_eq!(rc, 0, "sched_getattr({tid})");
+    let policy = (attr[0] >> 32) as u32;
+    let priority = (attr[2] >> 32) as u32;
+    (policy, priority, attr[3], attr[5])
+}
+
+const SCHED_OTHER: u32 = 0;
+const SCHED_RR: u32 = 2;
+const SCHED_DEADLINE: u32 = 6;
+
+#[test]
+fn rt_reaches_every_vcpu_thread_and_changes_at_run_time() {
+    let guest = Guest::start(
+        "rt",
+        2,
+        "[sched]\nrt = { budget = \"2ms\", period = \"10ms\" }",
+    );
+    for tid in guest.tids() {
+        assert_eq!(
+            kernel_policy(tid),
+            (SCHED_DEADLINE, 0, 2_000_000, 10_000_000)
+        );
+    }
+    let info = guest.info();
+    let vcpu = &info["sched"]["vcpus"][0];
+    assert_eq!(vcpu["policy"], "deadline 2ms/10ms", "{info}");
+    assert_eq!(vcpu["promised_share"], 0.2, "{info}");
+
+    let reply = guest.request("{\"op\":\"sched\",\"priority\":10,\"policy\":\"rr\"}");
+    assert_eq!(reply["ok"], true, "{reply}");
+    for tid in guest.tids() {
+        let (policy, priority, _, _) = kernel_policy(tid);
+        assert_eq!((policy, priority), (SCHED_RR, 10));
+    }
+
+    let refused = guest.request("{\"op\":\"sched\",\"rt\":\"20ms/10ms\"}");
+    assert_eq!(refused["ok"], false);
+    let error = refused["error"].as_str().unwrap();
+    assert!(error.starts_with("rt: "), "{error}");
+    for tid in guest.tids() {
+        assert_eq!(
+            kernel_policy(tid).0,
+            SCHED_RR,
+            "a refused change keeps the old policy"
+        );
+    }
+
+    let reply = guest.request("{\"op\":\"sched\",\"fair\":true}");
+    assert_eq!(reply["ok"], true, "{reply}");
+    for tid in guest.tids() {
+        assert_eq!(kernel_policy(tid).0, SCHED_OTHER);
+    }
+}
+
+#[test]
+fn a_deadline_vcpu_that_uses_up_its_budget_is_counted() {
+    let guest = Guest::start("overrun", 1, "[sched]\nrt = \"1ms/10ms\"");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = guest.info();
+        let vcpu = &info["sched"]["vcpus"][0];
+        if vcpu["overruns"].as_u64().unwrap() > 0 {
+            assert!(vcpu["cpu_ns"].as_u64().unwrap() > 0);
+            return;
+        }
+        assert!(Instant::now() < deadline, "no overrun counted: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The group's directory in v1 hierarchy `controller`, from /proc/PID/cgroup.
+fn v1_group(pid: u32, controller: &str) -> PathBuf {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let path = text
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+            names
+                .split(',')
+                .any(|n| n == controller)
+                .then(|| path.to_string())
+        })
+        .unwrap_or_else(|| panic!("no {controller} hierarchy: {text}"));
+    PathBuf::from(format!("/sys/fs/cgroup/{controller}{path}"))
+}
+
+fn read_trimmed(path: PathBuf) -> String {
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn weight_cap_and_memory_limit_reach_the_guest_cgroup() {
+    let name = format!("capped-{}", std::process::id());
+    let guest = Guest::start(
+        &name,
+        1,
+        "[sched]\nweight = 400\ncap = 25\nmemory_limit = \"256M\"",
+    );
+    let cpu = v1_group(guest.pid(), "cpu");
+    assert!(
+        cpu.ends_with(format!("ferrovisor/{name}")),
+        "{}",
+        cpu.display()
+    );
+    assert_eq!(read_trimmed(cpu.join("cpu.shares")), "4096");
+    assert_eq!(read_trimmed(cpu.join("cpu.cfs_quota_us")), "25000");
+    let memory = v1_group(guest.pid(), "memory");
+    assert_eq!(
+        read_trimmed(memory.join("memory.limit_in_bytes")),
+        (256u64 << 20).to_string()
+    );
+    let info = guest.info();
+    assert_eq!(info["sched"]["vcpus"][0]["promised_share"], 0.25, "{info}");
+    let reply = guest.request("{\"op\":\"stop\"}");
+    assert_eq!(reply["ok"], true);
+    let mut guest = guest;
+    let _ = guest.child.wait();
+    assert!(!cpu.exists(), "the group is removed after the run");
+}
+
+#[test]
+fn a_partitioned_guest_makes_no_progress_while_its_window_is_closed() {
+    let guest = Guest::start(
+        "window",
+        2,
+        "[sched.partition]\nframe = \"20ms\"\nwindows = [{ start = \"0ms\", length = \"5ms\" }, { start = \"10ms\", length = \"5ms\" }]",
+    );
+    let before = guest.info()["exits"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let info = loop {
+        let info = guest.info();
+        if info["sched"]["partition"]["windows"].as_u64().unwrap() >= 50 {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "too few windows: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let partition = &info["sched"]["partition"];
+    assert_eq!(partition["closed_progress"], 0, "{info}");
+    eprintln!("partition figures: {partition}");
+    assert_eq!(partition["share"], 0.5);
+    assert!(
+        info["exits"].as_u64().unwrap() > before,
+        "the guest runs inside its windows: {info}"
+    );
+}
+
+#[test]
+fn locked_memory_is_resident_and_locked() {
+    let guest = Guest::start("locked", 1, "[sched]\nlocked = true");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", guest.pid())).unwrap();
+    let locked_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(
+        locked_kib >= 32 << 10,
+        "VmLck {locked_kib} kB for 32 MiB of guest RAM"
+    );
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", guest.pid())).unwrap();
+    let locked_total: u64 = smaps
+        .lines()
+        .filter_map(|l| l.strip_prefix("Locked:"))
+        .filter_map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .sum();
+    assert!(locked_total >= 32 << 10, "smaps Locked {locked_total} kB");
+}
+
+#[test]
+fn hugepages_in_a_guest_file_without_a_host_pool_are_one_clear_line() {
+    let free = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .unwrap();
+    assert_eq!(
+        free.trim(),
+        "0",
+        "this test needs a host with no free 2 MiB huge pages"
+    );
+    let dir = PathBuf::from(format!("/tmp/fvsc-{}-huge", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("huge.toml");
+    let text = format!(
+        "kernel = {:?}\nmemory = \"32M\"\nhugepages = \"2M\"\n",
+        spinning_guest()
+    );
+    std::fs::write(&file, text).unwrap();
+    let out = ferrovisor(&["run", "--config", file.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        err.contains("hugepages = 2M: guest RAM needs 16 free huge pages of 2M and the host has 0"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

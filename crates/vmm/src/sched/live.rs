@@ -1,0 +1,271 @@
+//! The running guest's policy on the control socket: `info` shows what each
+//! vCPU thread was promised and what it received; `sched` changes the
+//! threads' class, all or nothing.
+
+use serde_json::{json, Map, Value};
+
+use super::{
+    apply, overruns, read, thread_cpu_ns, Priority, RtBudget, RtClass, SchedConfig, ThreadPolicy,
+};
+use crate::control::Control;
+use crate::gate::GateStats;
+
+/// The fields a `sched` request may carry.
+const FIELDS: &str = "rt, priority, policy, fair";
+
+/// The `sched` object of `info`: the declaration, and per vCPU its thread's
+/// policy as the kernel reports it, the CPU time it received, its overruns.
+pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
+    let config = control.sched();
+    let uptime_ns = control.start().elapsed().as_nanos() as u64;
+    let mut map = Map::new();
+    map.insert("weight".into(), config.weight.into());
+    map.insert("cap_percent".into(), config.cap.into());
+    map.insert("locked".into(), config.locked.into());
+    map.insert("uptime_ns".into(), uptime_ns.into());
+    let partition_share = config.partition.as_ref().map(|p| p.share());
+    let vcpus: Vec<Value> = control
+        .vcpu_tids()
+        .into_iter()
+        .enumerate()
+        .map(|(index, tid)| {
+            let declared = config.thread_policy(index);
+            let kernel = (tid > 0).then(|| read(tid).ok()).flatten();
+            let (cpu_ns, wait_ns) = thread_cpu_ns(tid).unwrap_or((0, 0));
+            json!({
+                "index": index,
+                "tid": tid,
+                "policy": declared.describe(),
+                "kernel_policy": kernel.map(|p| p.describe()),
+                "promised_share": promised_share(&config, declared, partition_share),
+                "cpu_ns": cpu_ns,
+                "wait_ns": wait_ns,
+                "overruns": overruns(index),
+            })
+        })
+        .collect();
+    map.insert("vcpus".into(), vcpus.into());
+    if let (Some(p), Some(stats)) = (&config.partition, gate) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let jitter = stats.jitter();
+        let vcpu = stats.vcpu_jitter();
+        map.insert(
+            "partition".into(),
+            json!({
+                "frame_ns": p.frame_ns,
+                "share": p.share(),
+                "windows": stats.windows.load(Relaxed),
+                "start_late_p50_ns": jitter.p50_ns,
+                "start_late_p99_ns": jitter.p99_ns,
+                "start_late_max_ns": jitter.max_ns,
+                "vcpu_start_late_p50_ns": vcpu.p50_ns,
+                "vcpu_start_late_p99_ns": vcpu.p99_ns,
+                "vcpu_start_late_max_ns": vcpu.max_ns,
+                "overruns": stats.overruns.load(Relaxed),
+                "worst_overrun_ns": stats.worst_overrun_ns.load(Relaxed),
+                "closed_progress": stats.closed_progress.load(Relaxed),
+                "closed_cpu_ns": stats.closed_cpu_ns.load(Relaxed),
+            }),
+        );
+    }
+    map
+}
+
+/// The share of one CPU a vCPU is promised, where the policy promises one:
+/// its reservation, the partition's share, or at most the cap split evenly.
+fn promised_share(
+    config: &SchedConfig,
+    policy: ThreadPolicy,
+    partition: Option<f64>,
+) -> Option<f64> {
+    if let ThreadPolicy::Deadline(rt) = policy {
+        return Some(rt.utilization());
+    }
+    if let Some(share) = partition {
+        return Some(share);
+    }
+    config.cap.map(|c| f64::from(c) / 100.0)
+}
+
+/// Applies a `sched` request (`rt`, or `priority` with `policy`, or
+/// `fair: true`) to every vCPU thread. If any thread refuses, the threads
+/// already changed get their old policy back and the error names the field.
+pub fn change(control: &Control, request: &Map<String, Value>) -> Result<(), String> {
+    let old = control.sched();
+    let new = requested(&old, request)?;
+    new.check(control.vcpu_tids().len())
+        .map_err(|e| e.to_string())?;
+    let tids = control.vcpu_tids();
+    for (index, &tid) in tids.iter().enumerate() {
+        if tid <= 0 {
+            continue;
+        }
+        if let Err(e) = apply(tid, new.thread_policy(index)) {
+            for (back, &t) in tids.iter().enumerate().take(index) {
+                if t > 0 {
+                    let _ = apply(t, old.thread_policy(back));
+                }
+            }
+            let field = if request.contains_key("rt") {
+                "rt"
+            } else {
+                "priority"
+            };
+            return Err(format!("{field}: {e}; the old policy stays"));
+        }
+    }
+    control.set_sched(new);
+    Ok(())
+}
+
+/// The policy a request asks for, on top of `old`.
+fn requested(old: &SchedConfig, request: &Map<String, Value>) -> Result<SchedConfig, String> {
+    if let Some(key) = request
+        .keys()
+        .find(|k| !FIELDS.split(", ").any(|f| f == *k))
+    {
+        return Err(format!("unknown field '{key}' (known: {FIELDS})"));
+    }
+    let mut new = old.clone();
+    if request.get("fair") == Some(&Value::Bool(true)) {
+        new.rt = None;
+        new.vcpu_rt.clear();
+        new.priority = None;
+    } else if let Some(other) = request.get("fair") {
+        return Err(format!("fair: expected true, found {other}"));
+    }
+    if let Some(rt) = request.get("rt") {
+        new.rt = Some(rt_of(rt).map_err(|e| format!("rt: {e}"))?);
+        new.vcpu_rt.clear();
+        new.priority = None;
+    }
+    let class = match request.get("policy") {
+        None => old.priority.map_or(RtClass::Fifo, |p| p.class),
+        Some(Value::String(s)) => s.parse().map_err(|e| format!("policy: {e}"))?,
+        Some(other) => {
+            return Err(format!(
+                "policy: expected \"fifo\" or \"rr\", found {other}"
+            ))
+        }
+    };
+    match request.get("priority") {
+        None if request.contains_key("policy") => {
+            let level = old.priority.map(|p| p.level).ok_or(
+                "policy: give a priority with it (no real-time priority is set)".to_string(),
+            )?;
+            new.priority = Some(Priority { class, level });
+        }
+        None => {}
+        Some(value) => {
+            let level = value
+                .as_u64()
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or(format!("priority: expected a number 1-99, found {value}"))?;
+            new.priority = Some(Priority::new(class, level).map_err(|e| format!("priority: {e}"))?);
+            new.rt = None;
+            new.vcpu_rt.clear();
+        }
+    }
+    if request.contains_key("rt") && request.contains_key("priority") {
+        return Err("rt: cannot be given with priority".into());
+    }
+    Ok(new)
+}
+
+/// `"2ms/10ms"`, `"budget=2ms,period=10ms"` or `{"budget":"2ms","period":"10ms"}`.
+pub fn rt_of(value: &Value) -> Result<RtBudget, String> {
+    match value {
+        Value::String(s) => s.parse().map_err(|e: super::SchedError| e.to_string()),
+        Value::Object(o) => {
+            let field = |k: &str| match o.get(k) {
+                Some(Value::String(s)) => super::parse_duration(s).map_err(|e| e.to_string()),
+                Some(other) => Err(format!(
+                    "{k}: expected a duration like \"2ms\", found {other}"
+                )),
+                None => Err(format!("{k} is missing")),
+            };
+            if let Some(key) = o.keys().find(|k| *k != "budget" && *k != "period") {
+                return Err(format!("unknown field '{key}' (known: budget, period)"));
+            }
+            RtBudget::new(field("budget")?, field("period")?).map_err(|e| e.to_string())
+        }
+        other => Err(format!(
+            "expected {{\"budget\": \"2ms\", \"period\": \"10ms\"}}, found {other}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(text: &str) -> Map<String, Value> {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn a_request_replaces_the_thread_class() {
+        let old = SchedConfig {
+            rt: Some("1ms/10ms".parse().unwrap()),
+            weight: Some(200),
+            ..Default::default()
+        };
+        let new = requested(&old, &request(r#"{"priority": 10, "policy": "rr"}"#)).unwrap();
+        assert_eq!(new.rt, None);
+        assert_eq!(
+            new.priority,
+            Some(Priority {
+                class: RtClass::Rr,
+                level: 10
+            })
+        );
+        assert_eq!(new.weight, Some(200), "group settings are kept");
+        let fair = requested(&new, &request(r#"{"fair": true}"#)).unwrap();
+        assert_eq!(fair.thread_policy(0), ThreadPolicy::Fair);
+        let rt = requested(
+            &fair,
+            &request(r#"{"rt": {"budget": "2ms", "period": "10ms"}}"#),
+        )
+        .unwrap();
+        assert_eq!(rt.rt, Some("2ms/10ms".parse().unwrap()));
+    }
+
+    #[test]
+    fn bad_requests_name_their_field() {
+        let old = SchedConfig::default();
+        for (text, prefix) in [
+            (r#"{"rt": "3ms/2ms"}"#, "rt:"),
+            (r#"{"rt": {"budget": "2ms"}}"#, "rt:"),
+            (r#"{"priority": 300}"#, "priority:"),
+            (r#"{"priority": "high"}"#, "priority:"),
+            (r#"{"policy": "edf"}"#, "policy:"),
+            (r#"{"policy": "rr"}"#, "policy:"),
+            (r#"{"weight": 5}"#, "unknown field 'weight'"),
+            (r#"{"rt": "2ms/10ms", "priority": 5}"#, "rt:"),
+        ] {
+            let err = requested(&old, &request(text)).unwrap_err();
+            assert!(err.starts_with(prefix), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn promised_share_comes_from_the_strongest_promise() {
+        let config = SchedConfig {
+            cap: Some(25),
+            ..Default::default()
+        };
+        assert_eq!(
+            promised_share(&config, ThreadPolicy::Fair, None),
+            Some(0.25)
+        );
+        assert_eq!(
+            promised_share(&config, ThreadPolicy::Fair, Some(0.5)),
+            Some(0.5)
+        );
+        let rt: RtBudget = "2ms/10ms".parse().unwrap();
+        assert_eq!(
+            promised_share(&config, ThreadPolicy::Deadline(rt), None),
+            Some(0.2)
+        );
+    }
+}

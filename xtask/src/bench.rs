@@ -668,13 +668,17 @@ pub fn command(args: &[String]) -> Result<u8> {
     if args.first().map(String::as_str) == Some("fabric") {
         return crate::bench_fabric::command(&args[1..]);
     }
+    if args.first().map(String::as_str) == Some("sched") {
+        return crate::bench_sched::command(&args[1..]);
+    }
     let usage = || {
         fail!(
             "usage: cargo xtask bench boot [--runs N] [--q35] | \
              cargo xtask bench boot --distro [--runs N] [--qemu-runs N] | \
              cargo xtask bench blk [--runs N] [--size MIB] [--secs N] | \
              cargo xtask bench rate [--size MIB] [--secs N] [--net MIB] | \
-             cargo xtask bench fabric --switch-only [--secs N]"
+             cargo xtask bench fabric --switch-only [--secs N] | \
+             cargo xtask bench sched"
         )
     };
     let mut runs = None;

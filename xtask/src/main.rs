@@ -7,6 +7,7 @@ mod bench_blk;
 mod bench_distro;
 mod bench_fabric;
 mod bench_rate;
+mod bench_sched;
 mod cpio;
 mod deb;
 mod demo;
@@ -54,6 +55,8 @@ commands:
   bench fabric --switch-only [--secs N]
                             the switch core's forwarding rate (frames/s, 64 B and
                             1500 B, hub and bridge) with a host-side frame generator
+  bench sched               CPU policies on tiny guests on this host: shares by
+                            weight, a cap, real-time misses, partition jitter
   help                      show this text";
 
 /// What a command asks the process to exit with.

@@ -74,6 +74,8 @@ pub enum CgroupError {
         wanted: u64,
         free: u64,
     },
+    #[error("real-time runtime: the kernel has no {wanted} us per second left: deadline reservations hold the host's real-time bandwidth")]
+    RtBandwidthTaken { wanted: u64 },
     #[error("CPU cap {0}% is out of range: use 1-{max}% (100% is one host CPU)", max = MAX_CAP_PERCENT)]
     BadCap(u32),
 }
@@ -158,6 +160,29 @@ impl Hierarchy {
             .iter()
             .find(|p| p.controller == controller)
             .map(|p| p.version)
+    }
+
+    /// The real-time runtime (µs per `cpu.rt_period_us`, per CPU) that
+    /// guest groups hold, where the kernel groups real-time bandwidth (v1
+    /// `cpu.rt_runtime_us`); 0 elsewhere.
+    pub fn guests_rt_runtime_us(&self) -> u64 {
+        self.places
+            .iter()
+            .find(|p| p.controller == Controller::Cpu && p.version == Version::V1)
+            .and_then(|p| children_rt_runtime(&p.base.join(PARENT)).ok())
+            .unwrap_or(0)
+    }
+
+    /// Takes back the real-time runtime of guest groups that have no task
+    /// (left by VMMs that were killed outright).
+    pub fn reclaim_rt_runtime(&self) {
+        if let Some(p) = self
+            .places
+            .iter()
+            .find(|p| p.controller == Controller::Cpu && p.version == Version::V1)
+        {
+            reclaim_rt_runtime(&p.base.join(PARENT), Path::new(""));
+        }
     }
 
     /// The group of guest `name` (not created yet: see [`GuestCgroup::create`]).
@@ -396,8 +421,15 @@ impl GuestCgroup {
             write(&parent.join(file), &base_runtime.to_string())?;
         }
         let own = read_signed(&dir.path.join(file))?.max(0) as u64;
-        let held = children_rt_runtime(&parent)?.saturating_sub(own);
-        let free = (base_runtime.max(0) as u64).saturating_sub(held);
+        let mut held = children_rt_runtime(&parent)?.saturating_sub(own);
+        let mut free = (base_runtime.max(0) as u64).saturating_sub(held);
+        if us > free {
+            // Groups left behind by VMMs that were killed outright hold
+            // runtime with no task to use it: take it back.
+            reclaim_rt_runtime(&parent, &dir.path);
+            held = children_rt_runtime(&parent)?.saturating_sub(own);
+            free = (base_runtime.max(0) as u64).saturating_sub(held);
+        }
         if us > free {
             return Err(CgroupError::RtRuntimeShort {
                 path: parent,
@@ -405,7 +437,14 @@ impl GuestCgroup {
                 free,
             });
         }
-        write(&dir.path.join(file), &us.to_string())
+        // The kernel refuses (EINVAL) runtime that deadline reservations
+        // already hold: they share the same real-time bandwidth.
+        write(&dir.path.join(file), &us.to_string()).map_err(|e| match e {
+            CgroupError::Write { source, .. } if source.raw_os_error() == Some(libc::EINVAL) => {
+                CgroupError::RtBandwidthTaken { wanted: us }
+            }
+            other => other,
+        })
     }
 
     /// Moves process `pid` back to the creator's own group (so that this
@@ -511,6 +550,21 @@ fn read_signed(path: &Path) -> Result<i64> {
             format!("not a number: {text:?}"),
         ),
     })
+}
+
+/// Zeroes the real-time runtime of the child groups of `parent` (but
+/// `keep`) that have no task.
+fn reclaim_rt_runtime(parent: &Path, keep: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let empty = fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
+        if dir != keep && empty && dir.join("cpu.rt_runtime_us").exists() {
+            let _ = fs::write(dir.join("cpu.rt_runtime_us"), "0");
+        }
+    }
 }
 
 /// The real-time runtime the child groups of `parent` hold.

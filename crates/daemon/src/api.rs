@@ -54,7 +54,7 @@ impl From<RegistryError> for Reply {
 impl Reply {
     fn from_guest(e: &GuestError) -> Reply {
         let status = match e {
-            GuestError::Conflict { .. } => 409,
+            GuestError::Conflict { .. } | GuestError::NotAdmitted { .. } => 409,
             _ => 500,
         };
         Reply::error(status, one_line(e))
@@ -176,6 +176,10 @@ pub fn route(daemon: &Daemon, req: &Request) -> Route {
             Ok(_) => Route::ConsoleAttach(name.to_string()),
             Err(e) => Route::Reply(e.into()),
         },
+        ("POST", ["guests", name, "sched"]) => {
+            let (status, body) = crate::sched::post(daemon, name, &req.body);
+            Route::Reply(Reply { status, body })
+        }
         ("POST", ["guests", name, action]) => Route::Reply(action_on(daemon, name, action, req)),
         (m @ ("PUT" | "PATCH"), ["guests", name, "devices", device, "rate"]) => Route::Reply(
             crate::limits::change(daemon, name, device, m == "PUT", &req.body),

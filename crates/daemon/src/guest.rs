@@ -52,6 +52,9 @@ pub enum GuestError {
     Json(#[from] serde_json::Error),
     #[error("guest '{name}' did not start: {reason}")]
     StartFailed { name: String, reason: String },
+    /// Its policy does not fit beside the running guests'.
+    #[error("guest '{name}' was not started: {reason}")]
+    NotAdmitted { name: String, reason: String },
     #[error("guest '{name}' is still {state} after SIGKILL")]
     StillLive { name: String, state: State },
 }
@@ -379,13 +382,20 @@ impl Guest {
         for stale in ["control.sock", "console.sock", "exit.json", "exit.json.tmp"] {
             let _ = fs::remove_file(runtime.join(stale));
         }
-        let mut child = process::spawn_vmm(
+        let groups = crate::sched::prepare(&self.name, &self.description).map_err(|reason| {
+            GuestError::NotAdmitted {
+                name: self.name.clone(),
+                reason,
+            }
+        })?;
+        let spawned = process::spawn_vmm(
             exe,
             &self.dir.join(DESCRIPTION),
             &runtime,
-            &self.dir.join("vmm.out"),
-            &self.dir.join("vmm.err"),
-        )?;
+            (&self.dir.join("vmm.out"), &self.dir.join("vmm.err")),
+            &groups,
+        );
+        let mut child = spawned.inspect_err(|_| crate::sched::release(&self.name, &self.dir))?;
         let pid = child.id() as i32;
         let run_end = Arc::new(RunEnd::default());
         let run = {
@@ -417,6 +427,7 @@ impl Guest {
                 status.and_then(|s| s.code()),
                 killing,
             );
+            crate::sched::release(&guest.name, &guest.dir);
             run_end.set(end.clone());
             guest.finish(run, end, &events);
         });
@@ -482,6 +493,7 @@ impl Guest {
             data.record.state = state;
             let _ = self.save(&data);
         }
+        crate::sched::readopt(&self.name, &self.description, &self.dir, &runtime);
         let run_end = Arc::new(RunEnd::default());
         lock(&self.data).run_end = Some(run_end.clone());
         let state = lock(&self.data).record.state;
@@ -494,6 +506,7 @@ impl Guest {
             }
             let killing = lock(&guest.data).killing;
             let end = classify(read_exit_report(&runtime), None, None, killing);
+            crate::sched::release(&guest.name, &guest.dir);
             run_end.set(end.clone());
             guest.finish(run, end, &events);
         });
@@ -667,6 +680,7 @@ impl Guest {
             "vcpu_tids": null,
             "memory": null,
             "rate_limits": null,
+            "sched": null,
             "stale": false,
         });
         if record.state.is_live() {
@@ -674,7 +688,15 @@ impl Guest {
                 info["cpu_time_ms"] = json!(process::cpu_time_ms(id.pid));
                 let (facts, stale) = self.vmm_facts(record.runs);
                 if let Some(reply) = facts {
-                    for key in ["exits", "uptime_ms", "vcpu_tids", "memory", "rate_limits"] {
+                    let keys = [
+                        "exits",
+                        "uptime_ms",
+                        "vcpu_tids",
+                        "memory",
+                        "rate_limits",
+                        "sched",
+                    ];
+                    for key in keys {
                         info[key] = reply.get(key).cloned().unwrap_or(Value::Null);
                     }
                 }

@@ -12,7 +12,8 @@
 //! - [`events`]: the lifecycle event bus;
 //! - [`client`]: the API client used by the CLI;
 //! - [`description`]: checking guest descriptions;
-//! - [`limits`]: changing a running guest's disk and NIC rate limits.
+//! - [`limits`]: changing a running guest's disk and NIC rate limits;
+//! - [`sched`]: guest cgroups, real-time admission, policy changes.
 
 pub mod api;
 pub mod client;
@@ -23,6 +24,7 @@ pub mod guest;
 pub mod http;
 pub mod limits;
 pub mod process;
+pub mod sched;
 pub mod server;
 
 pub use client::{Client, ClientError};

@@ -89,14 +89,21 @@ pub fn signal(pid: i32, signal: i32) {
 }
 
 /// Starts `exe run --config CONFIG --runtime-dir RUNTIME` in its own session,
-/// stdin from /dev/null, stdout and stderr to `out` and `err`.
+/// stdin from /dev/null, stdout and stderr to `out` and `err`, and inside
+/// the cgroups whose `cgroup.procs` files `groups` lists (joined between
+/// fork and exec, so that no thread of the VMM runs outside them).
 pub fn spawn_vmm(
     exe: &Path,
     config: &Path,
     runtime_dir: &Path,
-    out: &Path,
-    err: &Path,
+    (out, err): (&Path, &Path),
+    groups: &[std::path::PathBuf],
 ) -> Result<Child, ProcessError> {
+    use std::os::unix::ffi::OsStrExt;
+    let groups: Vec<std::ffi::CString> = groups
+        .iter()
+        .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_bytes()).ok())
+        .collect();
     let open =
         |p: &Path| File::create(p).map_err(|e| ProcessError::Log(p.display().to_string(), e));
     let stdout = open(out)?;
@@ -115,14 +122,38 @@ pub fn spawn_vmm(
     // SAFETY: the closure runs in the child between fork and exec and only
     // calls setsid, which is async-signal-safe.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            for procs in &groups {
+                join_cgroup(procs)?;
             }
             Ok(())
         });
     }
     command.spawn().map_err(ProcessError::Spawn)
+}
+
+/// Moves the calling process into the cgroup whose `cgroup.procs` is
+/// `procs` ("0" names the writer). Only async-signal-safe calls: it runs
+/// between fork and exec.
+fn join_cgroup(procs: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: `procs` is a NUL-terminated path; open, write and close are
+    // async-signal-safe and touch no memory of the parent.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+        let error = std::io::Error::last_os_error();
+        libc::close(fd);
+        if written != 1 {
+            return Err(error);
+        }
+    }
+    Ok(())
 }
 
 /// Sends one request line to the VMM's control socket and returns its reply,

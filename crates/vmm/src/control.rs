@@ -259,7 +259,7 @@ impl Control {
 
     /// Whether a vCPU must stay outside KVM_RUN: paused, or its time
     /// partition's window is closed.
-    fn must_park(&self) -> bool {
+    pub fn must_park(&self) -> bool {
         self.is_paused() || self.gate_closed.load(Ordering::SeqCst)
     }
 

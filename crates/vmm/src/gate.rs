@@ -24,7 +24,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::control::Control;
-use crate::sched::{self, format_duration, Priority, RtClass, ThreadPolicy};
+use crate::sched::{self, format_duration, Priority, RtBudget, RtClass, ThreadPolicy};
 
 /// A window end the vCPUs miss by more than this counts as an overrun.
 pub const OVERRUN_SLACK_NS: u64 = 100_000;
@@ -174,6 +174,8 @@ pub struct GateStats {
     /// Window-start lateness as each vCPU saw it: from the edge until the
     /// vCPU thread ran again, on its way back into the guest.
     vcpu_starts: Mutex<Vec<u64>>,
+    /// Time from each window's end until every vCPU was parked.
+    closes: Mutex<Vec<u64>>,
 }
 
 /// Percentiles of the window-start lateness.
@@ -197,6 +199,7 @@ impl GateStats {
     }
 
     fn record_close(&self, late_ns: u64) {
+        push_sample(&self.closes, late_ns);
         self.worst_overrun_ns.fetch_max(late_ns, Ordering::Relaxed);
         if late_ns > OVERRUN_SLACK_NS {
             self.overruns.fetch_add(1, Ordering::Relaxed);
@@ -206,6 +209,11 @@ impl GateStats {
     /// The gate's window-start lateness so far.
     pub fn jitter(&self) -> Jitter {
         percentiles(&self.starts)
+    }
+
+    /// How long the vCPUs took to leave the guest after each window's end.
+    pub fn close_latency(&self) -> Jitter {
+        percentiles(&self.closes)
     }
 
     /// The vCPUs' window-start lateness so far.
@@ -289,16 +297,33 @@ pub fn start(partition: Partition, control: Arc<Control>) -> std::io::Result<Arc
     std::thread::Builder::new()
         .name("gate".into())
         .spawn(move || {
-            let fifo = Priority {
-                class: RtClass::Fifo,
-                level: GATE_PRIORITY,
-            };
-            if let Err(e) = sched::apply(0, ThreadPolicy::Fixed(fifo)) {
+            if let Err(e) = raise_gate() {
                 eprintln!("ferrovisor: the partition gate runs without real-time priority, so its windows start late under load: {e}");
             }
             run(&partition, epoch, &control, &thread_stats);
         })?;
     Ok(stats)
+}
+
+/// The gate thread's own reservation: SCHED_DEADLINE, so that it preempts
+/// the vCPUs it governs even when they are real-time (deadline) threads
+/// themselves; 1 ms in every 10 ms covers its spin before each edge.
+const GATE_RESERVATION: RtBudget = RtBudget {
+    budget_ns: 1_000_000,
+    period_ns: 10_000_000,
+};
+
+/// Gives the calling (gate) thread its reservation, or where the kernel
+/// refuses one (a pinned process, no capacity left), SCHED_FIFO.
+fn raise_gate() -> Result<(), sched::SchedError> {
+    if sched::apply(0, ThreadPolicy::Deadline(GATE_RESERVATION)).is_ok() {
+        return Ok(());
+    }
+    let fifo = Priority {
+        class: RtClass::Fifo,
+        level: GATE_PRIORITY,
+    };
+    sched::apply(0, ThreadPolicy::Fixed(fifo))
 }
 
 fn run(partition: &Partition, epoch: u64, control: &Control, stats: &GateStats) {

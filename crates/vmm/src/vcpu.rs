@@ -349,7 +349,7 @@ impl Vcpu {
     /// a deadline thread's overruns are counted from then on.
     fn apply_policy(&self) -> Result<(), String> {
         let index = usize::from(self.index);
-        crate::sched::track_overruns(index, current_tid())
+        crate::sched::track_overruns()
             .map_err(|e| format!("cannot count deadline overruns: {e}"))?;
         let policy = self.control.sched().thread_policy(index);
         if policy == crate::sched::ThreadPolicy::Fair {
@@ -372,6 +372,11 @@ impl Vcpu {
 
     /// After a kick: answers the current liveness round.
     fn on_kick(&mut self) {
+        // A kick to park (pause, or a closed partition window) needs no
+        // liveness answer: the vCPU leaves the guest at once.
+        if self.control.must_park() {
+            return;
+        }
         self.control
             .answer(usize::from(self.index), self.activity());
     }

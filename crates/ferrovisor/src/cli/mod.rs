@@ -1,12 +1,13 @@
 //! The management subcommands: `ferrovisor daemon` and the commands that
 //! talk to it over its API socket (up, create, start, pause, resume, stop,
-//! kill, delete, list, info, console, top, limit).
+//! kill, delete, list, info, console, top, limit, sched).
 //!
 //! Every command takes `--socket PATH`; listings take `--json`. An error is
 //! one line on stderr and exit status 1 (2 for a usage error).
 
 mod console;
 mod limit;
+mod sched;
 mod top;
 
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use thiserror::Error;
 /// The subcommands handled here.
 const COMMANDS: &[&str] = &[
     "daemon", "up", "create", "start", "pause", "resume", "stop", "kill", "delete", "list", "info",
-    "console", "top", "limit",
+    "console", "top", "limit", "sched",
 ];
 
 const USAGE: &str = "\
@@ -36,6 +37,9 @@ Management commands (all take --socket PATH, default /run/ferrovisor/api.sock):
   ferrovisor limit NAME DEVICE [--bandwidth RATE] [--burst SIZE] [--ops N] [--ops-burst N]
                    [--refill-time T] [--replace]   change a running guest's disk or NIC rate
                                         limits (DEVICE: disk0, net0, net0-rx, net0-tx; off removes)
+  ferrovisor sched NAME [--weight N] [--cap PCT|none] [--rt budget=B,period=P]
+                   [--priority N [--policy fifo|rr]] [--fair]
+                                        change a running guest's CPU policy
 ";
 
 /// Errors of the management commands.
@@ -186,6 +190,7 @@ fn run(command: &str, rest: &[String]) -> Result<ExitCode, CliError> {
         "console" => console::main(rest),
         "top" => top::main(rest),
         "limit" => limit::main(rest),
+        "sched" => sched::main(rest),
         _ => Err(CliError::Usage(format!("unknown command '{command}'"))),
     }
 }
@@ -356,6 +361,7 @@ fn info(rest: &[String]) -> Result<ExitCode, CliError> {
     for line in limit::device_lines(&info["rate_limits"]) {
         println!("{:<13} {line}", "rate");
     }
+    sched::print_vcpus(&info);
     println!("config:\n{}", info["config"].as_str().unwrap_or(""));
     Ok(ExitCode::SUCCESS)
 }

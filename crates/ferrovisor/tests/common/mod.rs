@@ -203,3 +203,19 @@ pub fn stdout(out: &Output) -> String {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// What the kernel says of a thread (`sched_getattr`): policy, priority,
+/// runtime and period in nanoseconds.
+pub fn kernel_policy(tid: i32) -> (u32, u32, u64, u64) {
+    let mut attr = [0u64; 6];
+    // SAFETY: `attr` is 48 writable bytes, the size passed.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_getattr, tid, attr.as_mut_ptr(), 48u32, 0u32) };
+    assert_eq!(rc, 0, "sched_getattr({tid})");
+    let policy = (attr[0] >> 32) as u32;
+    let priority = (attr[2] >> 32) as u32;
+    (policy, priority, attr[3], attr[5])
+}
+
+pub const SCHED_OTHER: u32 = 0;
+pub const SCHED_RR: u32 = 2;
+pub const SCHED_DEADLINE: u32 = 6;

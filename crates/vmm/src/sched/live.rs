@@ -14,7 +14,8 @@ use crate::gate::GateStats;
 const FIELDS: &str = "rt, priority, policy, fair";
 
 /// The `sched` object of `info`: the declaration, and per vCPU its thread's
-/// policy as the kernel reports it, the CPU time it received, its overruns.
+/// policy as the kernel reports it and the CPU time it received; the
+/// guest's deadline overruns.
 pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
     let config = control.sched();
     let uptime_ns = control.start().elapsed().as_nanos() as u64;
@@ -23,6 +24,7 @@ pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
     map.insert("cap_percent".into(), config.cap.into());
     map.insert("locked".into(), config.locked.into());
     map.insert("uptime_ns".into(), uptime_ns.into());
+    map.insert("overruns".into(), overruns().into());
     let partition_share = config.partition.as_ref().map(|p| p.share());
     let vcpus: Vec<Value> = control
         .vcpu_tids()
@@ -40,7 +42,6 @@ pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
                 "promised_share": promised_share(&config, declared, partition_share),
                 "cpu_ns": cpu_ns,
                 "wait_ns": wait_ns,
-                "overruns": overruns(index),
             })
         })
         .collect();
@@ -49,6 +50,7 @@ pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
         use std::sync::atomic::Ordering::Relaxed;
         let jitter = stats.jitter();
         let vcpu = stats.vcpu_jitter();
+        let close = stats.close_latency();
         map.insert(
             "partition".into(),
             json!({
@@ -62,6 +64,8 @@ pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
                 "vcpu_start_late_p99_ns": vcpu.p99_ns,
                 "vcpu_start_late_max_ns": vcpu.max_ns,
                 "overruns": stats.overruns.load(Relaxed),
+                "end_late_p50_ns": close.p50_ns,
+                "end_late_p99_ns": close.p99_ns,
                 "worst_overrun_ns": stats.worst_overrun_ns.load(Relaxed),
                 "closed_progress": stats.closed_progress.load(Relaxed),
                 "closed_cpu_ns": stats.closed_cpu_ns.load(Relaxed),

@@ -84,6 +84,20 @@ fn the_policy_reaches_group_and_threads_at_start_after_a_change_and_after_a_rest
         "{info}"
     );
 
+    // top shows what the policy promises beside what the vCPU received.
+    let out = d.cli(&["top", "--once", "--json"]);
+    let top: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = top["guests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == name.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(row["promised_percent"], 10.0, "{row}");
+    assert!(row["vcpu_percent"].is_number(), "{row}");
+    assert!(row["overruns"].is_u64(), "{row}");
+
     // The kernel frees the real-time bandwidth of a deadline thread (of this
     // host's other tests) up to a period after it ends: a refusal for that
     // reason is asked again, for at most 5 s.
@@ -136,6 +150,24 @@ fn the_policy_reaches_group_and_threads_at_start_after_a_change_and_after_a_rest
         "a refused change leaves the old policy"
     );
     assert_eq!(kernel_policy(tid_of(&info)).1, 5);
+
+    // The CLI: a change, and a bad value refused in one line naming it.
+    let out = d.cli(&["sched", &name, "--weight", "500"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        shown.contains("vcpu 0") && shown.contains("rr:5"),
+        "{shown}"
+    );
+    let out = d.cli(&["sched", &name, "--cap", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cap: 0 is not a per cent"), "{err}");
 
     // While no daemon runs, something else resets the group and the thread;
     // the restarted daemon gives them their policy again.

@@ -1,6 +1,7 @@
 //! `ferrovisor top`: a live per-guest table in the manner of xentop: state,
-//! vCPUs, CPU % (of one host CPU), memory and exits per second, from two
-//! listings one second apart. `--once` prints one table and exits; `--json`
+//! vCPUs, CPU % (of one host CPU), the CPU its policy promises its vCPUs
+//! against what they received, deadline and window overruns, memory and
+//! exits per second, from two listings one second apart. `--once` prints one table and exits; `--json`
 //! prints the rows as JSON (with `--once`, one document; else one per line).
 
 use std::collections::BTreeMap;
@@ -17,7 +18,23 @@ use super::{human_size, CliError, Words};
 struct Sample {
     cpu_ms: Option<u64>,
     exits: Option<u64>,
+    /// CPU time of all its vCPU threads, in microseconds.
+    vcpu_us: Option<u64>,
     at: Instant,
+}
+
+/// What a guest's vCPUs are promised together, in per cent of one CPU.
+fn promised_percent(g: &Value) -> Value {
+    let vcpus = g["sched"]["vcpus"].as_array();
+    let shares: Option<Vec<f64>> = vcpus.map(|v| {
+        v.iter()
+            .filter_map(|c| c["promised_share"].as_f64())
+            .collect()
+    });
+    match shares {
+        Some(s) if !s.is_empty() => json!((s.iter().sum::<f64>() * 1000.0).round() / 10.0),
+        _ => Value::Null,
+    }
 }
 
 fn sample(client: &Client) -> Result<(Vec<Value>, BTreeMap<String, Sample>), CliError> {
@@ -32,6 +49,9 @@ fn sample(client: &Client) -> Result<(Vec<Value>, BTreeMap<String, Sample>), Cli
                 Sample {
                     cpu_ms: g["cpu_time_ms"].as_u64(),
                     exits: g["exits"].as_u64(),
+                    vcpu_us: g["sched"]["vcpus"]
+                        .as_array()
+                        .map(|v| v.iter().filter_map(|c| c["cpu_ns"].as_u64()).sum::<u64>() / 1000),
                     at,
                 },
             )
@@ -69,6 +89,10 @@ fn rows(
                 "vcpus": g["vcpus"],
                 "memory_bytes": g["memory_bytes"],
                 "cpu_percent": rate(|s| s.cpu_ms, 0.1),
+                "promised_percent": promised_percent(g),
+                "vcpu_percent": rate(|s| s.vcpu_us, 0.0001),
+                "overruns": g["sched"]["overruns"],
+                "window_overruns": g["sched"]["partition"]["overruns"],
                 "exits_per_sec": rate(|s| s.exits, 1.0),
                 "rate_limits": g["rate_limits"],
             })
@@ -78,17 +102,31 @@ fn rows(
 
 fn print_table(rows: &[Value]) {
     println!(
-        "{:<20} {:<8} {:>5} {:>7} {:>8} {:>10}",
-        "NAME", "STATE", "VCPUS", "CPU(%)", "MEMORY", "EXITS/S"
+        "{:<20} {:<8} {:>5} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10}",
+        "NAME",
+        "STATE",
+        "VCPUS",
+        "CPU(%)",
+        "PROMISED",
+        "VCPU(%)",
+        "OVERRUN",
+        "WIN-OVR",
+        "MEMORY",
+        "EXITS/S"
     );
     let num = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
+    let count = |v: &Value| v.as_u64().map_or("-".to_string(), |x| x.to_string());
     for r in rows {
         println!(
-            "{:<20} {:<8} {:>5} {:>7} {:>8} {:>10}",
+            "{:<20} {:<8} {:>5} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10}",
             r["name"].as_str().unwrap_or("?"),
             r["state"].as_str().unwrap_or("?"),
             r["vcpus"].as_u64().unwrap_or(0),
             num(&r["cpu_percent"]),
+            num(&r["promised_percent"]),
+            num(&r["vcpu_percent"]),
+            count(&r["overruns"]),
+            count(&r["window_overruns"]),
             human_size(r["memory_bytes"].as_u64().unwrap_or(0)),
             num(&r["exits_per_sec"]),
         );

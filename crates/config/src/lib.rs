@@ -14,6 +14,7 @@
 
 mod fields;
 mod guest;
+mod pools;
 mod sched;
 mod system;
 mod write;
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 pub use guest::{load_guest, parse_guest, AFFINITY_ANY};
+pub use pools::{Pool, PoolPolicy};
 pub use system::{
     check_guest_name, load_system, parse_system, NameError, StartPolicy, System, SystemGuest,
     MAX_NAME_LEN,

@@ -11,6 +11,8 @@
 //! policy = "rr"                 # "fifo" (default) or "rr" for priority
 //! locked = true                 # prefault and lock guest RAM
 //! memory_limit = "1G"           # the guest cgroup's memory limit
+//! pool = "rt"                   # its CPU pool (set from a system file's pools)
+//! cpus = "2-3"                  # its cgroup's cpuset (set from the pool)
 //!
 //! [sched.partition]             # ARINC 653-style time windows
 //! frame = "20ms"
@@ -65,6 +67,21 @@ pub(crate) fn sched_fields(f: &mut Fields, cpus: u8) -> Result<SchedConfig, File
         None => None,
         Some(p) => Some(partition(p)?),
     };
+    let pool = s.string("pool")?;
+    if let Some(name) = &pool {
+        crate::check_guest_name(name).map_err(|_| {
+            s.error(
+                "pool",
+                format!("'{name}' is not a pool name (1 to 32 characters: a-z, 0-9 and -)"),
+            )
+        })?;
+    }
+    let host_cpus = match s.string("cpus")? {
+        None => Vec::new(),
+        Some(text) => {
+            vmm::config::parse_cpu_list(&text).map_err(|e| s.error("cpus", e.to_string()))?
+        }
+    };
     let config = SchedConfig {
         weight,
         cap,
@@ -74,6 +91,8 @@ pub(crate) fn sched_fields(f: &mut Fields, cpus: u8) -> Result<SchedConfig, File
         locked,
         memory_limit,
         partition,
+        pool,
+        cpus: host_cpus,
     };
     config
         .check(usize::from(cpus))
@@ -226,6 +245,16 @@ pub(crate) fn write_sched(out: &mut String, config: &SchedConfig, prefix: &str) 
     }
     if let Some(limit) = config.memory_limit {
         let _ = writeln!(out, "memory_limit = \"{}K\"", limit >> 10);
+    }
+    if let Some(pool) = &config.pool {
+        let _ = writeln!(out, "pool = \"{pool}\"");
+    }
+    if !config.cpus.is_empty() {
+        let _ = writeln!(
+            out,
+            "cpus = \"{}\"",
+            vmm::config::format_cpu_list(&config.cpus)
+        );
     }
     if let Some(p) = &config.partition {
         let _ = writeln!(out, "\n[{prefix}sched.partition]");

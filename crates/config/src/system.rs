@@ -9,6 +9,10 @@
 //! [guests.db]                  # by reference: another guest file
 //! file = "db.toml"
 //! start = "held"               # "boot" (the default) or "held"
+//!
+//! [pools.rt]                   # CPU pools: see `pools`
+//! cpus = "1"
+//! policy = "rt"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -72,10 +76,12 @@ pub struct SystemGuest {
     pub file: Option<PathBuf>,
 }
 
-/// Several guests, in the order the file lists them.
+/// Several guests, in the order the file lists them, and the CPU pools
+/// they are put in.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct System {
     pub guests: Vec<SystemGuest>,
+    pub pools: Vec<crate::pools::Pool>,
 }
 
 /// Parses a system file's text. `origin` names it in errors; relative paths
@@ -84,6 +90,7 @@ pub struct System {
 /// paths are taken relative to their directory.
 pub fn parse_system(text: &str, origin: &str, base_dir: &Path) -> Result<System, FileError> {
     let mut root = Fields::root(parse_table(text, origin)?, origin);
+    let pools = crate::pools::pools(root.table("pools")?, origin)?;
     let table = root.table("guests")?;
     root.finish()?;
     let Some(mut table) = table else {
@@ -104,7 +111,8 @@ pub fn parse_system(text: &str, origin: &str, base_dir: &Path) -> Result<System,
         check_conflicts(&guests, &guest, origin)?;
         guests.push(guest);
     }
-    Ok(System { guests })
+    crate::pools::place(&pools, &mut guests, origin)?;
+    Ok(System { guests, pools })
 }
 
 /// Reads and parses the system file at `path`.

@@ -431,7 +431,7 @@ fn system_errors() {
         ("", "system.toml: guests: is required: name at least one guest"),
         ("[guests]", "system.toml: guests: names no guest"),
         ("guests = 1", "system.toml: guests: expected a table, found an integer"),
-        ("name = \"x\"\n[guests.a]\nkernel = \"k\"", "system.toml: name: unknown field (known here: guests)"),
+        ("name = \"x\"\n[guests.a]\nkernel = \"k\"", "system.toml: name: unknown field (known here: guests, pools)"),
         ("[guests.Web]\nkernel = \"k\"", "system.toml: guests.Web: 'Web' is not a guest name (1 to 32 characters: a-z, 0-9 and -)"),
         ("[guests.\"a b\"]\nkernel = \"k\"", "system.toml: guests.\"a b\": 'a b' is not a guest name (1 to 32 characters: a-z, 0-9 and -)"),
         ("[guests]\nweb = 3", "system.toml: guests.web: expected a table, found an integer"),
@@ -579,7 +579,9 @@ fn sched_field_errors() {
         ("rt = [\"fast\"]", "guest.toml: sched.rt[0]: 'fast' is not budget=DURATION,period=DURATION (or budget/period)"),
         ("rt = \"1ms/10ms\"\npriority = 5", "guest.toml: sched.rt: rt and priority cannot both be set: a vCPU thread has one scheduling class"),
         ("memory_limit = \"lots\"", "guest.toml: sched.memory_limit: 'lots' is not a size (examples: 512M, 2G)"),
-        ("shares = 3", "guest.toml: sched.shares: unknown field (known here: cap, locked, memory_limit, partition, policy, priority, rt, weight)"),
+        ("shares = 3", "guest.toml: sched.shares: unknown field (known here: cap, cpus, locked, memory_limit, partition, policy, pool, priority, rt, weight)"),
+        ("cpus = \"x\"", "guest.toml: sched.cpus: 'x' is not a list of host CPUs like 0,2-3 (each below 1024)"),
+        ("pool = \"A B\"", "guest.toml: sched.pool: 'A B' is not a pool name (1 to 32 characters: a-z, 0-9 and -)"),
         ("[sched.partition]\nframe = \"20ms\"\nwindows = [{ start = \"15ms\", length = \"10ms\" }]", "guest.toml: sched.partition.windows: window 0: ends at 25ms, past the frame's 20ms"),
         ("[sched.partition]\nframe = \"20ms\"", "guest.toml: sched.partition.windows: no windows: a partitioned guest needs at least one"),
         ("[sched.partition]\nframe = \"soon\"\nwindows = []", "guest.toml: sched.partition.frame: 'soon' is not a duration like 2ms, 500us or 1s"),
@@ -587,5 +589,80 @@ fn sched_field_errors() {
     for (text, expected) in cases {
         let text = format!("kernel = \"k\"\n[sched]\n{text}");
         assert_eq!(guest_err(&text), expected, "{text}");
+    }
+}
+
+const POOLS: &str = r#"
+[pools.general]
+cpus = "0"
+policy = "credit"
+
+[pools.control]
+cpus = "1-2"
+policy = "partition"
+frame = "20ms"
+
+[guests.web]
+kernel = "k"
+[guests.web.sched]
+pool = "general"
+weight = 200
+
+[guests.a]
+kernel = "k"
+[guests.a.sched]
+pool = "control"
+[guests.a.sched.partition]
+frame = "20ms"
+windows = [{ start = "0ms", length = "5ms" }]
+
+[guests.b]
+kernel = "k"
+[guests.b.sched]
+pool = "control"
+[guests.b.sched.partition]
+frame = "20ms"
+windows = [{ start = "5ms", length = "15ms" }]
+"#;
+
+#[test]
+fn pools_give_their_guests_cpus_and_one_epoch() {
+    let s = system(POOLS).unwrap();
+    assert_eq!(s.pools.len(), 2);
+    assert_eq!(s.guests[0].config.sched.cpus, vec![0]);
+    assert_eq!(s.guests[1].config.sched.cpus, vec![1, 2]);
+    let epochs: Vec<_> = s.guests[1..]
+        .iter()
+        .map(|g| g.config.sched.partition.as_ref().unwrap().epoch_ns)
+        .collect();
+    assert_eq!(epochs, vec![Some(0), Some(0)], "one epoch for the pool");
+    let written = to_system_toml(&s);
+    let again = parse_system(&written, "written.toml", Path::new("/elsewhere")).unwrap();
+    assert_eq!(again, s, "{written}");
+    let null = system(
+        "[pools.pinned]\ncpus = \"2-4\"\npolicy = \"null\"\n[guests.x]\nkernel = \"k\"\ncpus = 2\n[guests.x.sched]\npool = \"pinned\"\n[guests.y]\nkernel = \"k\"\n[guests.y.sched]\npool = \"pinned\"",
+    )
+    .unwrap();
+    assert_eq!(null.guests[0].config.affinity, vec![vec![2], vec![3]]);
+    assert_eq!(null.guests[1].config.affinity, vec![vec![4]]);
+}
+
+#[test]
+fn pool_errors_name_the_field() {
+    let rt_pool = "[pools.p]\ncpus = \"1\"\npolicy = \"rt\"\n";
+    let cases = [
+        (format!("{rt_pool}[guests.g]\nkernel = \"k\"\n[guests.g.sched]\npool = \"q\""), "system.toml: guests.g.sched.pool: no pool named 'q' in [pools]"),
+        (format!("{rt_pool}[guests.g]\nkernel = \"k\"\n[guests.g.sched]\npool = \"p\""), "system.toml: guests.g.sched.pool: 'p' is an rt pool: set priority"),
+        (format!("{rt_pool}[guests.g]\nkernel = \"k\"\n[guests.g.sched]\npool = \"p\"\nrt = \"1ms/10ms\""), "system.toml: guests.g.sched.rt: a deadline reservation cannot be in a pool: the kernel admits deadline threads only on all the CPUs of their root domain; use priority in an rt pool"),
+        ("[pools.p]\ncpus = \"1\"\npolicy = \"credit\"\n[guests.g]\nkernel = \"k\"\n[guests.g.sched]\npool = \"p\"\npriority = 3".to_string(), "system.toml: guests.g.sched.pool: 'p' is a credit pool: rt, priority and partition are not allowed in it"),
+        ("[pools.p]\ncpus = \"1\"\npolicy = \"edf\"\n[guests.g]\nkernel = \"k\"".to_string(), "system.toml: pools.p.policy: 'edf' is not credit, rt, partition or null"),
+        ("[pools.p]\ncpus = \"1\"\npolicy = \"partition\"\n[guests.g]\nkernel = \"k\"".to_string(), "system.toml: pools.p.frame: is required in a partition pool"),
+        ("[pools.p]\ncpus = \"1\"\npolicy = \"credit\"\n[pools.q]\ncpus = \"0-1\"\npolicy = \"credit\"\n[guests.g]\nkernel = \"k\"".to_string(), "system.toml: pools.q.cpus: shares CPUs with pool 'p'"),
+        ("[pools.p]\ncpus = \"1\"\npolicy = \"null\"\n[guests.g]\nkernel = \"k\"\ncpus = 2\n[guests.g.sched]\npool = \"p\"".to_string(), "system.toml: guests.g.sched.pool: null pool 'p' has no free CPU left for each of its 2 vCPU(s)"),
+        (POOLS.replace("start = \"5ms\", length = \"15ms\"", "start = \"4ms\", length = \"5ms\""), "system.toml: guests.b.sched.partition.windows: overlaps a window of guest 'a' in pool 'control'"),
+        (POOLS.replace("[guests.b.sched.partition]\nframe = \"20ms\"", "[guests.b.sched.partition]\nframe = \"40ms\""), "system.toml: guests.b.sched.partition.frame: 40ms is not pool 'control''s frame 20ms"),
+    ];
+    for (text, expected) in cases {
+        assert_eq!(system_err(&text), expected, "{text}");
     }
 }

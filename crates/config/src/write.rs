@@ -64,9 +64,23 @@ pub fn to_guest_toml(config: &VmConfig) -> String {
     out
 }
 
-/// A system file with every guest inline, in order, with its `start`.
+/// A system file with every guest inline, in order, with its `start`, and
+/// its pools.
 pub fn to_system_toml(system: &System) -> String {
     let mut out = String::new();
+    for pool in &system.pools {
+        let _ = writeln!(out, "[pools.{}]", pool.name);
+        let _ = writeln!(out, "cpus = {}", quoted(&format_cpu_list(&pool.cpus)));
+        let _ = writeln!(out, "policy = {}", quoted(pool.policy.name()));
+        if let Some(frame) = pool.frame_ns {
+            let _ = writeln!(
+                out,
+                "frame = {}",
+                quoted(&vmm::sched::format_duration(frame))
+            );
+        }
+        out.push('\n');
+    }
     for (i, guest) in system.guests.iter().enumerate() {
         if i > 0 {
             out.push('\n');

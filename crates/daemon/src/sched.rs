@@ -62,6 +62,9 @@ pub fn apply_group_policy(group: &GuestCgroup, sched: &SchedConfig) -> cgroup::R
     if sched.memory_limit.is_some() {
         group.set_memory_limit(sched.memory_limit)?;
     }
+    if !sched.cpus.is_empty() {
+        group.set_cpus(&vmm::config::format_cpu_list(&sched.cpus))?;
+    }
     if sched.priority.is_some() {
         let runtime = sched
             .cap

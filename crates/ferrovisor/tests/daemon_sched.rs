@@ -43,6 +43,24 @@ fn tid_of(info: &Value) -> i32 {
     info["vcpu_tids"][0].as_i64().unwrap() as i32
 }
 
+/// Runs `attempt` again while it fails because the kernel has not yet
+/// freed the real-time bandwidth of deadline threads that just ended (it
+/// frees it a period after a thread ends, and this host runs other tests),
+/// for at most 10 s; returns the last outcome.
+fn while_bandwidth_taken(mut attempt: impl FnMut() -> (u16, Value)) -> (u16, Value) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, body) = attempt();
+        let taken = body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("deadline reservations hold"));
+        if !taken || std::time::Instant::now() > deadline {
+            return (status, body);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 fn create(d: &TestDaemon, name: &str, description: String) -> (u16, Value) {
     let body = json!({ "name": name, "config": description, "start": true });
     d.call("POST", "/guests", Some(body))
@@ -53,8 +71,43 @@ fn create(d: &TestDaemon, name: &str, description: String) -> (u16, Value) {
 /// a thread ends: they run one after the other, the small reservations first.
 #[test]
 fn scheduling_under_the_daemon() {
+    a_pool_of_a_system_file_confines_its_guests_to_its_cpus();
     the_policy_reaches_group_and_threads_at_start_after_a_change_and_after_a_restart();
     admission_refuses_an_overcommitted_real_time_set_and_changes_nothing();
+}
+
+fn a_pool_of_a_system_file_confines_its_guests_to_its_cpus() {
+    let d = TestDaemon::start();
+    let name = format!("pooled-{}", std::process::id());
+    let system = d.dir.join("system.toml");
+    let text = format!(
+        "[pools.rt]\ncpus = \"1\"\npolicy = \"rt\"\n\n[guests.{name}]\n{}[guests.{name}.sched]\npool = \"rt\"\npriority = 7\n",
+        echo_description()
+    );
+    std::fs::write(&system, text).unwrap();
+    let (status, body) = while_bandwidth_taken(|| {
+        let out = d.cli(&["up", system.to_str().unwrap()]);
+        let error = String::from_utf8_lossy(&out.stderr).into_owned();
+        (u16::from(!out.status.success()), json!({ "error": error }))
+    });
+    assert_eq!(status, 0, "{body}");
+    d.wait_console(&name, "ready");
+    let info = d.info(&name);
+    let cpuset = format!("/sys/fs/cgroup/cpuset/ferrovisor/{name}/cpuset.cpus");
+    assert_eq!(std::fs::read_to_string(&cpuset).unwrap().trim(), "1");
+    let pid = info["pid"].as_i64().unwrap();
+    let tid = tid_of(&info);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(allowed, "1", "the vCPU thread runs only on the pool's CPU");
+    let (policy, priority, _, _) = kernel_policy(tid);
+    assert_eq!((policy, priority), (1, 7), "SCHED_FIFO 7");
+    d.expect("POST", &format!("/guests/{name}/kill"), None, 200);
 }
 
 fn the_policy_reaches_group_and_threads_at_start_after_a_change_and_after_a_restart() {
@@ -98,23 +151,10 @@ fn the_policy_reaches_group_and_threads_at_start_after_a_change_and_after_a_rest
     assert!(row["vcpu_percent"].is_number(), "{row}");
     assert!(row["overruns"].is_u64(), "{row}");
 
-    // The kernel frees the real-time bandwidth of a deadline thread (of this
-    // host's other tests) up to a period after it ends: a refusal for that
-    // reason is asked again, for at most 5 s.
     let change = json!({ "weight": 500, "priority": 5, "policy": "rr" });
     let path = format!("/guests/{name}/sched");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let (status, body) = d.call("POST", &path, Some(change.clone()));
-        let taken = body["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("deadline reservations hold"));
-        if status == 200 || !taken || std::time::Instant::now() > deadline {
-            assert_eq!(status, 200, "{body}");
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let (status, body) = while_bandwidth_taken(|| d.call("POST", &path, Some(change.clone())));
+    assert_eq!(status, 200, "{body}");
     assert_eq!(shares(&name), "5120");
     assert_eq!(kernel_policy(tid_of(&info)).0, SCHED_RR);
 

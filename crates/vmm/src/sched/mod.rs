@@ -221,6 +221,10 @@ pub struct SchedConfig {
     pub memory_limit: Option<u64>,
     /// Time partitions: run only inside these windows.
     pub partition: Option<crate::gate::Partition>,
+    /// The CPU pool the guest belongs to (a system file's `[pools.NAME]`).
+    pub pool: Option<String>,
+    /// Host CPUs of the guest's cpuset (its pool's); empty: every CPU.
+    pub cpus: Vec<usize>,
 }
 
 impl SchedConfig {
@@ -258,6 +262,7 @@ impl SchedConfig {
             || self.cap.is_some()
             || self.memory_limit.is_some()
             || self.priority.is_some()
+            || !self.cpus.is_empty()
     }
 
     /// Whether any vCPU thread leaves the fair class.

@@ -55,8 +55,10 @@ commands:
   bench fabric --switch-only [--secs N]
                             the switch core's forwarding rate (frames/s, 64 B and
                             1500 B, hub and bridge) with a host-side frame generator
-  bench sched               CPU policies on tiny guests on this host: shares by
-                            weight, a cap, real-time misses, partition jitter
+  bench sched [share|cap|rt|partitions|rate]
+                            CPU policies on tiny guests on this host: shares by
+                            weight, a cap, real-time misses, partition jitter;
+                            then bench rate (in the lab)
   help                      show this text";
 
 /// What a command asks the process to exit with.

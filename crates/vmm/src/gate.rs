@@ -300,6 +300,8 @@ pub fn start(partition: Partition, control: Arc<Control>) -> std::io::Result<Arc
             if let Err(e) = raise_gate() {
                 eprintln!("ferrovisor: the partition gate runs without real-time priority, so its windows start late under load: {e}");
             }
+            // It needs what the control thread needs: sleep, kick, read /proc.
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Control);
             run(&partition, epoch, &control, &thread_stats);
         })?;
     Ok(stats)

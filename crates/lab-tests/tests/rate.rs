@@ -1,20 +1,21 @@
 //! Lab tier: I/O rate limits seen from a real Linux guest. A disk limited to
 //! 8 MiB/s keeps the guest's `dd` within the limit; raising the limit through
-//! the VMM's control socket while the guest runs makes the next `dd` faster
-//! than the old limit allowed. Both rates are measured inside the guest
-//! (`/proc/uptime`) over multi-second transfers: they bound what the guest
-//! gets, not how fast our code runs.
+//! the VMM's control socket while a second `dd` waits for tokens makes that
+//! `dd` faster than the old limit allowed. Both rates are measured inside
+//! the guest (`/proc/uptime`) over multi-second transfers: they bound what
+//! the guest gets, not how fast our code runs.
 
 use lab_tests::{tail, wait_in_file, Guest, GuestConfig};
-use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1 << 20;
 /// The limit the guest starts with, and the one it is raised to.
 const LIMIT_MIB_S: f64 = 8.0;
 const RAISED: &str = "64MiB/s";
-/// MiB each `dd` reads.
+/// MiB the first `dd` reads, and the second (long enough under the old
+/// limit, 12 s, that the raise lands while it runs).
 const READ_MIB: u64 = 24;
+const SECOND_MIB: u64 = 96;
 /// The measured rate may pass the limit by this share: the bucket starts
 /// full (100 ms of the rate) and the guest's clock ticks every 10 ms.
 const MARGIN: f64 = 0.10;
@@ -33,27 +34,26 @@ fn control(dir: &Path, request: &str) -> Result<serde_json::Value, String> {
     serde_json::from_str(&reply).map_err(|e| format!("reply {reply:?}: {e}"))
 }
 
-/// The rate of the guest's line `NAME START END` (uptime seconds).
-fn rate(console: &str, name: &str) -> Option<f64> {
+/// The rate of `mib` MiB over the guest's line `NAME START END` (uptime
+/// seconds).
+fn rate(console: &str, name: &str, mib: u64) -> Option<f64> {
     let line = console.lines().find_map(|l| l.trim().strip_prefix(name))?;
     let mut words = line.split_whitespace().map(str::parse::<f64>);
     let (Some(Ok(start)), Some(Ok(end))) = (words.next(), words.next()) else {
         return None;
     };
-    (end > start).then(|| READ_MIB as f64 / (end - start))
+    (end > start).then(|| mib as f64 / (end - start))
 }
 
-/// The guest: a timed read under the first limit, a wait until the host
-/// writes "raised" into the mailbox disk, a timed read under the new one.
+/// The guest: a timed read under the first limit, then a marker and a
+/// longer timed read, during which the host raises the limit.
 fn script() -> String {
-    let n = READ_MIB;
+    let (n, m) = (READ_MIB, SECOND_MIB);
     format!(
         "up() {{ cut -d' ' -f1 /proc/uptime; }}; \
          a=$(up); dd if=/dev/vda of=/dev/null bs=1M count={n} iflag=direct 2>/dev/null; b=$(up); \
-         echo \"phase1 $a $b\"; echo raise-now; i=0; \
-         until dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | grep -q raised; do \
-         sleep 1; i=$((i+1)); [ $i -gt 120 ] && break; done; \
-         a=$(up); dd if=/dev/vda of=/dev/null bs=1M count={n} skip={n} iflag=direct 2>/dev/null; \
+         echo \"phase1 $a $b\"; echo raise-now; \
+         a=$(up); dd if=/dev/vda of=/dev/null bs=1M count={m} skip={n} iflag=direct 2>/dev/null; \
          b=$(up); echo \"phase2 $a $b\"; echo rate-done"
     )
 }
@@ -63,9 +63,9 @@ fn script() -> String {
 fn a_limited_disk_holds_dd_to_its_rate_and_a_raise_at_run_time_takes_effect() {
     let dir = scratch();
     let runtime = dir.join("run");
-    let (data, mailbox) = (dir.join("data.img"), dir.join("mailbox.img"));
-    std::fs::write(&data, vec![0x5a; (2 * READ_MIB * MIB) as usize]).expect("write the image");
-    std::fs::write(&mailbox, vec![0u8; MIB as usize]).expect("write the mailbox");
+    let data = dir.join("data.img");
+    let size = (READ_MIB + SECOND_MIB) * MIB;
+    std::fs::write(&data, vec![0x5a; size as usize]).expect("write the image");
     let mut guest = Guest::start(&GuestConfig {
         run: Some(script()),
         runtime_dir: Some(runtime.clone()),
@@ -76,8 +76,6 @@ fn a_limited_disk_holds_dd_to_its_rate_and_a_raise_at_run_time_takes_effect() {
                 data.display(),
                 LIMIT_MIB_S as u64
             ),
-            "--disk".into(),
-            format!("path={}", mailbox.display()),
         ],
         ..GuestConfig::default()
     })
@@ -95,14 +93,6 @@ fn a_limited_disk_holds_dd_to_its_rate_and_a_raise_at_run_time_takes_effect() {
         Ok(r) => r,
         Err(e) => fail(guest, e),
     };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&mailbox)
-        .expect("open the mailbox");
-    file.seek(SeekFrom::Start(0))
-        .and_then(|_| file.write_all(b"raised\n"))
-        .expect("write");
-    file.sync_all().expect("sync the mailbox");
     let console = match wait_in_file(&mut guest, &log, "rate-done") {
         Ok(c) => c,
         Err(e) => fail(guest, e),
@@ -116,8 +106,9 @@ fn a_limited_disk_holds_dd_to_its_rate_and_a_raise_at_run_time_takes_effect() {
     );
     assert_eq!(reply["ok"], true, "{d}");
     assert_eq!(reply["limits"][0]["limit"]["bandwidth"], RAISED, "{d}");
-    let first = rate(&console, "phase1").unwrap_or_else(|| panic!("no phase1 line\n{d}"));
-    let second = rate(&console, "phase2").unwrap_or_else(|| panic!("no phase2 line\n{d}"));
+    let first = rate(&console, "phase1", READ_MIB).unwrap_or_else(|| panic!("no phase1 line\n{d}"));
+    let second =
+        rate(&console, "phase2", SECOND_MIB).unwrap_or_else(|| panic!("no phase2 line\n{d}"));
     println!("rate: limited to {LIMIT_MIB_S} MiB/s: {first:.2} MiB/s; raised to {RAISED}: {second:.2} MiB/s");
     assert!(
         first <= LIMIT_MIB_S * (1.0 + MARGIN),

@@ -317,6 +317,9 @@ fn control(b: &mut Builder) {
         // read back.
         .allow(libc::SYS_sched_setattr)
         .allow(libc::SYS_sched_getattr)
+        // limit: a request waiting under the old rate limit is woken at once
+        // through its limiter's timerfd (rate::Limits::apply).
+        .allow(libc::SYS_timerfd_settime)
         // The signal waiter: sigwait.
         .allow(libc::SYS_rt_sigtimedwait);
 }
@@ -408,6 +411,20 @@ mod tests {
             let rules = rules(kind).unwrap();
             let can_clone = rules.contains_key(&libc::SYS_clone3);
             assert_eq!(can_clone, kind == ThreadKind::Launcher, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn rate_limiter_timers_may_be_armed_by_workers_and_by_a_limit_change() {
+        // Workers arm the timer when a request runs out of tokens; the
+        // control thread when a limit change wakes a waiting request.
+        for kind in [
+            ThreadKind::Worker,
+            ThreadKind::Launcher,
+            ThreadKind::Control,
+        ] {
+            let rules = rules(kind).unwrap();
+            assert!(rules.contains_key(&libc::SYS_timerfd_settime), "{kind:?}");
         }
     }
 

@@ -181,6 +181,7 @@ pub fn prepare(mode: SeccompMode) -> Result<(), SeccompError> {
     if mode == SeccompMode::On {
         install_handler().map_err(SeccompError::Handler)?;
     }
+    fix_malloc_arena_limit();
     let _ = FILTERS.set(Filters {
         programs,
         #[cfg(feature = "test-hooks")]
@@ -210,6 +211,18 @@ pub fn enter(kind: ThreadKind) {
     if filters.violate == Some(kind) {
         hook::violate();
     }
+}
+
+/// glibc works out how many malloc arenas it may make the first time a
+/// thread needs one beyond the eighth, by reading
+/// `/sys/devices/system/cpu/online`: in a filtered thread that open would
+/// be blocked. Setting the limit now (glibc's own default, 8 per CPU) means
+/// it is never worked out later.
+fn fix_malloc_arena_limit() {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let limit = libc::c_int::try_from(8 * cpus).unwrap_or(libc::c_int::MAX);
+    // SAFETY: mallopt only changes an allocator parameter.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, limit) };
 }
 
 fn install_handler() -> std::io::Result<()> {
@@ -269,7 +282,10 @@ fn blocked_line(nr: i32, kind: u8, buf: &mut [u8]) -> usize {
     push(buf, &mut len, b") in a ");
     let kind = ThreadKind::ALL
         .get(usize::from(kind))
-        .map_or("VMM", |k| k.name());
+        // Every thread sets its kind before its filter, except a device
+        // thread that the launcher just started and that has not yet
+        // reached its own.
+        .map_or("starting device", |k| k.name());
     push(buf, &mut len, kind.as_bytes());
     push(buf, &mut len, b" thread\n");
     len
@@ -363,7 +379,7 @@ mod tests {
         let line = std::str::from_utf8(&buf[..len]).unwrap();
         assert_eq!(
             line,
-            "ferrovisor: seccomp blocked syscall ? (9999) in a VMM thread\n"
+            "ferrovisor: seccomp blocked syscall ? (9999) in a starting device thread\n"
         );
     }
 }

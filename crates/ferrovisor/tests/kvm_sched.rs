@@ -289,3 +289,21 @@ fn hugepages_in_a_guest_file_without_a_host_pool_are_one_clear_line() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_per_vcpu_reservation_reaches_only_its_vcpu() {
+    let guest = Guest::start(
+        "pervcpu",
+        2,
+        "[sched]\nrt = [{ budget = \"1ms\", period = \"10ms\" }, \"none\"]",
+    );
+    let tids = guest.tids();
+    assert_eq!(
+        kernel_policy(tids[0]),
+        (SCHED_DEADLINE, 0, 1_000_000, 10_000_000)
+    );
+    assert_eq!(kernel_policy(tids[1]).0, SCHED_OTHER);
+    let info = guest.info();
+    assert_eq!(info["sched"]["vcpus"][1]["policy"], "fair", "{info}");
+    assert_eq!(info["sched"]["vcpus"][1]["promised_share"], Value::Null);
+}

@@ -86,7 +86,13 @@ impl Vmm {
     /// Starts the busy guest and waits until its control socket is up.
     fn start(name: &str, extra: &[&str]) -> Vmm {
         let vmm = Self::start_kernel(name, &busy_guest(), extra);
-        vmm.wait_for(|| vmm.dir.join("control.sock").exists(), "control.sock");
+        // The VMM binds control.sock a moment before console.sock.
+        let ready = || {
+            ["control.sock", "console.sock"]
+                .iter()
+                .all(|f| vmm.dir.join(f).exists())
+        };
+        vmm.wait_for(ready, "control.sock and console.sock");
         vmm
     }
 

@@ -63,25 +63,39 @@ impl Guest {
             .arg(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("vmm.err")).unwrap())
             .spawn()
             .unwrap();
         let guest = Guest { child, dir };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if guest.dir.join("control.sock").exists() {
-                let tids = guest.tids();
-                if tids.len() == usize::from(cpus) && !tids.contains(&0) {
-                    return guest;
-                }
+            // The socket may exist a moment before the VMM listens on it.
+            let reply = try_control_request(&guest.dir, "{\"op\":\"info\"}");
+            let info: Value = reply
+                .ok()
+                .and_then(|r| serde_json::from_str(&r).ok())
+                .unwrap_or_default();
+            let tids: Vec<i64> = info["vcpu_tids"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_i64).collect())
+                .unwrap_or_default();
+            if tids.len() == usize::from(cpus) && !tids.contains(&0) {
+                return guest;
             }
             assert!(Instant::now() < deadline, "the VMM did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 
+    /// One control request; if the VMM does not answer, the test fails
+    /// with what the VMM wrote on stderr.
     fn request(&self, line: &str) -> Value {
-        control_request(&self.dir, line)
+        let dir = self.dir.clone();
+        let line = line.to_string();
+        std::panic::catch_unwind(move || control_request(&dir, &line)).unwrap_or_else(|_| {
+            let err = std::fs::read_to_string(self.dir.join("vmm.err")).unwrap_or_default();
+            panic!("the VMM did not answer; its stderr: {err}")
+        })
     }
 
     fn info(&self) -> Value {
@@ -288,4 +302,22 @@ fn hugepages_in_a_guest_file_without_a_host_pool_are_one_clear_line() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_per_vcpu_reservation_reaches_only_its_vcpu() {
+    let guest = Guest::start(
+        "pervcpu",
+        2,
+        "[sched]\nrt = [{ budget = \"1ms\", period = \"10ms\" }, \"none\"]",
+    );
+    let tids = guest.tids();
+    assert_eq!(
+        kernel_policy(tids[0]),
+        (SCHED_DEADLINE, 0, 1_000_000, 10_000_000)
+    );
+    assert_eq!(kernel_policy(tids[1]).0, SCHED_OTHER);
+    let info = guest.info();
+    assert_eq!(info["sched"]["vcpus"][1]["policy"], "fair", "{info}");
+    assert_eq!(info["sched"]["vcpus"][1]["promised_share"], Value::Null);
 }

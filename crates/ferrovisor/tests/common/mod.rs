@@ -182,18 +182,22 @@ pub fn boot_tiny(code: &[u8], extra: &[&str]) -> Output {
 /// Sends one request line to the control socket in runtime directory
 /// `dir`; checks that the reply is one line and returns it as JSON.
 pub fn control_request(dir: &std::path::Path, line: &str) -> serde_json::Value {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(dir.join("control.sock"))
-        .expect("connect to control.sock");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .expect("read timeout");
-    s.write_all(line.as_bytes()).expect("send request");
-    s.write_all(b"\n").expect("send request");
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).expect("read reply");
+    let reply = try_control_request(dir, line).expect("control socket request");
     assert!(reply.ends_with('\n'), "one reply line: {reply:?}");
     assert_eq!(reply.matches('\n').count(), 1, "one reply line: {reply:?}");
     serde_json::from_str(&reply).expect("reply is JSON")
+}
+
+/// One request line on the control socket in `dir`, and the reply line
+/// as text; an error when the VMM does not (yet) answer.
+pub fn try_control_request(dir: &std::path::Path, line: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join("control.sock"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    Ok(reply)
 }
 
 pub fn stdout(out: &Output) -> String {

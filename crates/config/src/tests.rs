@@ -287,6 +287,7 @@ fn a_region_takes_its_path_relative_to_the_file_and_defaults() {
             path: "/srv/guests/ring0".into(),
             id: 0,
             readonly: false,
+            fds: None,
         }]
     );
 }

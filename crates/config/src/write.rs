@@ -159,7 +159,8 @@ fn write_guest(out: &mut String, config: &VmConfig, prefix: &str) {
         let _ = writeln!(out, "\n[{prefix}vsock]\ncid = {}", vsock.cid);
         let _ = writeln!(out, "socket = {}", path(&vsock.socket));
     }
-    for region in &config.regions {
+    // A region given as inherited descriptors lives only as long as its run.
+    for region in config.regions.iter().filter(|r| r.fds.is_none()) {
         let _ = writeln!(out, "\n[[{prefix}region]]\npath = {}", path(&region.path));
         let _ = writeln!(out, "id = {}", region.id);
         let _ = writeln!(out, "readonly = {}", region.readonly);

@@ -14,21 +14,9 @@ use std::process::{Command, Stdio};
 
 use common::*;
 
-const BAR0: u32 = 0xc000_0000;
-const MSIX_TABLE: u32 = 0xc000_1000;
-const BAR2: u32 = 0xc010_0000;
+use common::doorbell::*;
+
 const REGION_SIZE: i64 = 1 << 20;
-/// Where the receiver says it is ready, in the region.
-const READY: u32 = BAR2 + 0x10;
-/// The local APIC: spurious-vector register and interrupt request registers.
-const APIC_SVR: u32 = 0xfee0_00f0;
-const APIC_IRR: u32 = 0xfee0_0200;
-/// The interrupt vectors the receiver programs for its MSI-X vectors 0 and 1.
-const VECTOR0: u32 = 0x41;
-const VECTOR1: u32 = 0x62;
-const PASSED: i32 = (PASS as i32) << 1 | 1;
-/// How often a guest polls before it gives up (a failing guest must end).
-const POLLS: u32 = 5_000_000;
 
 fn memfd(size: i64) -> OwnedFd {
     // SAFETY: a fresh memfd with a NUL-terminated name; sized and sealed
@@ -92,56 +80,15 @@ fn finish(child: std::process::Child) -> (i32, String) {
     (out.status.code().unwrap_or(-1), stderr(&out))
 }
 
-/// Polls the dword at `addr` until `bit` is set; gives up with `fail`.
-fn poll_until_set(
-    c: &mut Checks,
-    addr: u32,
-    bit: u32,
-    found: &'static str,
-    again: &'static str,
-    fail: u32,
-) {
-    c.asm
-        .bytes(&[0xb9])
-        .bytes(&POLLS.to_le_bytes()) // mov ecx, POLLS
-        .label(again)
-        .bytes(&[0xa1])
-        .bytes(&addr.to_le_bytes()) // mov eax, [addr]
-        .bytes(&[0xa9])
-        .bytes(&bit.to_le_bytes()) // test eax, bit
-        .jump(0x75, found)
-        .bytes(&[0x49]) // dec ecx
-        .jump(0x75, again)
-        .debug_exit(fail)
-        .label(found);
-}
-
-/// The irr register and bit of interrupt vector `v`.
-fn irr(v: u32) -> (u32, u32) {
-    (APIC_IRR + 0x10 * (v / 32), 1 << (v % 32))
-}
-
 /// Peer 1: programs MSI-X vector 0 (unmasked) and 1 (masked), turns the
 /// local APIC on with interrupts off, says it is ready, waits for vector 0
 /// to arrive, checks vector 1 did not, unmasks it and waits for it.
 fn receiver() -> Vec<u8> {
     let mut c = Checks::new();
     c.port_read(1, 0x14).eax_is(MSIX_TABLE);
-    c.asm.bytes(&[0xfa]); // cli: arrivals stay in the IRR
-    c.mmio_write32(APIC_SVR, 0x1ff)
-        .mmio_write32(MSIX_TABLE, 0xfee0_0000)
-        .mmio_write32(MSIX_TABLE + 8, VECTOR0)
-        .mmio_write32(MSIX_TABLE + 12, 0)
-        .mmio_write32(MSIX_TABLE + 16, 0xfee0_0000)
+    msix_vector0_on(&mut c);
+    c.mmio_write32(MSIX_TABLE + 16, 0xfee0_0000)
         .mmio_write32(MSIX_TABLE + 16 + 8, VECTOR1);
-    // MSI-X on: the capability at 0x40, its control word's enable bit.
-    c.asm
-        .mov_dx(0xcf8)
-        .mov_eax(0x8000_0000 | 1 << 11 | 0x40)
-        .out_dx_eax()
-        .mov_dx(0xcfc)
-        .mov_eax(0x8000_0000)
-        .out_dx_eax();
     c.mmio_read32(BAR0 + 8).eax_is(1).mmio_write32(READY, 1);
     let (reg0, bit0) = irr(VECTOR0);
     poll_until_set(&mut c, reg0, bit0, "got0", "wait0", PASS + 100);

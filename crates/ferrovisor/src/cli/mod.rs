@@ -412,6 +412,16 @@ fn up(rest: &[String]) -> Result<ExitCode, CliError> {
     let file = PathBuf::from(&words.exactly(1, "one system file")?[0]);
     let system = config::load_system(&file).map_err(|e| CliError::Description(e.to_string()))?;
     let client = words.client();
+    // Regions first: a member guest that starts inherits them.
+    for region in &system.regions {
+        let members: Vec<Value> = region
+            .members
+            .iter()
+            .map(|(g, ro)| json!({"name": g, "access": if *ro { "ro" } else { "rw" }}))
+            .collect();
+        let body = json!({"size": region.size, "vectors": region.vectors, "guests": members});
+        client.call("PUT", &format!("/regions/{}", region.name), Some(&body))?;
+    }
     let mut results = Vec::new();
     for guest in &system.guests {
         let boot = guest.start == config::StartPolicy::Boot;

@@ -685,6 +685,9 @@ fn a_system_region_lists_its_members_in_file_order_as_peer_ids() {
             members: vec![("b".into(), false), ("a".into(), true)],
         }]
     );
+    let written = to_system_toml(&s);
+    let again = parse_system(&written, "written.toml", Path::new(BASE)).unwrap();
+    assert_eq!(again.regions, s.regions, "{written}");
 }
 
 #[test]

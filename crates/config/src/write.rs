@@ -90,6 +90,17 @@ pub fn to_system_toml(system: &System) -> String {
         let _ = writeln!(out, "start = {}", quoted(guest.start.as_str()));
         write_guest(&mut out, &guest.config, &prefix);
     }
+    for region in &system.regions {
+        let members: Vec<String> = region
+            .members
+            .iter()
+            .map(|(g, ro)| format!("{g} = {}", quoted(if *ro { "ro" } else { "rw" })))
+            .collect();
+        let _ = writeln!(out, "\n[regions.{}]", region.name);
+        let _ = writeln!(out, "size = {}", quoted(&format!("{}K", region.size >> 10)));
+        let _ = writeln!(out, "vectors = {}", region.vectors);
+        let _ = writeln!(out, "guests = {{ {} }}", members.join(", "));
+    }
     out
 }
 

@@ -24,6 +24,12 @@ pub enum RegionError {
     /// The region exists with another shape.
     #[error("region '{0}' exists with other members, size or vectors")]
     Conflict(String),
+    /// A member runs already: it would not get the new region (after a
+    /// daemon restart it may hold an earlier one of the same name).
+    #[error(
+        "guest '{guest}' is running; it gets region '{region}' only when it starts: stop it first"
+    )]
+    MemberRunning { region: String, guest: String },
     /// The host refused a memfd or an eventfd.
     #[error("cannot create region '{0}'")]
     Create(String, #[source] std::io::Error),
@@ -128,8 +134,13 @@ fn create_eventfd() -> std::io::Result<OwnedFd> {
 }
 
 /// Defines region `name`; defining it again with the same shape changes
-/// nothing (guests keep sharing its memory). Returns whether it was new.
-pub fn define(name: &str, shape: RegionShape) -> Result<bool, RegionError> {
+/// nothing (guests keep sharing its memory). A new region is refused while
+/// `running` says one of its members runs. Returns whether it was new.
+pub fn define(
+    name: &str,
+    shape: RegionShape,
+    running: impl Fn(&str) -> bool,
+) -> Result<bool, RegionError> {
     crate::description::check_name(name)
         .map_err(|e| RegionError::Body(format!("name: {}", e.0)))?;
     let mut all = regions();
@@ -138,6 +149,12 @@ pub fn define(name: &str, shape: RegionShape) -> Result<bool, RegionError> {
             true => Ok(false),
             false => Err(RegionError::Conflict(name.to_string())),
         };
+    }
+    if let Some((guest, _)) = shape.members.iter().find(|(g, _)| running(g)) {
+        return Err(RegionError::MemberRunning {
+            region: name.to_string(),
+            guest: guest.clone(),
+        });
     }
     let create = |e| RegionError::Create(name.to_string(), e);
     let memory = create_memfd(name, shape.size).map_err(create)?;
@@ -199,14 +216,15 @@ pub fn handoff(guest: &str) -> Handoff {
 
 /// `PUT /regions/NAME`: 201 with the region when it is new, 200 when it
 /// existed with this shape, 400 naming the field of a bad body, 409 when it
-/// exists with another shape.
-pub fn put(name: &str, body: &[u8]) -> crate::api::Reply {
+/// exists with another shape or, new, has a member running already.
+pub fn put(daemon: &crate::daemon::Daemon, name: &str, body: &[u8]) -> crate::api::Reply {
     use crate::api::Reply;
     let shape = match serde_json::from_slice::<Value>(body) {
         Ok(v) => parse_shape(&v),
         Err(e) => Err(RegionError::Body(format!("bad request body: {e}"))),
     };
-    let result = shape.and_then(|s| define(name, s.clone()).map(|new| (new, s)));
+    let running = |g: &str| daemon.get(g).is_ok_and(|g| g.record().state.is_live());
+    let result = shape.and_then(|s| define(name, s.clone(), running).map(|new| (new, s)));
     match result {
         Ok((new, shape)) => {
             let members: Vec<Value> = shape
@@ -224,7 +242,9 @@ pub fn put(name: &str, body: &[u8]) -> crate::api::Reply {
             }
         }
         Err(e @ RegionError::Body(_)) => Reply::error(400, e.to_string()),
-        Err(e @ RegionError::Conflict(_)) => Reply::error(409, e.to_string()),
+        Err(e @ (RegionError::Conflict(_) | RegionError::MemberRunning { .. })) => {
+            Reply::error(409, e.to_string())
+        }
         Err(e) => Reply::error(
             500,
             format!(
@@ -252,7 +272,12 @@ mod tests {
 
     #[test]
     fn members_get_their_own_and_their_peers_descriptors_and_others_nothing() {
-        assert!(define("unit-ring", shape(&[("unit-a", false), ("unit-b", true)])).unwrap());
+        assert!(define(
+            "unit-ring",
+            shape(&[("unit-a", false), ("unit-b", true)]),
+            |_| false
+        )
+        .unwrap());
         let a = handoff("unit-a");
         let b = handoff("unit-b");
         assert_eq!((a.options.len(), a.fds.len()), (1, 5));
@@ -275,11 +300,28 @@ mod tests {
         assert_ne!(seals & libc::F_SEAL_SHRINK, 0);
         assert_ne!(seals & libc::F_SEAL_GROW, 0);
         // The same shape again changes nothing; another shape is refused.
-        assert!(!define("unit-ring", shape(&[("unit-a", false), ("unit-b", true)])).unwrap());
+        assert!(!define(
+            "unit-ring",
+            shape(&[("unit-a", false), ("unit-b", true)]),
+            |_| false
+        )
+        .unwrap());
         assert!(matches!(
-            define("unit-ring", shape(&[("unit-a", false)])),
+            define("unit-ring", shape(&[("unit-a", false)]), |_| false),
             Err(RegionError::Conflict(_))
         ));
+        // A new region whose member runs already is refused, naming it.
+        let err = define(
+            "unit-late",
+            shape(&[("unit-a", false), ("unit-b", true)]),
+            |g| g == "unit-b",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "guest 'unit-b' is running; it gets region 'unit-late' only when it starts: stop it first"
+        );
+        assert_eq!(handoff("unit-b").options.len(), 1);
     }
 
     #[test]

@@ -83,7 +83,7 @@ fn up_gives_members_a_shared_region_with_doorbells_and_others_nothing() {
 }
 
 #[test]
-fn a_region_of_another_shape_or_a_bad_body_is_refused_naming_the_field() {
+fn a_region_of_another_shape_a_bad_body_or_a_running_member_is_refused() {
     let d = TestDaemon::start();
     let body = json!({"size": 4096, "guests": [{"name": "a", "access": "rw"}]});
     d.expect("PUT", "/regions/one", Some(body), 201);
@@ -96,4 +96,13 @@ fn a_region_of_another_shape_or_a_bad_body_is_refused_naming_the_field() {
     let bad = json!({"size": 4096, "guests": [{"name": "a", "access": "rx"}]});
     let reply = d.expect("PUT", "/regions/two", Some(bad), 400);
     assert_eq!(reply["error"], "guests[0].access: not \"rw\" or \"ro\"");
+    // A running guest would not get a new region (nor share it with the
+    // members that start later): refused, naming it.
+    d.create_echo("early", true);
+    let late = json!({"size": 4096, "guests": [{"name": "early", "access": "rw"}]});
+    let reply = d.expect("PUT", "/regions/late", Some(late), 409);
+    assert_eq!(
+        reply["error"],
+        "guest 'early' is running; it gets region 'late' only when it starts: stop it first"
+    );
 }

@@ -47,6 +47,9 @@ pub struct RegionShape {
 struct Region {
     shape: RegionShape,
     memory: OwnedFd,
+    /// The same memfd opened read-only, for read-only members: their VMM
+    /// cannot map it writable even if it tried.
+    memory_ro: OwnedFd,
     /// `doorbells[peer][vector]`.
     doorbells: Vec<Vec<OwnedFd>>,
 }
@@ -123,6 +126,13 @@ fn create_memfd(name: &str, size: u64) -> std::io::Result<OwnedFd> {
     Ok(memory)
 }
 
+/// A read-only open file description of the memfd `memory`.
+fn reopen_read_only(memory: &OwnedFd) -> std::io::Result<OwnedFd> {
+    let path = format!("/proc/self/fd/{}", memory.as_raw_fd());
+    let file = std::fs::OpenOptions::new().read(true).open(path)?;
+    Ok(OwnedFd::from(file))
+}
+
 fn create_eventfd() -> std::io::Result<OwnedFd> {
     // SAFETY: eventfd has no memory effects; the descriptor is ours alone.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -158,6 +168,7 @@ pub fn define(
     }
     let create = |e| RegionError::Create(name.to_string(), e);
     let memory = create_memfd(name, shape.size).map_err(create)?;
+    let memory_ro = reopen_read_only(&memory).map_err(create)?;
     let mut doorbells = Vec::new();
     for _ in &shape.members {
         let fds = (0..shape.vectors)
@@ -171,6 +182,7 @@ pub fn define(
         Region {
             shape,
             memory,
+            memory_ro,
             doorbells,
         },
     );
@@ -198,16 +210,21 @@ pub fn handoff(guest: &str) -> Handoff {
             .filter(|&p| p != me)
             .map(|p| (p as u16, raw(&region.doorbells[p])))
             .collect();
+        let readonly = region.shape.members[me].1;
+        let memory = if readonly {
+            &region.memory_ro
+        } else {
+            &region.memory
+        };
         let fds = vmm::region_fds::RegionFds {
             name: name.clone(),
-            memory: region.memory.as_raw_fd(),
+            memory: memory.as_raw_fd(),
             own: raw(&region.doorbells[me]),
             peers,
         };
         out.fds.push(fds.memory);
         out.fds
             .extend(region.doorbells.iter().flatten().map(AsRawFd::as_raw_fd));
-        let readonly = region.shape.members[me].1;
         out.options
             .push(vmm::region_fds::format(me as u16, readonly, &fds));
     }
@@ -284,10 +301,17 @@ mod tests {
         let (id, readonly, fds) = vmm::region_fds::parse(&b.options[0]).unwrap();
         assert_eq!((id, readonly), (1, true));
         assert_eq!(fds.own.len(), 2);
-        // B's peer 0 is A's own pair, and both name the same memfd.
+        // B's peer 0 is A's own pair; both get the same memfd, read-only
+        // for B (which cannot map it writable), read-write for A.
         let (_, _, afds) = vmm::region_fds::parse(&a.options[0]).unwrap();
         assert_eq!(fds.peers, vec![(0, afds.own.clone())]);
-        assert_eq!(fds.memory, afds.memory);
+        let inode = |fd: RawFd| std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(inode(fds.memory).ino(), inode(afds.memory).ino());
+        // SAFETY: fcntl F_GETFL on open descriptors.
+        let mode = |fd: RawFd| unsafe { libc::fcntl(fd, libc::F_GETFL) } & libc::O_ACCMODE;
+        assert_eq!(mode(fds.memory), libc::O_RDONLY);
+        assert_eq!(mode(afds.memory), libc::O_RDWR);
         assert_eq!(handoff("unit-c"), Handoff::default());
         // The memfd is sized and sealed against shrinking and growing.
         // SAFETY: fcntl and fstat on an open descriptor into a local.

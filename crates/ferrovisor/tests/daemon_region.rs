@@ -63,12 +63,15 @@ fn up_gives_members_a_shared_region_with_doorbells_and_others_nothing() {
         write_kernel(&d, "outsider", &outsider),
     );
     std::fs::write(&system, text).expect("write");
-    let out = d.cli(&["up", system.to_str().expect("utf-8")]);
+    let out = d.cli(&["up", system.to_str().expect("utf-8"), "--json"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let up: Value = serde_json::from_slice(&out.stdout).expect("up --json");
+    assert_eq!(up["regions"][0]["name"], "ring", "{up}");
+    assert_eq!(up["regions"][0]["guests"][0]["name"], "waiter", "{up}");
     wait_exit(&d, "waiter");
     wait_exit(&d, "ringer");
     wait_exit(&d, "outsider");

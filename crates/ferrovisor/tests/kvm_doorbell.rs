@@ -156,28 +156,37 @@ fn a_peers_doorbell_interrupts_the_other_guest_and_waits_out_a_mask() {
     assert_eq!(u32::from_le_bytes(word), 1);
 }
 
-#[test]
-fn a_descriptor_that_is_not_a_memfd_is_one_line_and_nothing_starts() {
-    let own = eventfd();
-    let e = own.as_raw_fd();
-    let child = spawn(
-        "notmemfd",
-        &Checks::new().finish(),
-        &format!("name=ring,fd={e},id=0,own={e}"),
-        &[e],
-    );
-    let (status, err) = finish(child);
+/// Runs a guest that must not start with `--region-fds spec`: status 2 and
+/// one line on stderr besides warnings, which is returned.
+fn refused(spec: &str, fds: &[RawFd]) -> String {
+    let (status, err) = finish(spawn("refused", &Checks::new().finish(), spec, fds));
     assert_eq!(status, 2, "{err}");
     let lines: Vec<&str> = err
         .lines()
         .filter(|l| !l.starts_with("ferrovisor: warning:"))
         .collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    lines[0].to_string()
+}
+
+#[test]
+fn a_descriptor_that_is_not_a_memfd_is_one_line_and_nothing_starts() {
+    let own = eventfd();
+    let e = own.as_raw_fd();
     assert_eq!(
-        lines,
-        vec![format!(
-            "ferrovisor: --region-fds name=ring: region 'ring': descriptor {e} is not a memfd"
-        )],
-        "{err}"
+        refused(&format!("name=ring,fd={e},id=0,own={e}"), &[e]),
+        format!("ferrovisor: --region-fds name=ring: region 'ring': descriptor {e} is not a memfd")
+    );
+}
+
+#[test]
+fn a_memfd_of_a_bad_size_is_one_line_and_nothing_starts() {
+    let region = memfd(0x3000);
+    let own = eventfd();
+    let (m, e) = (region.as_raw_fd(), own.as_raw_fd());
+    assert_eq!(
+        refused(&format!("name=ring,fd={m},id=0,own={e}"), &[m, e]),
+        "ferrovisor: --region-fds name=ring: region 'ring': its memfd holds 12288 bytes, not a power of two from 4 KiB to 256 MiB"
     );
 }
 

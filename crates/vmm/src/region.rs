@@ -55,6 +55,12 @@ pub enum RegionError {
     /// The file could not be mapped.
     #[error("cannot map {0}")]
     Map(PathBuf, #[source] std::io::Error),
+    /// An inherited region's memfd has a size a region cannot have.
+    #[error(
+        "{region}: its memfd holds {size} bytes, not a power of two from 4 KiB to {} MiB",
+        MAX_SIZE >> 20
+    )]
+    FdSize { region: String, size: u64 },
     /// An inherited descriptor is not open, or not what it should be.
     #[error("{region}: descriptor {fd} is not {what}")]
     Fd {
@@ -160,6 +166,10 @@ impl RegionBacking {
             .map_err(|e| RegionError::Open(path.clone(), e))?
             .len();
         if !size.is_power_of_two() || !(MIN_SIZE..=MAX_SIZE).contains(&size) {
+            if let Some(fds) = &config.fds {
+                let region = format!("region '{}'", fds.name);
+                return Err(RegionError::FdSize { region, size });
+            }
             return Err(RegionError::Size {
                 path: path.clone(),
                 size,

@@ -118,6 +118,11 @@ impl Fields {
         self.table.remove(key)
     }
 
+    /// Takes the value under a key that is not a fixed name (a guest name).
+    pub(crate) fn take_any(&mut self, key: &str) -> Option<Value> {
+        self.table.remove(key)
+    }
+
     /// Takes a string.
     pub(crate) fn string(&mut self, key: &'static str) -> Result<Option<String>, FileError> {
         match self.take(key) {

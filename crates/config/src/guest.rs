@@ -370,7 +370,12 @@ fn region(mut r: Fields, base_dir: &Path) -> Result<RegionConfig, FileError> {
     };
     let readonly = r.boolean("readonly")?.unwrap_or(false);
     r.finish()?;
-    Ok(RegionConfig { path, id, readonly })
+    Ok(RegionConfig {
+        path,
+        id,
+        readonly,
+        fds: None,
+    })
 }
 
 /// The `[cpu]` table: `features = ["-name", "+name", ...]`. Names must be

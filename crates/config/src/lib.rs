@@ -15,6 +15,7 @@
 mod fields;
 mod guest;
 mod pools;
+mod regions;
 mod sched;
 mod system;
 mod write;
@@ -25,6 +26,7 @@ use thiserror::Error;
 
 pub use guest::{load_guest, parse_guest, AFFINITY_ANY};
 pub use pools::{Pool, PoolPolicy};
+pub use regions::SystemRegion;
 pub use system::{
     check_guest_name, load_system, parse_system, NameError, StartPolicy, System, SystemGuest,
     MAX_NAME_LEN,

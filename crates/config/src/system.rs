@@ -82,6 +82,8 @@ pub struct SystemGuest {
 pub struct System {
     pub guests: Vec<SystemGuest>,
     pub pools: Vec<crate::pools::Pool>,
+    /// Shared regions the daemon owns (`[regions.NAME]`).
+    pub regions: Vec<crate::regions::SystemRegion>,
 }
 
 /// Parses a system file's text. `origin` names it in errors; relative paths
@@ -92,6 +94,7 @@ pub fn parse_system(text: &str, origin: &str, base_dir: &Path) -> Result<System,
     let mut root = Fields::root(parse_table(text, origin)?, origin);
     let pools = crate::pools::pools(root.table("pools")?, origin)?;
     let table = root.table("guests")?;
+    let regions = root.table("regions")?;
     root.finish()?;
     let Some(mut table) = table else {
         return Err(root_error(
@@ -112,7 +115,13 @@ pub fn parse_system(text: &str, origin: &str, base_dir: &Path) -> Result<System,
         guests.push(guest);
     }
     crate::pools::place(&pools, &mut guests, origin)?;
-    Ok(System { guests, pools })
+    let names: Vec<String> = guests.iter().map(|g| g.name.clone()).collect();
+    let regions = crate::regions::regions(regions, &names)?;
+    Ok(System {
+        guests,
+        pools,
+        regions,
+    })
 }
 
 /// Reads and parses the system file at `path`.

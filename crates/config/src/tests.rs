@@ -287,6 +287,7 @@ fn a_region_takes_its_path_relative_to_the_file_and_defaults() {
             path: "/srv/guests/ring0".into(),
             id: 0,
             readonly: false,
+            fds: None,
         }]
     );
 }
@@ -431,7 +432,7 @@ fn system_errors() {
         ("", "system.toml: guests: is required: name at least one guest"),
         ("[guests]", "system.toml: guests: names no guest"),
         ("guests = 1", "system.toml: guests: expected a table, found an integer"),
-        ("name = \"x\"\n[guests.a]\nkernel = \"k\"", "system.toml: name: unknown field (known here: guests, pools)"),
+        ("name = \"x\"\n[guests.a]\nkernel = \"k\"", "system.toml: name: unknown field (known here: guests, pools, regions)"),
         ("[guests.Web]\nkernel = \"k\"", "system.toml: guests.Web: 'Web' is not a guest name (1 to 32 characters: a-z, 0-9 and -)"),
         ("[guests.\"a b\"]\nkernel = \"k\"", "system.toml: guests.\"a b\": 'a b' is not a guest name (1 to 32 characters: a-z, 0-9 and -)"),
         ("[guests]\nweb = 3", "system.toml: guests.web: expected a table, found an integer"),
@@ -664,5 +665,61 @@ fn pool_errors_name_the_field() {
     ];
     for (text, expected) in cases {
         assert_eq!(system_err(&text), expected, "{text}");
+    }
+}
+
+const TWO_GUESTS: &str = "[guests.a]\nkernel = \"k\"\n[guests.b]\nkernel = \"k\"\n";
+
+#[test]
+fn a_system_region_lists_its_members_in_file_order_as_peer_ids() {
+    let text = format!(
+        "{TWO_GUESTS}[regions.ring]\nsize = \"2M\"\nvectors = 2\nguests = {{ b = \"rw\", a = \"ro\" }}\n"
+    );
+    let s = system(&text).unwrap();
+    assert_eq!(
+        s.regions,
+        vec![crate::SystemRegion {
+            name: "ring".into(),
+            size: 2 << 20,
+            vectors: 2,
+            members: vec![("b".into(), false), ("a".into(), true)],
+        }]
+    );
+    let written = to_system_toml(&s);
+    let again = parse_system(&written, "written.toml", Path::new(BASE)).unwrap();
+    assert_eq!(again.regions, s.regions, "{written}");
+}
+
+#[test]
+fn bad_system_regions_are_one_line_naming_the_field() {
+    let cases = [
+        (
+            "[regions.ring]\nsize = \"3M\"\nguests = { a = \"rw\" }\n",
+            "system.toml: regions.ring.size: '3M' is not a power of two from 4K to 256M",
+        ),
+        (
+            "[regions.ring]\nsize = \"1M\"\nguests = { c = \"rw\" }\n",
+            "system.toml: regions.ring.guests.c: is not a guest of this system",
+        ),
+        (
+            "[regions.ring]\nsize = \"1M\"\nguests = { a = \"rx\" }\n",
+            "system.toml: regions.ring.guests.a: is not \"rw\" or \"ro\"",
+        ),
+        (
+            "[regions.ring]\nsize = \"1M\"\nvectors = 0\nguests = { a = \"rw\" }\n",
+            "system.toml: regions.ring.vectors: 0 is not 1 to 128",
+        ),
+        (
+            "[regions.ring]\nsize = \"1M\"\n",
+            "system.toml: regions.ring.guests: is required: name the guests that map the region",
+        ),
+        (
+            "[regions.Ring]\nsize = \"1M\"\nguests = { a = \"rw\" }\n",
+            "system.toml: regions.Ring: is not a region name (1 to 32 characters: a-z, 0-9 and -)",
+        ),
+    ];
+    for (region, message) in cases {
+        let err = system(&format!("{TWO_GUESTS}{region}")).unwrap_err();
+        assert_eq!(err.to_string(), message, "{region}");
     }
 }

@@ -90,6 +90,17 @@ pub fn to_system_toml(system: &System) -> String {
         let _ = writeln!(out, "start = {}", quoted(guest.start.as_str()));
         write_guest(&mut out, &guest.config, &prefix);
     }
+    for region in &system.regions {
+        let members: Vec<String> = region
+            .members
+            .iter()
+            .map(|(g, ro)| format!("{g} = {}", quoted(if *ro { "ro" } else { "rw" })))
+            .collect();
+        let _ = writeln!(out, "\n[regions.{}]", region.name);
+        let _ = writeln!(out, "size = {}", quoted(&format!("{}K", region.size >> 10)));
+        let _ = writeln!(out, "vectors = {}", region.vectors);
+        let _ = writeln!(out, "guests = {{ {} }}", members.join(", "));
+    }
     out
 }
 
@@ -159,7 +170,8 @@ fn write_guest(out: &mut String, config: &VmConfig, prefix: &str) {
         let _ = writeln!(out, "\n[{prefix}vsock]\ncid = {}", vsock.cid);
         let _ = writeln!(out, "socket = {}", path(&vsock.socket));
     }
-    for region in &config.regions {
+    // A region given as inherited descriptors lives only as long as its run.
+    for region in config.regions.iter().filter(|r| r.fds.is_none()) {
         let _ = writeln!(out, "\n[[{prefix}region]]\npath = {}", path(&region.path));
         let _ = writeln!(out, "id = {}", region.id);
         let _ = writeln!(out, "readonly = {}", region.readonly);

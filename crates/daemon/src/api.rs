@@ -188,6 +188,11 @@ pub fn route(daemon: &Daemon, req: &Request) -> Route {
             405,
             format!("{method} is not allowed on {}", req.path),
         )),
+        ("PUT", ["regions", name]) => Route::Reply(crate::region::put(daemon, name, &req.body)),
+        (_, ["regions", _]) => Route::Reply(Reply::error(
+            405,
+            format!("{method} is not allowed on {}", req.path),
+        )),
         (_, ["guests"] | ["events"] | ["guests", _] | ["guests", _, _] | ["guests", _, _, _]) => {
             Route::Reply(Reply::error(
                 405,

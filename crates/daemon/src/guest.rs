@@ -394,6 +394,7 @@ impl Guest {
             &runtime,
             (&self.dir.join("vmm.out"), &self.dir.join("vmm.err")),
             &groups,
+            &crate::region::handoff(&self.name),
         );
         let mut child = spawned.inspect_err(|_| crate::sched::release(&self.name, &self.dir))?;
         let pid = child.id() as i32;

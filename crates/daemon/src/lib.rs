@@ -9,6 +9,7 @@
 //! - [`daemon`]: the registry of guests and the state directory;
 //! - [`guest`]: one guest's lifecycle and its process watcher;
 //! - [`process`]: process identity, spawning, the VMM's control socket;
+//! - [`region`]: shared regions the daemon owns, handed to member VMMs as descriptors;
 //! - [`events`]: the lifecycle event bus;
 //! - [`client`]: the API client used by the CLI;
 //! - [`description`]: checking guest descriptions;
@@ -24,6 +25,7 @@ pub mod guest;
 pub mod http;
 pub mod limits;
 pub mod process;
+pub mod region;
 pub mod sched;
 pub mod server;
 

@@ -91,13 +91,15 @@ pub fn signal(pid: i32, signal: i32) {
 /// Starts `exe run --config CONFIG --runtime-dir RUNTIME` in its own session,
 /// stdin from /dev/null, stdout and stderr to `out` and `err`, and inside
 /// the cgroups whose `cgroup.procs` files `groups` lists (joined between
-/// fork and exec, so that no thread of the VMM runs outside them).
+/// fork and exec, so that no thread of the VMM runs outside them), with the
+/// shared regions of `regions` (its descriptors inherited, the rest not).
 pub fn spawn_vmm(
     exe: &Path,
     config: &Path,
     runtime_dir: &Path,
     (out, err): (&Path, &Path),
     groups: &[std::path::PathBuf],
+    regions: &crate::region::Handoff,
 ) -> Result<Child, ProcessError> {
     use std::os::unix::ffi::OsStrExt;
     let groups: Vec<std::ffi::CString> = groups
@@ -116,15 +118,27 @@ pub fn spawn_vmm(
         .arg(config)
         .arg("--runtime-dir")
         .arg(runtime_dir)
+        .args(
+            regions
+                .options
+                .iter()
+                .flat_map(|o| ["--region-fds", o.as_str()]),
+        )
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr);
+    let inherit = regions.fds.clone();
     // SAFETY: the closure runs in the child between fork and exec and only
-    // calls setsid, which is async-signal-safe.
+    // calls setsid and fcntl, which are async-signal-safe.
     unsafe {
         command.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            for &fd in &inherit {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             for procs in &groups {
                 join_cgroup(procs)?;

@@ -45,6 +45,8 @@ pub enum ArgsError {
     BadSeccomp(String),
     #[error("--cpu-features: {0}")]
     BadCpuFeatures(FeatureError),
+    #[error("--region-fds: {0}")]
+    BadRegionFds(vmm::region_fds::RegionFdsError),
     #[error("unexpected argument '{0}'")]
     Unexpected(String),
     /// A device option string (`--disk`, `--net`, ...) is wrong; the cause
@@ -77,6 +79,9 @@ pub struct RunArgs {
     pub runtime_dir: Option<PathBuf>,
     /// `--seccomp`: overrides the guest's own setting.
     pub seccomp: Option<vmm::SeccompMode>,
+    /// `--region-fds`: shared regions as inherited descriptors, added to
+    /// the guest's own.
+    pub region_fds: Vec<vmm::config::RegionConfig>,
 }
 
 /// What the user asked for.
@@ -174,6 +179,7 @@ struct RunFlags {
     config: Option<PathBuf>,
     runtime_dir: Option<PathBuf>,
     seccomp: Option<vmm::SeccompMode>,
+    region_fds: Vec<vmm::config::RegionConfig>,
     /// The first flag seen that describes the machine (not allowed with
     /// `--config`).
     machine_flag: Option<&'static str>,
@@ -260,6 +266,17 @@ impl RunFlags {
                 value("--seccomp")?.parse().map_err(ArgsError::BadSeccomp)?,
                 "--seccomp",
             )?,
+            "--region-fds" => {
+                let text = value("--region-fds")?;
+                let (id, readonly, fds) =
+                    vmm::region_fds::parse(&text).map_err(ArgsError::BadRegionFds)?;
+                self.region_fds.push(vmm::config::RegionConfig {
+                    path: PathBuf::from(format!("region '{}'", fds.name)),
+                    id,
+                    readonly,
+                    fds: Some(fds),
+                });
+            }
             "-h" | "--help" => return Ok(false),
             f => return Err(ArgsError::UnknownFlag(f.into())),
         }
@@ -319,6 +336,7 @@ impl RunFlags {
                 stats: self.stats,
                 runtime_dir: self.runtime_dir,
                 seccomp: self.seccomp,
+                region_fds: self.region_fds,
             });
         }
         let cpus = self.cpus.unwrap_or(config::DEFAULT_CPUS);
@@ -348,6 +366,7 @@ impl RunFlags {
             stats: self.stats,
             runtime_dir: self.runtime_dir,
             seccomp: self.seccomp,
+            region_fds: self.region_fds,
         })
     }
 }

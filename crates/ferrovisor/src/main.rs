@@ -83,6 +83,9 @@ Ctrl-A x stops it.
   --runtime-dir DIR  serve DIR/control.sock, write the console to
                      DIR/console.log and DIR/console.sock, and DIR/exit.json
                      at exit (docs/running.md)
+  --region-fds name=N,fd=FD,id=ID,readonly=on|off,own=FD+FD,peers=ID:FD+FD/...
+                     a shared region the daemon owns, as descriptors this
+                     process inherited (repeatable; docs/fabric.md)
   --stats            print run statistics as JSON on stderr at exit
 
 Exit status: 0 when the guest powers off, reboots or halts, or on SIGINT/SIGTERM;
@@ -165,6 +168,7 @@ fn run_guest(args: RunArgs, start: Instant) -> (i32, String) {
     if let Some(mode) = args.seccomp {
         vm.seccomp = mode;
     }
+    vm.regions.extend(args.region_fds);
     warn_if_pvm();
     let options = RunOptions {
         runtime_dir: args.runtime_dir,

@@ -40,6 +40,13 @@ pub trait MsiDelivery: Send + Sync {
     fn route(&self, vector: u16, message: MsiMessage) -> io::Result<()>;
     /// Sends `vector`'s interrupt.
     fn signal(&self, vector: u16) -> io::Result<()>;
+    /// `vector` stopped being deliverable (masked, or MSI-X turned off):
+    /// interrupts that reach it without passing through [`Msix::trigger`]
+    /// must be held until the next [`MsiDelivery::route`]. Nothing to do
+    /// for a delivery whose only source is `trigger`.
+    fn hold(&self, _vector: u16) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -164,6 +171,8 @@ impl Msix {
         for (vector, was_deliverable) in was.into_iter().enumerate() {
             if !was_deliverable {
                 self.release(vector);
+            } else if !self.deliverable(vector) {
+                let _ = self.delivery.hold(vector as u16);
             }
         }
     }
@@ -207,6 +216,8 @@ impl Msix {
             let message_changed = at % ENTRY_SIZE < 12;
             if !was_deliverable || message_changed {
                 self.release(vector);
+            } else if !self.deliverable(vector) {
+                let _ = self.delivery.hold(vector as u16);
             }
         }
     }
@@ -247,6 +258,7 @@ pub(crate) mod tests {
     pub struct Recorder {
         pub routes: Mutex<Vec<(u16, MsiMessage)>>,
         pub signals: Mutex<Vec<u16>>,
+        pub holds: Mutex<Vec<u16>>,
     }
 
     impl MsiDelivery for Recorder {
@@ -256,6 +268,10 @@ pub(crate) mod tests {
         }
         fn signal(&self, vector: u16) -> io::Result<()> {
             self.signals.lock().unwrap().push(vector);
+            Ok(())
+        }
+        fn hold(&self, vector: u16) -> io::Result<()> {
+            self.holds.lock().unwrap().push(vector);
             Ok(())
         }
     }
@@ -327,6 +343,25 @@ pub(crate) mod tests {
         assert_eq!(*rec.signals.lock().unwrap(), vec![1]);
         m.read_pba(0, &mut pba);
         assert_eq!(pba[0], 0);
+    }
+
+    #[test]
+    fn a_vector_that_stops_being_deliverable_is_held_once() {
+        let (mut m, rec) = msix(2);
+        m.set_control(CONTROL_ENABLE);
+        program(&mut m, 0, 0xfee0_0000, 0x30);
+        write32(&mut m, 12, 0);
+        assert!(rec.holds.lock().unwrap().is_empty());
+        // Masking the vector holds it; masking it again does nothing more.
+        write32(&mut m, 12, 1);
+        write32(&mut m, 12, 1);
+        assert_eq!(*rec.holds.lock().unwrap(), vec![0]);
+        // Unmasked, it is routed again; turning MSI-X off holds it again,
+        // and vector 1, never deliverable, is not held.
+        write32(&mut m, 12, 0);
+        m.set_control(0);
+        assert_eq!(*rec.holds.lock().unwrap(), vec![0, 0]);
+        assert_eq!(rec.routes.lock().unwrap().len(), 2);
     }
 
     #[test]

@@ -219,6 +219,9 @@ pub struct RegionConfig {
     pub id: u16,
     /// The guest may only read the region.
     pub readonly: bool,
+    /// The region as descriptors the VMM inherited (a region the daemon
+    /// owns), instead of `path`.
+    pub fds: Option<crate::region_fds::RegionFds>,
 }
 
 /// Splits `a=1,b=2` into pairs, refusing repeats and keys outside `known`.

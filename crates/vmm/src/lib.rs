@@ -15,6 +15,7 @@ pub mod memory;
 pub mod pci;
 pub mod rate;
 pub mod region;
+pub mod region_fds;
 pub mod runtime;
 pub mod sched;
 pub mod seccomp;

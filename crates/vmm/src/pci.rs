@@ -153,7 +153,7 @@ impl GsiRouter {
     }
 
     /// Reserves `count` consecutive GSIs and returns the first.
-    fn allocate(&self, count: u32) -> Result<u32, PciError> {
+    pub(crate) fn allocate(&self, count: u32) -> Result<u32, PciError> {
         let mut state = self.state();
         let first = state.next_gsi;
         let end = first.checked_add(count).filter(|&e| e <= MAX_GSI + 1);
@@ -162,7 +162,7 @@ impl GsiRouter {
     }
 
     /// Points `gsi` at `message` and hands the table to KVM.
-    fn set_msi(&self, gsi: u32, message: MsiMessage) -> std::io::Result<()> {
+    pub(crate) fn set_msi(&self, gsi: u32, message: MsiMessage) -> std::io::Result<()> {
         self.state().update(gsi, message, |routing| {
             self.vm.set_gsi_routing(routing).map_err(kvm_io)
         })
@@ -435,15 +435,18 @@ fn kvm_msi(vm: &Arc<VmFd>, router: &Arc<GsiRouter>, vectors: u32) -> Result<Arc<
     }))
 }
 
-/// Puts a shared region on the bus as an ivshmem device: one MSI-X vector,
-/// INTA on its slot's GSI, the memory placed as a KVM slot wherever BAR 2
-/// decodes. No peers: its doorbells reach nobody and are counted.
+/// Puts a shared region on the bus as an ivshmem device: INTA on its slot's
+/// GSI, the memory placed as a KVM slot wherever BAR 2 decodes. A region
+/// from the daemon has one MSI-X vector per eventfd it gave this guest,
+/// which peers ring straight through KVM (`region::PeerMsi`), and rings its
+/// peers' eventfds; a region from a guest file has one vector and no peers:
+/// its doorbells reach nobody and are counted.
 fn add_region(
     vm: &Arc<VmFd>,
     router: &Arc<GsiRouter>,
     root: &SharedRoot,
     index: usize,
-    backing: RegionBacking,
+    mut backing: RegionBacking,
 ) -> Result<(), PciError> {
     let flag = region::region_flag(&backing.config);
     let mapping = Arc::new(
@@ -451,7 +454,18 @@ fn add_region(
             .kvm_mapping(vm, index)
             .map_err(device_error(flag.clone()))?,
     );
-    let msi = kvm_msi(vm, router, 1)?;
+    let (msi, doorbells, vectors): (Arc<dyn MsiDelivery>, _, _) = match backing.eventfds.take() {
+        Some(fds) => {
+            let vectors = fds.own.len() as u16;
+            let msi = region::PeerMsi::new(vm, router, fds.own)?;
+            (
+                Arc::new(msi),
+                pci::EventFdDoorbells::new(fds.peers),
+                vectors,
+            )
+        }
+        None => (kvm_msi(vm, router, 1)?, pci::EventFdDoorbells::default(), 1),
+    };
     let intx = new_eventfd("create an INTx eventfd")?;
     let intx_irqfd = intx
         .try_clone()
@@ -459,17 +473,11 @@ fn add_region(
     let settings = pci::IvshmemConfig {
         size: backing.size,
         position: backing.config.id,
-        vectors: 1,
+        vectors,
         read_only: backing.config.readonly,
     };
-    let device = pci::IvshmemDevice::new(
-        settings,
-        msi,
-        intx,
-        Arc::new(pci::EventFdDoorbells::default()),
-        mapping.clone(),
-    )
-    .map_err(device_error(flag.clone()))?;
+    let device = pci::IvshmemDevice::new(settings, msi, intx, Arc::new(doorbells), mapping.clone())
+        .map_err(device_error(flag.clone()))?;
     let slot = root
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -10,14 +10,22 @@
 //! (`KVM_MEM_READONLY`) for a guest that may only read: its writes exit to
 //! the device model, which drops them.
 //!
-//! Doorbells between guests need the peers' eventfds, which only the daemon
-//! can hand out; a region given in a guest file has none, so its Doorbell
-//! writes are dropped (and counted).
+//! A region the daemon owns arrives as inherited descriptors
+//! ([`crate::region_fds`]): its memfd, one eventfd per vector of this guest
+//! and every peer's. [`PeerMsi`] registers this guest's eventfds as the
+//! irqfds of its MSI-X vectors, so a peer's doorbell reaches the guest with
+//! no exit here; Doorbell writes signal the peers' eventfds. A region given
+//! in a guest file has no peers, so its Doorbell writes are dropped (and
+//! counted).
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+
+use pci::{MsiDelivery, MsiMessage};
+use vmm_sys_util::eventfd::EventFd;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::{Cap, VmFd};
@@ -47,14 +55,74 @@ pub enum RegionError {
     /// The file could not be mapped.
     #[error("cannot map {0}")]
     Map(PathBuf, #[source] std::io::Error),
+    /// An inherited region's memfd has a size a region cannot have.
+    #[error(
+        "{region}: its memfd holds {size} bytes, not a power of two from 4 KiB to {} MiB",
+        MAX_SIZE >> 20
+    )]
+    FdSize { region: String, size: u64 },
+    /// An inherited descriptor is not open, or not what it should be.
+    #[error("{region}: descriptor {fd} is not {what}")]
+    Fd {
+        region: String,
+        fd: RawFd,
+        what: &'static str,
+    },
     /// The host's KVM cannot map memory read-only.
     #[error("this host's KVM cannot map memory read-only (no KVM_CAP_READONLY_MEM), so a read-only region cannot be given")]
     NoReadOnly,
 }
 
-/// How a region appears in errors: as the guest file names it.
+/// How a region appears in errors: as the guest file or the command line
+/// names it.
 pub fn region_flag(config: &RegionConfig) -> String {
-    format!("[[region]] path = {:?}", config.path.display().to_string())
+    match &config.fds {
+        Some(fds) => format!("--region-fds name={}", fds.name),
+        None => format!("[[region]] path = {:?}", config.path.display().to_string()),
+    }
+}
+
+/// A copy of inherited descriptor `fd` that this process owns, after
+/// checking what it is: `kind` is the start of its `/proc/self/fd` link
+/// (`/memfd:` for a memfd, `anon_inode:[eventfd]` for an eventfd).
+fn take_fd(region: &str, fd: RawFd, kind: &str, what: &'static str) -> Result<File, RegionError> {
+    let error = || RegionError::Fd {
+        region: region.to_string(),
+        fd,
+        what,
+    };
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).map_err(|_| error())?;
+    if !link.to_string_lossy().starts_with(kind) {
+        return Err(error());
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor just seen open; the new
+    // descriptor is ours alone.
+    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if copy < 0 {
+        return Err(error());
+    }
+    // SAFETY: `copy` was just created and nothing else owns it.
+    Ok(unsafe { File::from_raw_fd(copy) })
+}
+
+fn take_eventfds(region: &str, fds: &[RawFd]) -> Result<Vec<EventFd>, RegionError> {
+    fds.iter()
+        .map(|&fd| {
+            let file = take_fd(region, fd, "anon_inode:[eventfd]", "an eventfd")?;
+            // SAFETY: the descriptor is an eventfd (checked) that `file`
+            // owned; ownership passes to the EventFd.
+            Ok(unsafe { EventFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(file)) })
+        })
+        .collect()
+}
+
+/// A daemon-owned region's doorbell eventfds, taken over by this process.
+#[derive(Debug)]
+pub struct RegionEventFds {
+    /// This guest's vectors'.
+    pub own: Vec<EventFd>,
+    /// Each peer's vectors'.
+    pub peers: HashMap<u16, Vec<EventFd>>,
 }
 
 /// A region's file, mapped into this process.
@@ -64,6 +132,8 @@ pub struct RegionBacking {
     pub size: u64,
     /// Where the file is mapped in this process.
     host: u64,
+    /// The doorbells of a region given as descriptors.
+    pub eventfds: Option<RegionEventFds>,
 }
 
 impl RegionBacking {
@@ -71,16 +141,35 @@ impl RegionBacking {
     /// guest that may only read.
     pub fn open(config: &RegionConfig) -> Result<Self, RegionError> {
         let path = &config.path;
-        let file: File = OpenOptions::new()
-            .read(true)
-            .write(!config.readonly)
-            .open(path)
-            .map_err(|e| RegionError::Open(path.clone(), e))?;
+        let (file, eventfds) = match &config.fds {
+            Some(fds) => {
+                let name = format!("region '{}'", fds.name);
+                let file = take_fd(&name, fds.memory, "/memfd:", "a memfd")?;
+                let mut peers = HashMap::new();
+                for (id, list) in &fds.peers {
+                    peers.insert(*id, take_eventfds(&name, list)?);
+                }
+                let own = take_eventfds(&name, &fds.own)?;
+                (file, Some(RegionEventFds { own, peers }))
+            }
+            None => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(!config.readonly)
+                    .open(path)
+                    .map_err(|e| RegionError::Open(path.clone(), e))?;
+                (file, None)
+            }
+        };
         let size = file
             .metadata()
             .map_err(|e| RegionError::Open(path.clone(), e))?
             .len();
         if !size.is_power_of_two() || !(MIN_SIZE..=MAX_SIZE).contains(&size) {
+            if let Some(fds) = &config.fds {
+                let region = format!("region '{}'", fds.name);
+                return Err(RegionError::FdSize { region, size });
+            }
             return Err(RegionError::Size {
                 path: path.clone(),
                 size,
@@ -114,6 +203,7 @@ impl RegionBacking {
             config: config.clone(),
             size,
             host: host as u64,
+            eventfds,
         })
     }
 
@@ -194,6 +284,86 @@ impl RegionMapping for KvmRegion {
     }
 }
 
+/// The MSI-X vectors of a region whose peers ring this guest straight
+/// through KVM: vector `v`'s interrupt source is this guest's eventfd `v`,
+/// which the peers' VMMs write. The eventfd is the irqfd of the vector's
+/// GSI only while the vector is deliverable: the guest masking it (or
+/// turning MSI-X off) detaches it, and unmasking attaches it again. KVM
+/// checks at attach time whether the eventfd was signalled meanwhile and
+/// then injects at once, so a doorbell rung while the vector was masked is
+/// held, not lost, as the ivshmem specification asks (the pending-bit
+/// array does not show it).
+#[derive(Debug)]
+pub struct PeerMsi {
+    vm: Arc<VmFd>,
+    router: Arc<crate::pci::GsiRouter>,
+    first_gsi: u32,
+    irqfds: Vec<EventFd>,
+    attached: Mutex<Vec<bool>>,
+}
+
+impl PeerMsi {
+    /// The vectors of `irqfds` (one per vector), on fresh GSIs; every
+    /// vector starts masked, so detached.
+    pub(crate) fn new(
+        vm: &Arc<VmFd>,
+        router: &Arc<crate::pci::GsiRouter>,
+        irqfds: Vec<EventFd>,
+    ) -> Result<Self, crate::pci::PciError> {
+        let first_gsi = router.allocate(irqfds.len() as u32)?;
+        Ok(Self {
+            vm: vm.clone(),
+            router: router.clone(),
+            first_gsi,
+            attached: Mutex::new(vec![false; irqfds.len()]),
+            irqfds,
+        })
+    }
+
+    /// Attaches or detaches vector `v`'s irqfd, when that changes anything.
+    fn attach(&self, v: usize, on: bool) -> std::io::Result<()> {
+        let mut attached = self.attached.lock().unwrap_or_else(|p| p.into_inner());
+        let (Some(fd), Some(state)) = (self.irqfds.get(v), attached.get_mut(v)) else {
+            return Ok(());
+        };
+        if *state == on {
+            return Ok(());
+        }
+        let gsi = self.first_gsi + v as u32;
+        let result = if on {
+            self.vm.register_irqfd(fd, gsi)
+        } else {
+            self.vm.unregister_irqfd(fd, gsi)
+        };
+        result.map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        *state = on;
+        Ok(())
+    }
+}
+
+impl MsiDelivery for PeerMsi {
+    fn route(&self, vector: u16, message: MsiMessage) -> std::io::Result<()> {
+        let v = usize::from(vector);
+        if v >= self.irqfds.len() {
+            return Ok(());
+        }
+        self.router
+            .set_msi(self.first_gsi + u32::from(vector), message)?;
+        self.attach(v, true)
+    }
+
+    fn signal(&self, vector: u16) -> std::io::Result<()> {
+        match self.irqfds.get(usize::from(vector)) {
+            Some(fd) => fd.write(1),
+            None => Ok(()),
+        }
+    }
+
+    fn hold(&self, vector: u16) -> std::io::Result<()> {
+        self.attach(usize::from(vector), false)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +373,7 @@ mod tests {
             path,
             id: 0,
             readonly,
+            fds: None,
         }
     }
 

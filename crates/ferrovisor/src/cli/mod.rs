@@ -412,6 +412,21 @@ fn up(rest: &[String]) -> Result<ExitCode, CliError> {
     let file = PathBuf::from(&words.exactly(1, "one system file")?[0]);
     let system = config::load_system(&file).map_err(|e| CliError::Description(e.to_string()))?;
     let client = words.client();
+    // Regions first: a member guest that starts inherits them.
+    let mut regions = Vec::new();
+    for region in &system.regions {
+        let members: Vec<Value> = region
+            .members
+            .iter()
+            .map(|(g, ro)| json!({"name": g, "access": if *ro { "ro" } else { "rw" }}))
+            .collect();
+        let body = json!({"size": region.size, "vectors": region.vectors, "guests": members});
+        let reply = client.call("PUT", &format!("/regions/{}", region.name), Some(&body))?;
+        if !words.switch("json") {
+            println!("region {}: {} bytes", region.name, region.size);
+        }
+        regions.push(reply);
+    }
     let mut results = Vec::new();
     for guest in &system.guests {
         let boot = guest.start == config::StartPolicy::Boot;
@@ -422,7 +437,7 @@ fn up(rest: &[String]) -> Result<ExitCode, CliError> {
         results.push(info);
     }
     if words.switch("json") {
-        print_json(&json!({ "guests": results }));
+        print_json(&json!({ "guests": results, "regions": regions }));
     }
     Ok(ExitCode::SUCCESS)
 }

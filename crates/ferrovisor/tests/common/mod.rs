@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 mod checks;
+pub mod doorbell;
 #[allow(unused_imports)]
 pub use checks::{Checks, PASS};
 

@@ -10,8 +10,8 @@
 use std::collections::BTreeMap;
 
 use kvm_bindings::{
-    kvm_ioeventfd, kvm_irq_routing, kvm_mp_state, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
-    kvm_vcpu_events,
+    kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_mp_state, kvm_regs, kvm_sregs,
+    kvm_userspace_memory_region, kvm_vcpu_events,
 };
 use libc::c_long;
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
@@ -131,6 +131,7 @@ const KVM_GET_MP_STATE: u64 = ior(KVMIO, 0x98, size_of::<kvm_mp_state>());
 const KVM_GET_VCPU_EVENTS: u64 = ior(KVMIO, 0x9f, size_of::<kvm_vcpu_events>());
 const KVM_SET_GSI_ROUTING: u64 = iow(KVMIO, 0x6a, size_of::<kvm_irq_routing>());
 const KVM_IOEVENTFD: u64 = iow(KVMIO, 0x79, size_of::<kvm_ioeventfd>());
+const KVM_IRQFD: u64 = iow(KVMIO, 0x76, size_of::<kvm_irqfd>());
 const KVM_SET_USER_MEMORY_REGION: u64 = iow(KVMIO, 0x46, size_of::<kvm_userspace_memory_region>());
 const TUNSETOFFLOAD: u64 = iow(b'T' as u64, 208, size_of::<libc::c_uint>());
 const TCGETS: u64 = 0x5401;
@@ -218,6 +219,10 @@ fn vcpu(b: &mut Builder) {
         // region::KvmRegion: the guest moves a shared region's BAR 2 (or
         // turns memory decoding off and on), so its memory slot moves.
         KVM_SET_USER_MEMORY_REGION,
+        // region::PeerMsi: a shared region's vector whose peers ring it
+        // straight through its irqfd is detached while the guest masks it
+        // and attached again on unmask.
+        KVM_IRQFD,
         // virtio::net activation: the tap's offloads follow the features
         // the driver accepted.
         TUNSETOFFLOAD,
@@ -401,6 +406,7 @@ mod tests {
         assert_eq!(KVM_GET_VCPU_EVENTS, 0x8040_ae9f);
         assert_eq!(KVM_SET_GSI_ROUTING, 0x4008_ae6a);
         assert_eq!(KVM_IOEVENTFD, 0x4040_ae79);
+        assert_eq!(KVM_IRQFD, 0x4020_ae76);
         assert_eq!(KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
         assert_eq!(TUNSETOFFLOAD, 0x4004_54d0);
     }

@@ -121,22 +121,13 @@ fn remove_stale(path: &Path) -> Result<(), RuntimeError> {
 }
 
 /// Listens on `path`, replacing a socket left behind by a VMM that is gone
-/// but never one that still answers. The socket is bound under a temporary
-/// name and renamed into place once it listens, so a client that sees the
-/// path can always connect (a bound socket that does not listen yet would
-/// refuse it).
+/// but never one that still answers.
 fn listen(path: &Path) -> Result<UnixListener, RuntimeError> {
     if UnixStream::connect(path).is_ok() {
         return Err(RuntimeError::InUse(path.to_path_buf()));
     }
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".new");
-    let temporary = PathBuf::from(temporary);
-    remove_stale(&temporary)?;
-    let listener =
-        UnixListener::bind(&temporary).map_err(|e| RuntimeError::Listen(path.to_path_buf(), e))?;
-    std::fs::rename(&temporary, path).map_err(|e| RuntimeError::Listen(path.to_path_buf(), e))?;
-    Ok(listener)
+    remove_stale(path)?;
+    UnixListener::bind(path).map_err(|e| RuntimeError::Listen(path.to_path_buf(), e))
 }
 
 // ---------------------------------------------------------------------------

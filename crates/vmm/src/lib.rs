@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod dump;
 pub mod exit;
 pub mod gate;
+pub mod guest_file;
 pub mod loader;
 pub mod machine;
 pub mod memory;

@@ -23,6 +23,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -162,7 +163,11 @@ impl ConsoleLog {
     /// Opens the log with other limits (for tests): past `limit` bytes it
     /// is rewritten to its last `keep` bytes.
     pub fn with_limits(path: &Path, limit: u64, keep: u64) -> io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
         let size = file.metadata()?.len();
         let mut log = Self {
             path: path.to_path_buf(),
@@ -202,7 +207,13 @@ impl ConsoleLog {
         reader.seek(SeekFrom::End(-(self.keep.min(self.size) as i64)))?;
         reader.take(self.keep).read_to_end(&mut tail)?;
         let temp = self.path.with_extension("log.tmp");
-        std::fs::write(&temp, &tail)?;
+        OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp)?
+            .write_all(&tail)?;
         std::fs::rename(&temp, &self.path)?;
         self.file = OpenOptions::new().append(true).open(&self.path)?;
         self.size = tail.len() as u64;

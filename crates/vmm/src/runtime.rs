@@ -554,14 +554,14 @@ fn read_request(stream: &mut UnixStream) -> Result<String, String> {
     String::from_utf8(line).map_err(|_| "the request is not UTF-8".into())
 }
 
-fn serve_control(listener: UnixListener, vm: LiveVm) {
+fn serve_control(listener: Arc<UnixListener>, vm: LiveVm) {
     // Wait (briefly) until every vCPU thread has reported its id, so that
     // `info` never shows a vCPU without one.
     let deadline = Instant::now() + Duration::from_secs(2);
     while vm.control.vcpu_tids().contains(&0) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
-    for stream in listener.incoming() {
+    for stream in listener.as_ref().incoming() {
         let Ok(mut stream) = stream else {
             if vm.control.is_stopping() {
                 return;
@@ -712,8 +712,10 @@ pub struct Runtime {
     hub: Arc<Hub>,
     control: Option<UnixListener>,
     console: Option<(UnixListener, ConsoleLog)>,
-    /// The control listener's descriptor, to wake its thread at the end.
-    control_fd: Option<i32>,
+    /// The control listener, shared with its thread: held here so that
+    /// its descriptor stays open (and ours) until the end, when shutting
+    /// it down wakes the thread's accept.
+    serving_control: Option<Arc<UnixListener>>,
 }
 
 impl Runtime {
@@ -744,7 +746,7 @@ impl Runtime {
             hub,
             control: Some(control),
             console: Some((console, log)),
-            control_fd: None,
+            serving_control: None,
         })
     }
 
@@ -769,7 +771,8 @@ impl Runtime {
                 .map_err(|e| RuntimeError::Thread("console", e))?;
         }
         if let Some(listener) = self.control.take() {
-            self.control_fd = Some(listener.as_raw_fd());
+            let listener = Arc::new(listener);
+            self.serving_control = Some(listener.clone());
             let live = LiveVm {
                 control: vm.control,
                 keyboard: vm.keyboard,
@@ -801,15 +804,16 @@ impl Runtime {
     /// stops serving, and (on drop) removes the sockets. The exit record
     /// comes later, from whoever decides the exit status.
     pub fn finish(self) {
-        if let Some(fd) = self.control_fd {
-            // SAFETY: shutting down a listening socket this process owns
-            // only makes its blocked accept() return.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        if let Some(listener) = &self.serving_control {
+            // SAFETY: the listener is open for as long as `listener` lives
+            // (the Arc keeps it), so the descriptor is ours; shutting it
+            // down only makes the control thread's blocked accept() return.
+            unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
         }
         let mut state = self.hub.lock();
         state.closing = true;
         let _ = self.hub.wake.write(1);
-        let started = self.control_fd.is_some();
+        let started = self.serving_control.is_some();
         let deadline = Instant::now() + FLUSH_TIMEOUT;
         while started && !state.done && Instant::now() < deadline {
             state = self

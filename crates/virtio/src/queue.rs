@@ -798,6 +798,20 @@ impl Worker {
         })
     }
 
+    /// Tells the thread to stop without waiting for it, and returns the
+    /// worker: dropping it (or [`Worker::stop`]) then waits.
+    pub fn stopping(self) -> Worker {
+        self.flag.store(true, Ordering::Release);
+        // A failed write leaves the counter non-zero already.
+        let _ = self.stop.write(1);
+        self
+    }
+
+    /// Whether the thread has ended (joining it will not wait).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
     /// Stops the thread and waits for it. When this returns the handler has
     /// been dropped and no guest memory access happens any more. The
     /// handler sees the stop between chains ([`QueueSet::stopping`]) and

@@ -197,10 +197,10 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 
-    fn reset(&mut self) {
-        // Dropping the worker stops it and waits for its thread; its state
-        // goes with it, closing every connection's socket.
-        self.worker = None;
+    fn reset(&mut self) -> Option<Worker> {
+        // Told to stop; the transport waits for it off the bus lock. Its
+        // state goes with it, closing every connection's socket.
+        self.worker.take().map(Worker::stopping)
     }
 }
 

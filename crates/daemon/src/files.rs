@@ -50,6 +50,19 @@ pub fn create_private(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Creates (or truncates) `path` as 0600, open for reading and appending:
+/// a log its writer can cut to its tail in place (`vmm::stderr_log`).
+pub fn create_private_log(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_APPEND)
+        .mode(FILE_MODE)
+        .open(path)
+}
+
 /// `fsync`s the directory `dir`, so that a rename in it survives a crash.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

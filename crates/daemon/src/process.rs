@@ -113,7 +113,9 @@ pub fn spawn_vmm(
         crate::files::create_private(p).map_err(|e| ProcessError::Log(p.display().to_string(), e))
     };
     let stdout = open(out)?;
-    let stderr = open(err)?;
+    // Readable and appended to, so that the VMM can keep it bounded.
+    let stderr = crate::files::create_private_log(err)
+        .map_err(|e| ProcessError::Log(err.display().to_string(), e))?;
     let mut command = Command::new(exe);
     command
         .arg0("ferrovisor")

@@ -21,6 +21,7 @@ pub mod block;
 pub mod console;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fuzzing;
+pub mod log_limit;
 pub mod queue;
 pub mod rate_limiter;
 pub mod rng;

@@ -609,9 +609,11 @@ impl QueueSet {
             return;
         }
         q.broken = true;
-        eprintln!(
+        crate::guest_log!(
             "{}: queue {}: {}; the device needs a reset",
-            self.name, q.index, err
+            self.name,
+            q.index,
+            err
         );
         if !self.reported {
             self.reported = true;
@@ -846,11 +848,11 @@ fn run<H: QueueHandler>(epoll: Arc<Epoll>, mut set: QueueSet, mut handler: H) {
     match result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            eprintln!("{name}: the worker stopped: {e}; the device needs a reset");
+            crate::guest_log!("{name}: the worker stopped: {e}; the device needs a reset");
             interrupt.set_needs_reset();
         }
         Err(_) => {
-            eprintln!("{name}: the worker panicked; the device needs a reset");
+            crate::guest_log!("{name}: the worker panicked; the device needs a reset");
             interrupt.set_needs_reset();
         }
     }

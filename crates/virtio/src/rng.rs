@@ -108,7 +108,7 @@ fn fill_chain(mem: &Memory, chain: &Chain, buf: &mut [u8]) -> Result<u32, QueueE
     let buf = &mut buf[..want];
     if let Err(e) = getrandom(buf) {
         // The host failed, not the driver: hand the buffer back empty.
-        eprintln!("virtio-rng: {e}");
+        crate::guest_log!("virtio-rng: {e}");
         return Ok(0);
     }
     let mut offset = 0usize;

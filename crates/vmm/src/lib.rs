@@ -21,6 +21,7 @@ pub mod runtime;
 pub mod sched;
 pub mod seccomp;
 pub mod stats;
+pub mod stderr_log;
 pub mod vcpu;
 pub mod vm;
 

@@ -11,7 +11,9 @@
 //!   feeds what clients send to the guest's console input (stdin is not
 //!   read, stdout not written);
 //! - writes `DIR/exit.json` (`{"status":N,"reason":"..."}`) atomically
-//!   just before the process exits ([`write_exit_record`]).
+//!   just before the process exits ([`write_exit_record`]);
+//! - keeps its stderr, when that is a file (the daemon's `vmm.err`), bounded
+//!   like the console log (`stderr_log`).
 //!
 //! Two threads serve it: `control` answers the control socket one
 //! connection at a time, and `console` moves output from the guest to the
@@ -295,7 +297,12 @@ struct ConsoleServer {
     input: InputSink,
     /// Client input the guest has not taken yet.
     pending_input: Vec<u8>,
+    /// When stderr (`vmm.err`) was last checked against its bound.
+    stderr_checked: Instant,
 }
+
+/// How often the console thread bounds the VMM's stderr.
+const STDERR_CHECK: Duration = Duration::from_secs(1);
 
 impl ConsoleServer {
     /// Serves until the VMM finishes, then marks the hub done.
@@ -317,6 +324,15 @@ impl ConsoleServer {
             self.clients.retain(|c| !c.hung_up);
             self.accept();
             self.feed_input();
+            if self.stderr_checked.elapsed() >= STDERR_CHECK {
+                self.stderr_checked = Instant::now();
+                // Best effort, as the console log: a failure leaves it long.
+                let _ = crate::stderr_log::bound(
+                    libc::STDERR_FILENO,
+                    crate::stderr_log::LIMIT,
+                    crate::stderr_log::KEEP,
+                );
+            }
         }
         let mut state = self.hub.lock();
         state.done = true;
@@ -352,8 +368,13 @@ impl ConsoleServer {
                 revents: 0,
             });
         }
-        // Input the guest's FIFO could not take yet is offered again soon.
-        let timeout = if self.pending_input.is_empty() { -1 } else { 5 };
+        // Input the guest's FIFO could not take yet is offered again soon;
+        // else wake now and then to bound stderr.
+        let timeout = if self.pending_input.is_empty() {
+            STDERR_CHECK.as_millis() as i32
+        } else {
+            5
+        };
         // SAFETY: `fds` is a valid array of pollfd of the length given.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if ready <= 0 {
@@ -761,6 +782,7 @@ impl Runtime {
                 clients: Vec::new(),
                 input: vm.input,
                 pending_input: Vec::new(),
+                stderr_checked: Instant::now(),
             };
             std::thread::Builder::new()
                 .name("console".into())

@@ -246,6 +246,22 @@ fn an_unprivileged_user_cannot_use_the_api_nor_read_guest_state() {
         .collect();
     assert_eq!(refusals.len(), 1, "{refusals:?}");
     assert_eq!(refusals[0]["status"], 403);
+    // On the wire: one status line and a JSON error, before any request.
+    let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n\
+                  d=b''\nwhile True:\n c=s.recv(4096)\n if not c: break\n d+=c\nsys.stdout.buffer.write(d)";
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&d.socket)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .expect("python3 as nobody");
+    let reply = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(reply.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{reply}");
+    let body = reply.split("\r\n\r\n").nth(1).unwrap_or("");
+    control::openapi::check_response("GET", "/guests", 403, body.as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
 
     // The state cannot be read: not the description, not the console.
     for file in [

@@ -26,9 +26,7 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
 
 /// Creates the new directory `dir` as 0700 (an error if it exists).
 pub fn new_private_dir(dir: &Path) -> io::Result<()> {
-    fs::DirBuilder::new().mode(DIR_MODE).create(dir)?;
-    // The umask may have taken bits away, never added any.
-    Ok(())
+    fs::DirBuilder::new().mode(DIR_MODE).create(dir)
 }
 
 /// Opens `path` for appending, creating it as 0600.

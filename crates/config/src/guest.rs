@@ -78,10 +78,11 @@ pub fn load_guest(path: &Path) -> Result<VmConfig, FileError> {
     parse_guest(&text, &origin, &base_dir)
 }
 
-/// A path from the file, relative to `base_dir` unless absolute.
+/// A path from the file, relative to `base_dir` unless absolute. An
+/// inherited descriptor (`fd:N`, see `vmm::guest_file`) is kept as it is.
 fn resolve(base_dir: &Path, text: &str) -> PathBuf {
     let path = Path::new(text);
-    if path.is_absolute() {
+    if path.is_absolute() || vmm::guest_file::inherited_fd(path).is_some() {
         path.to_path_buf()
     } else {
         base_dir.join(path)

@@ -723,3 +723,22 @@ fn bad_system_regions_are_one_line_naming_the_field() {
         assert_eq!(err.to_string(), message, "{region}");
     }
 }
+
+#[test]
+fn inherited_descriptors_stay_as_named_and_read_back() {
+    let config = guest(
+        "kernel = \"fd:5\"\ninitramfs = \"fd:6\"\n[[disk]]\npath = \"fd:7\"\n[[disk]]\npath = \"fd:8x\"\n",
+    )
+    .expect("parses");
+    assert_eq!(config.kernel, PathBuf::from("fd:5"));
+    assert_eq!(config.initramfs, Some(PathBuf::from("fd:6")));
+    assert_eq!(config.disks[0].path, PathBuf::from("fd:7"));
+    // Not a descriptor name: an ordinary relative path.
+    assert!(
+        config.disks[1].path.is_absolute(),
+        "{:?}",
+        config.disks[1].path
+    );
+    let again = guest(&crate::to_guest_toml(&config)).expect("reads back");
+    assert_eq!(again, config);
+}

@@ -54,7 +54,10 @@ impl From<RegistryError> for Reply {
 impl Reply {
     fn from_guest(e: &GuestError) -> Reply {
         let status = match e {
-            GuestError::Conflict { .. } | GuestError::NotAdmitted { .. } => 409,
+            GuestError::Conflict { .. } | GuestError::NotAdmitted { .. } | GuestError::InUse(_) => {
+                409
+            }
+            GuestError::Files(_) => 400,
             _ => 500,
         };
         Reply::error(status, one_line(e))
@@ -238,7 +241,7 @@ fn create(daemon: &Daemon, body: &[u8]) -> Reply {
         if guest.is_deleted() {
             return Reply::error(404, format!("no guest named '{}'", body.name));
         }
-        if let Err(e) = guest.start(daemon.exe(), &daemon.events) {
+        if let Err(e) = daemon.start_guest(&guest) {
             // All or nothing: a guest that did not start is not kept.
             let mut reply = Reply::from(e);
             let undone = daemon.delete_locked(&body.name, &guest).is_ok();
@@ -293,7 +296,7 @@ fn action_on(daemon: &Daemon, name: &str, action: &str, req: &Request) -> Reply 
         return Reply::error(404, format!("no guest named '{name}'"));
     }
     let done: Result<Option<&str>, GuestError> = match action {
-        "start" => guest.start(daemon.exe(), &daemon.events).map(|()| None),
+        "start" => daemon.start_guest(&guest).map(|()| None),
         "pause" => guest.set_paused(true, &daemon.events).map(|()| None),
         "resume" => guest.set_paused(false, &daemon.events).map(|()| None),
         "stop" => guest.stop(timeout, &daemon.events).map(Some),

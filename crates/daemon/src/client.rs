@@ -63,15 +63,21 @@ impl Client {
     ) -> Result<Response, ClientError> {
         let mut stream = self.connect()?;
         let body = body.map(Value::to_string);
-        http::write_request(
+        let sent = http::write_request(
             &mut stream,
             method,
             target,
             &[],
             body.as_deref().map(str::as_bytes),
-        )?;
+        );
         let mut reader = BufReader::new(stream);
-        Ok(http::read_response(&mut reader, MAX_RESPONSE)?)
+        match (sent, http::read_response(&mut reader, MAX_RESPONSE)) {
+            (_, Ok(response)) => Ok(response),
+            // The daemon may answer (403, 503) before it reads the request
+            // and close; then the write fails but the answer is there.
+            (Err(e), Err(_)) => Err(e.into()),
+            (Ok(()), Err(e)) => Err(e.into()),
+        }
     }
 
     /// Sends one request; a 2xx JSON body is returned, anything else is

@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::description::{self, DescriptionError};
+use crate::description::{self, one_line, DescriptionError};
 use crate::events::{now_ms, EventBus};
+use crate::files;
 use crate::guest::{self, Guest, GuestError, Record, State};
+use crate::images::Policy;
 
 /// Errors of registry operations.
 #[derive(Debug, Error)]
@@ -42,11 +44,7 @@ pub fn check_name(name: &str) -> Result<(), RegistryError> {
 /// same guests.
 fn lock_state_dir(state_dir: &Path) -> std::io::Result<fs::File> {
     use std::os::fd::AsRawFd;
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(state_dir.join("daemon.lock"))?;
+    let file = files::append_private(&state_dir.join("daemon.lock"))?;
     // SAFETY: flock has no memory effects; the descriptor is open.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(std::io::Error::new(
@@ -70,14 +68,17 @@ pub struct Daemon {
     pub events: Arc<EventBus>,
     /// Guests that could not be read back at start, with why.
     pub broken: Vec<(String, String)>,
+    /// What guests may use on the host.
+    policy: Policy,
 }
 
 impl Daemon {
     /// Opens (creating if needed) `state_dir`, reads back every guest in it
     /// and re-adopts those whose process still runs.
-    pub fn open(state_dir: &Path, exe: PathBuf) -> std::io::Result<Daemon> {
+    pub fn open(state_dir: &Path, exe: PathBuf, policy: Policy) -> std::io::Result<Daemon> {
         let guests_dir = state_dir.join("guests");
-        fs::create_dir_all(&guests_dir)?;
+        files::private_dir(state_dir)?;
+        files::private_dir(&guests_dir)?;
         let lock = lock_state_dir(state_dir)?;
         let mut daemon = Daemon {
             guests_dir,
@@ -86,6 +87,7 @@ impl Daemon {
             guests: Mutex::new(BTreeMap::new()),
             events: Arc::new(EventBus::default()),
             broken: Vec::new(),
+            policy,
         };
         let mut found = BTreeMap::new();
         for entry in fs::read_dir(&daemon.guests_dir)? {
@@ -136,7 +138,8 @@ impl Daemon {
     /// temporary directory, renamed into place.
     pub fn create(&self, name: &str, text: &str) -> Result<Arc<Guest>, RegistryError> {
         check_name(name)?;
-        let (summary, text) = description::check_new(text)?;
+        let runtime = self.guests_dir.join(name).join(guest::RUNTIME);
+        let (summary, text) = description::check_new(text, &self.policy, &runtime)?;
         let text = text.as_str();
         let mut map = self.map();
         if map.contains_key(name) {
@@ -147,9 +150,9 @@ impl Daemon {
             .join(format!(".new-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
         let made = (|| -> Result<Record, RegistryError> {
-            fs::create_dir(&tmp)?;
-            fs::create_dir(tmp.join(guest::RUNTIME))?;
-            fs::write(tmp.join(guest::DESCRIPTION), text)?;
+            files::new_private_dir(&tmp)?;
+            files::new_private_dir(&tmp.join(guest::RUNTIME))?;
+            files::write_durable(&tmp.join(guest::DESCRIPTION), text.as_bytes())?;
             let record = Record {
                 state: State::Created,
                 pid: None,
@@ -162,6 +165,7 @@ impl Daemon {
             guest::write_json(&tmp.join(guest::RECORD), &record)?;
             let dir = self.guests_dir.join(name);
             fs::rename(&tmp, dir)?;
+            files::sync_dir(&self.guests_dir)?;
             Ok(record)
         })();
         let record = match made {
@@ -182,6 +186,58 @@ impl Daemon {
         drop(map);
         self.events.emit(name, "created", "created", None);
         Ok(guest)
+    }
+
+    /// Starts `guest` (whose operation lock the caller holds): opens each
+    /// of its files beneath the image roots, once; locks its disk images
+    /// (a write lock for a read-write disk, a read lock for a read-only
+    /// one); hands the open descriptors to the VMM.
+    pub fn start_guest(&self, guest: &Arc<Guest>) -> Result<(), GuestError> {
+        guest.check_startable()?;
+        let config =
+            description::parse_config(&guest.description).map_err(|e| GuestError::Files(e.0))?;
+        self.policy
+            .check_host(&config, &guest.runtime())
+            .map_err(GuestError::Files)?;
+        let files = self.policy.open_files(&config).map_err(GuestError::Files)?;
+        for f in &files {
+            let Some(readonly) = f.disk_readonly else {
+                continue;
+            };
+            if let Err(e) = vmm::guest_file::lock(&f.file, !readonly, &f.path) {
+                let how = if readonly { "read-only" } else { "read-write" };
+                let by = match self.holder_of(&f.file, &guest.name) {
+                    Some(other) => format!("guest '{other}' holds it"),
+                    None => one_line(&e),
+                };
+                return Err(GuestError::InUse(format!(
+                    "{}: {}: guest '{}' cannot use it {how}: {by}",
+                    f.field,
+                    f.path.display(),
+                    guest.name
+                )));
+            }
+        }
+        guest.start(&self.exe, &self.events, config, files)
+    }
+
+    /// The live guest other than `me` that has the image open as `file`
+    /// among its disks (OFD locks name no holder, so the daemon looks in
+    /// its own records).
+    fn holder_of(&self, file: &fs::File, me: &str) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata().ok()?;
+        let same = |path: &Path| {
+            fs::metadata(path).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino())
+        };
+        self.all()
+            .into_iter()
+            .filter(|g| g.name != me && g.record().state.is_live())
+            .find(|g| {
+                description::parse_config(&g.description)
+                    .is_ok_and(|c| c.disks.iter().any(|d| same(&d.path)))
+            })
+            .map(|g| g.name.clone())
     }
 
     /// Deletes a guest that is not running: its directory goes too.
@@ -228,7 +284,16 @@ mod tests {
         fs::create_dir_all(&dir).expect("scratch dir");
         let kernel = dir.join("vmlinuz");
         fs::write(&kernel, b"not run").expect("kernel");
-        let daemon = Daemon::open(&dir.join("state"), PathBuf::from("/bin/false")).expect("open");
+        let policy = Policy {
+            roots: crate::images::Roots::open(&[crate::images::RootSpec {
+                dir: dir.clone(),
+                block: false,
+            }])
+            .expect("root"),
+            taps: crate::images::Taps::parse("fv*").expect("taps"),
+        };
+        let daemon =
+            Daemon::open(&dir.join("state"), PathBuf::from("/bin/false"), policy).expect("open");
         let text = format!("kernel = \"{}\"\n", kernel.display());
         (dir, daemon, text)
     }
@@ -275,34 +340,47 @@ mod tests {
     #[test]
     fn create_refuses_boot_files_that_are_not_there() {
         let (dir, daemon, _) = scratch("files");
+        fs::create_dir_all(dir.join("sub")).expect("sub");
+        let root = dir.display().to_string();
         let cases = [
             (
-                "kernel = \"/nonexistent/vmlinuz\"\n",
-                "bad guest description: kernel: /nonexistent/vmlinuz: No such file or directory",
+                format!("kernel = \"{root}/nonexistent\"\n"),
+                format!(
+                    "bad guest description: kernel: {root}/nonexistent: No such file or directory"
+                ),
             ),
             (
-                "kernel = \"/\"\n",
-                "bad guest description: kernel: /: not a regular file",
+                format!("kernel = \"{root}/sub\"\n"),
+                format!("bad guest description: kernel: {root}/sub: not a regular file"),
+            ),
+            (
+                "kernel = \"/etc/passwd\"\n".to_string(),
+                format!(
+                    "bad guest description: kernel: /etc/passwd: not under an image root ({root})"
+                ),
             ),
         ];
         for (text, want) in cases {
-            let e = daemon.create("x", text).expect_err("refused");
+            let e = daemon.create("x", &text).expect_err("refused");
             assert_eq!(crate::description::one_line(&e), want);
         }
         let kernel = dir.join("vmlinuz");
         let text = format!(
-            "kernel = \"{}\"\ninitramfs = \"/nonexistent/initrd\"\n",
-            kernel.display()
-        );
-        let e = daemon.create("x", &text).expect_err("refused");
-        assert!(one(&e).contains(": initramfs: /nonexistent/initrd"), "{e}");
-        let text = format!(
-            "kernel = \"{}\"\n[[disk]]\npath = \"/nonexistent/disk.img\"\n",
+            "kernel = \"{}\"\ninitramfs = \"{root}/initrd\"\n",
             kernel.display()
         );
         let e = daemon.create("x", &text).expect_err("refused");
         assert!(
-            one(&e).contains(": disk[0].path: /nonexistent/disk.img"),
+            one(&e).contains(&format!(": initramfs: {root}/initrd")),
+            "{e}"
+        );
+        let text = format!(
+            "kernel = \"{}\"\n[[disk]]\npath = \"/etc/shadow\"\n",
+            kernel.display()
+        );
+        let e = daemon.create("x", &text).expect_err("refused");
+        assert!(
+            one(&e).contains(": disk[0].path: /etc/shadow: not under an image root"),
             "{e}"
         );
         assert!(daemon.get("x").is_err());

@@ -5,6 +5,8 @@ use std::path::Path;
 
 use thiserror::Error;
 
+use crate::images::Policy;
+
 /// A guest description that failed to parse; the message names the field.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[error("{0}")]
@@ -29,49 +31,32 @@ pub fn check(text: &str) -> Result<(Summary, String), DescriptionError> {
     Ok(summarize(&config))
 }
 
-/// Like [`check`], for a new guest: also the files it boots from (kernel,
-/// initramfs, disk images, shared regions) must be readable regular files
-/// now, so that a
-/// guest that cannot start is refused at once, naming the field. A
-/// description without a `uuid` gets a random one, which the stored text
-/// keeps, so the guest has the same SMBIOS UUID at every start.
-pub fn check_new(text: &str) -> Result<(Summary, String), DescriptionError> {
+/// Like [`check`], for a new guest (whose runtime directory will be
+/// `runtime`): also everything it names on the host must be allowed by
+/// `policy` now (files readable beneath an image root, taps, the vsock
+/// socket), so that a guest that cannot start is refused at once, naming
+/// the field. A description without a `uuid` gets a random one, which the
+/// stored text keeps, so the guest has the same SMBIOS UUID at every start.
+pub fn check_new(
+    text: &str,
+    policy: &Policy,
+    runtime: &Path,
+) -> Result<(Summary, String), DescriptionError> {
     let mut config = parse(text)?;
     if config.uuid.is_none() {
         let uuid = config::Uuid::random().map_err(|e| DescriptionError(one_line(&e)))?;
         config.uuid = Some(uuid);
     }
-    check_file("kernel", &config.kernel)?;
-    if let Some(initramfs) = &config.initramfs {
-        check_file("initramfs", initramfs)?;
-    }
-    for (i, disk) in config.disks.iter().enumerate() {
-        check_file(&format!("disk[{i}].path"), &disk.path)?;
-    }
-    for (i, region) in config.regions.iter().enumerate() {
-        check_file(&format!("region[{i}].path"), &region.path)?;
-    }
+    policy.open_files(&config).map_err(DescriptionError)?;
+    policy
+        .check_host(&config, runtime)
+        .map_err(DescriptionError)?;
     Ok(summarize(&config))
 }
 
-/// Checks that `path` (the value of `field`) is a readable regular file.
-fn check_file(field: &str, path: &Path) -> Result<(), DescriptionError> {
-    let fail = |why: String| DescriptionError(format!("{field}: {}: {why}", path.display()));
-    let meta = std::fs::metadata(path).map_err(|e| fail(io_text(&e)))?;
-    if !meta.is_file() {
-        return Err(fail("not a regular file".into()));
-    }
-    std::fs::File::open(path).map_err(|e| fail(io_text(&e)))?;
-    Ok(())
-}
-
-/// An I/O error's text without the "(os error N)" suffix.
-fn io_text(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error") {
-        Some(at) => text[..at].to_string(),
-        None => text,
-    }
+/// The configuration a stored description gives.
+pub fn parse_config(text: &str) -> Result<config::VmConfig, DescriptionError> {
+    parse(text)
 }
 
 fn parse(text: &str) -> Result<config::VmConfig, DescriptionError> {
@@ -112,6 +97,41 @@ mod tests {
         format!("kernel = \"{}\"\n{extra}", exe.display())
     }
 
+    /// A policy whose one root holds the test binary (the "kernel").
+    fn policy() -> Policy {
+        let exe = std::env::current_exe().expect("test binary");
+        let dir = exe.parent().expect("its directory").to_path_buf();
+        Policy {
+            roots: crate::images::Roots::open(&[crate::images::RootSpec { dir, block: false }])
+                .expect("root"),
+            taps: crate::images::Taps::parse("fv*").expect("taps"),
+        }
+    }
+
+    fn check_new(text: &str) -> Result<(Summary, String), DescriptionError> {
+        super::check_new(text, &policy(), Path::new("/run/g"))
+    }
+
+    #[test]
+    fn taps_and_vsock_sockets_are_checked_against_the_policy() {
+        let e = check_new(&description("[[net]]\ntap = \"eth0\"\n")).expect_err("eth0");
+        assert_eq!(
+            e.0,
+            "net[0].tap: 'eth0' is not a tap this daemon may attach guests to (allowed: fv*)"
+        );
+        check_new(&description("[[net]]\ntap = \"fv-a0\"\n")).expect("own prefix");
+        let e = check_new(&description("[vsock]\ncid = 3\nsocket = \"/tmp/v.sock\"\n"))
+            .expect_err("outside");
+        assert_eq!(
+            e.0,
+            "vsock.socket: /tmp/v.sock: must be a file in the guest's runtime directory /run/g"
+        );
+        check_new(&description(
+            "[vsock]\ncid = 3\nsocket = \"/run/g/v.sock\"\n",
+        ))
+        .expect("inside");
+    }
+
     fn uuid_of(text: &str) -> Option<String> {
         text.lines()
             .find_map(|l| l.strip_prefix("uuid = "))
@@ -131,11 +151,24 @@ mod tests {
 
     #[test]
     fn a_new_guest_with_a_missing_region_file_is_refused_naming_it() {
-        let region = "[[region]]\npath = \"/nonexistent/ring0\"\n";
-        let err = check_new(&description(region)).unwrap_err();
+        let exe = std::env::current_exe().expect("test binary");
+        let ring = exe.with_file_name("no-such-ring0");
+        let region = format!("[[region]]\npath = \"{}\"\n", ring.display());
+        let err = check_new(&description(&region)).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "region[0].path: /nonexistent/ring0: No such file or directory"
+            format!(
+                "region[0].path: {}: No such file or directory",
+                ring.display()
+            )
+        );
+        // Outside the image roots, it is refused as any guest file is.
+        let region = "[[region]]\npath = \"/dev/shm/ring0\"\n";
+        let err = check_new(&description(region)).unwrap_err();
+        assert!(
+            err.0
+                .contains("region[0].path: /dev/shm/ring0: not under an image root"),
+            "{err}"
         );
     }
 

@@ -19,7 +19,9 @@ use thiserror::Error;
 
 use crate::description::{self, Summary};
 use crate::events::{now_ms, EventBus};
+use crate::images::GuestFile;
 use crate::process::{self, Identity};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// The description file inside a guest's directory.
 pub const DESCRIPTION: &str = "guest.toml";
@@ -27,6 +29,9 @@ pub const DESCRIPTION: &str = "guest.toml";
 pub const RECORD: &str = "state.json";
 /// The VMM's runtime directory inside a guest's directory.
 pub const RUNTIME: &str = "run";
+/// The VMM's copy of the description, in the runtime directory: the same,
+/// with each guest file named as the descriptor it inherits (`fd:N`).
+pub const VMM_CONFIG: &str = "vmm.toml";
 /// How often a guest process the daemon did not start is checked.
 const POLL: Duration = Duration::from_millis(200);
 /// How long a start waits for the new VMM's control socket.
@@ -57,6 +62,25 @@ pub enum GuestError {
     NotAdmitted { name: String, reason: String },
     #[error("guest '{name}' is still {state} after SIGKILL")]
     StillLive { name: String, state: State },
+    /// A guest file, tap or socket the policy refuses (names the field).
+    #[error("{0}")]
+    Files(String),
+    /// A disk image another guest holds.
+    #[error("{0}")]
+    InUse(String),
+}
+
+/// A close-on-exec duplicate of `file` numbered 3 or above, so that the
+/// child's stdin, stdout and stderr never land on it.
+fn above_stdio(file: &fs::File) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor or returns -1; no
+    // memory effects.
+    let fd = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just made and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// A guest's lifecycle state.
@@ -182,11 +206,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Writes `value` as JSON to `path` atomically (temp file + rename).
+/// Writes `value` as JSON to `path` atomically and durably (0600 temp
+/// file, fsync, rename, fsync of the directory).
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), GuestError> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
-    fs::rename(&tmp, path)?;
+    crate::files::write_durable(path, &serde_json::to_vec_pretty(value)?)?;
     Ok(())
 }
 
@@ -371,17 +394,42 @@ impl Guest {
         events.emit(&self.name, event, state.as_str(), Some(exit.reason));
     }
 
-    /// Starts the guest's VMM process (`exe`) and a thread that reaps it.
-    pub fn start(self: &Arc<Self>, exe: &Path, events: &Arc<EventBus>) -> Result<(), GuestError> {
+    /// An error unless the guest may start now.
+    pub fn check_startable(&self) -> Result<(), GuestError> {
         let state = lock(&self.data).record.state;
         if state.is_live() {
             return Err(self.conflict(state, "start"));
         }
+        Ok(())
+    }
+
+    /// Starts the guest's VMM process (`exe`) on `config`, whose files are
+    /// `files`, open: the VMM inherits them and its copy of the
+    /// description (`run/vmm.toml`) names them `fd:N`, so it opens nothing
+    /// by path. A thread reaps the process.
+    pub fn start(
+        self: &Arc<Self>,
+        exe: &Path,
+        events: &Arc<EventBus>,
+        config: config::VmConfig,
+        files: Vec<GuestFile>,
+    ) -> Result<(), GuestError> {
+        self.check_startable()?;
         let runtime = self.runtime();
-        fs::create_dir_all(&runtime)?;
+        crate::files::private_dir(&runtime)?;
         for stale in ["control.sock", "console.sock", "exit.json", "exit.json.tmp"] {
             let _ = fs::remove_file(runtime.join(stale));
         }
+        let mut vmm_config = config;
+        let mut inherited = Vec::with_capacity(files.len());
+        for f in &files {
+            let fd = above_stdio(&f.file)?;
+            f.rename_in(&mut vmm_config, fd.as_raw_fd());
+            inherited.push(fd);
+        }
+        let vmm_toml = runtime.join(VMM_CONFIG);
+        crate::files::write_durable(&vmm_toml, config::to_guest_toml(&vmm_config).as_bytes())?;
+        let fds: Vec<i32> = inherited.iter().map(AsRawFd::as_raw_fd).collect();
         let groups = crate::sched::prepare(&self.name, &self.description).map_err(|reason| {
             GuestError::NotAdmitted {
                 name: self.name.clone(),
@@ -390,13 +438,17 @@ impl Guest {
         })?;
         let spawned = process::spawn_vmm(
             exe,
-            &self.dir.join(DESCRIPTION),
+            &vmm_toml,
             &runtime,
             (&self.dir.join("vmm.out"), &self.dir.join("vmm.err")),
             &groups,
             &crate::region::handoff(&self.name),
+            &fds,
         );
         let mut child = spawned.inspect_err(|_| crate::sched::release(&self.name, &self.dir))?;
+        // The VMM has its own copies (and the disks' locks with them).
+        drop(inherited);
+        drop(files);
         let pid = child.id() as i32;
         let run_end = Arc::new(RunEnd::default());
         let run = {

@@ -245,6 +245,49 @@ pub fn read_request_with(
     })
 }
 
+/// A unix stream whose reads share one deadline: a client has until then
+/// to send its whole request (head and body), however it spaces its bytes.
+/// Without a deadline, reads block as the stream does.
+#[derive(Debug)]
+pub struct DeadlineStream {
+    stream: std::os::unix::net::UnixStream,
+    until: Option<std::time::Instant>,
+}
+
+impl DeadlineStream {
+    /// Reads from `stream` must all be done by `until`.
+    pub fn new(stream: std::os::unix::net::UnixStream, until: std::time::Instant) -> Self {
+        DeadlineStream {
+            stream,
+            until: Some(until),
+        }
+    }
+
+    /// Lifts the deadline (a stream that outlives its request).
+    pub fn clear_deadline(&mut self) -> io::Result<()> {
+        self.until = None;
+        self.stream.set_read_timeout(None)
+    }
+
+    /// The stream.
+    pub fn get_ref(&self) -> &std::os::unix::net::UnixStream {
+        &self.stream
+    }
+}
+
+impl Read for DeadlineStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(until) = self.until {
+            let left = until
+                .checked_duration_since(std::time::Instant::now())
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "request deadline"))?;
+            self.stream.set_read_timeout(Some(left))?;
+        }
+        self.stream.read(buf)
+    }
+}
+
 /// The reason phrase of the status codes the API uses.
 pub fn reason(status: u16) -> &'static str {
     match status {
@@ -254,6 +297,7 @@ pub fn reason(status: u16) -> &'static str {
         201 => "Created",
         204 => "No Content",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
@@ -554,5 +598,37 @@ mod tests {
         assert_eq!(r.status, 409);
         assert_eq!(r.header("content-type"), Some("application/json"));
         assert_eq!(r.body, b"{\"error\":\"x\"}");
+    }
+
+    #[test]
+    fn one_deadline_covers_the_whole_request() {
+        use std::os::unix::net::UnixStream;
+        use std::time::{Duration, Instant};
+        // A head that never ends: the read fails once the deadline passes.
+        let (mut client, server) = UnixStream::pair().expect("pair");
+        client.write_all(b"GET /guests HTTP/1.1\r\n").expect("send");
+        let until = Instant::now() + Duration::from_millis(100);
+        let mut reader = BufReader::new(DeadlineStream::new(server, until));
+        match read_request(&mut reader, MAX_BODY) {
+            Err(HttpError::Io(e)) => assert!(
+                matches!(
+                    e.kind(),
+                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                ),
+                "{e}"
+            ),
+            other => panic!("not timed out: {other:?}"),
+        }
+        // Bytes that keep arriving do not extend it: past the deadline,
+        // even a complete request waiting to be read is refused.
+        let (mut client, server) = UnixStream::pair().expect("pair");
+        client
+            .write_all(b"GET /guests HTTP/1.1\r\n\r\n")
+            .expect("send");
+        let mut reader = BufReader::new(DeadlineStream::new(server, Instant::now()));
+        match read_request(&mut reader, MAX_BODY) {
+            Err(HttpError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::TimedOut),
+            other => panic!("read past the deadline: {other:?}"),
+        }
     }
 }

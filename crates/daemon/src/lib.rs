@@ -14,15 +14,21 @@
 //! - [`client`]: the API client used by the CLI;
 //! - [`description`]: checking guest descriptions;
 //! - [`limits`]: changing a running guest's disk and NIC rate limits;
-//! - [`sched`]: guest cgroups, real-time admission, policy changes.
+//! - [`sched`]: guest cgroups, real-time admission, policy changes;
+//! - [`files`]: private (0700/0600), durable state files;
+//! - [`images`]: image roots, taps and sockets a guest may use;
+//! - [`access`]: API peer checks, per-uid connection limits, the audit log.
 
+pub mod access;
 pub mod api;
 pub mod client;
 pub mod daemon;
 pub mod description;
 pub mod events;
+pub mod files;
 pub mod guest;
 pub mod http;
+pub mod images;
 pub mod limits;
 pub mod process;
 pub mod region;

@@ -3,7 +3,6 @@
 //! and the VMM's control socket (see the runtime-directory contract in
 //! docs/control-plane.md).
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -89,10 +88,13 @@ pub fn signal(pid: i32, signal: i32) {
 }
 
 /// Starts `exe run --config CONFIG --runtime-dir RUNTIME` in its own session,
-/// stdin from /dev/null, stdout and stderr to `out` and `err`, and inside
-/// the cgroups whose `cgroup.procs` files `groups` lists (joined between
-/// fork and exec, so that no thread of the VMM runs outside them), with the
-/// shared regions of `regions` (its descriptors inherited, the rest not).
+/// stdin from /dev/null, stdout and stderr to `out` and `err`, inside the
+/// cgroups whose `cgroup.procs` files `groups` lists (joined between fork
+/// and exec, so that no thread of the VMM runs outside them), with file
+/// mode creation mask 077 (its files are private), with the shared regions
+/// of `regions`, and inheriting their descriptors and `inherit`
+/// (close-on-exec in the daemon, cleared only in the child, so no other
+/// child started meanwhile gets them).
 pub fn spawn_vmm(
     exe: &Path,
     config: &Path,
@@ -100,16 +102,20 @@ pub fn spawn_vmm(
     (out, err): (&Path, &Path),
     groups: &[std::path::PathBuf],
     regions: &crate::region::Handoff,
+    inherit: &[i32],
 ) -> Result<Child, ProcessError> {
     use std::os::unix::ffi::OsStrExt;
     let groups: Vec<std::ffi::CString> = groups
         .iter()
         .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_bytes()).ok())
         .collect();
-    let open =
-        |p: &Path| File::create(p).map_err(|e| ProcessError::Log(p.display().to_string(), e));
+    let open = |p: &Path| {
+        crate::files::create_private(p).map_err(|e| ProcessError::Log(p.display().to_string(), e))
+    };
     let stdout = open(out)?;
-    let stderr = open(err)?;
+    // Readable and appended to, so that the VMM can keep it bounded.
+    let stderr = crate::files::create_private_log(err)
+        .map_err(|e| ProcessError::Log(err.display().to_string(), e))?;
     let mut command = Command::new(exe);
     command
         .arg0("ferrovisor")
@@ -127,21 +133,25 @@ pub fn spawn_vmm(
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr);
-    let inherit = regions.fds.clone();
+    let mut inherit = inherit.to_vec();
+    inherit.extend_from_slice(&regions.fds);
     // SAFETY: the closure runs in the child between fork and exec and only
-    // calls setsid and fcntl, which are async-signal-safe.
+    // calls setsid, open/write/close (joining cgroups), umask and fcntl,
+    // which are async-signal-safe; it reads `groups` and `inherit`,
+    // allocated before the fork, and allocates nothing.
     unsafe {
         command.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            for procs in &groups {
+                join_cgroup(procs)?;
+            }
+            libc::umask(0o077);
             for &fd in &inherit {
                 if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-            }
-            for procs in &groups {
-                join_cgroup(procs)?;
             }
             Ok(())
         });

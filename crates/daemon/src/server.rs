@@ -14,17 +14,25 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::access::{self, AccessError, AuditLog, UidLimits};
 use crate::api::{self, Reply, Route};
 use crate::daemon::Daemon;
-use crate::http::{self, HttpError, MAX_BODY};
+use crate::files;
+use crate::http::{self, DeadlineStream, HttpError, MAX_BODY};
+use crate::images::{ImagesError, Policy, RootSpec, Roots, Taps, DEFAULT_TAPS};
 
 /// The API socket when `--socket` is not given.
 pub const DEFAULT_SOCKET: &str = "/run/ferrovisor/api.sock";
 /// The state directory when `--state-dir` is not given.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferrovisor";
+/// The image root in the state directory when no `--images` is given.
+pub const DEFAULT_IMAGES: &str = "images";
 /// Connections served at once; more get 503.
 const MAX_CONNECTIONS: usize = 256;
-/// How long a client may take to send its request.
+/// Connections served at once for one peer uid; more get 503, so one user
+/// cannot take every place.
+pub const MAX_CONNECTIONS_PER_UID: usize = 64;
+/// How long a client may take to send its whole request (head and body).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the listener waits after a failed accept before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -38,83 +46,184 @@ pub enum ServeError {
     StateDir(String, #[source] std::io::Error),
     #[error("another daemon is already listening on {0}")]
     InUse(String),
+    #[error("{0} exists and is not a socket; not removing it")]
+    NotASocket(String),
     #[error("cannot listen on {0}")]
     Bind(String, #[source] std::io::Error),
     #[error("cannot find the daemon's own executable")]
     Exe(#[source] std::io::Error),
+    #[error(transparent)]
+    Images(#[from] ImagesError),
+    #[error(transparent)]
+    Access(#[from] AccessError),
 }
 
-/// Where the daemon listens and keeps its guests.
+/// Where the daemon listens and keeps its guests, and what guests and
+/// clients may do.
 #[derive(Debug, Clone)]
 pub struct Options {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
+    /// Image roots; none means `STATE_DIR/images`.
+    pub images: Vec<RootSpec>,
+    /// Taps guests may use (`--taps`); `None` means [`DEFAULT_TAPS`].
+    pub taps: Option<Taps>,
+    /// A group whose members may use the API besides root (`--group`).
+    pub group: Option<String>,
 }
 
-/// Binds `socket`, replacing a stale socket file nobody listens on.
-fn bind(socket: &Path) -> Result<UnixListener, ServeError> {
+/// Binds `socket`, replacing a stale socket nobody listens on; a live
+/// socket, or anything that is not a socket, is left alone. The socket is
+/// 0660 with group `group` when one is given, else 0600.
+fn bind(socket: &Path, group: Option<u32>) -> Result<UnixListener, ServeError> {
+    use std::os::unix::fs::FileTypeExt;
     let shown = socket.display().to_string();
     if let Some(parent) = socket.parent() {
         std::fs::create_dir_all(parent).map_err(|e| ServeError::Bind(shown.clone(), e))?;
     }
-    if socket.exists() {
-        if UnixStream::connect(socket).is_ok() {
-            return Err(ServeError::InUse(shown));
+    match std::fs::symlink_metadata(socket) {
+        Ok(meta) if !meta.file_type().is_socket() => return Err(ServeError::NotASocket(shown)),
+        Ok(_) => {
+            if UnixStream::connect(socket).is_ok() {
+                return Err(ServeError::InUse(shown));
+            }
+            std::fs::remove_file(socket).map_err(|e| ServeError::Bind(shown.clone(), e))?;
         }
-        let _ = std::fs::remove_file(socket);
+        Err(_) => {}
     }
     let listener = UnixListener::bind(socket).map_err(|e| ServeError::Bind(shown.clone(), e))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
+    let mode = match group {
+        Some(gid) => {
+            std::os::unix::fs::chown(socket, None, Some(gid))
+                .map_err(|e| ServeError::Bind(shown.clone(), e))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))
         .map_err(|e| ServeError::Bind(shown, e))?;
     Ok(listener)
 }
 
+/// What every connection thread shares.
+struct Shared {
+    daemon: Daemon,
+    audit: AuditLog,
+    policy: access::Policy,
+    per_uid: Arc<UidLimits>,
+    active: AtomicUsize,
+}
+
+/// The daemon's guest policy from its options.
+fn guest_policy(options: &Options) -> Result<Policy, ServeError> {
+    let default_root;
+    let specs = if options.images.is_empty() {
+        let dir = options.state_dir.join(DEFAULT_IMAGES);
+        files::private_dir(&dir).map_err(|e| ServeError::StateDir(dir.display().to_string(), e))?;
+        default_root = [RootSpec { dir, block: false }];
+        &default_root[..]
+    } else {
+        &options.images[..]
+    };
+    let taps = match &options.taps {
+        Some(t) => t.clone(),
+        None => Taps::parse(DEFAULT_TAPS)?,
+    };
+    Ok(Policy {
+        roots: Roots::open(specs)?,
+        taps,
+    })
+}
+
 /// Runs the daemon until it is killed.
 pub fn serve(options: &Options) -> Result<(), ServeError> {
+    // Everything the daemon and its VMMs create is private to root.
+    // SAFETY: umask has no memory effects.
+    unsafe { libc::umask(0o077) };
     // /proc/self/exe stays valid even if the binary is replaced on disk.
     let exe = PathBuf::from("/proc/self/exe");
     std::fs::metadata(&exe).map_err(ServeError::Exe)?;
+    let mut options = options.clone();
     let shown = options.state_dir.display().to_string();
-    let daemon =
-        Daemon::open(&options.state_dir, exe).map_err(|e| ServeError::StateDir(shown, e))?;
+    options.state_dir = std::path::absolute(&options.state_dir)
+        .map_err(|e| ServeError::StateDir(shown.clone(), e))?;
+    let group = options.group.as_deref().map(access::group_id).transpose()?;
+    files::private_dir(&options.state_dir).map_err(|e| ServeError::StateDir(shown.clone(), e))?;
+    let guests = guest_policy(&options)?;
+    let roots = guests.roots.describe();
+    let daemon = Daemon::open(&options.state_dir, exe, guests)
+        .map_err(|e| ServeError::StateDir(shown, e))?;
     for (name, why) in &daemon.broken {
         eprintln!("ferrovisor daemon: skipping guest '{name}': {why}");
     }
-    let listener = bind(&options.socket)?;
+    let audit = AuditLog::open(&options.state_dir)?;
+    let listener = bind(&options.socket, group)?;
     eprintln!(
-        "ferrovisor daemon: listening on {} with {} guest(s) from {}",
+        "ferrovisor daemon: listening on {} with {} guest(s) from {}; image roots: {roots}",
         options.socket.display(),
         daemon.all().len(),
         options.state_dir.display()
     );
-    let daemon = Arc::new(daemon);
-    let active = Arc::new(AtomicUsize::new(0));
+    // SAFETY: geteuid has no memory effects.
+    let own_uid = unsafe { libc::geteuid() };
+    let shared = Arc::new(Shared {
+        daemon,
+        audit,
+        policy: access::Policy { own_uid, group },
+        per_uid: UidLimits::new(MAX_CONNECTIONS_PER_UID),
+        active: AtomicUsize::new(0),
+    });
     for stream in listener.incoming() {
-        let mut stream = match stream {
-            Ok(stream) => stream,
+        match stream {
+            Ok(stream) => admit(&shared, stream),
             Err(e) => {
                 // Out of descriptors (EMFILE) or memory: retrying at once
                 // would spin; wait for connections to finish.
                 if !matches!(e.kind(), std::io::ErrorKind::Interrupted) {
                     std::thread::sleep(ACCEPT_BACKOFF);
                 }
-                continue;
             }
-        };
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            active.fetch_sub(1, Ordering::SeqCst);
-            let body = Reply::error(503, "too many connections").body.to_string();
-            let _ = http::write_response(&mut stream, 503, "application/json", body.as_bytes());
-            continue;
         }
-        let daemon = daemon.clone();
-        let active = active.clone();
-        std::thread::spawn(move || {
-            serve_connection(&daemon, stream);
-            active.fetch_sub(1, Ordering::SeqCst);
-        });
     }
     Ok(())
+}
+
+/// Checks a new connection's peer and places, then serves it on a thread
+/// of its own. A refused peer gets one 403 line, a peer over a limit 503.
+fn admit(shared: &Arc<Shared>, mut stream: UnixStream) {
+    // A refusal is a few bytes; a peer that does not read is not waited for.
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let Ok(peer) = access::peer(&stream) else {
+        return;
+    };
+    if !shared.policy.allows(&peer) {
+        shared.audit.record(&peer, None, None, 403);
+        let reply = Reply::error(403, format!("uid {} may not use this API", peer.uid));
+        return send(&mut stream, &reply);
+    }
+    if shared.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+        shared.active.fetch_sub(1, Ordering::SeqCst);
+        return send(&mut stream, &Reply::error(503, "too many connections"));
+    }
+    let Some(slot) = shared.per_uid.take(peer.uid) else {
+        shared.active.fetch_sub(1, Ordering::SeqCst);
+        let reply = Reply::error(503, format!("too many connections from uid {}", peer.uid));
+        return send(&mut stream, &reply);
+    };
+    let _ = stream.set_write_timeout(None);
+    let shared = shared.clone();
+    std::thread::spawn(move || {
+        let request = serve_connection(&shared.daemon, stream);
+        if let Some((method, path, status)) = request {
+            if access::is_mutating(&method) {
+                shared
+                    .audit
+                    .record(&peer, Some(&method), Some(&path), status);
+            }
+        }
+        drop(slot);
+        shared.active.fetch_sub(1, Ordering::SeqCst);
+    });
 }
 
 fn send(stream: &mut UnixStream, reply: &Reply) {
@@ -122,33 +231,41 @@ fn send(stream: &mut UnixStream, reply: &Reply) {
     let _ = http::write_response(stream, reply.status, "application/json", body.as_bytes());
 }
 
-/// Serves one connection: one request, one response or stream.
-pub fn serve_connection(daemon: &Daemon, mut stream: UnixStream) {
-    let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
-    let Ok(read_half) = stream.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(read_half);
-    let Ok(mut continue_half) = stream.try_clone() else {
-        return;
-    };
+/// Serves one connection: one request, one response or stream. Returns
+/// the request's method and path and the status answered, once a request
+/// was read.
+pub fn serve_connection(daemon: &Daemon, mut stream: UnixStream) -> Option<(String, String, u16)> {
+    let read_half = stream.try_clone().ok()?;
+    let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
+    let mut reader = BufReader::new(DeadlineStream::new(read_half, deadline));
+    let mut continue_half = stream.try_clone().ok()?;
     let mut on_continue = || continue_half.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
     let request = match http::read_request_with(&mut reader, MAX_BODY, &mut on_continue) {
         Ok(r) => r,
-        Err(HttpError::Closed) => return,
-        Err(HttpError::Io(_)) => return,
+        Err(HttpError::Closed) | Err(HttpError::Io(_)) => return None,
         Err(e @ HttpError::BodyTooLarge(_)) => {
-            return send(&mut stream, &Reply::error(413, e.to_string()));
+            send(&mut stream, &Reply::error(413, e.to_string()));
+            return None;
         }
         Err(e) => {
             let reply = Reply::error(400, format!("malformed request: {e}"));
-            return send(&mut stream, &reply);
+            send(&mut stream, &reply);
+            return None;
         }
     };
-    match api::route(daemon, &request) {
-        Route::Reply(reply) => send(&mut stream, &reply),
-        Route::Events => stream_events(daemon, stream),
-        Route::ConsoleLog(name, tail) => console_log(daemon, &name, tail, &mut stream),
+    let status = match api::route(daemon, &request) {
+        Route::Reply(reply) => {
+            send(&mut stream, &reply);
+            reply.status
+        }
+        Route::Events => {
+            stream_events(daemon, stream);
+            200
+        }
+        Route::ConsoleLog(name, tail) => {
+            console_log(daemon, &name, tail, &mut stream);
+            200
+        }
         Route::ConsoleAttach(name) => {
             let upgrade = request.header("upgrade").unwrap_or("");
             if !upgrade.eq_ignore_ascii_case(CONSOLE_PROTOCOL) {
@@ -156,11 +273,15 @@ pub fn serve_connection(daemon: &Daemon, mut stream: UnixStream) {
                     400,
                     format!("console attach needs 'Connection: Upgrade' and 'Upgrade: {CONSOLE_PROTOCOL}'"),
                 );
-                return send(&mut stream, &reply);
+                send(&mut stream, &reply);
+                400
+            } else {
+                console_attach(daemon, &name, reader, stream);
+                101
             }
-            console_attach(daemon, &name, reader, stream);
         }
-    }
+    };
+    Some((request.method, request.path, status))
 }
 
 /// Whether the peer has closed its end (a read would return 0 now).
@@ -236,7 +357,7 @@ fn console_log(daemon: &Daemon, name: &str, tail: Option<u64>, stream: &mut Unix
 fn console_attach(
     daemon: &Daemon,
     name: &str,
-    mut reader: BufReader<UnixStream>,
+    mut reader: BufReader<DeadlineStream>,
     mut stream: UnixStream,
 ) {
     let Ok(guest) = daemon.get(name) else {
@@ -266,12 +387,14 @@ fn console_attach(
     if stream.write_all(head.as_bytes()).is_err() {
         return;
     }
-    let _ = stream.set_read_timeout(None);
+    if reader.get_mut().clear_deadline().is_err() {
+        return;
+    }
     bridge(&mut reader, stream, console);
 }
 
 /// Copies bytes both ways until either side closes.
-fn bridge(client_in: &mut BufReader<UnixStream>, client_out: UnixStream, console: UnixStream) {
+fn bridge(client_in: &mut BufReader<DeadlineStream>, client_out: UnixStream, console: UnixStream) {
     let Ok(mut console_in) = console.try_clone() else {
         return;
     };
@@ -282,7 +405,7 @@ fn bridge(client_in: &mut BufReader<UnixStream>, client_out: UnixStream, console
     if console_out.write_all(&early).is_err() {
         return;
     }
-    let Ok(mut client_raw) = client_in.get_ref().try_clone() else {
+    let Ok(mut client_raw) = client_in.get_ref().get_ref().try_clone() else {
         return;
     };
     let upstream = std::thread::spawn(move || {

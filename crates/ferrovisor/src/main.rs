@@ -24,7 +24,8 @@ Usage:
                  [--uuid UUID] [--seccomp on|log|off]
                  [--runtime-dir DIR] [--stats]
   ferrovisor run --config GUEST.toml [--seccomp on|log|off] [--runtime-dir DIR] [--stats]
-  ferrovisor daemon [--socket PATH] [--state-dir DIR]
+  ferrovisor daemon [--socket PATH] [--state-dir DIR] [--images DIR[,block=on]]...
+                    [--taps NAME|PREFIX*,...] [--group NAME]
   ferrovisor up SYSTEM.toml | create FILE [--name N] [--start]
   ferrovisor start|pause|resume|stop|kill|delete|info|console NAME
   ferrovisor list | top

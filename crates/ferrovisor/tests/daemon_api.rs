@@ -771,19 +771,26 @@ fn an_operation_queued_behind_a_delete_finds_no_guest_and_leaves_nothing() {
 fn a_guest_that_cannot_boot_is_refused_at_create_or_start() {
     let d = TestDaemon::start();
     // Files that are not there: 400 at create, naming the field.
+    let missing = d.dir.join("nonexistent/vmlinuz");
     let (status, reply) = d.call(
         "POST",
         "/guests",
-        Some(json!({"name": "nokernel", "config": "kernel = \"/nonexistent/vmlinuz\"\n"})),
+        Some(
+            json!({"name": "nokernel", "config": format!("kernel = \"{}\"\n", missing.display())}),
+        ),
     );
     assert_eq!(status, 400, "{reply}");
     assert_eq!(
         reply["error"],
-        "bad guest description: kernel: /nonexistent/vmlinuz: No such file or directory"
+        format!(
+            "bad guest description: kernel: {}: No such file or directory",
+            missing.display()
+        )
     );
     let disk = format!(
-        "{}[[disk]]\npath = \"/nonexistent/disk.img\"\n",
-        echo_description()
+        "{}[[disk]]\npath = \"{}/disk.img\"\n",
+        echo_description(),
+        d.dir.display()
     );
     let (status, reply) = d.call(
         "POST",
@@ -791,11 +798,12 @@ fn a_guest_that_cannot_boot_is_refused_at_create_or_start() {
         Some(json!({"name": "nodisk", "config": disk})),
     );
     assert_eq!(status, 400, "{reply}");
+    let want = format!(
+        "disk[0].path: {}/disk.img: No such file or directory",
+        d.dir.display()
+    );
     assert!(
-        reply["error"]
-            .as_str()
-            .expect("error")
-            .ends_with("disk[0].path: /nonexistent/disk.img: No such file or directory"),
+        reply["error"].as_str().expect("error").ends_with(&want),
         "{reply}"
     );
     assert!(d.guest_dirs().is_empty(), "{:?}", d.guest_dirs());
@@ -974,8 +982,9 @@ fn the_cli_checks_names_and_timeouts_before_asking() {
 #[test]
 fn connections_beyond_the_limit_get_503_and_the_daemon_recovers() {
     let d = TestDaemon::start();
-    // Idle connections that have not sent their request yet hold a slot.
-    let held: Vec<_> = (0..256)
+    // Idle connections that have not sent their request yet hold a slot;
+    // one uid has MAX_CONNECTIONS_PER_UID of them.
+    let held: Vec<_> = (0..daemon::server::MAX_CONNECTIONS_PER_UID)
         .map(|_| std::os::unix::net::UnixStream::connect(&d.socket).expect("connect"))
         .collect();
     let mut extra = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");

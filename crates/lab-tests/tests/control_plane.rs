@@ -37,6 +37,7 @@ impl Daemon {
             .arg(&socket)
             .arg("--state-dir")
             .arg(dir.join("state"))
+            .args(image_roots())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -117,6 +118,19 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `--images` flags for the directories of the kit's kernel and initramfs:
+/// the daemon takes guest files only from its image roots.
+fn image_roots() -> Vec<PathBuf> {
+    let mut flags = Vec::new();
+    for var in ["FERROVISOR_KERNEL", "FERROVISOR_INITRAMFS"] {
+        let file = env_path(var);
+        let dir = file.parent().expect("a file in a directory").to_path_buf();
+        flags.push(PathBuf::from("--images"));
+        flags.push(dir);
+    }
+    flags
 }
 
 /// A guest file for the kit's kernel: no command, so /init starts a shell

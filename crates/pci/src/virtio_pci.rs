@@ -28,6 +28,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use virtio::queue::Worker;
 use virtio::{
     status, ActiveQueue, Interrupt, InterruptKind, Memory, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -218,6 +219,11 @@ pub struct VirtioPciDevice {
     queue_select: u16,
     queues: Vec<QueueRegs>,
     activated: bool,
+    /// The worker of a reset still finishing its last chain, and the status
+    /// the driver reads until it has ended (the driver waits for 0 before
+    /// it sets the device up again, so no vCPU waits for a worker, nor
+    /// with the bus locked).
+    resetting: Option<(Worker, u8)>,
 }
 
 impl std::fmt::Debug for VirtioPciDevice {
@@ -348,6 +354,7 @@ impl VirtioPciDevice {
             driver_features: 0,
             queue_select: 0,
             activated: false,
+            resetting: None,
         })
     }
 
@@ -356,9 +363,26 @@ impl VirtioPciDevice {
         IntxResampler(self.irq.clone())
     }
 
-    /// The device status register.
+    /// The device status register: while a reset waits for the device's
+    /// worker, the status from before the reset, so the driver sees the
+    /// reset is not complete.
     pub fn status(&self) -> u8 {
-        self.irq.status.load(Ordering::Acquire)
+        match &self.resetting {
+            Some((worker, before)) if !worker.is_finished() => *before,
+            _ => self.irq.status.load(Ordering::Acquire),
+        }
+    }
+
+    /// Joins the worker of a pending reset once it has ended (which then
+    /// does not wait).
+    fn reap_reset(&mut self) {
+        if self
+            .resetting
+            .as_ref()
+            .is_some_and(|(w, _)| w.is_finished())
+        {
+            self.resetting = None;
+        }
     }
 
     fn set_status_bits(&self, bits: u8) {
@@ -578,6 +602,8 @@ impl VirtioPciDevice {
     }
 
     fn activate(&mut self) {
+        // A driver that did not wait for its reset to complete waits here.
+        self.resetting = None;
         let Some(queues) = self.build_queues() else {
             self.needs_reset();
             return;
@@ -596,7 +622,10 @@ impl VirtioPciDevice {
     /// its default.
     fn reset(&mut self) {
         if self.activated {
-            self.device.reset();
+            let before = self.status();
+            if let Some(worker) = self.device.reset() {
+                self.resetting = Some((worker, before));
+            }
             self.activated = false;
         }
         self.irq.status.store(0, Ordering::Release);
@@ -638,6 +667,7 @@ impl PciFunction for VirtioPciDevice {
     }
 
     fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        self.reap_reset();
         data.fill(0);
         if bar != 0 {
             return;

@@ -141,16 +141,30 @@ impl Block {
     /// Opens the raw image at `path` (read-only if `readonly`) as a disk
     /// whose GET_ID answer is `serial` (at most 20 bytes).
     pub fn open(path: &Path, readonly: bool, serial: &str) -> Result<Block, BlockError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(path)
+            .map_err(|e| BlockError::Open {
+                path: path.to_path_buf(),
+                source: e,
+            })?;
+        Block::from_file(file, path, readonly, serial)
+    }
+
+    /// A disk on the image `file` opened already (for writing too unless
+    /// `readonly`); `path` names it in errors.
+    pub fn from_file(
+        mut file: File,
+        path: &Path,
+        readonly: bool,
+        serial: &str,
+    ) -> Result<Block, BlockError> {
         let serial_bytes = serial_bytes(path, serial)?;
         let open = |e| BlockError::Open {
             path: path.to_path_buf(),
             source: e,
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(path)
-            .map_err(open)?;
         let meta = file.metadata().map_err(open)?;
         let kind = meta.file_type();
         use std::os::unix::fs::FileTypeExt;
@@ -286,9 +300,9 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
-    fn reset(&mut self) {
-        // Dropping the worker stops it and waits for its thread.
-        self.worker = None;
+    fn reset(&mut self) -> Option<Worker> {
+        // Told to stop; the transport waits for it off the bus lock.
+        self.worker.take().map(Worker::stopping)
     }
 }
 

@@ -21,6 +21,7 @@ pub mod block;
 pub mod console;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fuzzing;
+pub mod log_limit;
 pub mod queue;
 pub mod rate_limiter;
 pub mod rng;
@@ -132,11 +133,13 @@ pub trait VirtioDevice: Send {
         features: u64,
     ) -> Result<(), ActivateError>;
     /// Stops serving the queues and returns to the state before activation.
-    /// When it returns, the device no longer touches guest memory. It runs
-    /// on the vCPU that wrote the status, with the PCI bus locked, so it
-    /// must return promptly whatever the driver queued: a device waits for
-    /// at most one chain in progress and bounds the work of one chain.
-    fn reset(&mut self);
+    /// It runs on the vCPU that wrote the status, with the PCI bus locked,
+    /// so it must not wait: a device with a worker tells it to stop and
+    /// hands it back. The worker finishes at most the chain in progress
+    /// (whose work is bounded) and then no longer touches guest memory;
+    /// the transport keeps the reset pending (the status does not read 0)
+    /// until the worker has ended, and joins it then.
+    fn reset(&mut self) -> Option<queue::Worker>;
 }
 
 /// Checks that the driver made ready exactly the `want` queues a device uses.

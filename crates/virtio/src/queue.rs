@@ -609,9 +609,11 @@ impl QueueSet {
             return;
         }
         q.broken = true;
-        eprintln!(
+        crate::guest_log!(
             "{}: queue {}: {}; the device needs a reset",
-            self.name, q.index, err
+            self.name,
+            q.index,
+            err
         );
         if !self.reported {
             self.reported = true;
@@ -798,6 +800,20 @@ impl Worker {
         })
     }
 
+    /// Tells the thread to stop without waiting for it, and returns the
+    /// worker: dropping it (or [`Worker::stop`]) then waits.
+    pub fn stopping(self) -> Worker {
+        self.flag.store(true, Ordering::Release);
+        // A failed write leaves the counter non-zero already.
+        let _ = self.stop.write(1);
+        self
+    }
+
+    /// Whether the thread has ended (joining it will not wait).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
     /// Stops the thread and waits for it. When this returns the handler has
     /// been dropped and no guest memory access happens any more. The
     /// handler sees the stop between chains ([`QueueSet::stopping`]) and
@@ -832,11 +848,11 @@ fn run<H: QueueHandler>(epoll: Arc<Epoll>, mut set: QueueSet, mut handler: H) {
     match result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            eprintln!("{name}: the worker stopped: {e}; the device needs a reset");
+            crate::guest_log!("{name}: the worker stopped: {e}; the device needs a reset");
             interrupt.set_needs_reset();
         }
         Err(_) => {
-            eprintln!("{name}: the worker panicked; the device needs a reset");
+            crate::guest_log!("{name}: the worker panicked; the device needs a reset");
             interrupt.set_needs_reset();
         }
     }

@@ -84,9 +84,9 @@ impl VirtioDevice for Rng {
         Ok(())
     }
 
-    fn reset(&mut self) {
-        // Dropping the worker stops it and waits for its thread.
-        self.worker = None;
+    fn reset(&mut self) -> Option<Worker> {
+        // Told to stop; the transport waits for it off the bus lock.
+        self.worker.take().map(Worker::stopping)
     }
 }
 
@@ -108,7 +108,7 @@ fn fill_chain(mem: &Memory, chain: &Chain, buf: &mut [u8]) -> Result<u32, QueueE
     let buf = &mut buf[..want];
     if let Err(e) = getrandom(buf) {
         // The host failed, not the driver: hand the buffer back empty.
-        eprintln!("virtio-rng: {e}");
+        crate::guest_log!("virtio-rng: {e}");
         return Ok(0);
     }
     let mut offset = 0usize;

@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod dump;
 pub mod exit;
 pub mod gate;
+pub mod guest_file;
 pub mod loader;
 pub mod machine;
 pub mod memory;
@@ -20,6 +21,7 @@ pub mod runtime;
 pub mod sched;
 pub mod seccomp;
 pub mod stats;
+pub mod stderr_log;
 pub mod vcpu;
 pub mod vm;
 

@@ -287,6 +287,27 @@ fn default_mac(index: usize) -> [u8; 6] {
     virtio::net::local_mac(u64::from(std::process::id()) << 16 | index as u64)
 }
 
+/// Opens a disk image (a path or an inherited `fd:N`) and takes its lock:
+/// a write lock for a read-write disk, a read lock for a read-only one.
+fn open_disk(
+    disk: &DiskConfig,
+    serial: &str,
+) -> Result<virtio::block::Block, Box<dyn std::error::Error + Send + Sync>> {
+    let file = crate::guest_file::open(&disk.path, !disk.readonly).map_err(|e| {
+        Box::new(virtio::block::BlockError::Open {
+            path: disk.path.clone(),
+            source: e,
+        })
+    })?;
+    crate::guest_file::lock(&file, !disk.readonly, &disk.path)?;
+    Ok(virtio::block::Block::from_file(
+        file,
+        &disk.path,
+        disk.readonly,
+        serial,
+    )?)
+}
+
 /// The virtio devices a configuration asks for, and the console's input
 /// when the console is a virtio one.
 #[derive(Debug, Default)]
@@ -318,8 +339,11 @@ pub fn devices_from_config(config: &VmConfig) -> Result<DeviceSet, PciError> {
         let limiter = limits
             .add(format!("disk{index}"), disk.rate)
             .map_err(device_error(flag.clone()))?;
-        let block = virtio::block::Block::open(&disk.path, disk.readonly, &serial)
-            .map_err(device_error(flag.clone()))?
+        let block = open_disk(disk, &serial)
+            .map_err(|e| PciError::Device {
+                flag: flag.clone(),
+                source: e,
+            })?
             .with_rate_limiter(limiter);
         set.push(flag, Box::new(block));
     }

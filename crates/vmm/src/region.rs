@@ -19,7 +19,7 @@
 //! counted).
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -153,10 +153,8 @@ impl RegionBacking {
                 (file, Some(RegionEventFds { own, peers }))
             }
             None => {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(!config.readonly)
-                    .open(path)
+                // A path, or a descriptor the daemon opened (`fd:N`).
+                let file = crate::guest_file::open(path, !config.readonly)
                     .map_err(|e| RegionError::Open(path.clone(), e))?;
                 (file, None)
             }

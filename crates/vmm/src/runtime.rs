@@ -11,7 +11,9 @@
 //!   feeds what clients send to the guest's console input (stdin is not
 //!   read, stdout not written);
 //! - writes `DIR/exit.json` (`{"status":N,"reason":"..."}`) atomically
-//!   just before the process exits ([`write_exit_record`]).
+//!   just before the process exits ([`write_exit_record`]);
+//! - keeps its stderr, when that is a file (the daemon's `vmm.err`), bounded
+//!   like the console log (`stderr_log`).
 //!
 //! Two threads serve it: `control` answers the control socket one
 //! connection at a time, and `console` moves output from the guest to the
@@ -23,6 +25,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -153,7 +156,11 @@ impl ConsoleLog {
     /// Opens the log with other limits (for tests): past `limit` bytes it
     /// is rewritten to its last `keep` bytes.
     pub fn with_limits(path: &Path, limit: u64, keep: u64) -> io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
         let size = file.metadata()?.len();
         let mut log = Self {
             path: path.to_path_buf(),
@@ -193,7 +200,13 @@ impl ConsoleLog {
         reader.seek(SeekFrom::End(-(self.keep.min(self.size) as i64)))?;
         reader.take(self.keep).read_to_end(&mut tail)?;
         let temp = self.path.with_extension("log.tmp");
-        std::fs::write(&temp, &tail)?;
+        OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp)?
+            .write_all(&tail)?;
         std::fs::rename(&temp, &self.path)?;
         self.file = OpenOptions::new().append(true).open(&self.path)?;
         self.size = tail.len() as u64;
@@ -275,7 +288,12 @@ struct ConsoleServer {
     input: InputSink,
     /// Client input the guest has not taken yet.
     pending_input: Vec<u8>,
+    /// When stderr (`vmm.err`) was last checked against its bound.
+    stderr_checked: Instant,
 }
+
+/// How often the console thread bounds the VMM's stderr.
+const STDERR_CHECK: Duration = Duration::from_secs(1);
 
 impl ConsoleServer {
     /// Serves until the VMM finishes, then marks the hub done.
@@ -297,6 +315,15 @@ impl ConsoleServer {
             self.clients.retain(|c| !c.hung_up);
             self.accept();
             self.feed_input();
+            if self.stderr_checked.elapsed() >= STDERR_CHECK {
+                self.stderr_checked = Instant::now();
+                // Best effort, as the console log: a failure leaves it long.
+                let _ = crate::stderr_log::bound(
+                    libc::STDERR_FILENO,
+                    crate::stderr_log::LIMIT,
+                    crate::stderr_log::KEEP,
+                );
+            }
         }
         let mut state = self.hub.lock();
         state.done = true;
@@ -332,8 +359,13 @@ impl ConsoleServer {
                 revents: 0,
             });
         }
-        // Input the guest's FIFO could not take yet is offered again soon.
-        let timeout = if self.pending_input.is_empty() { -1 } else { 5 };
+        // Input the guest's FIFO could not take yet is offered again soon;
+        // else wake now and then to bound stderr.
+        let timeout = if self.pending_input.is_empty() {
+            STDERR_CHECK.as_millis() as i32
+        } else {
+            5
+        };
         // SAFETY: `fds` is a valid array of pollfd of the length given.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if ready <= 0 {
@@ -534,14 +566,14 @@ fn read_request(stream: &mut UnixStream) -> Result<String, String> {
     String::from_utf8(line).map_err(|_| "the request is not UTF-8".into())
 }
 
-fn serve_control(listener: UnixListener, vm: LiveVm) {
+fn serve_control(listener: Arc<UnixListener>, vm: LiveVm) {
     // Wait (briefly) until every vCPU thread has reported its id, so that
     // `info` never shows a vCPU without one.
     let deadline = Instant::now() + Duration::from_secs(2);
     while vm.control.vcpu_tids().contains(&0) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
-    for stream in listener.incoming() {
+    for stream in listener.as_ref().incoming() {
         let Ok(mut stream) = stream else {
             if vm.control.is_stopping() {
                 return;
@@ -692,8 +724,10 @@ pub struct Runtime {
     hub: Arc<Hub>,
     control: Option<UnixListener>,
     console: Option<(UnixListener, ConsoleLog)>,
-    /// The control listener's descriptor, to wake its thread at the end.
-    control_fd: Option<i32>,
+    /// The control listener, shared with its thread: held here so that
+    /// its descriptor stays open (and ours) until the end, when shutting
+    /// it down wakes the thread's accept.
+    serving_control: Option<Arc<UnixListener>>,
 }
 
 impl Runtime {
@@ -724,7 +758,7 @@ impl Runtime {
             hub,
             control: Some(control),
             console: Some((console, log)),
-            control_fd: None,
+            serving_control: None,
         })
     }
 
@@ -739,6 +773,7 @@ impl Runtime {
                 clients: Vec::new(),
                 input: vm.input,
                 pending_input: Vec::new(),
+                stderr_checked: Instant::now(),
             };
             std::thread::Builder::new()
                 .name("console".into())
@@ -749,7 +784,8 @@ impl Runtime {
                 .map_err(|e| RuntimeError::Thread("console", e))?;
         }
         if let Some(listener) = self.control.take() {
-            self.control_fd = Some(listener.as_raw_fd());
+            let listener = Arc::new(listener);
+            self.serving_control = Some(listener.clone());
             let live = LiveVm {
                 control: vm.control,
                 keyboard: vm.keyboard,
@@ -781,15 +817,16 @@ impl Runtime {
     /// stops serving, and (on drop) removes the sockets. The exit record
     /// comes later, from whoever decides the exit status.
     pub fn finish(self) {
-        if let Some(fd) = self.control_fd {
-            // SAFETY: shutting down a listening socket this process owns
-            // only makes its blocked accept() return.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        if let Some(listener) = &self.serving_control {
+            // SAFETY: the listener is open for as long as `listener` lives
+            // (the Arc keeps it), so the descriptor is ours; shutting it
+            // down only makes the control thread's blocked accept() return.
+            unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
         }
         let mut state = self.hub.lock();
         state.closing = true;
         let _ = self.hub.wake.write(1);
-        let started = self.control_fd.is_some();
+        let started = self.serving_control.is_some();
         let deadline = Instant::now() + FLUSH_TIMEOUT;
         while started && !state.done && Instant::now() < deadline {
             state = self

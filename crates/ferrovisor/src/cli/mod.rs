@@ -26,6 +26,9 @@ const COMMANDS: &[&str] = &[
 const USAGE: &str = "\
 Management commands (all take --socket PATH, default /run/ferrovisor/api.sock):
   ferrovisor daemon [--socket PATH] [--state-dir DIR]   serve the API (state: /var/lib/ferrovisor)
+        [--images DIR[,block=on]]...    where guest files may be (default: STATE/images)
+        [--taps NAME|PREFIX*,...]       taps guests may use (default: fv*)
+        [--group NAME]                  members may use the API besides root
   ferrovisor up SYSTEM.toml             create a system's guests, start those marked to start
   ferrovisor create FILE [--name N] [--start]   create a guest from a description
   ferrovisor start|pause|resume|kill|delete NAME
@@ -62,6 +65,9 @@ pub fn is_management(word: &str) -> bool {
     COMMANDS.contains(&word)
 }
 
+/// Flags that may be given more than once.
+const REPEATABLE: &[&str] = &["images"];
+
 /// The words of one command line after the subcommand: flags with values,
 /// switches, and positional words.
 #[derive(Debug, Default)]
@@ -90,7 +96,7 @@ impl Words {
                             .cloned()
                             .ok_or_else(|| CliError::Usage(format!("--{flag} needs a value")))?,
                     };
-                    if out.flags.iter().any(|(f, _)| f == flag) {
+                    if out.flags.iter().any(|(f, _)| f == flag) && !REPEATABLE.contains(&flag) {
                         return Err(CliError::Usage(format!("--{flag} given twice")));
                     }
                     out.flags.push((flag.to_string(), value));
@@ -106,6 +112,15 @@ impl Words {
             }
         }
         Ok(out)
+    }
+
+    /// Every value of a repeatable flag, in order.
+    fn flag_values(&self, name: &str) -> Vec<&str> {
+        self.flags
+            .iter()
+            .filter(|(f, _)| f == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
     }
 
     fn flag(&self, name: &str) -> Option<&str> {
@@ -196,11 +211,30 @@ fn run(command: &str, rest: &[String]) -> Result<ExitCode, CliError> {
 }
 
 fn serve(rest: &[String]) -> Result<ExitCode, CliError> {
-    let words = Words::parse(rest, &["socket", "state-dir"], &[])?;
-    words.exactly(0, "no arguments besides --socket and --state-dir")?;
+    let words = Words::parse(
+        rest,
+        &["socket", "state-dir", "images", "taps", "group"],
+        &[],
+    )?;
+    words.exactly(0, "no arguments besides the daemon's flags")?;
+    let usage = |e: daemon::images::ImagesError| CliError::Usage(e.to_string());
+    let images = words
+        .flag_values("images")
+        .into_iter()
+        .map(daemon::images::RootSpec::parse)
+        .collect::<Result<_, _>>()
+        .map_err(usage)?;
+    let taps = words
+        .flag("taps")
+        .map(daemon::images::Taps::parse)
+        .transpose()
+        .map_err(usage)?;
     let options = daemon::Options {
         socket: PathBuf::from(words.flag("socket").unwrap_or(daemon::DEFAULT_SOCKET)),
         state_dir: PathBuf::from(words.flag("state-dir").unwrap_or(daemon::DEFAULT_STATE_DIR)),
+        images,
+        taps,
+        group: words.flag("group").map(str::to_string),
     };
     daemon::serve(&options)?;
     Ok(ExitCode::SUCCESS)

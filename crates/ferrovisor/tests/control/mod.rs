@@ -54,6 +54,8 @@ pub struct TestDaemon {
     pub dir: PathBuf,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
+    /// Flags given to the daemon besides its socket and state directory.
+    pub flags: Vec<String>,
     child: Option<Child>,
     /// Environment variables the daemon (and so its VMMs) gets.
     env: Vec<(String, String)>,
@@ -62,19 +64,38 @@ pub struct TestDaemon {
 impl TestDaemon {
     /// Starts a daemon in a new, empty directory (short, for socket paths).
     pub fn start() -> TestDaemon {
-        Self::start_with_env(&[])
+        Self::start_full(&[], &[])
     }
 
     /// [`TestDaemon::start`], with extra environment variables.
     pub fn start_with_env(env: &[(&str, &str)]) -> TestDaemon {
+        Self::start_full(&[], env)
+    }
+
+    /// [`TestDaemon::start`], with extra daemon flags.
+    pub fn start_with(extra: &[&str]) -> TestDaemon {
+        Self::start_full(extra, &[])
+    }
+
+    /// Starts a daemon with `extra` flags and `env`. Its image roots are
+    /// the test directory and the directory of the tests' kernels.
+    pub fn start_full(extra: &[&str], env: &[(&str, &str)]) -> TestDaemon {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let dir = PathBuf::from(format!("/tmp/fvd-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("test dir");
+        let mut flags: Vec<String> = vec![
+            "--images".into(),
+            env!("CARGO_TARGET_TMPDIR").into(),
+            "--images".into(),
+            dir.display().to_string(),
+        ];
+        flags.extend(extra.iter().map(|s| s.to_string()));
         let mut daemon = TestDaemon {
             socket: dir.join("api.sock"),
             state_dir: dir.join("state"),
             dir,
+            flags,
             child: None,
             env: env
                 .iter()
@@ -99,6 +120,7 @@ impl TestDaemon {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(&self.flags)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

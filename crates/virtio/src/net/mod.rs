@@ -238,9 +238,9 @@ impl VirtioDevice for Net {
         Ok(())
     }
 
-    fn reset(&mut self) {
-        // Dropping the worker stops it and waits for its thread.
-        self.worker = None;
+    fn reset(&mut self) -> Option<Worker> {
+        // Told to stop; the transport waits for it off the bus lock.
+        self.worker.take().map(Worker::stopping)
     }
 }
 

@@ -154,7 +154,7 @@ impl NetHandler {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
                 Err(e) => {
-                    eprintln!("virtio-net: receiving from the backend failed: {e}");
+                    crate::guest_log!("virtio-net: receiving from the backend failed: {e}");
                     return None;
                 }
             }

@@ -38,7 +38,7 @@ use crate::{
 };
 pub use conn::BUF_ALLOC;
 use muxer::Muxer;
-pub use muxer::{HANDSHAKE_TIMEOUT, MAX_CONNS, MAX_PAYLOAD};
+pub use muxer::{HANDSHAKE_TIMEOUT, MAX_BUFFERED, MAX_CONNS, MAX_PAYLOAD};
 
 /// Size of each of the three queues (rx, tx, event).
 pub const QUEUE_SIZE: u16 = 256;
@@ -85,6 +85,8 @@ pub struct Vsock {
     uds_path: PathBuf,
     listener: UnixListener,
     worker: Option<Worker>,
+    /// Guest data all connections may buffer together.
+    buffer_budget: usize,
 }
 
 impl Vsock {
@@ -134,7 +136,14 @@ impl Vsock {
             uds_path: uds_path.to_path_buf(),
             listener,
             worker: None,
+            buffer_budget: muxer::MAX_BUFFERED,
         })
+    }
+
+    /// Changes how much guest data may be buffered for host sockets.
+    #[cfg(test)]
+    pub(crate) fn set_buffer_budget(&mut self, bytes: usize) {
+        self.buffer_budget = bytes;
     }
 
     /// The guest's CID.
@@ -187,8 +196,8 @@ impl VirtioDevice for Vsock {
         crate::expect_queues(&queues, 3)?;
         self.reset();
         let listener = self.listener.try_clone().map_err(ActivateError::Worker)?;
-        let muxer =
-            Muxer::new(self.cid, &self.uds_path, listener).map_err(ActivateError::Worker)?;
+        let muxer = Muxer::new(self.cid, &self.uds_path, listener, self.buffer_budget)
+            .map_err(ActivateError::Worker)?;
         let fd = muxer.epoll_fd();
         let set = QueueSet::new("virtio-vsock", mem, interrupt, queues, features);
         let worker = Worker::spawn("virtio-vsock", set, muxer, &[(fd, 0, EventSet::IN)])
@@ -197,10 +206,10 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 
-    fn reset(&mut self) {
-        // Dropping the worker stops it and waits for its thread; its state
-        // goes with it, closing every connection's socket.
-        self.worker = None;
+    fn reset(&mut self) -> Option<Worker> {
+        // Told to stop; the transport waits for it off the bus lock. Its
+        // state goes with it, closing every connection's socket.
+        self.worker.take().map(Worker::stopping)
     }
 }
 

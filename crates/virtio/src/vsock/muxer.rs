@@ -34,6 +34,11 @@ pub(crate) const TX: usize = 1;
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// Connections (and host programs still handshaking) at once.
 pub const MAX_CONNS: usize = 1024;
+/// Guest data buffered for all host sockets together: past it, the device
+/// stops taking the guest's transmit queue until host programs read, so
+/// the guest waits instead of the VMM holding MAX_CONNS x BUF_ALLOC. (The
+/// packet that crosses it is still taken: one payload more at most.)
+pub const MAX_BUFFERED: usize = 4 << 20;
 /// Control packets waiting for receive buffers before the device stops
 /// reading the transmit queue (each guest packet may need an answer).
 const MAX_CONTROL: usize = 1024;
@@ -95,11 +100,19 @@ pub(crate) struct Muxer {
     timer_armed: bool,
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
+    /// Guest data all connections may buffer together ([`MAX_BUFFERED`]).
+    budget: usize,
 }
 
 impl Muxer {
     /// A muxer serving `listener` (non-blocking) for the guest `cid`.
-    pub fn new(cid: u64, uds_path: &Path, listener: UnixListener) -> io::Result<Muxer> {
+    /// At most `budget` bytes of guest data are buffered for host sockets.
+    pub fn new(
+        cid: u64,
+        uds_path: &Path,
+        listener: UnixListener,
+        budget: usize,
+    ) -> io::Result<Muxer> {
         let epoll = Epoll::new()?;
         epoll.ctl(
             ControlOperation::Add,
@@ -135,6 +148,7 @@ impl Muxer {
             timer_armed: false,
             rx_buf: vec![0; MAX_PAYLOAD],
             tx_buf: vec![0; MAX_PAYLOAD],
+            budget,
         })
     }
 
@@ -150,7 +164,10 @@ impl Muxer {
                 self.process_tx(set);
             }
             self.process_rx(set);
-            if self.tx_paused && self.control.len() <= MAX_CONTROL / 2 {
+            if self.tx_paused
+                && self.control.len() <= MAX_CONTROL / 2
+                && self.buffered() < self.budget
+            {
                 self.tx_paused = false;
                 continue;
             }
@@ -159,6 +176,11 @@ impl Muxer {
     }
 
     // ---- guest to host -------------------------------------------------
+
+    /// Guest data buffered for all host sockets.
+    fn buffered(&self) -> usize {
+        self.conns.values().map(Conn::buffered).sum()
+    }
 
     pub(crate) fn process_tx(&mut self, set: &mut QueueSet) {
         if set.queues[TX].is_broken() {
@@ -181,9 +203,10 @@ impl Muxer {
             if stop.load(Ordering::Acquire) {
                 return Ok(());
             }
-            if self.control.len() >= MAX_CONTROL {
-                // The guest is not taking answers: stop reading its
-                // requests until it does.
+            if self.control.len() >= MAX_CONTROL || self.buffered() >= self.budget {
+                // The guest is not taking answers, or host programs are
+                // not taking its data: stop reading its requests until
+                // they do (a host socket's drain wakes the worker).
                 self.tx_paused = true;
                 return Ok(());
             }

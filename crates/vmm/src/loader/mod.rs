@@ -158,7 +158,8 @@ pub fn load<M: GuestMemoryBackend>(mem: &M, spec: &BootSpec) -> Result<LoadedKer
 /// Opens a kernel, initramfs or module, which must be a regular file: a
 /// directory, pipe or device would give no length or block forever.
 fn open(path: &Path) -> Result<File, LoaderError> {
-    let file = File::open(path).map_err(|e| LoaderError::Read(path.into(), e))?;
+    let file =
+        crate::guest_file::open(path, false).map_err(|e| LoaderError::Read(path.into(), e))?;
     let meta = file
         .metadata()
         .map_err(|e| LoaderError::Read(path.into(), e))?;

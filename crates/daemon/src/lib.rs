@@ -21,6 +21,7 @@ pub mod client;
 pub mod daemon;
 pub mod description;
 pub mod events;
+pub mod fuzz_entry;
 pub mod guest;
 pub mod http;
 pub mod limits;

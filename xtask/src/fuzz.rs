@@ -31,10 +31,21 @@ enum Budget {
     Runs(u64),
 }
 
-const USAGE: &str = "usage: cargo xtask fuzz [--seconds N | --runs N] [TARGET...]";
+const USAGE: &str =
+    "usage: cargo xtask fuzz [--seconds N | --runs N] [--sanitizer address|none] [TARGET...]";
 
-fn parse(args: &[String]) -> Result<(Budget, Vec<String>)> {
+/// What to run.
+#[derive(Debug)]
+struct Plan {
+    budget: Budget,
+    /// cargo-fuzz's sanitizer: `address` (the default) or `none`.
+    sanitizer: String,
+    targets: Vec<String>,
+}
+
+fn parse(args: &[String]) -> Result<Plan> {
     let mut budget = Budget::Seconds(60);
+    let mut sanitizer = "address".to_string();
     let mut targets = Vec::new();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -50,13 +61,22 @@ fn parse(args: &[String]) -> Result<(Budget, Vec<String>)> {
         match arg.as_str() {
             "--seconds" => budget = Budget::Seconds(number("--seconds")?),
             "--runs" => budget = Budget::Runs(number("--runs")?),
+            "--sanitizer" => match it.next().map(String::as_str) {
+                Some(s @ ("address" | "none")) => sanitizer = s.to_string(),
+                Some(other) => return Err(fail!("--sanitizer: '{other}' is not address or none")),
+                None => return Err(fail!("--sanitizer needs address or none; {USAGE}")),
+            },
             flag if flag.starts_with('-') => {
                 return Err(fail!("unknown option `{flag}`; {USAGE}"));
             }
             target => targets.push(target.to_string()),
         }
     }
-    Ok((budget, targets))
+    Ok(Plan {
+        budget,
+        sanitizer,
+        targets,
+    })
 }
 
 /// The fuzz crate's directory.
@@ -106,16 +126,25 @@ fn ensure_tools() -> Result<()> {
 }
 
 /// `cargo +nightly fuzz <sub> ...` with the shared options: optimised,
-/// debug assertions (so arithmetic overflow is caught), the fuzz build's
-/// own target directory.
-fn cargo_fuzz(sub: &str) -> Command {
+/// debug assertions (so arithmetic overflow is caught), the sanitizer, the
+/// fuzz build's own target directory. AddressSanitizer runs without its
+/// slowest checks (fake stacks for use after return, allocation stacks)
+/// unless `ASAN_OPTIONS` says otherwise.
+fn cargo_fuzz(sub: &str, sanitizer: &str) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.args(["+nightly", "fuzz", sub, "-O", "--debug-assertions"])
+        .args(["--sanitizer", sanitizer])
         .arg("--fuzz-dir")
         .arg(fuzz_dir())
         .arg("--target-dir")
         .arg(util::target_dir().join("fuzz"))
         .current_dir(util::workspace_root());
+    if std::env::var_os("ASAN_OPTIONS").is_none() {
+        cmd.env(
+            "ASAN_OPTIONS",
+            "detect_stack_use_after_return=0:malloc_context_size=0",
+        );
+    }
     cmd
 }
 
@@ -133,13 +162,13 @@ fn stat(log: &str, key: &str) -> u64 {
 }
 
 /// Runs one target and reads what it did from libFuzzer's statistics.
-fn run_target(target: &str, budget: Budget) -> Result<Outcome> {
+fn run_target(target: &str, plan: &Plan) -> Result<Outcome> {
     let work = util::target_dir().join("fuzz");
     let corpus = work.join("corpus").join(target);
     let artifacts = work.join("artifacts").join(target);
     util::mkdir(&corpus)?;
     util::mkdir(&artifacts)?;
-    let mut cmd = cargo_fuzz("run");
+    let mut cmd = cargo_fuzz("run", &plan.sanitizer);
     cmd.arg(target).arg(&corpus);
     for seeds in ["corpus", "regressions"] {
         let dir = fuzz_dir().join(seeds).join(target);
@@ -147,7 +176,7 @@ fn run_target(target: &str, budget: Budget) -> Result<Outcome> {
             cmd.arg(dir);
         }
     }
-    let limit = match budget {
+    let limit = match plan.budget {
         Budget::Seconds(n) => format!("-max_total_time={n}"),
         Budget::Runs(n) => format!("-runs={n}"),
     };
@@ -194,27 +223,30 @@ fn print_outcome(o: &Outcome) {
 
 /// `cargo xtask fuzz [--seconds N | --runs N] [TARGET...]`.
 pub fn command(args: &[String]) -> Result<u8> {
-    let (budget, mut targets) = parse(args)?;
+    let mut plan = parse(args)?;
     let known = all_targets()?;
-    if let Some(bad) = targets.iter().find(|t| !known.contains(t)) {
+    if let Some(bad) = plan.targets.iter().find(|t| !known.contains(t)) {
         return Err(fail!(
             "no fuzz target `{bad}`; targets: {}",
             known.join(", ")
         ));
     }
-    if targets.is_empty() {
-        targets = known;
+    if plan.targets.is_empty() {
+        plan.targets = known;
     }
     ensure_tools()?;
     // A long CPU-bound job on a shared machine: yield to everything else.
     // SAFETY: nice() only changes this process's priority, which the
     // fuzzers inherit; a failure leaves the priority as it was.
     unsafe { libc::nice(15) };
-    eprintln!("xtask: building the fuzz targets (nightly, sanitizers)");
-    util::run(&mut cargo_fuzz("build"))?;
+    eprintln!(
+        "xtask: building the fuzz targets (nightly, sanitizer {})",
+        plan.sanitizer
+    );
+    util::run(&mut cargo_fuzz("build", &plan.sanitizer))?;
     let mut outcomes = Vec::new();
-    for target in &targets {
-        let outcome = run_target(target, budget)?;
+    for target in &plan.targets {
+        let outcome = run_target(target, &plan)?;
         print_outcome(&outcome);
         outcomes.push(outcome);
     }
@@ -243,12 +275,22 @@ mod tests {
 
     #[test]
     fn options_and_targets_are_parsed() {
-        let (budget, targets) = parse(&strings(&["--runs", "1000", "rtc", "http"])).unwrap();
-        assert!(matches!(budget, Budget::Runs(1000)));
-        assert_eq!(targets, ["rtc", "http"]);
-        let (budget, targets) = parse(&[]).unwrap();
-        assert!(matches!(budget, Budget::Seconds(60)));
-        assert!(targets.is_empty());
+        let plan = parse(&strings(&[
+            "--runs",
+            "1000",
+            "rtc",
+            "--sanitizer",
+            "none",
+            "http",
+        ]))
+        .unwrap();
+        assert!(matches!(plan.budget, Budget::Runs(1000)));
+        assert_eq!(plan.sanitizer, "none");
+        assert_eq!(plan.targets, ["rtc", "http"]);
+        let plan = parse(&[]).unwrap();
+        assert!(matches!(plan.budget, Budget::Seconds(60)));
+        assert_eq!(plan.sanitizer, "address");
+        assert!(plan.targets.is_empty());
     }
 
     #[test]

@@ -22,8 +22,9 @@ use crate::virtio_pci::{IoEvents, VirtioPciDevice};
 
 /// Where the BAR window starts, and its size.
 const WINDOW: (u64, u64) = (0xc000_0000, 0x10_0000);
-/// Guest RAM: the rings the fuzzed driver sets up live here.
-const RAM: usize = 0x10_0000;
+/// Guest RAM: the rings the fuzzed driver sets up live here (small, so
+/// that each run maps and faults in little).
+const RAM: usize = 0x1_0000;
 /// The slot the virtio function gets (the host bridge is slot 0).
 const SLOT: u32 = 1;
 /// Register offsets inside the transport's common configuration

@@ -52,17 +52,38 @@ fn listen(path: &Path) -> Option<UnixListener> {
     Some(listener)
 }
 
+/// The device's listening socket and the host port's listener, made once
+/// per process: binding two sockets for every input would cost more than
+/// the input.
+struct Sockets {
+    uds: PathBuf,
+    device: UnixListener,
+    port: UnixListener,
+}
+
+thread_local! {
+    static SOCKETS: Option<Sockets> = (|| {
+        let uds = socket_dir()?.join("v");
+        let device = listen(&uds)?;
+        let port = listen(&socket_dir()?.join(format!("v_{HOST_PORT}")))?;
+        Some(Sockets { uds, device, port })
+    })();
+}
+
 impl Rig {
     fn new() -> Option<Rig> {
-        let uds = socket_dir()?.join("v");
-        let listener = listen(&uds)?;
-        let port = listen(&socket_dir()?.join(format!("v_{HOST_PORT}")))?;
-        let muxer = Muxer::new(CID, &uds, listener).ok()?;
-        Some(Rig {
-            muxer,
-            uds,
-            port,
-            streams: Vec::new(),
+        SOCKETS.with(|sockets| {
+            let s = sockets.as_ref()?;
+            // Connections left from the previous input.
+            while s.port.accept().is_ok() {}
+            while s.device.accept().is_ok() {}
+            let muxer = Muxer::new(CID, &s.uds, s.device.try_clone().ok()?).ok()?;
+            Some(Rig {
+                muxer,
+                uds: s.uds.clone(),
+                port: s.port.try_clone().ok()?,
+                streams: Vec::new(),
+            })
         })
     }
 

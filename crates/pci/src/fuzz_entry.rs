@@ -68,16 +68,14 @@ impl MsiDelivery for Delivery {
     }
 }
 
-/// Notify addresses are registered with KVM in the VMM; here they must at
-/// least lie in the BAR window.
+/// Notify addresses are registered with KVM in the VMM; here they must lie
+/// in the BAR window, where the BAR may decode.
 struct Notifies;
 
 impl IoEvents for Notifies {
     fn register(&self, addr: u64, _fd: &EventFd) -> io::Result<()> {
-        assert!(
-            addr >= WINDOW.0,
-            "notify address {addr:#x} below the window"
-        );
+        let inside = addr >= WINDOW.0 && addr - WINDOW.0 < WINDOW.1;
+        assert!(inside, "notify address {addr:#x} outside the window");
         Ok(())
     }
 
@@ -128,18 +126,27 @@ impl Machine {
         u64::from_le_bytes(b)
     }
 
+    /// Where an access `offset` bytes into BAR 0 lands in the window, if
+    /// it does: the MMIO bus hands the window only accesses inside it.
+    fn in_window(&mut self, offset: u64, size: usize) -> Option<u64> {
+        let at = self.bar0().checked_add(offset)?.checked_sub(WINDOW.0)?;
+        (at + size as u64 <= WINDOW.1).then_some(at)
+    }
+
     fn bar_read(&mut self, offset: u64, size: usize) -> u64 {
-        let addr = self.bar0().wrapping_add(offset);
         let mut b = [0u8; 8];
-        self.window
-            .read(addr.wrapping_sub(WINDOW.0), &mut b[..size]);
+        match self.in_window(offset, size) {
+            Some(at) => self.window.read(at, &mut b[..size]),
+            // Unclaimed MMIO reads as all ones.
+            None => b[..size].fill(0xff),
+        }
         u64::from_le_bytes(b)
     }
 
     fn bar_write(&mut self, offset: u64, size: usize, value: u64) {
-        let addr = self.bar0().wrapping_add(offset);
-        self.window
-            .write(addr.wrapping_sub(WINDOW.0), &value.to_le_bytes()[..size]);
+        if let Some(at) = self.in_window(offset, size) {
+            self.window.write(at, &value.to_le_bytes()[..size]);
+        }
     }
 
     /// A configuration access through 0xCF8/0xCFC: the address dword, then

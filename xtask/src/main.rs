@@ -13,6 +13,7 @@ mod deb;
 mod demo;
 mod distro;
 mod elf;
+mod fuzz;
 mod guestkit;
 mod kmod;
 mod lab;
@@ -59,6 +60,10 @@ commands:
                             CPU policies on tiny guests on this host: shares by
                             weight, a cap, real-time misses, partition jitter;
                             then bench rate (in the lab)
+  fuzz [--seconds N | --runs N] [TARGET...]
+                            run the cargo-fuzz targets in fuzz/ one after the other
+                            (default: all, 60 s each; needs nightly, installs
+                            cargo-fuzz); prints executions, exec/s, corpus, crashes
   help                      show this text";
 
 /// What a command asks the process to exit with.
@@ -93,6 +98,7 @@ fn dispatch(args: &[String]) -> Result<Status> {
         "demo" => demo::command(rest),
         "bench" => bench::command(rest),
         "bench-in-lab" => bench::in_lab(rest),
+        "fuzz" => fuzz::command(rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(0)

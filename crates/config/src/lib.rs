@@ -13,6 +13,7 @@
 //! are errors.
 
 mod fields;
+pub mod fuzz_entry;
 mod guest;
 mod pools;
 mod regions;

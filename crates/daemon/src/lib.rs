@@ -26,6 +26,7 @@ pub mod daemon;
 pub mod description;
 pub mod events;
 pub mod files;
+pub mod fuzz_entry;
 pub mod guest;
 pub mod http;
 pub mod images;

@@ -7,6 +7,7 @@ pub mod acpi_pm;
 pub mod boot_marker;
 pub mod bus;
 pub mod debug_exit;
+pub mod fuzz_entry;
 pub mod i8042;
 pub mod pm_timer;
 pub mod pvpanic;

@@ -127,12 +127,14 @@ impl DateTime {
         }
     }
 
-    fn to_unix(self) -> i64 {
-        let days = days_from_civil(self.year, self.month, self.day);
+    /// Seconds since the epoch; wide enough for any year the registers
+    /// can come to show, even from a host clock set absurdly far ahead.
+    fn to_unix(self) -> i128 {
+        let days = i128::from(days_from_civil(self.year, self.month, self.day));
         days * 86_400
-            + i64::from(self.hour) * 3600
-            + i64::from(self.minute) * 60
-            + i64::from(self.second)
+            + i128::from(self.hour) * 3600
+            + i128::from(self.minute) * 60
+            + i128::from(self.second)
     }
 
     /// Day of the week, 0 = Sunday.
@@ -248,7 +250,7 @@ impl Rtc {
     /// Makes the guest clock read `time` from this instant on.
     fn set_time(&mut self, time: DateTime) {
         let host_ns = self.clock.now().as_nanos() as i128;
-        self.offset_ns = i128::from(time.to_unix()) * NANOS_PER_SEC - host_ns;
+        self.offset_ns = time.to_unix() * NANOS_PER_SEC - host_ns;
     }
 
     fn update_in_progress(&self) -> bool {
@@ -574,8 +576,9 @@ mod tests {
 
     #[test]
     fn date_conversion_round_trips() {
-        for secs in [0, 951_782_400, 4_107_542_399, -86_400] {
-            assert_eq!(DateTime::from_unix(secs).to_unix(), secs);
+        // The extremes: a host clock set absurdly far ahead or behind.
+        for secs in [0, 951_782_400, 4_107_542_399, -86_400, i64::MAX, i64::MIN] {
+            assert_eq!(DateTime::from_unix(secs).to_unix(), i128::from(secs));
         }
         let leap = DateTime::from_unix(951_782_400);
         assert_eq!((leap.year, leap.month, leap.day), (2000, 2, 29));

@@ -8,6 +8,7 @@
 //! the place to register notify addresses ([`IoEvents`]).
 
 pub mod config;
+pub mod fuzz_entry;
 pub mod ivshmem;
 pub mod msix;
 pub mod root;

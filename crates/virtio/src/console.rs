@@ -453,6 +453,11 @@ fn read_output(mem: &Memory, chain: &Chain, buf: &mut Vec<u8>) -> Result<(), Que
     Ok(())
 }
 
+#[cfg(any(test, feature = "test-utils"))]
+mod fuzz;
+#[cfg(any(test, feature = "test-utils"))]
+pub use fuzz::console as fuzz_entry;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,8 @@
 //! an accepted chain lies inside guest memory, readable buffers come first,
 //! and the lengths add up.
 
+pub(crate) mod driver;
+
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
@@ -293,6 +295,26 @@ mod tests {
         files.sort();
         assert!(!files.is_empty(), "empty corpus {}", dir.display());
         files
+    }
+
+    /// Seeds and fixed crashes of every virtio target.
+    #[test]
+    fn device_seeds_and_regressions_replay() {
+        type Entry = fn(&[u8]);
+        let targets: [(&str, Entry); 6] = [
+            ("queue", super::queue),
+            ("block", super::block),
+            ("net", crate::net::fuzz_tx),
+            ("rng", crate::rng::fuzz_entry),
+            ("console", crate::console::fuzz_entry),
+            ("vsock", crate::vsock::fuzz_entry),
+        ];
+        for (target, entry) in targets {
+            for (path, data) in devices::fuzz_entry::seeds(target) {
+                eprintln!("{}", path.display());
+                entry(&data);
+            }
+        }
     }
 
     #[test]

@@ -532,7 +532,12 @@ impl DeviceQueue {
     }
 
     /// Asks the driver to kick again; true if more chains arrived meanwhile.
+    /// A stopped queue serves nothing, so it never has more: without this,
+    /// a drain loop on a stopped queue with new chains would spin forever.
     pub fn enable_notification(&mut self, mem: &Memory) -> Result<bool, QueueError> {
+        if self.broken {
+            return Ok(false);
+        }
         self.queue
             .enable_notification(mem)
             .map_err(|_| QueueError::RingAccess)
@@ -1271,6 +1276,35 @@ mod tests {
                 len: 2
             }]
         );
+    }
+
+    #[test]
+    fn a_stopped_queue_returns_from_a_drain_with_chains_pending() {
+        let mut drv = MockDriver::new(MEM, &[SIZE]);
+        let queues = drv.active_queues(0);
+        let mut set = QueueSet::new(
+            "test",
+            drv.memory().clone(),
+            drv.interrupt().clone(),
+            queues,
+            0,
+        );
+        // A chain the walker refuses stops the queue...
+        let (a, b) = (drv.alloc(4), drv.alloc(4));
+        drv.add_chain(0, &[Buf::writable(a, 4), Buf::readable(b, 4)]);
+        set.drain(0, |_, _| Ok(0));
+        assert!(set.queues[0].is_broken());
+        // ...and a later kick with a good chain pending must come back
+        // (it used to spin forever) without serving it.
+        drv.add_chain(0, &[Buf::writable(a, 4)]);
+        let mut served = 0;
+        set.drain(0, |_, _| {
+            served += 1;
+            Ok(0)
+        });
+        assert_eq!(served, 0);
+        assert_eq!(drv.used_idx(0), 0);
+        assert_eq!(set.queues[0].enable_notification(drv.memory()), Ok(false));
     }
 
     /// Serves chains one by one; the first one blocks until the worker is

@@ -146,6 +146,11 @@ fn getrandom(buf: &mut [u8]) -> Result<(), RngError> {
     Ok(())
 }
 
+#[cfg(any(test, feature = "test-utils"))]
+mod fuzz;
+#[cfg(any(test, feature = "test-utils"))]
+pub use fuzz::rng as fuzz_entry;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -213,5 +213,10 @@ impl VirtioDevice for Vsock {
     }
 }
 
+#[cfg(any(test, feature = "test-utils"))]
+mod fuzz;
+#[cfg(any(test, feature = "test-utils"))]
+pub use fuzz::vsock as fuzz_entry;
+
 #[cfg(test)]
 mod tests;

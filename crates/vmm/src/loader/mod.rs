@@ -6,6 +6,7 @@
 //! - multiboot v1 (ELF or a.out kludge), as `qemu -kernel` loads it;
 //! - ELF with a PVH entry note (a Linux `vmlinux`).
 
+pub mod fuzz_entry;
 pub mod multiboot;
 
 use std::fs::File;

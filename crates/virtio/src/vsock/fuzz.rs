@@ -77,7 +77,13 @@ impl Rig {
             // Connections left from the previous input.
             while s.port.accept().is_ok() {}
             while s.device.accept().is_ok() {}
-            let muxer = Muxer::new(CID, &s.uds, s.device.try_clone().ok()?).ok()?;
+            let muxer = Muxer::new(
+                CID,
+                &s.uds,
+                s.device.try_clone().ok()?,
+                super::muxer::MAX_BUFFERED,
+            )
+            .ok()?;
             Some(Rig {
                 muxer,
                 uds: s.uds.clone(),

@@ -122,6 +122,13 @@ impl std::fmt::Display for State {
     }
 }
 
+/// Whether a VMM's end says its guest ran: a power-off (status 0) or a
+/// debug-exit write (odd statuses). Status 2 (a failed start, or a guest
+/// that died) and deaths by signal do not.
+fn guest_ran(exit: &ExitRecord) -> bool {
+    matches!(exit.status, Some(status) if status == 0 || status % 2 == 1)
+}
+
 /// How a guest process ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitRecord {
@@ -504,6 +511,11 @@ impl Guest {
             if let Some((exit, _)) = run_end.wait(Duration::ZERO) {
                 // Let the watcher record the end before answering.
                 self.wait_end(Duration::from_secs(5));
+                if guest_ran(&exit) {
+                    // The guest ran and ended (it powered off or wrote the
+                    // debug-exit port) before the socket was seen: it started.
+                    return Ok(());
+                }
                 return Err(GuestError::StartFailed {
                     name: self.name.clone(),
                     reason: exit.reason,

@@ -381,6 +381,16 @@ mod tests {
             "DRIVER_OK, no NEEDS_RESET"
         );
         m.bar_write(DEVICE_STATUS, 1, 0);
-        assert_eq!(m.bar_read(DEVICE_STATUS, 1), 0);
+        // A reset completes when the device's worker has stopped: the status
+        // reads 0 from then on, as drivers wait for.
+        let mut status = m.bar_read(DEVICE_STATUS, 1);
+        for _ in 0..1000 {
+            if status == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            status = m.bar_read(DEVICE_STATUS, 1);
+        }
+        assert_eq!(status, 0, "the reset never completed");
     }
 }

@@ -174,6 +174,44 @@ fn a_deadline_vcpu_that_uses_up_its_budget_is_counted() {
     }
 }
 
+#[test]
+fn a_busy_deadline_vcpu_is_checked_and_gets_its_budget() {
+    // vCPU 0 spins under a 2ms/10ms reservation, vCPU 1 in the fair class.
+    let guest = Guest::start(
+        "misses",
+        2,
+        "[sched]\nrt = [{ budget = \"2ms\", period = \"10ms\" }, \"none\"]",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let info = loop {
+        let info = guest.info();
+        if info["sched"]["vcpus"][0]["deadline_checks"]
+            .as_u64()
+            .unwrap()
+            >= 50
+        {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "no interval checked: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let sched = &info["sched"];
+    // A spinning vCPU wants the CPU throughout, and the kernel delivers an
+    // admitted reservation: most intervals bring the budgets. Not all need
+    // to: global EDF on this host's two CPUs, shared with the other tests'
+    // deadline threads, bounds lateness without ruling it out.
+    let misses = sched["vcpus"][0]["deadline_misses"].as_u64().unwrap();
+    let checks = sched["vcpus"][0]["deadline_checks"].as_u64().unwrap();
+    assert!(misses * 2 < checks, "{info}");
+    assert_eq!(sched["deadline_misses"], misses, "{info}");
+    assert_eq!(
+        sched["vcpus"][1]["deadline_checks"], 0,
+        "a fair-class vCPU has no budget to check: {info}"
+    );
+    // It was throttled to its reservation, so it also overran.
+    assert!(sched["overruns"].as_u64().unwrap() > 0, "{info}");
+}
+
 /// The group's directory in v1 hierarchy `controller`, from /proc/PID/cgroup.
 fn v1_group(pid: u32, controller: &str) -> PathBuf {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();

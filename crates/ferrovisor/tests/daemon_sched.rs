@@ -150,6 +150,7 @@ fn the_policy_reaches_group_and_threads_at_start_after_a_change_and_after_a_rest
     assert_eq!(row["promised_percent"], 10.0, "{row}");
     assert!(row["vcpu_percent"].is_number(), "{row}");
     assert!(row["overruns"].is_u64(), "{row}");
+    assert!(row["deadline_misses"].is_u64(), "{row}");
 
     let change = json!({ "weight": 500, "priority": 5, "policy": "rr" });
     let path = format!("/guests/{name}/sched");

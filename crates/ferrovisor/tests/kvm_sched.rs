@@ -102,6 +102,19 @@ impl Guest {
         self.request("{\"op\":\"info\"}")
     }
 
+    /// `info`, polled until `ready` holds; fails after 20 s saying `what`.
+    fn info_when(&self, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let info = self.info();
+            if ready(&info) {
+                return info;
+            }
+            assert!(Instant::now() < deadline, "never {what}: {info}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn tids(&self) -> Vec<i32> {
         self.info()["vcpu_tids"]
             .as_array()
@@ -172,6 +185,96 @@ fn a_deadline_vcpu_that_uses_up_its_budget_is_counted() {
         assert!(Instant::now() < deadline, "no overrun counted: {info}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn a_busy_deadline_vcpu_is_checked_and_gets_its_budget() {
+    // vCPU 0 spins under a 2ms/10ms reservation, vCPU 1 in the fair class.
+    let guest = Guest::start(
+        "misses",
+        2,
+        "[sched]\nrt = [{ budget = \"2ms\", period = \"10ms\" }, \"none\"]",
+    );
+    let info = guest.info_when("20 intervals checked", |info| {
+        info["sched"]["vcpus"][0]["deadline_checks"]
+            .as_u64()
+            .unwrap()
+            >= 20
+    });
+    let sched = &info["sched"];
+    // A spinning vCPU wants the CPU throughout, and the kernel delivers an
+    // admitted reservation: most intervals bring the budgets. Not all need
+    // to: global EDF on this host's two CPUs, shared with the other tests'
+    // deadline threads, bounds lateness without ruling it out.
+    let misses = sched["vcpus"][0]["deadline_misses"].as_u64().unwrap();
+    let checks = sched["vcpus"][0]["deadline_checks"].as_u64().unwrap();
+    assert!(misses * 2 < checks, "{info}");
+    assert_eq!(sched["deadline_misses"], misses, "{info}");
+    assert_eq!(
+        sched["vcpus"][1]["deadline_checks"], 0,
+        "a fair-class vCPU has no budget to check: {info}"
+    );
+    // It was throttled to its reservation, so it also overran.
+    assert!(sched["overruns"].as_u64().unwrap() > 0, "{info}");
+}
+
+#[test]
+fn a_deadline_vcpu_denied_its_budget_is_counted_as_missing() {
+    let guest = Guest::start("denied", 1, "[sched]\nrt = \"2ms/10ms\"");
+    let tid = guest.tids()[0];
+    // Behind the VMM's back, the vCPU thread loses its reservation: idle
+    // class, on one CPU with a thread spinning in the fair class, it stays
+    // runnable but gets almost nothing.
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param for SCHED_IDLE.
+    let rc = unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) };
+    assert_eq!(
+        rc,
+        0,
+        "sched_setscheduler: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut cpu0: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu0` is a valid set and CPU 0 within it.
+    unsafe { libc::CPU_SET(0, &mut cpu0) };
+    let pin = move |tid: i32| {
+        // SAFETY: `cpu0` is a valid set of the size passed.
+        let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&cpu0), &cpu0) };
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    };
+    pin(tid);
+    // The hog stops when the test ends, passed or failed.
+    struct Stop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let stop = Stop(std::sync::Arc::default());
+    let hog_stop = stop.0.clone();
+    std::thread::spawn(move || {
+        pin(0);
+        while !hog_stop.load(std::sync::atomic::Ordering::Relaxed) {
+            std::hint::spin_loop();
+        }
+    });
+    let info = guest.info_when("a starved deadline vCPU counted as missing", |info| {
+        info["sched"]["vcpus"][0]["deadline_misses"]
+            .as_u64()
+            .unwrap()
+            > 0
+    });
+    drop(stop);
+    assert!(
+        info["sched"]["deadline_misses"].as_u64().unwrap() > 0,
+        "{info}"
+    );
 }
 
 /// The group's directory in v1 hierarchy `controller`, from /proc/PID/cgroup.

@@ -267,10 +267,12 @@ impl Control {
     /// the flag: the caller kicks the vCPUs and waits with
     /// [`Control::wait_all_parked`]; opening wakes them.
     pub fn set_gate_closed(&self, closed: bool, edge_ns: u64) {
-        let _state = self.pause_state();
+        let state = self.pause_state();
         self.gate_closed.store(closed, Ordering::SeqCst);
         self.gate_edge_ns
             .store(if closed { 0 } else { edge_ns }, Ordering::SeqCst);
+        // Woken vCPUs take the lock first thing: let it go before waking them.
+        drop(state);
         if !closed {
             self.pause_changed.notify_all();
         }

@@ -177,12 +177,12 @@ pub struct GateStats {
     pub closed_cpu_ns: AtomicU64,
     /// Window-start lateness of the gate's release, in nanoseconds (the
     /// latest [`SAMPLES`]).
-    starts: Mutex<Vec<u64>>,
+    starts: Mutex<Samples>,
     /// Window-start lateness as each vCPU saw it: from the edge until the
     /// vCPU thread ran again, on its way back into the guest.
-    vcpu_starts: Mutex<Vec<u64>>,
+    vcpu_starts: Mutex<Samples>,
     /// Time from each window's end until every vCPU was parked.
-    closes: Mutex<Vec<u64>>,
+    closes: Mutex<Samples>,
 }
 
 /// Percentiles of the window-start lateness.
@@ -229,16 +229,34 @@ impl GateStats {
     }
 }
 
-fn push_sample(samples: &Mutex<Vec<u64>>, value: u64) {
-    let mut samples = samples.lock().unwrap_or_else(|p| p.into_inner());
-    if samples.len() >= SAMPLES {
-        samples.remove(0);
-    }
-    samples.push(value);
+/// The latest [`SAMPLES`] values, in a ring: recording one costs no more
+/// than a store, on the gate's and the vCPUs' way back into the guest.
+#[derive(Debug, Default)]
+struct Samples {
+    values: Vec<u64>,
+    next: usize,
 }
 
-fn percentiles(samples: &Mutex<Vec<u64>>) -> Jitter {
-    let mut sorted = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
+fn push_sample(samples: &Mutex<Samples>, value: u64) {
+    let mut samples = samples.lock().unwrap_or_else(|p| p.into_inner());
+    if samples.values.len() < SAMPLES {
+        if samples.values.is_empty() {
+            samples.values.reserve_exact(SAMPLES);
+        }
+        samples.values.push(value);
+    } else {
+        let next = samples.next;
+        samples.values[next] = value;
+        samples.next = (next + 1) % SAMPLES;
+    }
+}
+
+fn percentiles(samples: &Mutex<Samples>) -> Jitter {
+    let mut sorted = samples
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values
+        .clone();
     sorted.sort_unstable();
     let at = |q: f64| {
         let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
@@ -453,6 +471,17 @@ mod tests {
             Partition::new(MS / 2, vec![w(0, 1)], None),
             Err(PartitionError::Frame(_))
         ));
+    }
+
+    #[test]
+    fn samples_keep_the_latest_ones() {
+        let stats = GateStats::default();
+        for late in 0..SAMPLES as u64 + 10 {
+            stats.record_start(if late < 10 { 1_000_000 } else { late });
+        }
+        let j = stats.jitter();
+        assert_eq!(j.samples, SAMPLES);
+        assert_eq!(j.max_ns, SAMPLES as u64 + 9, "the oldest were replaced");
     }
 
     #[test]

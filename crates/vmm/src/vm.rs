@@ -223,6 +223,8 @@ pub fn run_with(
     vcpu::install_kick_handler()?;
     block_stop_signals();
     spawn_signal_waiter(control.clone())?;
+    crate::sched::misses::start(control.clone())
+        .map_err(|e| VmError::Thread("deadline watcher", e))?;
     let _raw = if interactive && console::enter_raw_mode().is_ok() {
         Some(console::RawModeGuard)
     } else {

@@ -82,15 +82,23 @@ pub fn print_vcpus(info: &Value) {
             .as_f64()
             .map_or("-".to_string(), |s| format!("{:.1}%", s * 100.0));
         let received = v["cpu_ns"].as_u64().unwrap_or(0) as f64 * 100.0 / uptime_ns as f64;
+        let misses = match v["deadline_checks"].as_u64().unwrap_or(0) {
+            0 => String::new(),
+            checks => format!(
+                "  deadline missed {} of {checks} checks",
+                v["deadline_misses"].as_u64().unwrap_or(0)
+            ),
+        };
         println!(
-            "vcpu {:<3} {:<22} promised {:>6}  received {received:5.1}% of a CPU",
+            "vcpu {:<3} {:<22} promised {:>6}  received {received:5.1}% of a CPU{misses}",
             v["index"],
             v["kernel_policy"].as_str().unwrap_or("?"),
             promised
         );
     }
     println!(
-        "deadline overruns {}",
+        "deadline misses {}, overruns {}",
+        sched["deadline_misses"].as_u64().unwrap_or(0),
         sched["overruns"].as_u64().unwrap_or(0)
     );
     if let Some(p) = sched.get("partition").filter(|p| p.is_object()) {

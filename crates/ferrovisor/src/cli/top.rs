@@ -1,7 +1,7 @@
 //! `ferrovisor top`: a live per-guest table in the manner of xentop: state,
 //! vCPUs, CPU % (of one host CPU), the CPU its policy promises its vCPUs
-//! against what they received, deadline and window overruns, memory and
-//! exits per second, from two listings one second apart. `--once` prints one table and exits; `--json`
+//! against what they received, deadline misses, deadline and window
+//! overruns, memory and exits per second, from two listings one second apart. `--once` prints one table and exits; `--json`
 //! prints the rows as JSON (with `--once`, one document; else one per line).
 
 use std::collections::BTreeMap;
@@ -92,6 +92,7 @@ fn rows(
                 "promised_percent": promised_percent(g),
                 "vcpu_percent": rate(|s| s.vcpu_us, 0.0001),
                 "overruns": g["sched"]["overruns"],
+                "deadline_misses": g["sched"]["deadline_misses"],
                 "window_overruns": g["sched"]["partition"]["overruns"],
                 "exits_per_sec": rate(|s| s.exits, 1.0),
                 "rate_limits": g["rate_limits"],
@@ -102,13 +103,14 @@ fn rows(
 
 fn print_table(rows: &[Value]) {
     println!(
-        "{:<20} {:<8} {:>5} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10}",
+        "{:<20} {:<8} {:>5} {:>7} {:>9} {:>8} {:>7} {:>8} {:>8} {:>8} {:>10}",
         "NAME",
         "STATE",
         "VCPUS",
         "CPU(%)",
         "PROMISED",
         "VCPU(%)",
+        "MISSED",
         "OVERRUN",
         "WIN-OVR",
         "MEMORY",
@@ -118,13 +120,14 @@ fn print_table(rows: &[Value]) {
     let count = |v: &Value| v.as_u64().map_or("-".to_string(), |x| x.to_string());
     for r in rows {
         println!(
-            "{:<20} {:<8} {:>5} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10}",
+            "{:<20} {:<8} {:>5} {:>7} {:>9} {:>8} {:>7} {:>8} {:>8} {:>8} {:>10}",
             r["name"].as_str().unwrap_or("?"),
             r["state"].as_str().unwrap_or("?"),
             r["vcpus"].as_u64().unwrap_or(0),
             num(&r["cpu_percent"]),
             num(&r["promised_percent"]),
             num(&r["vcpu_percent"]),
+            count(&r["deadline_misses"]),
             count(&r["overruns"]),
             count(&r["window_overruns"]),
             human_size(r["memory_bytes"].as_u64().unwrap_or(0)),

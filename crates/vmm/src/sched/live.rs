@@ -15,7 +15,7 @@ const FIELDS: &str = "rt, priority, policy, fair";
 
 /// The `sched` object of `info`: the declaration, and per vCPU its thread's
 /// policy as the kernel reports it and the CPU time it received; the
-/// guest's deadline overruns.
+/// guest's deadline overruns and misses (per vCPU too).
 pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
     let config = control.sched();
     let uptime_ns = control.start().elapsed().as_nanos() as u64;
@@ -25,6 +25,7 @@ pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
     map.insert("locked".into(), config.locked.into());
     map.insert("uptime_ns".into(), uptime_ns.into());
     map.insert("overruns".into(), overruns().into());
+    map.insert("deadline_misses".into(), super::misses::total().into());
     let partition_share = config.partition.as_ref().map(|p| p.share());
     let vcpus: Vec<Value> = control
         .vcpu_tids()
@@ -34,6 +35,7 @@ pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
             let declared = config.thread_policy(index);
             let kernel = (tid > 0).then(|| read(tid).ok()).flatten();
             let (cpu_ns, wait_ns) = thread_cpu_ns(tid).unwrap_or((0, 0));
+            let (deadline_checks, deadline_misses) = super::misses::of(index);
             json!({
                 "index": index,
                 "tid": tid,
@@ -42,6 +44,8 @@ pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
                 "promised_share": promised_share(&config, declared, partition_share),
                 "cpu_ns": cpu_ns,
                 "wait_ns": wait_ns,
+                "deadline_checks": deadline_checks,
+                "deadline_misses": deadline_misses,
             })
         })
         .collect();

@@ -13,6 +13,7 @@
 //! - neither: SCHED_OTHER, the kernel's fair class (weight and cap apply).
 
 mod live;
+pub mod misses;
 
 pub use live::{change, info, rt_of};
 

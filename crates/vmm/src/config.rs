@@ -207,6 +207,9 @@ pub struct VmConfig {
     pub regions: Vec<RegionConfig>,
     /// CPU policy, time partitions and memory isolation (`[sched]`).
     pub sched: crate::sched::SchedConfig,
+    /// The network namespace (`/run/netns/NAME`) the VMM joins before it
+    /// opens its taps.
+    pub netns: Option<String>,
 }
 
 /// A shared memory region the guest sees as an ivshmem-compatible device.

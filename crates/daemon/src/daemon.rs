@@ -14,6 +14,7 @@ use thiserror::Error;
 use crate::description::{self, DescriptionError};
 use crate::events::{now_ms, EventBus};
 use crate::guest::{self, Guest, GuestError, Record, State};
+use crate::jail::{JailError, JailPolicy};
 
 /// Errors of registry operations.
 #[derive(Debug, Error)]
@@ -31,6 +32,8 @@ pub enum RegistryError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Guest(#[from] GuestError),
+    #[error("jail")]
+    Jail(#[from] JailError),
 }
 
 /// Checks a guest name: it becomes a directory name and a URL path segment.
@@ -70,12 +73,25 @@ pub struct Daemon {
     pub events: Arc<EventBus>,
     /// Guests that could not be read back at start, with why.
     pub broken: Vec<(String, String)>,
+    /// How guests are jailed; `None` with `--no-jail`.
+    jail: Option<Arc<JailPolicy>>,
 }
 
 impl Daemon {
     /// Opens (creating if needed) `state_dir`, reads back every guest in it
     /// and re-adopts those whose process still runs.
     pub fn open(state_dir: &Path, exe: PathBuf) -> std::io::Result<Daemon> {
+        Self::open_with(state_dir, exe, None)
+    }
+
+    /// [`Daemon::open`], starting guests in `jail` (unconfined with `None`).
+    /// A guest without a uid yet is given one.
+    pub fn open_with(
+        state_dir: &Path,
+        exe: PathBuf,
+        jail: Option<JailPolicy>,
+    ) -> std::io::Result<Daemon> {
+        let jail = jail.map(Arc::new);
         let guests_dir = state_dir.join("guests");
         fs::create_dir_all(&guests_dir)?;
         let lock = lock_state_dir(state_dir)?;
@@ -86,6 +102,7 @@ impl Daemon {
             guests: Mutex::new(BTreeMap::new()),
             events: Arc::new(EventBus::default()),
             broken: Vec::new(),
+            jail: jail.clone(),
         };
         let mut found = BTreeMap::new();
         for entry in fs::read_dir(&daemon.guests_dir)? {
@@ -98,9 +115,21 @@ impl Daemon {
             }
             match Guest::load(&name, entry.path()) {
                 Ok(guest) => {
-                    found.insert(name, Arc::new(guest));
+                    found.insert(name, Arc::new(guest.with_jail(jail.clone())));
                 }
                 Err(why) => daemon.broken.push((name, why)),
+            }
+        }
+        if let Some(policy) = &jail {
+            let mut taken = uids(&found);
+            for guest in found.values().filter(|g| g.record().uid.is_none()) {
+                match policy.allocate_uid(&taken) {
+                    Ok(uid) => {
+                        taken.insert(uid);
+                        let _ = guest.set_uid(uid);
+                    }
+                    Err(e) => daemon.broken.push((guest.name.clone(), e.to_string())),
+                }
             }
         }
         for guest in found.values() {
@@ -142,6 +171,10 @@ impl Daemon {
         if map.contains_key(name) {
             return Err(RegistryError::Exists(name.to_string()));
         }
+        let uid = match &self.jail {
+            Some(policy) => Some(policy.allocate_uid(&uids(&map))?),
+            None => None,
+        };
         let tmp = self
             .guests_dir
             .join(format!(".new-{name}-{}", std::process::id()));
@@ -158,6 +191,7 @@ impl Daemon {
                 exit: None,
                 runs: 0,
                 created_ms: now_ms(),
+                uid,
             };
             guest::write_json(&tmp.join(guest::RECORD), &record)?;
             let dir = self.guests_dir.join(name);
@@ -171,13 +205,16 @@ impl Daemon {
                 return Err(e);
             }
         };
-        let guest = Arc::new(Guest::new(
-            name,
-            self.guests_dir.join(name),
-            text.to_string(),
-            summary,
-            record,
-        ));
+        let guest = Arc::new(
+            Guest::new(
+                name,
+                self.guests_dir.join(name),
+                text.to_string(),
+                summary,
+                record,
+            )
+            .with_jail(self.jail.clone()),
+        );
         map.insert(name.to_string(), guest.clone());
         drop(map);
         self.events.emit(name, "created", "created", None);
@@ -212,9 +249,17 @@ impl Daemon {
             .join(format!(".del-{name}-{}", std::process::id()));
         fs::rename(&guest.dir, &doomed)?;
         let _ = fs::remove_dir_all(&doomed);
+        if let Some(policy) = &self.jail {
+            policy.release(name);
+        }
         self.events.emit(name, "deleted", "deleted", None);
         Ok(())
     }
+}
+
+/// The uids the guests in `guests` hold.
+fn uids(guests: &BTreeMap<String, Arc<Guest>>) -> std::collections::BTreeSet<u32> {
+    guests.values().filter_map(|g| g.record().uid).collect()
 }
 
 #[cfg(test)]

@@ -74,7 +74,7 @@ fn io_text(e: &std::io::Error) -> String {
     }
 }
 
-fn parse(text: &str) -> Result<config::VmConfig, DescriptionError> {
+pub(crate) fn parse(text: &str) -> Result<config::VmConfig, DescriptionError> {
     config::parse_guest(text, ORIGIN, Path::new("/")).map_err(|e| DescriptionError(one_line(&e)))
 }
 

@@ -13,7 +13,8 @@
 //! - [`client`]: the API client used by the CLI;
 //! - [`description`]: checking guest descriptions;
 //! - [`limits`]: changing a running guest's disk and NIC rate limits;
-//! - [`sched`]: guest cgroups, real-time admission, policy changes.
+//! - [`sched`]: guest cgroups, real-time admission, policy changes;
+//! - [`jail`]: the jail every guest's VMM runs in: uids, cgroups, flags.
 
 pub mod api;
 pub mod client;
@@ -22,6 +23,7 @@ pub mod description;
 pub mod events;
 pub mod guest;
 pub mod http;
+pub mod jail;
 pub mod limits;
 pub mod process;
 pub mod sched;

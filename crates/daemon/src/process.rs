@@ -92,12 +92,13 @@ pub fn signal(pid: i32, signal: i32) {
 /// stdin from /dev/null, stdout and stderr to `out` and `err`, and inside
 /// the cgroups whose `cgroup.procs` files `groups` lists (joined between
 /// fork and exec, so that no thread of the VMM runs outside them).
+/// With the jail's flags, `run` jails itself.
 pub fn spawn_vmm(
     exe: &Path,
     config: &Path,
     runtime_dir: &Path,
     (out, err): (&Path, &Path),
-    groups: &[std::path::PathBuf],
+    (groups, jail_args): (&[std::path::PathBuf], &[std::ffi::OsString]),
 ) -> Result<Child, ProcessError> {
     use std::os::unix::ffi::OsStrExt;
     let groups: Vec<std::ffi::CString> = groups
@@ -118,9 +119,10 @@ pub fn spawn_vmm(
         .arg(runtime_dir)
         .stdin(Stdio::null())
         .stdout(stdout)
-        .stderr(stderr);
+        .stderr(stderr)
+        .args(jail_args);
     // SAFETY: the closure runs in the child between fork and exec and only
-    // calls setsid, which is async-signal-safe.
+    // calls setsid and join_cgroup, which are async-signal-safe.
     unsafe {
         command.pre_exec(move || {
             if libc::setsid() < 0 {

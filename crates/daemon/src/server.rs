@@ -42,6 +42,8 @@ pub enum ServeError {
     Bind(String, #[source] std::io::Error),
     #[error("cannot find the daemon's own executable")]
     Exe(#[source] std::io::Error),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
 }
 
 /// Where the daemon listens and keeps its guests.
@@ -49,6 +51,10 @@ pub enum ServeError {
 pub struct Options {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
+    /// Start every guest jailed (`--no-jail` turns it off).
+    pub jail: bool,
+    /// The uids (and gids) jailed guests get, one each.
+    pub uid_range: (u32, u32),
 }
 
 /// Binds `socket`, replacing a stale socket file nobody listens on.
@@ -75,8 +81,13 @@ pub fn serve(options: &Options) -> Result<(), ServeError> {
     let exe = PathBuf::from("/proc/self/exe");
     std::fs::metadata(&exe).map_err(ServeError::Exe)?;
     let shown = options.state_dir.display().to_string();
-    let daemon =
-        Daemon::open(&options.state_dir, exe).map_err(|e| ServeError::StateDir(shown, e))?;
+    // Before any guest is placed: the daemon's own cgroups are the base.
+    let jail = options
+        .jail
+        .then(|| crate::jail::JailPolicy::new(&options.state_dir, options.uid_range))
+        .transpose()?;
+    let daemon = Daemon::open_with(&options.state_dir, exe, jail)
+        .map_err(|e| ServeError::StateDir(shown, e))?;
     for (name, why) in &daemon.broken {
         eprintln!("ferrovisor daemon: skipping guest '{name}': {why}");
     }

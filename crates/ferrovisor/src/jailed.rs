@@ -51,14 +51,6 @@ fn largest_disk(vm: &VmConfig) -> u64 {
         .unwrap_or(0)
 }
 
-fn device_count(vm: &VmConfig) -> usize {
-    vm.disks.len()
-        + vm.nets.len()
-        + usize::from(vm.console == vmm::config::ConsoleMode::Virtio)
-        + usize::from(vm.rng)
-        + usize::from(vm.vsock.is_some())
-}
-
 /// The jail for `vm`, with every path made absolute (the VMM's working
 /// directory is `/` of its root afterwards).
 fn make_jail(
@@ -112,7 +104,7 @@ fn own_cgroup(vm: &VmConfig, name: &str) -> Result<GuestCgroup, String> {
         .set_memory_limit(Some(jail::memory_limit(vm.memory, vm.cpus)))
         .map_err(fail)?;
     group
-        .set_pids_limit(Some(jail::pids_limit(vm.cpus, device_count(vm))))
+        .set_pids_limit(Some(jail::pids_limit(vm.cpus, vm.virtio_devices())))
         .map_err(fail)?;
     // The guest's own CPU and memory policy, as run applies it unjailed.
     if vm.sched.needs_cgroup() || vm.sched.partition.is_some() {
@@ -187,8 +179,12 @@ pub fn run(args: RunArgs, start: Instant) -> ExitCode {
             match end {
                 ChildEnd::Exited(code) => ExitCode::from(code as u8),
                 ChildEnd::Signaled(signal) => {
-                    let reason = format!("the VMM was killed by {}", jail::signal_name(signal));
-                    eprintln!("ferrovisor: {reason}");
+                    // The words the daemon uses for an unjailed VMM.
+                    let reason = format!("killed by signal {signal}");
+                    eprintln!(
+                        "ferrovisor: the VMM was {reason} ({})",
+                        jail::signal_name(signal)
+                    );
                     record_exit(runtime_dir.as_deref(), vmm::STATUS_GUEST_FAILED, &reason);
                     ExitCode::from(vmm::STATUS_GUEST_FAILED as u8)
                 }

@@ -224,6 +224,17 @@ pub struct RegionConfig {
     pub readonly: bool,
 }
 
+impl VmConfig {
+    /// The VirtIO devices the guest has: each gets a worker thread.
+    pub fn virtio_devices(&self) -> usize {
+        self.disks.len()
+            + self.nets.len()
+            + usize::from(self.console == ConsoleMode::Virtio)
+            + usize::from(self.rng)
+            + usize::from(self.vsock.is_some())
+    }
+}
+
 /// Splits `a=1,b=2` into pairs, refusing repeats and keys outside `known`.
 fn pairs<'a>(text: &'a str, known: &[&str]) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
     let mut out: Vec<(&str, &str)> = Vec::new();

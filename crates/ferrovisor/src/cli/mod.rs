@@ -25,7 +25,9 @@ const COMMANDS: &[&str] = &[
 
 const USAGE: &str = "\
 Management commands (all take --socket PATH, default /run/ferrovisor/api.sock):
-  ferrovisor daemon [--socket PATH] [--state-dir DIR]   serve the API (state: /var/lib/ferrovisor)
+  ferrovisor daemon [--socket PATH] [--state-dir DIR] [--uid-range A-B] [--no-jail]
+                     serve the API (state: /var/lib/ferrovisor); each guest is
+                     jailed with a uid from A-B (default 100000-165535)
   ferrovisor up SYSTEM.toml             create a system's guests, start those marked to start
   ferrovisor create FILE [--name N] [--start]   create a guest from a description
   ferrovisor start|pause|resume|kill|delete NAME
@@ -196,11 +198,24 @@ fn run(command: &str, rest: &[String]) -> Result<ExitCode, CliError> {
 }
 
 fn serve(rest: &[String]) -> Result<ExitCode, CliError> {
-    let words = Words::parse(rest, &["socket", "state-dir"], &[])?;
-    words.exactly(0, "no arguments besides --socket and --state-dir")?;
+    let words = Words::parse(rest, &["socket", "state-dir", "uid-range"], &["no-jail"])?;
+    words.exactly(
+        0,
+        "no arguments besides --socket, --state-dir, --uid-range and --no-jail",
+    )?;
+    let uid_range = match words.flag("uid-range") {
+        None => jail::DEFAULT_UID_RANGE,
+        Some(text) => jail::parse_uid_range(text).ok_or_else(|| {
+            CliError::Usage(format!(
+                "--uid-range: '{text}' is not a range FIRST-LAST of uids above 0"
+            ))
+        })?,
+    };
     let options = daemon::Options {
         socket: PathBuf::from(words.flag("socket").unwrap_or(daemon::DEFAULT_SOCKET)),
         state_dir: PathBuf::from(words.flag("state-dir").unwrap_or(daemon::DEFAULT_STATE_DIR)),
+        jail: !words.switch("no-jail"),
+        uid_range,
     };
     daemon::serve(&options)?;
     Ok(ExitCode::SUCCESS)

@@ -57,6 +57,8 @@ pub struct TestDaemon {
     child: Option<Child>,
     /// Environment variables the daemon (and so its VMMs) gets.
     env: Vec<(String, String)>,
+    /// Flags given to every `ferrovisor daemon` this starts.
+    flags: Vec<String>,
 }
 
 impl TestDaemon {
@@ -67,6 +69,15 @@ impl TestDaemon {
 
     /// [`TestDaemon::start`], with extra environment variables.
     pub fn start_with_env(env: &[(&str, &str)]) -> TestDaemon {
+        Self::start_full(env, &[])
+    }
+
+    /// [`TestDaemon::start`], the daemon also given `flags`.
+    pub fn start_with(flags: &[&str]) -> TestDaemon {
+        Self::start_full(&[], flags)
+    }
+
+    fn start_full(env: &[(&str, &str)], flags: &[&str]) -> TestDaemon {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let dir = PathBuf::from(format!("/tmp/fvd-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -80,6 +91,7 @@ impl TestDaemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            flags: flags.iter().map(|f| f.to_string()).collect(),
         };
         daemon.spawn();
         daemon
@@ -99,6 +111,7 @@ impl TestDaemon {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(&self.flags)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -97,6 +97,39 @@ fn make_dirs(path: &Path) -> Result<()> {
     })
 }
 
+/// Makes the current directory (the new root) the root. pivot_root stacks
+/// the old root on the new one, then the old root is detached. A root that
+/// is the initial ramfs cannot be pivoted away (EINVAL): then the new root
+/// is moved over `/` and chrooted into, as switch_root does; the old root
+/// is hidden below it, and with no capability left (CAP_SYS_CHROOT) the VMM
+/// has no way back to it.
+fn pivot_here(root: &Path) -> Result<()> {
+    let dot = c".";
+    // SAFETY: pivot_root with "." twice; both are NUL-terminated strings.
+    if unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } == 0 {
+        // SAFETY: detaches the old root, now mounted on ".".
+        if unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) } != 0 {
+            return Err(sys("detach the host's root"));
+        }
+        return Ok(());
+    }
+    if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+        return Err(sys(format!("pivot into {}", root.display())));
+    }
+    mount(
+        Some(Path::new(".")),
+        Path::new("/"),
+        None,
+        libc::MS_MOVE,
+        None,
+    )?;
+    // SAFETY: a NUL-terminated path.
+    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
+        return Err(sys(format!("enter {} as the root", root.display())));
+    }
+    Ok(())
+}
+
 /// Builds the root on `root` and pivots into it; the old root is detached.
 pub(crate) fn enter_root(root: &Path, writable: &[PathBuf]) -> Result<()> {
     let hardening = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
@@ -139,16 +172,7 @@ pub(crate) fn enter_root(root: &Path, writable: &[PathBuf]) -> Result<()> {
     if unsafe { libc::chdir(root_c.as_ptr()) } != 0 {
         return Err(sys(format!("enter {}", root.display())));
     }
-    let dot = c".";
-    // SAFETY: pivot_root with "." twice stacks the old root on the new one;
-    // both pointers are NUL-terminated strings.
-    if unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } != 0 {
-        return Err(sys(format!("pivot into {}", root.display())));
-    }
-    // SAFETY: detaches the old root, now mounted on ".".
-    if unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) } != 0 {
-        return Err(sys("detach the host's root"));
-    }
+    pivot_here(root)?;
     let slash = c"/";
     // SAFETY: a NUL-terminated path.
     if unsafe { libc::chdir(slash.as_ptr()) } != 0 {

@@ -161,6 +161,49 @@ pub(crate) fn restrict(writable: &[PathBuf]) -> Result<Option<u32>> {
 mod tests {
     use super::*;
 
+    /// Landlock and no_new_privs hold for one thread (and what it starts),
+    /// so a thread of the test can be walled in alone.
+    #[test]
+    fn only_the_writable_directories_can_be_written_or_read() {
+        assert!(
+            abi_version().is_some(),
+            "this kernel has no Landlock: this test cannot run here"
+        );
+        let base = std::env::temp_dir().join(format!("fv-landlock-{}", std::process::id()));
+        let (allowed, other) = (base.join("allowed"), base.join("other"));
+        for dir in [&allowed, &other] {
+            std::fs::create_dir_all(dir).expect("scratch");
+        }
+        std::fs::write(other.join("old"), b"x").expect("file");
+        let (a, o) = (allowed.clone(), other.clone());
+        let (write_allowed, write_other, read_other, tcp) = std::thread::spawn(move || {
+            crate::creds::no_new_privs().expect("no_new_privs");
+            restrict(std::slice::from_ref(&a)).expect("restrict");
+            let tcp = std::net::TcpListener::bind("127.0.0.1:0").map(drop);
+            (
+                std::fs::write(a.join("new"), b"x").map_err(|e| e.kind()),
+                std::fs::write(o.join("new"), b"x").map_err(|e| e.kind()),
+                std::fs::read(o.join("old")).map_err(|e| e.kind()),
+                tcp.map_err(|e| e.kind()),
+            )
+        })
+        .join()
+        .expect("walled thread");
+        // The rest of the process is not walled in.
+        let outside = std::fs::write(other.join("later"), b"x").map_err(|e| e.kind());
+        let _ = std::fs::remove_dir_all(&base);
+        assert_eq!(outside, Ok(()));
+        assert_eq!(write_allowed, Ok(()));
+        assert_eq!(write_other, Err(std::io::ErrorKind::PermissionDenied));
+        assert_eq!(
+            read_other.map(drop),
+            Err(std::io::ErrorKind::PermissionDenied)
+        );
+        if abi_version().is_some_and(|v| v >= 4) {
+            assert_eq!(tcp, Err(std::io::ErrorKind::PermissionDenied), "TCP bind");
+        }
+    }
+
     #[test]
     fn newer_abis_handle_more_rights() {
         assert_eq!(fs_rights(1), FS_ABI1);

@@ -79,6 +79,8 @@ fn make_jail(
         let uid = jail::uid_for_name(name, jail::DEFAULT_UID_RANGE);
         (uid, uid)
     });
+    std::fs::create_dir_all(&args.dir)
+        .map_err(|e| format!("--jail {}: {e}", args.dir.display()))?;
     let dir = absolute(&args.dir, "--jail")?;
     Ok(Jail {
         name: name.to_string(),

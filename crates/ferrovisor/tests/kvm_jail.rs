@@ -13,11 +13,11 @@ use std::process::{Child, Command, Stdio};
 
 use common::*;
 
-/// A directory of its own for one test, with `run/` and `jail/` in it.
+/// A directory of its own for one test, with `run/` in it (`jail/` is
+/// left for `run --jail` to create).
 fn scratch(name: &str) -> PathBuf {
     let dir = scratch_dir("fvjail", name);
     std::fs::create_dir_all(dir.join("run")).unwrap();
-    std::fs::create_dir_all(dir.join("jail")).unwrap();
     dir
 }
 

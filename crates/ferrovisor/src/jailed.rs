@@ -91,6 +91,7 @@ fn make_jail(
         gid,
         nofile: jail::NOFILE_LIMIT,
         fsize: largest_disk(vm).max(jail::MIN_FSIZE_LIMIT),
+        keep_sys_nice: vm.sched.is_real_time() || vm.sched.partition.is_some(),
     })
 }
 

@@ -161,6 +161,11 @@ fn a_jailed_vmm_runs_as_an_unprivileged_uid_without_capabilities() {
         );
     }
     assert_eq!(status_field(pid, "NoNewPrivs").unwrap(), "1");
+    assert_eq!(
+        status_field(pid, "Seccomp").unwrap(),
+        "2",
+        "seccomp filter mode"
+    );
     // Every thread, not just the main one.
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
@@ -169,6 +174,7 @@ fn a_jailed_vmm_runs_as_an_unprivileged_uid_without_capabilities() {
         let status = std::fs::read_to_string(task.path().join("status")).unwrap();
         assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
         assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+        assert!(status.contains("Seccomp:\t2"), "{status}");
     }
     for kind in ["mnt", "pid", "ipc", "uts"] {
         assert_ne!(ns_of(pid, kind), ns_of(std::process::id(), kind), "{kind}");

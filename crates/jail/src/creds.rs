@@ -122,8 +122,9 @@ pub fn process_caps() -> Result<Caps> {
     })
 }
 
-/// Becomes `uid`/`gid` with no supplementary groups and no capabilities.
-pub(crate) fn become_user(uid: u32, gid: u32) -> Result<()> {
+/// Becomes `uid`/`gid` with no supplementary groups and no capabilities
+/// but those of mask `kept` (effective and permitted).
+pub(crate) fn become_user(uid: u32, gid: u32, kept: u64) -> Result<()> {
     // SAFETY: an empty list.
     if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
         return Err(sys("drop the supplementary groups"));
@@ -132,16 +133,28 @@ pub(crate) fn become_user(uid: u32, gid: u32) -> Result<()> {
     if unsafe { libc::setresgid(gid, gid, gid) } != 0 {
         return Err(sys(format!("become gid {gid}")));
     }
-    // Changing every uid from 0 clears the permitted and effective sets.
+    // Changing every uid from 0 clears the permitted and effective sets,
+    // unless asked to keep them (then only `kept` stays, below).
+    // SAFETY: PR_SET_KEEPCAPS takes a flag.
+    if kept != 0 && unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) } != 0 {
+        return Err(sys("keep a capability across the change of user"));
+    }
     // SAFETY: no memory effects.
     if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
         return Err(sys(format!("become uid {uid}")));
     }
+    // SAFETY: PR_SET_KEEPCAPS takes a flag.
+    unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
     let mut header = CapHeader {
         version: CAP_VERSION_3,
         pid: 0,
     };
-    let data = [CapData::default(); 2];
+    let half = |shift: u32| CapData {
+        effective: (kept >> shift) as u32,
+        permitted: (kept >> shift) as u32,
+        inheritable: 0,
+    };
+    let data = [half(0), half(32)];
     // SAFETY: version 3 takes a header and two data structs, both valid.
     if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
         return Err(sys("clear the capabilities"));
@@ -149,15 +162,21 @@ pub(crate) fn become_user(uid: u32, gid: u32) -> Result<()> {
     Ok(())
 }
 
-/// Checks that the lock-down took: the uid, and no capability in any set.
-pub(crate) fn check_dropped(uid: u32) -> Result<()> {
+/// Checks that the lock-down took: the uid, and no capability in any set
+/// but `kept` (effective and permitted).
+pub(crate) fn check_dropped(uid: u32, kept: u64) -> Result<()> {
     // SAFETY: no preconditions.
     let (real, effective) = unsafe { (libc::getuid(), libc::geteuid()) };
     if real != uid || effective != uid {
         return Err(JailError::NotDropped(format!("uid {effective}")));
     }
     let caps = process_caps()?;
-    if caps != Caps::default() {
+    let want = Caps {
+        effective: kept,
+        permitted: kept,
+        inheritable: 0,
+    };
+    if caps != want {
         return Err(JailError::NotDropped(format!("capabilities {caps:?}")));
     }
     // SAFETY: PR_CAPBSET_READ takes a capability number.

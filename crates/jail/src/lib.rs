@@ -67,6 +67,9 @@ pub fn memory_limit(guest_ram: u64, vcpus: u8) -> u64 {
 /// (each a host socket) are the only ones that grow.
 pub const NOFILE_LIMIT: u64 = 4096;
 
+/// The capability that lets a process give threads a real-time class.
+const CAP_SYS_NICE: u32 = 23;
+
 /// The smallest file-size limit: the largest file the VMM writes itself is
 /// the console log (2 MiB before it is cut).
 pub const MIN_FSIZE_LIMIT: u64 = 64 << 20;
@@ -127,6 +130,9 @@ pub struct Jail {
     /// RLIMIT_FSIZE: no smaller than the largest disk image, which the VMM
     /// writes through its open descriptor.
     pub fsize: u64,
+    /// Keep CAP_SYS_NICE (alone): the guest's vCPU threads get a real-time
+    /// class or a time partition, which the VMM sets on its own threads.
+    pub keep_sys_nice: bool,
 }
 
 /// What the lock-down did that a user may want told once.
@@ -167,8 +173,13 @@ impl Jail {
         creds::drop_bounding_set(last_cap)?;
         creds::no_new_privs()?;
         let landlock = landlock::restrict(&writable)?;
-        creds::become_user(self.uid, self.gid)?;
-        creds::check_dropped(self.uid)?;
+        let kept = if self.keep_sys_nice {
+            1 << CAP_SYS_NICE
+        } else {
+            0
+        };
+        creds::become_user(self.uid, self.gid, kept)?;
+        creds::check_dropped(self.uid, kept)?;
         ns::die_with_parent()?;
         Ok(LockedDown { landlock })
     }

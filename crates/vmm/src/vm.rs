@@ -174,8 +174,6 @@ pub fn run_with(
     vcpu::check_affinity(&config.affinity, config.cpus)?;
     config.sched.check(usize::from(config.cpus))?;
     let regions = memmap::ram_regions(config.memory)?;
-    // Before any VMM thread starts: each installs its filter as it starts.
-    seccomp::prepare(config.seccomp)?;
     let pci_devices = pci::devices_from_config(config)?;
     // Unlocked memory more than the host has is only a warning.
     if !memory::check_host_fits(config.memory, config.sched.locked)? {
@@ -207,10 +205,14 @@ pub fn run_with(
         .map(Runtime::open)
         .transpose()?;
     let interactive = runtime.is_none() && console::stdin_is_tty();
-    // Every file, device and tap is open and no other thread runs yet.
+    // Every file, device and tap is open and no other thread runs yet:
+    // the jail first, while the VMM is one thread (every thread it starts
+    // inherits it), then seccomp.
     if let Some(jail) = &options.jail {
         lock_down(jail)?;
     }
+    // Before any VMM thread starts: each installs its filter as it starts.
+    seccomp::prepare(config.seccomp)?;
     let devices = machine::LegacyDevices::create(&vm)?;
     let limits = pci_devices.limits.clone();
     let pci = PciDevices::create(&vm, &mem, pci_devices)?;

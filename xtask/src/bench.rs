@@ -40,6 +40,8 @@ const KVM_COUNTERS: [&str; 10] = [
 ];
 /// A mapping at least this large is guest RAM, whatever backs it.
 const GUEST_RAM_MIN_KIB: u64 = 64 << 10;
+/// The jailed column's `--jail` directory.
+const JAIL_DIR: &str = "/tmp/bench-jail";
 /// One boot may take this long before it is abandoned.
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
 
@@ -49,6 +51,8 @@ enum Vmm {
     Ferrovisor,
     /// Ferrovisor with `--seccomp off`: what the filters cost.
     FerrovisorNoSeccomp,
+    /// `ferrovisor run --jail`: the VMM in its jail, with its waiting parent.
+    FerrovisorJailed,
     QemuMicrovm,
     QemuQ35,
 }
@@ -83,9 +87,10 @@ impl Peer {
 
     /// The columns of a default run; q35 is added on request (inner QEMU
     /// q35 boots have wedged the lab).
-    const DEFAULT: [Peer; 6] = [
+    const DEFAULT: [Peer; 7] = [
         Peer::new(Vmm::Ferrovisor, Image::Pvh, QemuRam::Default),
         Peer::new(Vmm::FerrovisorNoSeccomp, Image::Pvh, QemuRam::Default),
+        Peer::new(Vmm::FerrovisorJailed, Image::Pvh, QemuRam::Default),
         Peer::new(Vmm::Ferrovisor, Image::BzImage, QemuRam::Default),
         Peer::new(Vmm::QemuMicrovm, Image::Pvh, QemuRam::Default),
         Peer::new(Vmm::QemuMicrovm, Image::Pvh, QemuRam::Memfd),
@@ -94,13 +99,17 @@ impl Peer {
     const Q35: Peer = Peer::new(Vmm::QemuQ35, Image::BzImage, QemuRam::Default);
 
     fn is_ferrovisor(self) -> bool {
-        matches!(self.vmm, Vmm::Ferrovisor | Vmm::FerrovisorNoSeccomp)
+        matches!(
+            self.vmm,
+            Vmm::Ferrovisor | Vmm::FerrovisorNoSeccomp | Vmm::FerrovisorJailed
+        )
     }
 
     fn name(self) -> String {
         let vmm = match self.vmm {
             Vmm::Ferrovisor => "ferrovisor",
             Vmm::FerrovisorNoSeccomp => "ferrovisor no-seccomp",
+            Vmm::FerrovisorJailed => "jailed",
             Vmm::QemuMicrovm => "microvm",
             Vmm::QemuQ35 => "q35",
         };
@@ -109,7 +118,8 @@ impl Peer {
             Image::BzImage => "bzImage",
         };
         let ram = match (self.vmm, self.ram) {
-            (Vmm::Ferrovisor | Vmm::FerrovisorNoSeccomp, _) | (_, QemuRam::Default) => "",
+            (Vmm::Ferrovisor | Vmm::FerrovisorNoSeccomp | Vmm::FerrovisorJailed, _)
+            | (_, QemuRam::Default) => "",
             (_, QemuRam::Memfd) => " memfd",
         };
         format!("{vmm} {image}{ram}")
@@ -165,6 +175,9 @@ fn command_for(peer: Peer, marker_file: &Path) -> Command {
             .args(["--memory", &memory, "--stats"]);
         if peer.vmm == Vmm::FerrovisorNoSeccomp {
             cmd.args(["--seccomp", "off"]);
+        }
+        if peer.vmm == Vmm::FerrovisorJailed {
+            cmd.args(["--jail", JAIL_DIR]);
         }
         return cmd;
     }
@@ -277,6 +290,27 @@ fn rss(pid: u32) -> Option<RssSplit> {
     Some(split_rss(&smaps))
 }
 
+/// The memory of `pid` and its children: a jailed VMM is the child of the
+/// process started, which waits for it, and both count.
+fn rss_with_children(pid: u32) -> Option<RssSplit> {
+    let mut total = rss(pid)?;
+    let parent = format!("PPid:\t{pid}\n");
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        if status.contains(&parent) {
+            if let Some(split) = rss(child) {
+                total.own += split.own;
+                total.guest += split.guest;
+                total.guest_huge += split.guest_huge;
+            }
+        }
+    }
+    Some(total)
+}
+
 /// Parses `"key": number` out of the VMM's one-line JSON statistics.
 fn json_number(json: &str, key: &str) -> Option<f64> {
     let quoted = format!("\"{key}\"");
@@ -374,7 +408,7 @@ fn poll_until_exit(
         }
         polls += 1;
         if polls.is_multiple_of(12) {
-            if let Some(split) = rss(child.id()) {
+            if let Some(split) = rss_with_children(child.id()) {
                 sample.vmm_kib = sample.vmm_kib.max(split.own);
                 sample.guest_kib = sample.guest_kib.max(split.guest);
                 sample.guest_huge_kib = sample.guest_huge_kib.max(split.guest_huge);

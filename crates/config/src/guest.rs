@@ -16,6 +16,7 @@
 //! uuid = "6f1c2e3d-4b5a-4978-8a1b-0c2d3e4f5a6b"  # SMBIOS system UUID;
 //!                                # random at each run when absent
 //! seccomp = "on"                 # or "log" or "off"
+//! netns = "guests"               # join /run/netns/guests before the taps
 //!
 //! [[disk]]
 //! path = "root.img"
@@ -147,6 +148,17 @@ pub(crate) fn guest_fields(f: &mut Fields, base_dir: &Path) -> Result<VmConfig, 
         None => vmm::SeccompMode::default(),
         Some(text) => text.parse().map_err(|e: String| f.error("seccomp", e))?,
     };
+    let netns = f.string("netns")?;
+    if let Some(name) = &netns {
+        if !jail::valid_name(name) {
+            return Err(f.error(
+                "netns",
+                format!(
+                    "'{name}' is not a network namespace name (letters, digits, '-', '_', '.')"
+                ),
+            ));
+        }
+    }
     Ok(VmConfig {
         kernel,
         initramfs,
@@ -166,6 +178,7 @@ pub(crate) fn guest_fields(f: &mut Fields, base_dir: &Path) -> Result<VmConfig, 
         seccomp,
         regions,
         sched,
+        netns,
     })
 }
 

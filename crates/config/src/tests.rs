@@ -39,6 +39,7 @@ rng = true
 affinity = ["0", "1-3"]
 uuid = "6F1C2E3D-4b5a-4978-8a1b-0c2d3e4f5a6b"
 seccomp = "log"
+netns = "guests"
 
 [[disk]]
 path = "root.img"
@@ -76,6 +77,7 @@ fn a_full_guest_file_fills_every_field() {
         c.uuid.map(|u| u.to_string()).as_deref(),
         Some("6f1c2e3d-4b5a-4978-8a1b-0c2d3e4f5a6b")
     );
+    assert_eq!(c.netns.as_deref(), Some("guests"));
     assert_eq!(
         c.disks,
         vec![
@@ -232,7 +234,8 @@ fn guest_field_errors() {
         ("kernel = \"k\"\nseccomp = \"yes\"", "guest.toml: seccomp: 'yes' is not on, log or off"),
         ("kernel = \"k\"\nseccomp = true", "guest.toml: seccomp: expected a string, found a boolean"),
         ("kernel = \"k\"\nuuid = \"1234\"", "guest.toml: uuid: '1234' is not a UUID (example: 123e4567-e89b-42d3-a456-426614174000)"),
-        ("kernel = \"k\"\nsize = 3", "guest.toml: size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, region, rng, sched, seccomp, uuid, vsock)"),
+        ("kernel = \"k\"\nnetns = \"../x\"", "guest.toml: netns: '../x' is not a network namespace name (letters, digits, '-', '_', '.')"),
+        ("kernel = \"k\"\nsize = 3", "guest.toml: size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, netns, region, rng, sched, seccomp, uuid, vsock)"),
     ];
     for (text, expected) in cases {
         assert_eq!(guest_err(text), expected, "{text}");
@@ -438,7 +441,7 @@ fn system_errors() {
         ("[guests]\nweb = 3", "system.toml: guests.web: expected a table, found an integer"),
         ("[guests.web]\nkernel = \"k\"\nmemory = \"12X\"", "system.toml: guests.web.memory: '12X' is not a size (examples: 512M, 2G, 1048576K)"),
         ("[guests.web]\nkernel = \"k\"\nstart = \"later\"", "system.toml: guests.web.start: 'later' is not \"boot\" or \"held\""),
-        ("[guests.web]\nkernel = \"k\"\nsize = 1", "system.toml: guests.web.size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, region, rng, sched, seccomp, start, uuid, vsock)"),
+        ("[guests.web]\nkernel = \"k\"\nsize = 1", "system.toml: guests.web.size: unknown field (known here: affinity, cmdline, console, cpu, cpus, disk, hugepages, initramfs, kernel, memory, memory_backing, net, netns, region, rng, sched, seccomp, start, uuid, vsock)"),
         ("[guests.web]\nfile = \"w.toml\"\ncpus = 2", "system.toml: guests.web.cpus: a guest given by 'file' takes only 'start' beside it; put this in the guest file"),
         ("[guests.web]\nfile = \"\"", "system.toml: guests.web.file: is empty"),
         ("[guests.web]\nstart = \"boot\"", "system.toml: guests.web.kernel: is required"),

@@ -149,6 +149,9 @@ fn write_guest(out: &mut String, config: &VmConfig, prefix: &str) {
     if config.seccomp != vmm::SeccompMode::default() {
         let _ = writeln!(out, "seccomp = {}", quoted(config.seccomp.name()));
     }
+    if let Some(netns) = &config.netns {
+        let _ = writeln!(out, "netns = {}", quoted(netns));
+    }
     for disk in &config.disks {
         let _ = writeln!(out, "\n[[{prefix}disk]]\npath = {}", path(&disk.path));
         let _ = writeln!(out, "readonly = {}", disk.readonly);

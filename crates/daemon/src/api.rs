@@ -45,7 +45,7 @@ impl From<RegistryError> for Reply {
             RegistryError::Exists(_) => 409,
             RegistryError::Unknown(_) => 404,
             RegistryError::Guest(g) => return Reply::from_guest(g),
-            RegistryError::Io(_) => 500,
+            RegistryError::Io(_) | RegistryError::Jail(_) => 500,
         };
         Reply::error(status, one_line(&e))
     }

@@ -16,6 +16,7 @@ use crate::events::{now_ms, EventBus};
 use crate::files;
 use crate::guest::{self, Guest, GuestError, Record, State};
 use crate::images::Policy;
+use crate::jail::{JailError, JailPolicy};
 
 /// Errors of registry operations.
 #[derive(Debug, Error)]
@@ -33,6 +34,8 @@ pub enum RegistryError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Guest(#[from] GuestError),
+    #[error("jail")]
+    Jail(#[from] JailError),
 }
 
 /// Checks a guest name: it becomes a directory name and a URL path segment.
@@ -70,12 +73,26 @@ pub struct Daemon {
     pub broken: Vec<(String, String)>,
     /// What guests may use on the host.
     policy: Policy,
+    /// How guests are jailed; `None` with `--no-jail`.
+    jail: Option<Arc<JailPolicy>>,
 }
 
 impl Daemon {
     /// Opens (creating if needed) `state_dir`, reads back every guest in it
     /// and re-adopts those whose process still runs.
     pub fn open(state_dir: &Path, exe: PathBuf, policy: Policy) -> std::io::Result<Daemon> {
+        Self::open_with(state_dir, exe, policy, None)
+    }
+
+    /// [`Daemon::open`], starting guests in `jail` (unconfined with `None`).
+    /// A guest without a uid yet is given one.
+    pub fn open_with(
+        state_dir: &Path,
+        exe: PathBuf,
+        policy: Policy,
+        jail: Option<JailPolicy>,
+    ) -> std::io::Result<Daemon> {
+        let jail = jail.map(Arc::new);
         let guests_dir = state_dir.join("guests");
         files::private_dir(state_dir)?;
         files::private_dir(&guests_dir)?;
@@ -88,6 +105,7 @@ impl Daemon {
             events: Arc::new(EventBus::default()),
             broken: Vec::new(),
             policy,
+            jail: jail.clone(),
         };
         let mut found = BTreeMap::new();
         for entry in fs::read_dir(&daemon.guests_dir)? {
@@ -100,9 +118,21 @@ impl Daemon {
             }
             match Guest::load(&name, entry.path()) {
                 Ok(guest) => {
-                    found.insert(name, Arc::new(guest));
+                    found.insert(name, Arc::new(guest.with_jail(jail.clone())));
                 }
                 Err(why) => daemon.broken.push((name, why)),
+            }
+        }
+        if let Some(policy) = &jail {
+            let mut taken = uids(&found);
+            for guest in found.values().filter(|g| g.record().uid.is_none()) {
+                match policy.allocate_uid(&taken) {
+                    Ok(uid) => {
+                        taken.insert(uid);
+                        let _ = guest.set_uid(uid);
+                    }
+                    Err(e) => daemon.broken.push((guest.name.clone(), e.to_string())),
+                }
             }
         }
         for guest in found.values() {
@@ -145,6 +175,10 @@ impl Daemon {
         if map.contains_key(name) {
             return Err(RegistryError::Exists(name.to_string()));
         }
+        let uid = match &self.jail {
+            Some(policy) => Some(policy.allocate_uid(&uids(&map))?),
+            None => None,
+        };
         let tmp = self
             .guests_dir
             .join(format!(".new-{name}-{}", std::process::id()));
@@ -161,6 +195,7 @@ impl Daemon {
                 exit: None,
                 runs: 0,
                 created_ms: now_ms(),
+                uid,
             };
             guest::write_json(&tmp.join(guest::RECORD), &record)?;
             let dir = self.guests_dir.join(name);
@@ -175,13 +210,16 @@ impl Daemon {
                 return Err(e);
             }
         };
-        let guest = Arc::new(Guest::new(
-            name,
-            self.guests_dir.join(name),
-            text.to_string(),
-            summary,
-            record,
-        ));
+        let guest = Arc::new(
+            Guest::new(
+                name,
+                self.guests_dir.join(name),
+                text.to_string(),
+                summary,
+                record,
+            )
+            .with_jail(self.jail.clone()),
+        );
         map.insert(name.to_string(), guest.clone());
         drop(map);
         self.events.emit(name, "created", "created", None);
@@ -268,9 +306,17 @@ impl Daemon {
             .join(format!(".del-{name}-{}", std::process::id()));
         fs::rename(&guest.dir, &doomed)?;
         let _ = fs::remove_dir_all(&doomed);
+        if let Some(policy) = &self.jail {
+            policy.release(name);
+        }
         self.events.emit(name, "deleted", "deleted", None);
         Ok(())
     }
+}
+
+/// The uids the guests in `guests` hold.
+fn uids(guests: &BTreeMap<String, Arc<Guest>>) -> std::collections::BTreeSet<u32> {
+    guests.values().filter_map(|g| g.record().uid).collect()
 }
 
 #[cfg(test)]

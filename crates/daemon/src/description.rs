@@ -59,7 +59,7 @@ pub fn parse_config(text: &str) -> Result<config::VmConfig, DescriptionError> {
     parse(text)
 }
 
-fn parse(text: &str) -> Result<config::VmConfig, DescriptionError> {
+pub(crate) fn parse(text: &str) -> Result<config::VmConfig, DescriptionError> {
     config::parse_guest(text, ORIGIN, Path::new("/")).map_err(|e| DescriptionError(one_line(&e)))
 }
 

@@ -20,6 +20,7 @@ use thiserror::Error;
 use crate::description::{self, Summary};
 use crate::events::{now_ms, EventBus};
 use crate::images::GuestFile;
+use crate::jail::{self, JailPolicy};
 use crate::process::{self, Identity};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -68,6 +69,12 @@ pub enum GuestError {
     /// A disk image another guest holds.
     #[error("{0}")]
     InUse(String),
+    #[error("cannot jail guest '{name}'")]
+    Jail {
+        name: String,
+        #[source]
+        source: jail::JailError,
+    },
 }
 
 /// A close-on-exec duplicate of `file` numbered 3 or above, so that the
@@ -150,6 +157,10 @@ pub struct Record {
     /// Runs so far; a watcher only reports on its own run.
     pub runs: u64,
     pub created_ms: u64,
+    /// The uid and gid the guest's VMM runs as when jailed, from the
+    /// daemon's range; kept for the guest's whole life.
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 /// The end of one run, as its watcher saw it.
@@ -206,6 +217,8 @@ pub struct Guest {
     /// The VMM's last answer to `info` (run number, reply), shown marked
     /// stale when the VMM does not answer in time.
     last_vmm_info: Mutex<Option<(u64, Value)>>,
+    /// The jail its VMM runs in; `None`: unconfined (`--no-jail`).
+    jail: Option<Arc<JailPolicy>>,
 }
 
 /// Locks a mutex, recovering from a panicked holder.
@@ -344,6 +357,48 @@ impl Guest {
                 killing: false,
             }),
             last_vmm_info: Mutex::new(None),
+            jail: None,
+        }
+    }
+
+    /// The guest, its VMM run in `jail`.
+    pub fn with_jail(mut self, jail: Option<Arc<JailPolicy>>) -> Guest {
+        self.jail = jail;
+        self
+    }
+
+    /// Gives the guest its uid for good.
+    pub fn set_uid(&self, uid: u32) -> Result<(), GuestError> {
+        let mut data = lock(&self.data);
+        data.record.uid = Some(uid);
+        self.save(&data)
+    }
+
+    /// The jail's cgroup and flags for the next run, if the guest is jailed.
+    fn placement(&self) -> Result<Option<jail::Placement>, GuestError> {
+        let Some(policy) = &self.jail else {
+            return Ok(None);
+        };
+        let fail = |source| GuestError::Jail {
+            name: self.name.clone(),
+            source,
+        };
+        let config =
+            description::parse(&self.description).map_err(|e| GuestError::StartFailed {
+                name: self.name.clone(),
+                reason: e.0,
+            })?;
+        let uid = lock(&self.data).record.uid;
+        policy
+            .prepare(&self.name, &config, uid)
+            .map(Some)
+            .map_err(fail)
+    }
+
+    /// Removes the guest's cgroup after its VMM has ended.
+    fn release(&self) {
+        if let Some(policy) = &self.jail {
+            policy.release(&self.name);
         }
     }
 
@@ -437,22 +492,36 @@ impl Guest {
         let vmm_toml = runtime.join(VMM_CONFIG);
         crate::files::write_durable(&vmm_toml, config::to_guest_toml(&vmm_config).as_bytes())?;
         let fds: Vec<i32> = inherited.iter().map(AsRawFd::as_raw_fd).collect();
-        let groups = crate::sched::prepare(&self.name, &self.description).map_err(|reason| {
-            GuestError::NotAdmitted {
-                name: self.name.clone(),
-                reason,
+        let mut groups =
+            crate::sched::prepare(&self.name, &self.description).map_err(|reason| {
+                GuestError::NotAdmitted {
+                    name: self.name.clone(),
+                    reason,
+                }
+            })?;
+        let placement = self.placement()?;
+        let mut jail_args = Vec::new();
+        if let Some(placement) = placement {
+            for procs in placement.procs {
+                if !groups.contains(&procs) {
+                    groups.push(procs);
+                }
             }
-        })?;
+            jail_args = placement.args;
+        }
         let spawned = process::spawn_vmm(
             exe,
             &vmm_toml,
             &runtime,
             (&self.dir.join("vmm.out"), &self.dir.join("vmm.err")),
-            &groups,
+            (&groups, &jail_args),
             &crate::region::handoff(&self.name),
             &fds,
         );
-        let mut child = spawned.inspect_err(|_| crate::sched::release(&self.name, &self.dir))?;
+        let mut child = spawned.inspect_err(|_| {
+            self.release();
+            crate::sched::release(&self.name, &self.dir);
+        })?;
         // The VMM has its own copies (and the disks' locks with them).
         drop(inherited);
         drop(files);
@@ -477,6 +546,8 @@ impl Guest {
         std::thread::spawn(move || {
             use std::os::unix::process::ExitStatusExt;
             let status = child.wait().ok();
+            // Before the end is known, so that no new run's group is removed.
+            guest.release();
             let killing = lock(&guest.data).killing;
             let report = read_exit_report(&guest.runtime()).or_else(|| {
                 seccomp_report(&guest.dir.join("vmm.err"), status.and_then(|s| s.code()))
@@ -543,6 +614,7 @@ impl Guest {
         let runtime = self.runtime();
         let alive = identity.filter(|&id| process::is_alive(id, &runtime));
         let Some(identity) = alive else {
+            self.release();
             let end = classify(read_exit_report(&runtime), None, None, false);
             self.finish(run, end, events);
             return;
@@ -569,6 +641,7 @@ impl Guest {
             while process::is_alive(identity, &runtime) {
                 std::thread::sleep(POLL);
             }
+            guest.release();
             let killing = lock(&guest.data).killing;
             let end = classify(read_exit_report(&runtime), None, None, killing);
             crate::sched::release(&guest.name, &guest.dir);
@@ -728,6 +801,26 @@ impl Guest {
         }
     }
 
+    /// For a jailed VMM, the host's view: its own pid (not the waiting
+    /// parent's), host thread ids for the vCPUs it numbers in its PID
+    /// namespace, and the CPU time of its cgroup.
+    fn jailed_facts(&self, started: i32, info: &mut Value) {
+        let Some(policy) = &self.jail else {
+            return;
+        };
+        let Some(vmm) = policy.vmm_pid(&self.name, started) else {
+            return;
+        };
+        info["pid"] = json!(vmm);
+        info["cpu_time_ms"] = json!(policy.cpu_time_ms(&self.name));
+        let inner: Option<Vec<i64>> = info["vcpu_tids"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_i64).collect());
+        if let Some(host) = inner.and_then(|t| jail::host_tids(vmm, &t)) {
+            info["vcpu_tids"] = json!(host);
+        }
+    }
+
     /// Seconds-level facts for listings: the record plus, for a live guest,
     /// what its VMM reports (vCPU thread ids, exits, uptime) and CPU time.
     pub fn info(&self, detailed: bool) -> Value {
@@ -766,6 +859,7 @@ impl Guest {
                     }
                 }
                 info["stale"] = json!(stale);
+                self.jailed_facts(id.pid, &mut info);
             }
         }
         if detailed {
@@ -852,6 +946,7 @@ mod tests {
             exit: None,
             runs: 1,
             created_ms: 0,
+            uid: None,
         };
         let summary = Summary {
             cpus: 1,
@@ -881,9 +976,15 @@ mod tests {
             exit: None,
             runs: 3,
             created_ms: 0,
+            uid: Some(100_003),
         };
         let text = serde_json::to_string(&record).expect("serializes");
         assert!(text.contains("\"paused\""));
+        // A record written before uids existed still reads.
+        let old = text.replace(",\"uid\":100003", "");
+        assert!(!old.contains("uid"), "{old}");
+        let read: Record = serde_json::from_str(&old).expect("parses");
+        assert_eq!(read.uid, None);
         assert_eq!(
             serde_json::from_str::<Record>(&text).expect("parses"),
             record

@@ -18,6 +18,7 @@
 //! - [`files`]: private (0700/0600), durable state files;
 //! - [`images`]: image roots, taps and sockets a guest may use;
 //! - [`access`]: API peer checks, per-uid connection limits, the audit log.
+//! - [`jail`]: the jail every guest's VMM runs in: uids, cgroups, flags.
 
 pub mod access;
 pub mod api;
@@ -30,6 +31,7 @@ pub mod fuzz_entry;
 pub mod guest;
 pub mod http;
 pub mod images;
+pub mod jail;
 pub mod limits;
 pub mod process;
 pub mod region;

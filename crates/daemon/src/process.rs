@@ -94,13 +94,14 @@ pub fn signal(pid: i32, signal: i32) {
 /// mode creation mask 077 (its files are private), with the shared regions
 /// of `regions`, and inheriting their descriptors and `inherit`
 /// (close-on-exec in the daemon, cleared only in the child, so no other
-/// child started meanwhile gets them).
+/// child started meanwhile gets them). With the jail's flags, `run` jails
+/// itself.
 pub fn spawn_vmm(
     exe: &Path,
     config: &Path,
     runtime_dir: &Path,
     (out, err): (&Path, &Path),
-    groups: &[std::path::PathBuf],
+    (groups, jail_args): (&[std::path::PathBuf], &[std::ffi::OsString]),
     regions: &crate::region::Handoff,
     inherit: &[i32],
 ) -> Result<Child, ProcessError> {
@@ -132,7 +133,8 @@ pub fn spawn_vmm(
         )
         .stdin(Stdio::null())
         .stdout(stdout)
-        .stderr(stderr);
+        .stderr(stderr)
+        .args(jail_args);
     let mut inherit = inherit.to_vec();
     inherit.extend_from_slice(&regions.fds);
     // SAFETY: the closure runs in the child between fork and exec and only

@@ -56,6 +56,8 @@ pub enum ServeError {
     Images(#[from] ImagesError),
     #[error(transparent)]
     Access(#[from] AccessError),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
 }
 
 /// Where the daemon listens and keeps its guests, and what guests and
@@ -70,6 +72,10 @@ pub struct Options {
     pub taps: Option<Taps>,
     /// A group whose members may use the API besides root (`--group`).
     pub group: Option<String>,
+    /// Start every guest jailed (`--no-jail` turns it off).
+    pub jail: bool,
+    /// The uids (and gids) jailed guests get, one each.
+    pub uid_range: (u32, u32),
 }
 
 /// Binds `socket`, replacing a stale socket nobody listens on; a live
@@ -151,7 +157,12 @@ pub fn serve(options: &Options) -> Result<(), ServeError> {
     files::private_dir(&options.state_dir).map_err(|e| ServeError::StateDir(shown.clone(), e))?;
     let guests = guest_policy(&options)?;
     let roots = guests.roots.describe();
-    let daemon = Daemon::open(&options.state_dir, exe, guests)
+    // Before any guest is placed: the daemon's own cgroups are the base.
+    let jail = options
+        .jail
+        .then(|| crate::jail::JailPolicy::new(&options.state_dir, options.uid_range))
+        .transpose()?;
+    let daemon = Daemon::open_with(&options.state_dir, exe, guests, jail)
         .map_err(|e| ServeError::StateDir(shown, e))?;
     for (name, why) in &daemon.broken {
         eprintln!("ferrovisor daemon: skipping guest '{name}': {why}");

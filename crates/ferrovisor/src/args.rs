@@ -47,6 +47,16 @@ pub enum ArgsError {
     BadCpuFeatures(FeatureError),
     #[error("--region-fds: {0}")]
     BadRegionFds(vmm::region_fds::RegionFdsError),
+    #[error(
+        "{0}: '{1}' is not valid: use letters, digits, '-', '_' or '.', not starting with '.'"
+    )]
+    BadName(&'static str, String),
+    #[error("--jail-uid: '{0}' is not a uid, or UID:GID, above 0")]
+    BadJailUid(String),
+    #[error("--jail-cgroup: '{0}' is not \"own\" or \"caller\"")]
+    BadJailCgroup(String),
+    #[error("{0} needs --jail DIR")]
+    NeedsJail(&'static str),
     #[error("unexpected argument '{0}'")]
     Unexpected(String),
     /// A device option string (`--disk`, `--net`, ...) is wrong; the cause
@@ -82,6 +92,29 @@ pub struct RunArgs {
     /// `--region-fds`: shared regions as inherited descriptors, added to
     /// the guest's own.
     pub region_fds: Vec<vmm::config::RegionConfig>,
+    /// Run jailed (`--jail DIR`).
+    pub jail: Option<JailArgs>,
+    /// The guest's name (`--name`): its jail root, cgroup and host name.
+    pub name: Option<String>,
+}
+
+/// Where a jailed VMM's cgroup comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CgroupMode {
+    /// `run` creates `ferrovisor/NAME` under its own cgroup and sets its limits.
+    #[default]
+    Own,
+    /// The caller (the daemon) placed the process in the guest's group.
+    Caller,
+}
+
+/// `--jail DIR [--jail-uid UID[:GID]] [--jail-cgroup own|caller]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailArgs {
+    pub dir: PathBuf,
+    /// `None`: a uid from the name, in the default range.
+    pub ids: Option<(u32, u32)>,
+    pub cgroup: CgroupMode,
 }
 
 /// What the user asked for.
@@ -135,7 +168,7 @@ fn set_once<T>(slot: &mut Option<T>, value: T, flag: &'static str) -> Result<(),
 }
 
 /// The flags that describe the machine, which a guest file replaces.
-const MACHINE_FLAGS: [&str; 16] = [
+const MACHINE_FLAGS: [&str; 17] = [
     "--kernel",
     "--initramfs",
     "--initrd",
@@ -152,6 +185,7 @@ const MACHINE_FLAGS: [&str; 16] = [
     "--hugepages",
     "--cpu-features",
     "--uuid",
+    "--netns",
 ];
 
 /// The flags of `run`, as given (each one at most once unless repeatable).
@@ -180,6 +214,11 @@ struct RunFlags {
     runtime_dir: Option<PathBuf>,
     seccomp: Option<vmm::SeccompMode>,
     region_fds: Vec<vmm::config::RegionConfig>,
+    netns: Option<String>,
+    jail: Option<PathBuf>,
+    jail_ids: Option<(u32, u32)>,
+    jail_cgroup: Option<CgroupMode>,
+    name: Option<String>,
     /// The first flag seen that describes the machine (not allowed with
     /// `--config`).
     machine_flag: Option<&'static str>,
@@ -277,6 +316,26 @@ impl RunFlags {
                     fds: Some(fds),
                 });
             }
+            "--netns" => set_once(
+                &mut self.netns,
+                name("--netns", value("--netns")?)?,
+                "--netns",
+            )?,
+            "--name" => set_once(&mut self.name, name("--name", value("--name")?)?, "--name")?,
+            "--jail" => set_once(&mut self.jail, PathBuf::from(value("--jail")?), "--jail")?,
+            "--jail-uid" => set_once(
+                &mut self.jail_ids,
+                jail_ids(&value("--jail-uid")?)?,
+                "--jail-uid",
+            )?,
+            "--jail-cgroup" => {
+                let mode = match value("--jail-cgroup")?.as_str() {
+                    "own" => CgroupMode::Own,
+                    "caller" => CgroupMode::Caller,
+                    other => return Err(ArgsError::BadJailCgroup(other.into())),
+                };
+                set_once(&mut self.jail_cgroup, mode, "--jail-cgroup")?
+            }
             "-h" | "--help" => return Ok(false),
             f => return Err(ArgsError::UnknownFlag(f.into())),
         }
@@ -326,7 +385,26 @@ impl RunFlags {
         Ok(lists)
     }
 
+    /// The jail flags, which make sense only together with `--jail`.
+    fn jail_args(&self) -> Result<Option<JailArgs>, ArgsError> {
+        let Some(dir) = self.jail.clone() else {
+            if self.jail_ids.is_some() {
+                return Err(ArgsError::NeedsJail("--jail-uid"));
+            }
+            if self.jail_cgroup.is_some() {
+                return Err(ArgsError::NeedsJail("--jail-cgroup"));
+            }
+            return Ok(None);
+        };
+        Ok(Some(JailArgs {
+            dir,
+            ids: self.jail_ids,
+            cgroup: self.jail_cgroup.unwrap_or_default(),
+        }))
+    }
+
     fn into_run_args(self) -> Result<RunArgs, ArgsError> {
+        let jail = self.jail_args()?;
         if let Some(file) = self.config {
             if let Some(flag) = self.machine_flag {
                 return Err(ArgsError::ConfigWithFlag(flag));
@@ -337,6 +415,8 @@ impl RunFlags {
                 runtime_dir: self.runtime_dir,
                 seccomp: self.seccomp,
                 region_fds: self.region_fds,
+                jail,
+                name: self.name,
             });
         }
         let cpus = self.cpus.unwrap_or(config::DEFAULT_CPUS);
@@ -360,6 +440,7 @@ impl RunFlags {
             seccomp: self.seccomp.unwrap_or_default(),
             regions: Vec::new(),
             sched: Default::default(),
+            netns: self.netns,
         };
         Ok(RunArgs {
             guest: Guest::Flags(Box::new(vm)),
@@ -367,8 +448,34 @@ impl RunFlags {
             runtime_dir: self.runtime_dir,
             seccomp: self.seccomp,
             region_fds: self.region_fds,
+            jail,
+            name: self.name,
         })
     }
+}
+
+/// A name used as a path component (`--name`, `--netns`).
+fn name(flag: &'static str, text: String) -> Result<String, ArgsError> {
+    if jail::valid_name(&text) {
+        Ok(text)
+    } else {
+        Err(ArgsError::BadName(flag, text))
+    }
+}
+
+/// `UID` or `UID:GID`, neither 0.
+fn jail_ids(text: &str) -> Result<(u32, u32), ArgsError> {
+    let bad = || ArgsError::BadJailUid(text.to_string());
+    let (uid, gid) = match text.split_once(':') {
+        Some((u, g)) => (u, g),
+        None => (text, text),
+    };
+    let uid: u32 = uid.parse().map_err(|_| bad())?;
+    let gid: u32 = gid.parse().map_err(|_| bad())?;
+    if uid == 0 || gid == 0 || uid == u32::MAX || gid == u32::MAX {
+        return Err(bad());
+    }
+    Ok((uid, gid))
 }
 
 fn parse_run<I: Iterator<Item = String>>(mut args: I) -> Result<Command, ArgsError> {
@@ -736,6 +843,46 @@ mod tests {
         assert_eq!(
             message("run --kernel k --seccomp on --seccomp off"),
             "--seccomp given twice"
+        );
+    }
+
+    #[test]
+    fn jail_flags_parse_and_need_jail() {
+        let r = run_args("run --config g.toml --jail /j --jail-uid 100001:100002 --jail-cgroup caller --name web");
+        assert_eq!(
+            r.jail,
+            Some(JailArgs {
+                dir: "/j".into(),
+                ids: Some((100_001, 100_002)),
+                cgroup: CgroupMode::Caller
+            })
+        );
+        assert_eq!(r.name.as_deref(), Some("web"));
+        let r = run_args("run --kernel k --jail /j --netns guests");
+        assert_eq!(
+            r.jail.map(|j| (j.ids, j.cgroup)),
+            Some((None, CgroupMode::Own))
+        );
+        match r.guest {
+            Guest::Flags(vm) => assert_eq!(vm.netns.as_deref(), Some("guests")),
+            Guest::File(_) => panic!("flags expected"),
+        }
+        assert_eq!(
+            message("run --kernel k --jail-uid 5"),
+            "--jail-uid needs --jail DIR"
+        );
+        assert_eq!(
+            message("run --kernel k --jail /j --jail-uid 0"),
+            "--jail-uid: '0' is not a uid, or UID:GID, above 0"
+        );
+        assert_eq!(
+            message("run --kernel k --jail /j --jail-cgroup mine"),
+            "--jail-cgroup: 'mine' is not \"own\" or \"caller\""
+        );
+        assert!(message("run --kernel k --netns ../x").starts_with("--netns: '../x' is not valid"));
+        assert_eq!(
+            message("run --config g.toml --netns x"),
+            "--config cannot be combined with --netns: give it in the guest file instead"
         );
     }
 }

@@ -3,6 +3,7 @@
 
 mod args;
 mod cli;
+mod jailed;
 mod placement;
 
 use std::error::Error;
@@ -21,11 +22,11 @@ Usage:
                  [--disk path=FILE[,readonly=on]]... [--net tap=NAME[,mac=MAC]]...
                  [--console serial|virtio] [--rng] [--vsock cid=N,socket=PATH]
                  [--affinity CPUS | --affinity VCPU=CPUS...] [--cpu-features -NAME,+NAME...]
-                 [--uuid UUID] [--seccomp on|log|off]
-                 [--runtime-dir DIR] [--stats]
-  ferrovisor run --config GUEST.toml [--seccomp on|log|off] [--runtime-dir DIR] [--stats]
+                 [--uuid UUID] [--netns NAME] [--seccomp on|log|off]
+                 [--runtime-dir DIR] [--stats] [--jail DIR [--jail-uid UID[:GID]]] [--name NAME]
+  ferrovisor run --config GUEST.toml [--seccomp on|log|off] [--runtime-dir DIR] [--stats] [--jail DIR ...]
   ferrovisor daemon [--socket PATH] [--state-dir DIR] [--images DIR[,block=on]]...
-                    [--taps NAME|PREFIX*,...] [--group NAME]
+                    [--taps NAME|PREFIX*,...] [--group NAME] [--uid-range A-B] [--no-jail]
   ferrovisor up SYSTEM.toml | create FILE [--name N] [--start]
   ferrovisor start|pause|resume|stop|kill|delete|info|console NAME
   ferrovisor list | top
@@ -75,6 +76,8 @@ Ctrl-A x stops it.
                      needs the host's KVM to support the feature
   --uuid UUID        the system UUID in SMBIOS (the guest's product_uuid;
                      its first group is the serial number); random if absent
+  --netns NAME       join the network namespace /run/netns/NAME before
+                     opening taps
   --config FILE      read the guest from a TOML guest file (docs/config.md)
                      instead of the flags above
   --seccomp on|log|off
@@ -88,6 +91,17 @@ Ctrl-A x stops it.
                      a shared region the daemon owns, as descriptors this
                      process inherited (repeatable; docs/fabric.md)
   --stats            print run statistics as JSON on stderr at exit
+  --jail DIR         run jailed (as root): new namespaces, a root of its own
+                     mounted on DIR/NAME, an unprivileged uid with no
+                     capabilities, its own cgroup (docs/running.md)
+  --jail-uid UID[:GID]
+                     the jailed VMM's uid and gid (default: one from
+                     100000-165535 chosen by the name)
+  --jail-cgroup own|caller
+                     own: create the cgroup ferrovisor/NAME (default);
+                     caller: the caller already placed this process
+  --name NAME        the guest's name for the jail (default: the guest
+                     file's name, else run-PID)
 
 Exit status: 0 when the guest powers off, reboots or halts, or on SIGINT/SIGTERM;
 (v << 1) | 1 when the guest writes v to the debug-exit port (0xf4);
@@ -153,26 +167,44 @@ fn print_dump(text: &str, saved: Option<&Result<std::path::PathBuf, String>>) {
     }
 }
 
-/// Runs the guest; returns the exit status and its one-line reason.
-fn run_guest(args: RunArgs, start: Instant) -> (i32, String) {
-    let (mut vm, file) = match args.guest {
-        Guest::Flags(vm) => (*vm, None),
-        Guest::File(path) => match config::load_guest(&path) {
-            Ok(vm) => (vm, Some(path)),
-            Err(e) => {
-                let reason = one_line(&e);
-                eprintln!("ferrovisor: {reason}");
-                return (2, reason);
-            }
-        },
+/// The guest's configuration with `--seccomp` applied, or the status and
+/// one-line reason it has none.
+fn load_vm(args: &RunArgs) -> Result<vmm::VmConfig, (i32, String)> {
+    let mut vm = match &args.guest {
+        Guest::Flags(vm) => (**vm).clone(),
+        Guest::File(path) => config::load_guest(path).map_err(|e| {
+            let reason = one_line(&e);
+            eprintln!("ferrovisor: {reason}");
+            (2, reason)
+        })?,
     };
     if let Some(mode) = args.seccomp {
         vm.seccomp = mode;
     }
-    vm.regions.extend(args.region_fds);
-    warn_if_pvm();
+    vm.regions.extend(args.region_fds.iter().cloned());
+    Ok(vm)
+}
+
+/// Runs the guest; returns the exit status and its one-line reason.
+fn run_guest(args: RunArgs, start: Instant) -> (i32, String) {
+    let vm = match load_vm(&args) {
+        Ok(vm) => vm,
+        Err(end) => return end,
+    };
+    if let Some(name) = &vm.netns {
+        if let Err(e) = jail::join_netns(name) {
+            let reason = one_line(&e);
+            eprintln!("ferrovisor: {reason}");
+            return (2, reason);
+        }
+    }
+    let file = match &args.guest {
+        Guest::File(path) => Some(path.clone()),
+        Guest::Flags(_) => None,
+    };
     let options = RunOptions {
         runtime_dir: args.runtime_dir,
+        jail: None,
     };
     let group = match placement::enter(&placement::group_name(file.as_deref()), &vm.sched) {
         Ok(group) => group,
@@ -181,13 +213,19 @@ fn run_guest(args: RunArgs, start: Instant) -> (i32, String) {
             return (2, reason);
         }
     };
-    let result = vmm::run_with(&vm, start, &options);
+    let result = run_vm(&vm, start, &options, args.stats);
     if let Some(group) = group {
         placement::leave(group);
     }
-    match result {
+    result
+}
+
+/// Runs `vm`; returns the exit status and its one-line reason.
+fn run_vm(vm: &vmm::VmConfig, start: Instant, options: &RunOptions, stats: bool) -> (i32, String) {
+    warn_if_pvm();
+    match vmm::run_with(vm, start, options) {
         Ok(report) => {
-            if args.stats {
+            if stats {
                 print_stats(&report);
             }
             if report.exit.is_failure()
@@ -209,20 +247,28 @@ fn run_guest(args: RunArgs, start: Instant) -> (i32, String) {
 }
 
 fn run(args: RunArgs, start: Instant) -> ExitCode {
+    if args.jail.is_some() {
+        return jailed::run(args, start);
+    }
     let runtime_dir = args.runtime_dir.clone();
     let (status, reason) = run_guest(args, start);
+    record_exit(runtime_dir.as_deref(), status, &reason);
+    ExitCode::from(status as u8)
+}
+
+/// Writes the exit record in the runtime directory, if there is one.
+fn record_exit(runtime_dir: Option<&std::path::Path>, status: i32, reason: &str) {
     // Without the directory there is nowhere to write the record, and a
     // directory another VMM serves is not ours to write in; the error line
     // already said why.
     if let Some(dir) = runtime_dir.filter(|d| d.is_dir() && !vmm::runtime::dir_in_use(d)) {
-        if let Err(e) = vmm::runtime::write_exit_record(&dir, status, &reason) {
+        if let Err(e) = vmm::runtime::write_exit_record(dir, status, reason) {
             eprintln!(
                 "ferrovisor: cannot write {}: {e}",
                 dir.join(vmm::runtime::EXIT_RECORD).display()
             );
         }
     }
-    ExitCode::from(status as u8)
 }
 
 fn main() -> ExitCode {

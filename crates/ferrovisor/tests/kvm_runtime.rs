@@ -15,57 +15,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-/// A guest that never stops on its own. Each round it prints '.', echoes a
-/// byte from the serial port as `<X>`, reports a byte from the keyboard as
-/// `kX`, then spins a while.
-fn busy_guest() -> PathBuf {
-    let code = Asm::default()
-        .label("top")
-        .print(".")
-        // Serial input: LSR bit 0.
-        .mov_dx(0x3fd)
-        .in_al_dx()
-        .bytes(&[0xa8, 0x01]) // test al, 1
-        .jump(0x74, "keyboard")
-        .mov_dx(0x3f8)
-        .in_al_dx()
-        .bytes(&[0x88, 0xc3]) // mov bl, al
-        .mov_al(b'<')
-        .out_dx_al()
-        .bytes(&[0x88, 0xd8]) // mov al, bl
-        .out_dx_al()
-        .mov_al(b'>')
-        .out_dx_al()
-        // Keyboard: i8042 status bit 0.
-        .label("keyboard")
-        .mov_dx(0x64)
-        .in_al_dx()
-        .bytes(&[0xa8, 0x01])
-        .jump(0x74, "delay")
-        .mov_dx(0x60)
-        .in_al_dx()
-        .bytes(&[0x88, 0xc3])
-        .mov_dx(0x3f8)
-        .mov_al(b'k')
-        .out_dx_al()
-        .bytes(&[0x88, 0xd8])
-        .out_dx_al()
-        .label("delay")
-        .bytes(&[0xb9, 0xd0, 0x07, 0x00, 0x00]) // mov ecx, 2000
-        .label("spin")
-        .jump(0xe2, "spin") // loop spin
-        .jump(0xeb, "top")
-        .finish();
-    write_temp("busy.elf", &multiboot_kernel(0x10_0000, &[], &code, 0))
-}
-
 /// A directory of its own for one test.
 fn scratch(name: &str) -> PathBuf {
-    // Unix socket paths are short: keep the directory near the root.
-    let dir = PathBuf::from(format!("/tmp/fvrt-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    scratch_dir("fvrt", name)
 }
 
 /// A VMM under test; killed if the test ends early.
@@ -119,12 +71,8 @@ impl Vmm {
         Vmm { child, dir }
     }
 
-    fn wait_for(&self, mut what: impl FnMut() -> bool, name: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !what() {
-            assert!(Instant::now() < deadline, "timed out waiting for {name}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+    fn wait_for(&self, what: impl FnMut() -> bool, name: &str) {
+        wait_until(what, name);
     }
 
     /// Sends one request line, returns the reply line as JSON.

@@ -164,6 +164,36 @@ pub fn timeout() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// The flags that jail a `ferrovisor run`: every lab guest runs jailed, as
+/// the daemon runs its guests.
+pub fn jail_args() -> [String; 2] {
+    let dir = std::env::temp_dir().join("ferrovisor-jail");
+    ["--jail".to_string(), dir.display().to_string()]
+}
+
+/// The jailed VMM: the child of the process `run` started as `pid` (which
+/// waits for it), once it exists; `pid` itself if it has none.
+pub fn vmm_pid(pid: u32) -> u32 {
+    let parent = format!("PPid:\t{pid}\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let found = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find_map(|e| {
+                let child: u32 = e.file_name().to_string_lossy().parse().ok()?;
+                let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+                status.contains(&parent).then_some(child)
+            });
+        if let Some(child) = found {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    pid
+}
+
 /// Standard base64, for the kit's `ferrovisor.run64=` word.
 pub fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -222,6 +252,7 @@ impl GuestConfig {
         };
         let mut cmd = Command::new(env_path("FERROVISOR_BIN")?);
         cmd.arg("run")
+            .args(jail_args())
             .arg("--kernel")
             .arg(kernel)
             .arg("--initramfs")
@@ -359,8 +390,9 @@ fn snapshot(shared: &Shared) -> String {
 
 impl Guest {
     /// The VMM's process id.
+    /// The VMM process (jailed: the child of the process started).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        vmm_pid(self.child.id())
     }
 
     /// Starts the VMM with `config`.

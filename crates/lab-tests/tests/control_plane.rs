@@ -200,6 +200,32 @@ fn up_runs_two_debian_guests_that_stop_cleanly() {
         daemon.describe()
     );
 
+    // Both run jailed, the daemon's default: a uid of their own, no
+    // capabilities, no new privileges.
+    let mut uids = Vec::new();
+    for name in ["alpha", "beta"] {
+        let info = daemon.ok(&["info", name, "--json"]);
+        let pid: u32 = info
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("\"pid\": "))
+            .and_then(|v| v.trim_end_matches(',').parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {info}"));
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let uid = field("Uid:");
+        assert!(!uid.starts_with('0'), "{name} runs as {uid}");
+        assert_eq!(field("CapEff:"), "0000000000000000", "{name}");
+        assert_eq!(field("NoNewPrivs:"), "1", "{name}");
+        uids.push(uid);
+    }
+    assert_ne!(uids[0], uids[1], "each guest has a uid of its own");
+
     // The shell is up once the kit says so; then talk to it.
     daemon.wait_console("alpha", "starting a shell");
     talk(&daemon, "alpha");

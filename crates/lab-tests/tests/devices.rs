@@ -4,6 +4,7 @@
 //! in the lab.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -306,6 +307,9 @@ fn vsock_carries_lines_both_ways() {
     // Guest connections to host port 5000 arrive on "<socket>_5000".
     let host_port = dir.join("v.sock_5000");
     let listener = UnixListener::bind(&host_port).expect("bind the host port");
+    // The jailed VMM connects as the guest's uid.
+    std::fs::set_permissions(&host_port, std::fs::Permissions::from_mode(0o777))
+        .expect("let the guest's uid connect");
     let served = serve_one(listener, "pong-from-host");
     let mut guest = Guest::start(&GuestConfig {
         vsock: Some(Vsock {

@@ -78,6 +78,7 @@ fn boot_with(run: &str, cmdline: &[&str], devices: &[String], prompt: Option<(&s
     };
     let mut child: Child = Command::new(env("FERROVISOR_BIN"))
         .arg("run")
+        .args(lab_tests::jail_args())
         .args(["--kernel", &env("FERROVISOR_KERNEL")])
         .args(["--initramfs", &env("FERROVISOR_INITRAMFS")])
         .args(["--cmdline", &config.cmdline()])

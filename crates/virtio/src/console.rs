@@ -196,6 +196,10 @@ pub struct Console {
     input: ConsoleInput,
     output: Arc<OutputBuffer>,
     worker: Option<Worker>,
+    /// The output until the first activation starts its thread: no thread
+    /// starts while the VMM is being built (and, when jailed, before its
+    /// lock-down).
+    pending_output: Option<Box<dyn Write + Send>>,
 }
 
 impl Drop for Console {
@@ -203,7 +207,9 @@ impl Drop for Console {
         self.reset();
         // The output thread writes what is left and ends. It is waited for
         // only a little, as the output may never take the bytes.
-        self.output.close(DRAIN_ON_DROP);
+        if self.pending_output.is_none() {
+            self.output.close(DRAIN_ON_DROP);
+        }
     }
 }
 
@@ -226,11 +232,6 @@ impl Console {
             cond: Condvar::new(),
             room,
         });
-        let thread_buffer = buffer.clone();
-        crate::thread::spawn("virtio-console-out", move || {
-            write_output(thread_buffer, output)
-        })
-        .map_err(ConsoleError::Thread)?;
         Ok(Console {
             input: ConsoleInput {
                 queue: Arc::new(InputQueue {
@@ -240,6 +241,7 @@ impl Console {
             },
             output: buffer,
             worker: None,
+            pending_output: Some(output),
         })
     }
 
@@ -279,6 +281,15 @@ impl VirtioDevice for Console {
     ) -> Result<(), ActivateError> {
         crate::expect_queues(&queues, 2)?;
         self.reset();
+        if let Some(output) = self.pending_output.take() {
+            let thread_buffer = self.output.clone();
+            let spawned = crate::thread::spawn("virtio-console-out", move || {
+                write_output(thread_buffer, output)
+            });
+            if let Err(e) = spawned {
+                return Err(ActivateError::Worker(e));
+            }
+        }
         let set = QueueSet::new("virtio-console", mem, interrupt, queues, features);
         let position = |index| set.queues.iter().position(|q| q.index() == index);
         let (Some(rx), Some(tx)) = (position(RX), position(TX)) else {

@@ -207,6 +207,9 @@ pub struct VmConfig {
     pub regions: Vec<RegionConfig>,
     /// CPU policy, time partitions and memory isolation (`[sched]`).
     pub sched: crate::sched::SchedConfig,
+    /// The network namespace (`/run/netns/NAME`) the VMM joins before it
+    /// opens its taps.
+    pub netns: Option<String>,
 }
 
 /// A shared memory region the guest sees as an ivshmem-compatible device.
@@ -222,6 +225,17 @@ pub struct RegionConfig {
     /// The region as descriptors the VMM inherited (a region the daemon
     /// owns), instead of `path`.
     pub fds: Option<crate::region_fds::RegionFds>,
+}
+
+impl VmConfig {
+    /// The VirtIO devices the guest has: each gets a worker thread.
+    pub fn virtio_devices(&self) -> usize {
+        self.disks.len()
+            + self.nets.len()
+            + usize::from(self.console == ConsoleMode::Virtio)
+            + usize::from(self.rng)
+            + usize::from(self.vsock.is_some())
+    }
 }
 
 /// Splits `a=1,b=2` into pairs, refusing repeats and keys outside `known`.

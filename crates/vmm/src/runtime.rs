@@ -77,6 +77,9 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct RunOptions {
     /// Serve the runtime directory here instead of the terminal.
     pub runtime_dir: Option<PathBuf>,
+    /// Lock the VMM down in this jail once its files are open, before the
+    /// first guest instruction (see the `jail` crate).
+    pub jail: Option<jail::Jail>,
 }
 
 /// Errors from setting up the runtime directory.

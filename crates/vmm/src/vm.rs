@@ -81,6 +81,8 @@ pub enum VmError {
     Thread(&'static str, #[source] std::io::Error),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("jail")]
+    Jail(#[from] jail::JailError),
 }
 
 /// How a run ended, and what it measured.
@@ -172,8 +174,6 @@ pub fn run_with(
     vcpu::check_affinity(&config.affinity, config.cpus)?;
     config.sched.check(usize::from(config.cpus))?;
     let regions = memmap::ram_regions(config.memory)?;
-    // Before any VMM thread starts: each installs its filter as it starts.
-    seccomp::prepare(config.seccomp)?;
     let pci_devices = pci::devices_from_config(config)?;
     // Unlocked memory more than the host has is only a warning.
     if !memory::check_host_fits(config.memory, config.sched.locked)? {
@@ -205,6 +205,14 @@ pub fn run_with(
         .map(Runtime::open)
         .transpose()?;
     let interactive = runtime.is_none() && console::stdin_is_tty();
+    // Every file, device and tap is open and no other thread runs yet:
+    // the jail first, while the VMM is one thread (every thread it starts
+    // inherits it), then seccomp.
+    if let Some(jail) = &options.jail {
+        lock_down(jail)?;
+    }
+    // Before any VMM thread starts: each installs its filter as it starts.
+    seccomp::prepare(config.seccomp)?;
     let devices = machine::LegacyDevices::create(&vm)?;
     let limits = pci_devices.limits.clone();
     let pci = PciDevices::create(&vm, &mem, pci_devices)?;
@@ -306,6 +314,17 @@ fn finish_run(
         memory,
         dump,
     }
+}
+
+/// Locks the VMM down in its jail; says once when the kernel has no Landlock.
+fn lock_down(jail: &jail::Jail) -> Result<(), VmError> {
+    let done = jail.lock_down()?;
+    if done.landlock.is_none() {
+        eprintln!(
+            "ferrovisor: this kernel has no Landlock; the jail goes without that second wall"
+        );
+    }
+    Ok(())
 }
 
 /// Writes the ACPI and SMBIOS tables, loads the kernel, initramfs and command line, and

@@ -29,6 +29,8 @@ Management commands (all take --socket PATH, default /run/ferrovisor/api.sock):
         [--images DIR[,block=on]]...    where guest files may be (default: STATE/images)
         [--taps NAME|PREFIX*,...]       taps guests may use (default: fv*)
         [--group NAME]                  members may use the API besides root
+        [--uid-range A-B] [--no-jail]   each guest is jailed with a uid from A-B
+                                        (default 100000-165535)
   ferrovisor up SYSTEM.toml             create a system's guests, start those marked to start
   ferrovisor create FILE [--name N] [--start]   create a guest from a description
   ferrovisor start|pause|resume|kill|delete NAME
@@ -213,8 +215,15 @@ fn run(command: &str, rest: &[String]) -> Result<ExitCode, CliError> {
 fn serve(rest: &[String]) -> Result<ExitCode, CliError> {
     let words = Words::parse(
         rest,
-        &["socket", "state-dir", "images", "taps", "group"],
-        &[],
+        &[
+            "socket",
+            "state-dir",
+            "images",
+            "taps",
+            "group",
+            "uid-range",
+        ],
+        &["no-jail"],
     )?;
     words.exactly(0, "no arguments besides the daemon's flags")?;
     let usage = |e: daemon::images::ImagesError| CliError::Usage(e.to_string());
@@ -229,12 +238,22 @@ fn serve(rest: &[String]) -> Result<ExitCode, CliError> {
         .map(daemon::images::Taps::parse)
         .transpose()
         .map_err(usage)?;
+    let uid_range = match words.flag("uid-range") {
+        None => jail::DEFAULT_UID_RANGE,
+        Some(text) => jail::parse_uid_range(text).ok_or_else(|| {
+            CliError::Usage(format!(
+                "--uid-range: '{text}' is not a range FIRST-LAST of uids above 0"
+            ))
+        })?,
+    };
     let options = daemon::Options {
         socket: PathBuf::from(words.flag("socket").unwrap_or(daemon::DEFAULT_SOCKET)),
         state_dir: PathBuf::from(words.flag("state-dir").unwrap_or(daemon::DEFAULT_STATE_DIR)),
         images,
         taps,
         group: words.flag("group").map(str::to_string),
+        jail: !words.switch("no-jail"),
+        uid_range,
     };
     daemon::serve(&options)?;
     Ok(ExitCode::SUCCESS)

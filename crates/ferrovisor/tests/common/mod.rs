@@ -224,3 +224,67 @@ pub fn kernel_policy(tid: i32) -> (u32, u32, u64, u64) {
 pub const SCHED_OTHER: u32 = 0;
 pub const SCHED_RR: u32 = 2;
 pub const SCHED_DEADLINE: u32 = 6;
+/// A fresh directory `/tmp/TAG-PID-NAME` for one test: near the root, since
+/// unix socket paths are short.
+pub fn scratch_dir(tag: &str, name: &str) -> PathBuf {
+    let dir = PathBuf::from(format!("/tmp/{tag}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch directory");
+    dir
+}
+
+/// Waits up to 30 s for `what`; fails the test naming `name` otherwise.
+pub fn wait_until(mut what: impl FnMut() -> bool, name: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !what() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {name}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A guest that never stops on its own. Each round it prints '.', echoes a
+/// byte from the serial port as `<X>`, reports a byte from the keyboard as
+/// `kX`, then spins a while.
+pub fn busy_guest() -> PathBuf {
+    let code = Asm::default()
+        .label("top")
+        .print(".")
+        // Serial input: LSR bit 0.
+        .mov_dx(0x3fd)
+        .in_al_dx()
+        .bytes(&[0xa8, 0x01]) // test al, 1
+        .jump(0x74, "keyboard")
+        .mov_dx(0x3f8)
+        .in_al_dx()
+        .bytes(&[0x88, 0xc3]) // mov bl, al
+        .mov_al(b'<')
+        .out_dx_al()
+        .bytes(&[0x88, 0xd8]) // mov al, bl
+        .out_dx_al()
+        .mov_al(b'>')
+        .out_dx_al()
+        // Keyboard: i8042 status bit 0.
+        .label("keyboard")
+        .mov_dx(0x64)
+        .in_al_dx()
+        .bytes(&[0xa8, 0x01])
+        .jump(0x74, "delay")
+        .mov_dx(0x60)
+        .in_al_dx()
+        .bytes(&[0x88, 0xc3])
+        .mov_dx(0x3f8)
+        .mov_al(b'k')
+        .out_dx_al()
+        .bytes(&[0x88, 0xd8])
+        .out_dx_al()
+        .label("delay")
+        .bytes(&[0xb9, 0xd0, 0x07, 0x00, 0x00]) // mov ecx, 2000
+        .label("spin")
+        .jump(0xe2, "spin") // loop spin
+        .jump(0xeb, "top")
+        .finish();
+    write_temp("busy.elf", &multiboot_kernel(0x10_0000, &[], &code, 0))
+}

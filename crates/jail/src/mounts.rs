@@ -90,9 +90,10 @@ fn inside(root: &Path, path: &Path) -> PathBuf {
     root.join(path.strip_prefix("/").unwrap_or(path))
 }
 
-/// Creates `path` and its missing parents as 0755, whatever the process's
-/// file mode creation mask (a daemon may run its VMMs with 077): the jailed
-/// uid must be able to walk down to its runtime directory.
+/// Creates `path` and its missing parents inside the jail's root as 0755,
+/// whatever the process's file mode creation mask (a daemon runs its VMMs
+/// with 077): the jailed uid must be able to walk down to its runtime
+/// directory.
 fn make_dirs(path: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     // SAFETY: umask has no memory effects; the jail is set up while the
@@ -154,7 +155,12 @@ pub(crate) fn enter_root(root: &Path, writable: &[PathBuf]) -> Result<()> {
         libc::MS_REC | libc::MS_PRIVATE,
         None,
     )?;
-    make_dirs(root)?;
+    // The mount point on the host keeps the caller's mask (a daemon's
+    // state directory stays private); what is made inside the tmpfs is 0755.
+    std::fs::create_dir_all(root).map_err(|source| JailError::Sys {
+        what: format!("create {}", root.display()),
+        source,
+    })?;
     mount(
         None,
         root,

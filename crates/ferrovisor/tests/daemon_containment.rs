@@ -197,9 +197,25 @@ fn a_second_read_write_user_of_one_image_is_refused_at_start_naming_both() {
     d.expect("POST", "/guests/second/start", None, 200);
 }
 
+/// A copy of the binary the unprivileged user can run: the build tree may
+/// sit in a directory only root can enter.
+fn binary_for_nobody() -> &'static std::path::Path {
+    static COPY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::path::PathBuf::from(format!("/tmp/fv-nobody-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("directory for the copy");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let copy = dir.join("ferrovisor");
+        std::fs::copy(env!("CARGO_BIN_EXE_ferrovisor"), &copy).expect("copy the binary");
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        copy
+    })
+}
+
 /// Runs the CLI as the unprivileged user.
 fn cli_as_nobody(d: &TestDaemon, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferrovisor"))
+    Command::new(binary_for_nobody())
         .args(args)
         .arg("--socket")
         .arg(&d.socket)

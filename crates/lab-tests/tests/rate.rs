@@ -93,11 +93,13 @@ fn a_limited_disk_holds_dd_to_its_rate_and_a_raise_at_run_time_takes_effect() {
         Ok(r) => r,
         Err(e) => fail(guest, e),
     };
+    // Asked while the guest still reads (it powers off once it is done):
+    // the counters hold the first phase's throttling.
+    let info = control(&runtime, r#"{"op":"info"}"#).unwrap_or_default();
     let console = match wait_in_file(&mut guest, &log, "rate-done") {
         Ok(c) => c,
         Err(e) => fail(guest, e),
     };
-    let info = control(&runtime, r#"{"op":"info"}"#).unwrap_or_default();
     let exit = guest.wait_exit().expect("the VMM exits");
     let d = format!(
         "limit reply {reply}\ninfo {info}\n--- console.log (tail) ---\n{}\n--- VMM stderr ---\n{}",

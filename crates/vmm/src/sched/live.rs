@@ -25,7 +25,6 @@ pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
     map.insert("locked".into(), config.locked.into());
     map.insert("uptime_ns".into(), uptime_ns.into());
     map.insert("overruns".into(), overruns().into());
-    map.insert("deadline_misses".into(), super::misses::total().into());
     let partition_share = config.partition.as_ref().map(|p| p.share());
     let vcpus: Vec<Value> = control
         .vcpu_tids()
@@ -49,6 +48,13 @@ pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
             })
         })
         .collect();
+    // The guest's total is the sum of the figures shown per vCPU, read once,
+    // so the two never disagree while the watcher is counting.
+    let misses: u64 = vcpus
+        .iter()
+        .filter_map(|v| v["deadline_misses"].as_u64())
+        .sum();
+    map.insert("deadline_misses".into(), misses.into());
     map.insert("vcpus".into(), vcpus.into());
     if let (Some(p), Some(stats)) = (&config.partition, gate) {
         use std::sync::atomic::Ordering::Relaxed;

@@ -54,15 +54,6 @@ pub fn of(index: usize) -> (u64, u64) {
     })
 }
 
-/// Deadline misses of every vCPU of this VMM.
-pub fn total() -> u64 {
-    let counts = COUNTS.lock().unwrap_or_else(|p| p.into_inner());
-    counts
-        .iter()
-        .map(|c| c.misses.load(Ordering::Relaxed))
-        .sum()
-}
-
 /// What one check interval shows: `None` when the thread was not runnable
 /// throughout (not checked), else whether it missed its budget.
 ///

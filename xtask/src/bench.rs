@@ -648,7 +648,7 @@ fn print_table(results: &[(Peer, Vec<Sample>)], runs: usize) {
     println!("its isa-debugcon output file; ferrovisor's is reported by the VMM itself.");
 }
 
-/// `xtask bench-in-lab boot [RUNS] [q35]`: the measuring half, run inside the lab.
+/// `xtask bench-in-lab boot [RUNS] [q35|jail]`: the measuring half, run inside the lab.
 pub fn in_lab(args: &[String]) -> Result<u8> {
     match args.first().map(String::as_str) {
         Some("boot") => {}
@@ -662,10 +662,13 @@ pub fn in_lab(args: &[String]) -> Result<u8> {
         }
     }
     let runs: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(3);
-    let with_q35 = args.get(2).is_some_and(|a| a == "q35");
+    let mode = args.get(2).map(String::as_str);
     let mut peers = Peer::DEFAULT.to_vec();
-    if with_q35 {
-        peers.push(Peer::Q35);
+    match mode {
+        Some("q35") => peers.push(Peer::Q35),
+        // The containment columns alone: more rounds fit in one session.
+        Some("jail") => peers.retain(|p| p.is_ferrovisor() && p.image == Image::Pvh),
+        _ => {}
     }
     let mut results: Vec<(Peer, Vec<Sample>)> = peers.iter().map(|&p| (p, Vec::new())).collect();
     // Rounds, each booting every peer once, so that a slow stretch of the
@@ -691,7 +694,7 @@ pub fn in_lab(args: &[String]) -> Result<u8> {
     Ok(0)
 }
 
-/// `cargo xtask bench boot [--runs N] [--q35]`.
+/// `cargo xtask bench boot [--runs N] [--q35 | --jail]`.
 pub fn command(args: &[String]) -> Result<u8> {
     if args.first().map(String::as_str) == Some("blk") {
         return crate::bench_blk::command(&args[1..]);
@@ -707,7 +710,7 @@ pub fn command(args: &[String]) -> Result<u8> {
     }
     let usage = || {
         fail!(
-            "usage: cargo xtask bench boot [--runs N] [--q35] | \
+            "usage: cargo xtask bench boot [--runs N] [--q35 | --jail] | \
              cargo xtask bench boot --distro [--runs N] [--qemu-runs N] | \
              cargo xtask bench blk [--runs N] [--size MIB] [--secs N] | \
              cargo xtask bench rate [--size MIB] [--secs N] [--net MIB] | \
@@ -716,7 +719,7 @@ pub fn command(args: &[String]) -> Result<u8> {
         )
     };
     let mut runs = None;
-    let mut q35 = "";
+    let mut mode = "";
     let mut distro = false;
     let mut qemu_runs = None;
     let mut it = args.iter();
@@ -732,7 +735,8 @@ pub fn command(args: &[String]) -> Result<u8> {
                         .map_err(|_| fail!("--runs: `{n}` is not a number"))?,
                 );
             }
-            "--q35" => q35 = " q35",
+            "--q35" if mode.is_empty() => mode = " q35",
+            "--jail" if mode.is_empty() => mode = " jail",
             "--distro" => distro = true,
             "--qemu-runs" => {
                 let n = it.next().ok_or_else(usage)?;
@@ -745,7 +749,7 @@ pub fn command(args: &[String]) -> Result<u8> {
         }
     }
     if distro {
-        if !q35.is_empty() {
+        if !mode.is_empty() {
             return Err(usage());
         }
         return crate::bench_distro::command(
@@ -757,7 +761,7 @@ pub fn command(args: &[String]) -> Result<u8> {
         return Err(usage());
     }
     let runs = runs.unwrap_or(3);
-    run_in_lab(&format!("boot {runs}{q35}"), Duration::from_secs(15 * 60))
+    run_in_lab(&format!("boot {runs}{mode}"), Duration::from_secs(15 * 60))
 }
 
 /// Runs `xtask bench-in-lab ARGS` inside one lab session, with QEMU and

@@ -215,15 +215,27 @@ fn binary_for_nobody() -> &'static std::path::Path {
 
 /// Runs the CLI as the unprivileged user.
 fn cli_as_nobody(d: &TestDaemon, args: &[&str]) -> Output {
-    Command::new(binary_for_nobody())
-        .args(args)
-        .arg("--socket")
-        .arg(&d.socket)
-        .uid(NOBODY)
-        .gid(NOBODY)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run the CLI as nobody")
+    let mut tries = 0;
+    loop {
+        let out = Command::new(binary_for_nobody())
+            .args(args)
+            .arg("--socket")
+            .arg(&d.socket)
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            // A process another test forked while the copy was being
+            // written holds the file open for writing until it execs;
+            // the kernel refuses to run the copy meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            out => return out.expect("run the CLI as nobody"),
+        }
+    }
 }
 
 /// The lines of the daemon's audit log.

@@ -541,7 +541,8 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 pub fn print_medians<S>(label_width: usize, runs: &[(&str, &[S])], metrics: &[Metric<S>]) {
     print!("{:<label_width$}", "metric");
     for (name, samples) in runs {
-        print!("{:>26}", format!("{name} (n={})", samples.len()));
+        // A space first, so that long names never run together.
+        print!(" {:>25}", format!("{name} (n={})", samples.len()));
     }
     println!();
     for (label, get) in metrics {
@@ -557,7 +558,7 @@ pub fn print_medians<S>(label_width: usize, runs: &[(&str, &[S])], metrics: &[Me
                 (Some(v), Some(b)) if i > 0 && b > 0.0 => format!("{v:.1} (x{:.2})", v / b),
                 (Some(v), _) => format!("{v:.1}"),
             };
-            print!("{cell:>26}");
+            print!(" {cell:>25}");
         }
         println!();
     }

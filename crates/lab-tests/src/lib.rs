@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 pub mod net;
+pub mod retry;
 
 /// The line the guest kit's /init prints first.
 pub const INIT_MARKER: &str = "ferrovisor-guest: init reached";

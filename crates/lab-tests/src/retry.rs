@@ -1,0 +1,125 @@
+//! Scenarios with several nested guests at once, tried again when the lab
+//! itself fails them.
+//!
+//! Two nested guests running side by side make the lab's emulated machine
+//! fail now and then (docs/lab.md, "One guest at a time"): one guest of the
+//! pair triple-faults in ordinary kernel code, or stalls before it has
+//! booted. A test of guests talking to each other cannot avoid running two
+//! at once, so it runs its scenario through [`retried`]: a try that ends in
+//! one of those signatures ([`Try::Unstable`]) is reported and run again
+//! from the start, with fresh guests; any other failure ([`Try::Failed`])
+//! fails the test at once. Every unstable try is printed, so the count of
+//! lab failures stays visible in the test's output.
+
+use std::fmt;
+
+/// How one try of a scenario failed.
+#[derive(Debug)]
+pub enum Try {
+    /// The lab's known instability: a guest triple-faulted (its VMM ended
+    /// with status 2) or never finished booting. The scenario is run again.
+    Unstable(String),
+    /// Anything else: what the test asserts did not hold.
+    Failed(String),
+}
+
+impl fmt::Display for Try {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Try::Unstable(why) => write!(f, "the lab failed the guests: {why}"),
+            Try::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+/// How many tries a scenario with several guests gets.
+pub const TRIES: u32 = 3;
+
+/// Runs `scenario` (given the try's number, from 1) until it succeeds, fails
+/// for a reason of its own, or has met the lab's instability `tries` times.
+/// The error lists every try's reason.
+pub fn retried<T>(
+    what: &str,
+    tries: u32,
+    mut scenario: impl FnMut(u32) -> Result<T, Try>,
+) -> Result<T, String> {
+    let mut reasons = Vec::new();
+    for n in 1..=tries {
+        match scenario(n) {
+            Ok(value) => {
+                if !reasons.is_empty() {
+                    eprintln!(
+                        "lab-tests: {what}: passed on try {n} of {tries}, after {} lab failure(s)",
+                        reasons.len()
+                    );
+                }
+                return Ok(value);
+            }
+            Err(Try::Failed(why)) => {
+                reasons.push(format!("try {n}: {why}"));
+                return Err(format!("{what}:\n{}", reasons.join("\n")));
+            }
+            Err(Try::Unstable(why)) => {
+                eprintln!(
+                    "lab-tests: {what}: try {n} of {tries}: the lab failed the guests ({why})"
+                );
+                reasons.push(format!("try {n}: the lab failed the guests: {why}"));
+            }
+        }
+    }
+    Err(format!(
+        "{what}: every try met the lab's instability:\n{}",
+        reasons.join("\n")
+    ))
+}
+
+/// Whether a VMM's exit status is the triple fault a guest dies of when the
+/// lab's emulation fails it (status 2, see docs/running.md).
+pub fn is_triple_fault_status(code: Option<i32>) -> bool {
+    code == Some(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unstable_try_is_run_again_and_a_failed_one_is_not() {
+        let mut seen = Vec::new();
+        let result = retried("pair", 3, |n| {
+            seen.push(n);
+            if n == 1 {
+                Err(Try::Unstable("guest a triple-faulted".into()))
+            } else {
+                Ok(n)
+            }
+        });
+        assert_eq!(result, Ok(2));
+        assert_eq!(seen, [1, 2]);
+
+        let mut seen = Vec::new();
+        let result: Result<(), _> = retried("pair", 3, |n| {
+            seen.push(n);
+            Err(Try::Failed("no reply from b".into()))
+        });
+        assert_eq!(seen, [1], "an assertion's failure is not retried");
+        assert!(result.unwrap_err().contains("try 1: no reply from b"));
+    }
+
+    #[test]
+    fn a_scenario_the_lab_always_fails_fails_with_every_reason() {
+        let result: Result<(), _> =
+            retried("pair", 2, |n| Err(Try::Unstable(format!("stall {n}"))));
+        let error = result.unwrap_err();
+        assert!(
+            error.contains("every try met the lab's instability"),
+            "{error}"
+        );
+        assert!(
+            error.contains("stall 1") && error.contains("stall 2"),
+            "{error}"
+        );
+        assert!(is_triple_fault_status(Some(2)));
+        assert!(!is_triple_fault_status(Some(0)));
+    }
+}

@@ -166,6 +166,11 @@ fn base(b: &mut Builder) {
         .allow(libc::SYS_rt_sigprocmask)
         // Return from a signal handler: the vCPU kick signal.
         .allow(libc::SYS_rt_sigreturn)
+        // A timed sleep or wait (clock_nanosleep, poll, futex) that a
+        // signal interrupted, resumed by the kernel with the time left.
+        // The deadline-overrun SIGXCPU (sched::on_overrun) is sent to the
+        // process, so any thread may take it, not only the vCPU's.
+        .allow(libc::SYS_restart_syscall)
         // One-line messages on stderr; every eventfd and irqfd signal.
         .allow(libc::SYS_write)
         // Dropping any descriptor.

@@ -656,9 +656,10 @@ pub fn in_lab(args: &[String]) -> Result<u8> {
         Some("blk") => return crate::bench_blk::in_lab(args),
         Some("rate") => return crate::bench_rate::in_lab(args),
         Some("distro") => return crate::bench_distro::in_lab(args),
+        Some("fabric-guests") => return crate::bench_fabric_guests::in_lab(args),
         _ => {
             return Err(fail!(
-                "bench-in-lab: only `boot`, `distro`, `blk` and `rate` are known"
+                "bench-in-lab: only `boot`, `distro`, `blk`, `rate` and `fabric-guests` are known"
             ))
         }
     }
@@ -716,6 +717,7 @@ pub fn command(args: &[String]) -> Result<u8> {
              cargo xtask bench blk [--runs N] [--size MIB] [--secs N] | \
              cargo xtask bench rate [--size MIB] [--secs N] [--net MIB] | \
              cargo xtask bench fabric --switch-only [--secs N] | \
+             cargo xtask bench fabric --guests [--runs N] [--secs N] [--tries N] | \
              cargo xtask bench sched"
         )
     };

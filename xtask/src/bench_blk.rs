@@ -56,22 +56,15 @@ fn cmdline(size_mib: u64, secs: u64) -> String {
 fn command_for(vmm: Vmm, cmdline: &str) -> Command {
     match vmm {
         Vmm::Ferrovisor => {
-            let mut cmd = Command::new(LAB_FERROVISOR);
-            cmd.args(["run", "--kernel", LAB_KERNEL, "--initramfs", LAB_INITRAMFS])
-                .args(["--cmdline", cmdline, "--cpus", "1", "--memory", MEMORY])
-                .args(["--disk", &format!("path={IMAGE}")]);
+            let mut cmd = ferrovisor_kit(cmdline, MEMORY);
+            cmd.args(["--disk", &format!("path={IMAGE}")]);
             cmd
         }
         Vmm::QemuPc => {
-            let mut cmd = Command::new("qemu-system-x86_64");
-            cmd.args(["-M", "pc", "-accel", "kvm", "-cpu", "host", "-smp", "1"])
-                .args(["-m", MEMORY, "-nodefaults", "-no-user-config"])
-                .args(["-display", "none", "-no-reboot", "-serial", "stdio"])
-                .args(["-kernel", LAB_KERNEL, "-initrd", LAB_INITRAMFS])
-                .args(["-append", cmdline])
-                // The host page cache with guest flushes honoured, as
-                // Ferrovisor does (plain pread/pwrite, fdatasync on FLUSH).
-                .arg("-drive")
+            let mut cmd = qemu_pc_kit(cmdline, MEMORY);
+            // The host page cache with guest flushes honoured, as
+            // Ferrovisor does (plain pread/pwrite, fdatasync on FLUSH).
+            cmd.arg("-drive")
                 .arg(format!(
                     "file={IMAGE},format=raw,if=none,id=d0,cache=writeback,aio=threads"
                 ))
@@ -79,6 +72,27 @@ fn command_for(vmm: Vmm, cmdline: &str) -> Command {
             cmd
         }
     }
+}
+
+/// `ferrovisor run` booting the guest kit's bzImage in the lab with
+/// `cmdline`, 1 vCPU and `memory`; the caller adds devices.
+pub(crate) fn ferrovisor_kit(cmdline: &str, memory: &str) -> Command {
+    let mut cmd = Command::new(LAB_FERROVISOR);
+    cmd.args(["run", "--kernel", LAB_KERNEL, "--initramfs", LAB_INITRAMFS])
+        .args(["--cmdline", cmdline, "--cpus", "1", "--memory", memory]);
+    cmd
+}
+
+/// QEMU `-M pc` booting the same, its console on stdout, no default
+/// devices; the caller adds devices.
+pub(crate) fn qemu_pc_kit(cmdline: &str, memory: &str) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-M", "pc", "-accel", "kvm", "-cpu", "host", "-smp", "1"])
+        .args(["-m", memory, "-nodefaults", "-no-user-config"])
+        .args(["-display", "none", "-no-reboot", "-serial", "stdio"])
+        .args(["-kernel", LAB_KERNEL, "-initrd", LAB_INITRAMFS])
+        .args(["-append", cmdline]);
+    cmd
 }
 
 /// Reads `blkbench: NAME VALUE UNIT ...` lines.

@@ -4,19 +4,22 @@
 //! for 64 B and 1500 B frames in hub mode, bridge mode, and bridge mode
 //! between an access port and a trunk (a tag added or removed per frame).
 //!
-//! The benchmark with guests (throughput and latency through a bridge
-//! against QEMU guests on a Linux bridge, shared regions, guest-to-guest
-//! vsock) needs the switch connected to guests, which is not built yet.
+//! `--guests` measures TCP between two guests in the lab
+//! (`bench_fabric_guests.rs`).
 
 use std::process::Command;
 
 use crate::util::{self, Result};
 
-const USAGE: &str = "usage: cargo xtask bench fabric --switch-only [--secs N]";
+const USAGE: &str = "usage: cargo xtask bench fabric --switch-only [--secs N] | \
+                     cargo xtask bench fabric --guests [--runs N] [--secs N] [--tries N]";
 
 /// Builds and runs the forwarding-rate benchmark, niced so that it leaves
 /// the machine to interactive work.
 pub fn command(args: &[String]) -> Result<u8> {
+    if args.iter().any(|a| a == "--guests") {
+        return crate::bench_fabric_guests::command(args);
+    }
     let mut switch_only = false;
     let mut secs = 2u64;
     let mut it = args.iter();
@@ -34,10 +37,7 @@ pub fn command(args: &[String]) -> Result<u8> {
         }
     }
     if !switch_only {
-        return Err(fail!(
-            "the fabric benchmark with guests is not built yet (the switch is not \
-             connected to guests); run `cargo xtask bench fabric --switch-only`"
-        ));
+        return Err(fail!("{USAGE}"));
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     util::run(

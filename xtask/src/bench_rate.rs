@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use crate::bench_blk::{self, IMAGE};
 use crate::guestkit;
-use crate::lab::{LAB_FERROVISOR, LAB_INITRAMFS, LAB_KERNEL};
 use crate::util::{self, Context, Result};
 
 const MEMORY: &str = "512M";
@@ -60,10 +59,7 @@ fn cmdline(run: &str) -> String {
 }
 
 fn ferrovisor(cmdline: &str) -> Command {
-    let mut cmd = Command::new(LAB_FERROVISOR);
-    cmd.args(["run", "--kernel", LAB_KERNEL, "--initramfs", LAB_INITRAMFS])
-        .args(["--cmdline", cmdline, "--cpus", "1", "--memory", MEMORY]);
-    cmd
+    bench_blk::ferrovisor_kit(cmdline, MEMORY)
 }
 
 /// Who serves the disk, and its operations limit.
@@ -88,13 +84,8 @@ fn disk_command(peer: DiskPeer, cmdline: &str) -> Command {
             cmd
         }
         DiskPeer::Qemu(iops) => {
-            let mut cmd = Command::new("qemu-system-x86_64");
-            cmd.args(["-M", "pc", "-accel", "kvm", "-cpu", "host", "-smp", "1"])
-                .args(["-m", MEMORY, "-nodefaults", "-no-user-config"])
-                .args(["-display", "none", "-no-reboot", "-serial", "stdio"])
-                .args(["-kernel", LAB_KERNEL, "-initrd", LAB_INITRAMFS])
-                .args(["-append", cmdline])
-                .arg("-drive")
+            let mut cmd = bench_blk::qemu_pc_kit(cmdline, MEMORY);
+            cmd.arg("-drive")
                 .arg(format!(
                     "file={IMAGE},format=raw,if=none,id=d0,cache=writeback,aio=threads,\
                      throttling.bps-total={bytes},throttling.iops-total={iops}"

@@ -21,6 +21,7 @@ const KITSETUP_SRC: &str = "guest/tools/kitsetup.rs";
 const STD_TOOLS: &[(&str, &str)] = &[
     ("guest/tools/vsock.rs", "vsock"),
     ("guest/tools/blkbench.rs", "blkbench"),
+    ("guest/tools/netbench.rs", "netbench"),
 ];
 /// Bump when the layout of the kit changes in a way the inputs do not show.
 const KIT_FORMAT: &str = "guest-kit-2";
@@ -59,6 +60,8 @@ const GUEST_MODULES: &[&str] = &[
 ];
 
 /// The kernel command line the kit is meant to boot with (see docs/guest-kit.md).
+/// The line the kit's /init prints after a command (then its status).
+pub const STATUS_LINE: &str = "ferrovisor-guest: exit status ";
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet reboot=k,f panic=-1 io_delay=none";
 
 /// A built guest kit.

@@ -18,9 +18,10 @@ const INIT: &str = include_str!("../../lab/init");
 pub const STATUS_MARKER: &str = "@@ferrovisor-lab@@ exit-status=";
 /// The lab's first own line; console output before it is firmware noise.
 const HELLO: &str = "ferrovisor-lab: up";
-/// Modules the lab loads (dependencies are added): KVM, and tun for the
-/// taps of guests' network interfaces.
-const LAB_MODULES: &[&str] = &["kvm_amd", "tun"];
+/// Modules the lab loads (dependencies are added): KVM, tun for the taps
+/// of guests' network interfaces, and the Linux bridge that joins taps in
+/// the fabric benchmark.
+const LAB_MODULES: &[&str] = &["kvm_amd", "tun", "bridge"];
 /// The lab kernel's command line.
 /// `loglevel=2` keeps the lab kernel's KVM chatter about nested guests off the
 /// console; its own panics still show.

@@ -1,0 +1,405 @@
+//! `cargo xtask bench fabric --guests`: TCP between two guest-kit guests,
+//! in one lab session, through each way of joining them.
+//!
+//! Each pair is a server guest running `netbench serve` and a client guest
+//! running `netbench stream` (throughput for SECS seconds) and
+//! `netbench rr` (request-response round trips of 64 bytes), both with
+//! 1 vCPU and 256 MiB, booted side by side. The ways of joining them:
+//! - **QEMU on taps and a Linux bridge**: `-M pc` with `virtio-net-pci` on
+//!   a tap each, the taps enslaved to one bridge in the lab;
+//! - **Ferrovisor on taps and a Linux bridge**: the same, under Ferrovisor.
+//!
+//! Two nested guests at once are less stable in the lab than one
+//! (docs/lab.md), so a pair that fails is tried again, up to `--tries`
+//! times; every failed try is printed with its reason, and the table says
+//! how many tries each column took.
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::bench::{self, Metric};
+use crate::bench_blk;
+use crate::guestkit;
+use crate::util::{self, Context, Result};
+
+const MEMORY: &str = "256M";
+/// The Linux bridge that joins the taps of a bridged pair.
+const BRIDGE: &str = "fvbench0";
+const SERVER_ADDR: &str = "10.0.91.1";
+const CLIENT_ADDR: &str = "10.0.91.2";
+const PORT: u16 = 5091;
+/// Request-response round trips per run.
+const ROUND_TRIPS: u32 = 2000;
+/// The longest a pair may take, boots included.
+const PAIR_LIMIT: Duration = Duration::from_secs(420);
+
+const USAGE: &str = "usage: cargo xtask bench fabric --guests [--runs N] [--secs N] [--tries N]";
+
+/// One way of joining the two guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Join {
+    QemuBridge,
+    FerrovisorBridge,
+}
+
+impl Join {
+    const ALL: [Join; 2] = [Join::QemuBridge, Join::FerrovisorBridge];
+
+    fn name(self) -> &'static str {
+        match self {
+            Join::QemuBridge => "qemu, taps + linux bridge",
+            Join::FerrovisorBridge => "ferrovisor, taps + linux bridge",
+        }
+    }
+}
+
+/// What one pair measured.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    stream_mbit_s: f64,
+    rr_p50_us: f64,
+    rr_p99_us: f64,
+    /// Tries this run took (1 when the first pair succeeded).
+    tries: u32,
+}
+
+/// `cargo xtask bench fabric --guests ...`: parses the flags and runs the
+/// measuring half in one lab session.
+pub fn command(args: &[String]) -> Result<u8> {
+    let (mut runs, mut secs, mut tries) = (3u32, 5u64, 3u32);
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut number = |name: &str| -> Result<u64> {
+            let n = it.next().ok_or_else(|| fail!("{USAGE}"))?;
+            match n.parse::<u64>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(fail!("{name}: `{n}` is not a positive number")),
+            }
+        };
+        match arg.as_str() {
+            "--guests" => {}
+            "--runs" => runs = number("--runs")? as u32,
+            "--secs" => secs = number("--secs")?,
+            "--tries" => tries = number("--tries")? as u32,
+            _ => return Err(fail!("{USAGE}")),
+        }
+    }
+    bench::run_in_lab_with(
+        &format!("fabric-guests {runs} {secs} {tries}"),
+        Duration::from_secs(60 * 60),
+        |_| {},
+    )
+}
+
+/// `xtask bench-in-lab fabric-guests RUNS SECS TRIES`: the measuring half.
+pub fn in_lab(args: &[String]) -> Result<u8> {
+    let number =
+        |i: usize, default: u64| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
+    let (runs, secs, tries) = (number(1, 3), number(2, 5), number(3, 3) as u32);
+    make_bridge()?;
+    let mut results: Vec<(Join, Vec<Sample>)> =
+        Join::ALL.iter().map(|&j| (j, Vec::new())).collect();
+    let mut failed = Vec::new();
+    // Rounds, each running every pair once, so that a slow stretch of the
+    // lab does not fall on one column.
+    for run in 1..=runs {
+        for (join, samples) in results.iter_mut() {
+            match measure_with_tries(*join, secs, tries, &mut failed) {
+                Some(sample) => {
+                    println!(
+                        "bench: {} run {run}: {:.1} Mbit/s, rr p50 {:.0} us, p99 {:.0} us ({} tries)",
+                        join.name(),
+                        sample.stream_mbit_s,
+                        sample.rr_p50_us,
+                        sample.rr_p99_us,
+                        sample.tries
+                    );
+                    samples.push(sample);
+                }
+                None => println!("bench: {} run {run}: every try failed", join.name()),
+            }
+        }
+    }
+    print_table(&results, secs, &failed);
+    Ok(0)
+}
+
+/// One run of `join`, tried again when the pair fails; failures are kept.
+fn measure_with_tries(
+    join: Join,
+    secs: u64,
+    tries: u32,
+    failed: &mut Vec<String>,
+) -> Option<Sample> {
+    for n in 1..=tries {
+        match measure(join, secs) {
+            Ok(mut sample) => {
+                sample.tries = n;
+                return Some(sample);
+            }
+            Err(e) => {
+                let line = format!("{} try {n}: {e}", join.name());
+                println!("bench: FAILED {line}");
+                failed.push(line);
+            }
+        }
+    }
+    None
+}
+
+fn make_bridge() -> Result<()> {
+    let ip = |args: &[&str]| util::run(Command::new("ip").args(args));
+    if !std::path::Path::new("/sys/class/net").join(BRIDGE).exists() {
+        ip(&["link", "add", "name", BRIDGE, "type", "bridge"])?;
+    }
+    ip(&["link", "set", BRIDGE, "up"])
+}
+
+/// The guest's command line running `run`.
+fn cmdline(run: &str) -> String {
+    format!(
+        "{} ferrovisor.run64={}",
+        guestkit::DEFAULT_CMDLINE,
+        util::base64(run.as_bytes())
+    )
+}
+
+fn server_command() -> String {
+    format!("ip link set eth0 up && ip addr add {SERVER_ADDR}/24 dev eth0 && netbench serve {PORT}")
+}
+
+fn client_command(secs: u64) -> String {
+    format!(
+        "ip link set eth0 up && ip addr add {CLIENT_ADDR}/24 dev eth0 && \
+         netbench stream {SERVER_ADDR} {PORT} {secs} && \
+         netbench rr {SERVER_ADDR} {PORT} {ROUND_TRIPS} 64"
+    )
+}
+
+/// The command that boots guest `index` (0 server, 1 client) of `join`.
+fn vmm_command(join: Join, index: u8, cmdline: &str) -> Command {
+    let tap = tap_name(index);
+    let mac = format!("52:54:00:00:91:{:02x}", index + 1);
+    match join {
+        Join::FerrovisorBridge => {
+            let mut cmd = bench_blk::ferrovisor_kit(cmdline, MEMORY);
+            cmd.args(["--net", &format!("tap={tap},mac={mac}")]);
+            cmd
+        }
+        Join::QemuBridge => {
+            let mut cmd = bench_blk::qemu_pc_kit(cmdline, MEMORY);
+            cmd.arg("-netdev")
+                .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
+                .arg("-device")
+                .arg(format!("virtio-net-pci,netdev=n0,mac={mac},romfile="));
+            cmd
+        }
+    }
+}
+
+fn tap_name(index: u8) -> String {
+    format!("fvbench{}", index + 1)
+}
+
+/// A running VMM whose console is collected as it comes; killed on drop.
+struct Running {
+    child: Child,
+    console: Arc<Mutex<String>>,
+}
+
+impl Running {
+    fn start(name: &str, mut command: Command) -> Result<Self> {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ctx(|| format!("cannot start {name}"))?;
+        let console = Arc::new(Mutex::new(String::new()));
+        for mut pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let console = console.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let text = String::from_utf8_lossy(&buf[..n]).replace('\r', "");
+                    console
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push_str(&text);
+                }
+            });
+        }
+        Ok(Running { child, console })
+    }
+
+    fn console(&self) -> String {
+        self.console
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The exit status once the VMM has ended.
+    fn ended(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Puts a guest's tap on the bridge once its VMM has made it.
+fn enslave(tap: &str) -> Result<()> {
+    let path = std::path::Path::new("/sys/class/net").join(tap);
+    let start = Instant::now();
+    while !path.exists() {
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err(fail!("tap {tap} did not appear within 60 s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    util::run(Command::new("ip").args(["link", "set", tap, "master", BRIDGE]))?;
+    util::run(Command::new("ip").args(["link", "set", tap, "up"]))
+}
+
+/// One pair: boots the server and the client, waits for the client's
+/// figures, and stops both.
+fn measure(join: Join, secs: u64) -> Result<Sample> {
+    let server_line = cmdline(&server_command());
+    let client_line = cmdline(&client_command(secs));
+    let mut server = Running::start("the server guest", vmm_command(join, 0, &server_line))?;
+    let mut client = Running::start("the client guest", vmm_command(join, 1, &client_line))?;
+    for index in 0..2 {
+        enslave(&tap_name(index))?;
+    }
+    let start = Instant::now();
+    loop {
+        let console = client.console();
+        if let Some(sample) = parse(&console) {
+            return Ok(sample);
+        }
+        let stopped = |r: &mut Running, who: &str| {
+            r.ended().map(|status| {
+                fail!(
+                    "the {who} guest's VMM ended ({status}) before the figures; its console ends: {}",
+                    tail(&r.console())
+                )
+            })
+        };
+        if console.contains(guestkit::STATUS_LINE) {
+            return Err(fail!(
+                "the client printed no figures; its console ends: {}",
+                tail(&console)
+            ));
+        }
+        if let Some(e) = stopped(&mut server, "server").or_else(|| stopped(&mut client, "client")) {
+            return Err(e);
+        }
+        if start.elapsed() > PAIR_LIMIT {
+            return Err(fail!(
+                "no figures within {} s; client console ends: {}; server console ends: {}",
+                PAIR_LIMIT.as_secs(),
+                tail(&console),
+                tail(&server.console())
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().rev().take(4).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+/// Reads the client's `netbench:` lines, once both are there.
+fn parse(console: &str) -> Option<Sample> {
+    let stream = console.lines().find_map(|l| {
+        let rest = &l[l.find("netbench: stream ")?..];
+        let mbit = rest.split(": ").nth(2)?.split_whitespace().next()?;
+        mbit.parse::<f64>().ok()
+    })?;
+    let (p50, p99) = console.lines().find_map(|l| {
+        let rest = &l[l.find("netbench: rr ")?..];
+        let field = |name: &str| -> Option<f64> {
+            let at = rest.find(name)? + name.len();
+            rest[at..].split_whitespace().next()?.parse().ok()
+        };
+        Some((field("p50 ")?, field("p99 ")?))
+    })?;
+    Some(Sample {
+        stream_mbit_s: stream,
+        rr_p50_us: p50,
+        rr_p99_us: p99,
+        tries: 0,
+    })
+}
+
+const METRICS: [Metric<Sample>; 4] = [
+    ("TCP stream, guest to guest, Mbit/s", |s| {
+        Some(s.stream_mbit_s)
+    }),
+    ("TCP round trip, 64 B, p50, us", |s| Some(s.rr_p50_us)),
+    ("TCP round trip, 64 B, p99, us", |s| Some(s.rr_p99_us)),
+    ("tries the run took", |s| Some(f64::from(s.tries))),
+];
+
+fn print_table(results: &[(Join, Vec<Sample>)], secs: u64, failed: &[String]) {
+    println!();
+    println!(
+        "fabric benchmark, guests: two guest-kit guests (1 vCPU, {MEMORY} each) side by side in \
+         the lab; netbench stream for {secs} s, then {ROUND_TRIPS} round trips of 64 B; medians"
+    );
+    let runs: Vec<(&str, &[Sample])> = results
+        .iter()
+        .map(|(join, samples)| (join.name(), samples.as_slice()))
+        .collect();
+    bench::print_medians(40, &runs, &METRICS);
+    println!("(xN) = that column's figure divided by QEMU's.");
+    if failed.is_empty() {
+        println!("no pair failed");
+    } else {
+        println!("{} tries failed:", failed.len());
+        for line in failed {
+            println!("  {line}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clients_figures_are_read_from_its_console() {
+        let console = "[  1.0] virtio_net\n\
+            netbench: stream 52428800 bytes in 5.01 s: 83.7 Mbit/s\n\
+            netbench: rr 2000 x 64 B: p50 410 us, p99 1290 us, mean 480 us\n\
+            ferrovisor-guest: exit status 0\n";
+        let s = parse(console).expect("figures");
+        assert_eq!(s.stream_mbit_s, 83.7);
+        assert_eq!((s.rr_p50_us, s.rr_p99_us), (410.0, 1290.0));
+        assert!(parse("netbench: stream 1 bytes in 1.00 s: 1.0 Mbit/s\n").is_none());
+    }
+}

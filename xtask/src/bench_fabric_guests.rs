@@ -157,13 +157,9 @@ fn make_bridge() -> Result<()> {
     ip(&["link", "set", BRIDGE, "up"])
 }
 
-/// The guest's command line running `run`.
+/// The guest kit's command line running `run`.
 fn cmdline(run: &str) -> String {
-    format!(
-        "{} ferrovisor.run64={}",
-        guestkit::DEFAULT_CMDLINE,
-        util::base64(run.as_bytes())
-    )
+    guestkit::cmdline_running(run)
 }
 
 fn server_command() -> String {

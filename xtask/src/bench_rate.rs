@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::bench_blk::{self, IMAGE};
 use crate::guestkit;
-use crate::util::{self, Context, Result};
+use crate::util::{Context, Result};
 
 const MEMORY: &str = "512M";
 /// The disk's limits.
@@ -49,13 +49,9 @@ const HOST_ADDR: &str = "10.0.78.1";
 const GUEST_ADDR: &str = "10.0.78.2";
 const PORT: u16 = 5078;
 
-/// The guest's command line running `run`.
+/// The guest kit's command line running `run`.
 fn cmdline(run: &str) -> String {
-    format!(
-        "{} ferrovisor.run64={}",
-        guestkit::DEFAULT_CMDLINE,
-        util::base64(run.as_bytes())
-    )
+    guestkit::cmdline_running(run)
 }
 
 fn ferrovisor(cmdline: &str) -> Command {

@@ -22,6 +22,7 @@ const STD_TOOLS: &[(&str, &str)] = &[
     ("guest/tools/vsock.rs", "vsock"),
     ("guest/tools/blkbench.rs", "blkbench"),
     ("guest/tools/netbench.rs", "netbench"),
+    ("guest/tools/region.rs", "region"),
 ];
 /// Bump when the layout of the kit changes in a way the inputs do not show.
 const KIT_FORMAT: &str = "guest-kit-2";
@@ -63,6 +64,14 @@ const GUEST_MODULES: &[&str] = &[
 /// The line the kit's /init prints after a command (then its status).
 pub const STATUS_LINE: &str = "ferrovisor-guest: exit status ";
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet reboot=k,f panic=-1 io_delay=none";
+
+/// The kit's command line with `/init` running the shell text `run`.
+pub fn cmdline_running(run: &str) -> String {
+    format!(
+        "{DEFAULT_CMDLINE} ferrovisor.run64={}",
+        crate::util::base64(run.as_bytes())
+    )
+}
 
 /// A built guest kit.
 #[derive(Debug, Clone)]

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+pub mod daemon;
 pub mod net;
 pub mod retry;
 

@@ -4,134 +4,12 @@
 //! and `stop` powers both off through Ctrl-Alt-Del.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use lab_tests::{tail, timeout, GuestConfig, INIT_MARKER};
-
-fn env_path(name: &str) -> PathBuf {
-    std::env::var_os(name)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| panic!("{name} is not set: run this test with `cargo xtask test`"))
-}
-
-/// A daemon in a fresh directory, killed (with its guests) on drop.
-struct Daemon {
-    dir: PathBuf,
-    socket: PathBuf,
-    child: Child,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let dir = std::env::current_dir()
-            .expect("cwd")
-            .join(format!("cp-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("test dir");
-        let socket = dir.join("api.sock");
-        let log = std::fs::File::create(dir.join("daemon.log")).expect("log");
-        let child = Command::new(env_path("FERROVISOR_BIN"))
-            .arg("daemon")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .args(image_roots())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start the daemon");
-        let daemon = Daemon { dir, socket, child };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !daemon.cli(&["list"]).status.success() {
-            assert!(Instant::now() < deadline, "daemon did not come up");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        daemon
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env_path("FERROVISOR_BIN"));
-        command.args(args).arg("--socket").arg(&self.socket);
-        command
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        self.command(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run the CLI")
-    }
-
-    /// The CLI's stdout; its failure fails the test.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "ferrovisor {args:?}: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.describe()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn console(&self, name: &str) -> String {
-        String::from_utf8_lossy(&self.cli(&["console", name, "--log"]).stdout).into_owned()
-    }
-
-    /// Waits until `name`'s console log contains `needle`.
-    fn wait_console(&self, name: &str, needle: &str) {
-        let deadline = Instant::now() + timeout();
-        while !self.console(name).contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "{name} never printed {needle:?}\n{}",
-                self.describe()
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-
-    /// Everything worth seeing when a step fails.
-    fn describe(&self) -> String {
-        let mut text = String::new();
-        for name in ["alpha", "beta"] {
-            text.push_str(&format!(
-                "--- {name} console (tail) ---\n{}\n--- {name} info ---\n{}\n",
-                tail(&self.console(name), 30),
-                String::from_utf8_lossy(&self.cli(&["info", name]).stdout)
-            ));
-        }
-        let log = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
-        text.push_str(&format!("--- daemon log ---\n{}", tail(&log, 20)));
-        text
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        for name in ["alpha", "beta"] {
-            let _ = self.cli(&["kill", name]);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `--images` flags for the directories of the kit's kernel and initramfs:
-/// the daemon takes guest files only from its image roots.
-fn image_roots() -> Vec<PathBuf> {
-    let mut flags = Vec::new();
-    for var in ["FERROVISOR_KERNEL", "FERROVISOR_INITRAMFS"] {
-        let file = env_path(var);
-        let dir = file.parent().expect("a file in a directory").to_path_buf();
-        flags.push(PathBuf::from("--images"));
-        flags.push(dir);
-    }
-    flags
-}
+use lab_tests::daemon::{env_path, Daemon};
+use lab_tests::{GuestConfig, INIT_MARKER};
 
 /// A guest file for the kit's kernel: no command, so /init starts a shell
 /// on the console.
@@ -185,7 +63,7 @@ fn talk(daemon: &Daemon, name: &str) {
 #[test]
 #[ignore = "needs the lab: run by cargo xtask test"]
 fn up_runs_two_debian_guests_that_stop_cleanly() {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start("cp", &["alpha", "beta"]);
     write_guest_file(&daemon.dir);
     let system = daemon.dir.join("system.toml");
     daemon.ok(&["up", system.to_str().expect("utf-8")]);

@@ -1,0 +1,235 @@
+//! `region`: use a shared memory region (an ivshmem PCI device, 1af4:1110)
+//! from the guest's user space, through sysfs.
+//!
+//! The guest kit's build compiles it with `rustc` alone into a static binary
+//! (the C library is linked statically; mmap is declared here).
+//!
+//! It finds the first ivshmem device (or the one `REGION_DEVICE=BDF`
+//! names), enables it (`enable`, so that its BARs decode), maps BAR 2 (the
+//! shared memory, `resource2`) and BAR 0 (the registers, `resource0`).
+//!
+//! Usage:
+//! - `region info`: prints `region: DEVICE size BYTES peer ID`;
+//! - `region write OFFSET TEXT`: writes TEXT's bytes at OFFSET;
+//! - `region read OFFSET LEN`: prints `region: read <text>` (the bytes at
+//!   OFFSET, up to LEN or the first zero byte);
+//! - `region ring PEER VECTOR`: writes the Doorbell register, which rings
+//!   vector VECTOR of peer PEER.
+//!
+//! Exit status: 0 on success, 1 on bad arguments, 2 when there is no
+//! device or it cannot be mapped.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+
+const PROT_READ: i32 = 1;
+const PROT_WRITE: i32 = 2;
+const MAP_SHARED: i32 = 1;
+const MAP_FAILED: usize = usize::MAX;
+/// The registers (BAR 0): IVPosition and Doorbell.
+const REG_IV_POSITION: usize = 8;
+const REG_DOORBELL: usize = 12;
+const PAGE: usize = 4096;
+
+extern "C" {
+    fn mmap(addr: *mut u8, len: usize, prot: i32, flags: i32, fd: i32, offset: i64) -> *mut u8;
+}
+
+/// A BAR mapped through its sysfs resource file.
+struct Bar {
+    base: *mut u8,
+    len: usize,
+    _file: File,
+}
+
+impl Bar {
+    fn map(device: &str, index: u8, len: usize) -> Result<Bar, String> {
+        let path = format!("{device}/resource{index}");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("open {path}: {e}"))?;
+        // SAFETY: a fresh shared mapping of an open file; the kernel picks
+        // the address and checks the length against the BAR.
+        let base = unsafe {
+            mmap(
+                std::ptr::null_mut(),
+                len,
+                PROT_READ | PROT_WRITE,
+                MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if base as usize == MAP_FAILED {
+            return Err(format!("mmap {path}: {}", std::io::Error::last_os_error()));
+        }
+        Ok(Bar {
+            base,
+            len,
+            _file: file,
+        })
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<(), String> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(format!(
+                "{len} bytes at offset {offset} do not fit in {} bytes",
+                self.len
+            )),
+        }
+    }
+
+    fn read32(&self, offset: usize) -> u32 {
+        // SAFETY: callers pass register offsets inside the mapped page; the
+        // access is aligned and volatile (device memory).
+        unsafe { std::ptr::read_volatile(self.base.add(offset) as *const u32) }
+    }
+
+    fn write32(&self, offset: usize, value: u32) {
+        // SAFETY: as in read32.
+        unsafe { std::ptr::write_volatile(self.base.add(offset) as *mut u32, value) }
+    }
+}
+
+fn read_hex(path: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(path).ok()?;
+    u32::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()
+}
+
+/// The sysfs directory of the ivshmem device.
+fn find_device() -> Result<String, String> {
+    if let Ok(bdf) = std::env::var("REGION_DEVICE") {
+        return Ok(format!("/sys/bus/pci/devices/{bdf}"));
+    }
+    let mut names: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
+        .map_err(|e| format!("/sys/bus/pci/devices: {e}"))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| format!("/sys/bus/pci/devices/{n}"))
+        .find(|d| {
+            read_hex(&format!("{d}/vendor")) == Some(0x1af4)
+                && read_hex(&format!("{d}/device")) == Some(0x1110)
+        })
+        .ok_or_else(|| "no ivshmem device (1af4:1110)".to_string())
+}
+
+/// The size of BAR `index`, from the device's `resource` table.
+fn bar_size(device: &str, index: usize) -> Result<usize, String> {
+    let text = std::fs::read_to_string(format!("{device}/resource"))
+        .map_err(|e| format!("{device}/resource: {e}"))?;
+    let line = text
+        .lines()
+        .nth(index)
+        .ok_or_else(|| format!("no BAR {index}"))?;
+    let mut fields = line
+        .split_whitespace()
+        .map(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).unwrap_or(0));
+    let (start, end) = (fields.next().unwrap_or(0), fields.next().unwrap_or(0));
+    if end <= start {
+        return Err(format!("BAR {index} is not assigned"));
+    }
+    Ok((end - start + 1) as usize)
+}
+
+struct Region {
+    device: String,
+    memory: Bar,
+    registers: Bar,
+}
+
+fn open() -> Result<Region, String> {
+    let device = find_device()?;
+    // Memory decoding on: no kernel driver is bound to the device.
+    let _ = std::fs::write(format!("{device}/enable"), "1");
+    let size = bar_size(&device, 2)?;
+    Ok(Region {
+        memory: Bar::map(&device, 2, size)?,
+        registers: Bar::map(&device, 0, PAGE)?,
+        device,
+    })
+}
+
+fn number(text: Option<&String>, what: &str) -> Result<usize, String> {
+    text.and_then(|t| t.parse().ok())
+        .ok_or_else(|| format!("{what}: expected a number"))
+}
+
+fn run(args: &[String]) -> Result<Result<(), String>, String> {
+    let usage = "usage: region info | write OFFSET TEXT | read OFFSET LEN | ring PEER VECTOR";
+    let command = args.first().map(String::as_str).ok_or(usage)?;
+    // Arguments first, so that a bad one is status 1 even without a device.
+    let (a, b) = match command {
+        "info" => (0, 0),
+        "write" => (number(args.get(1), "OFFSET")?, 0),
+        "read" | "ring" => (number(args.get(1), "first")?, number(args.get(2), "second")?),
+        _ => return Err(usage.to_string()),
+    };
+    if command == "write" && args.get(2).is_none() {
+        return Err("write: TEXT is missing".into());
+    }
+    let region = match open() {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    match command {
+        "info" => println!(
+            "region: {} size {} peer {}",
+            region.device.rsplit('/').next().unwrap_or(""),
+            region.memory.len,
+            region.registers.read32(REG_IV_POSITION)
+        ),
+        "write" => {
+            let text = args[2].as_bytes();
+            if let Err(e) = region.memory.check(a, text.len()) {
+                return Ok(Err(e));
+            }
+            for (i, byte) in text.iter().enumerate() {
+                // SAFETY: checked above to lie inside the mapping.
+                unsafe { std::ptr::write_volatile(region.memory.base.add(a + i), *byte) };
+            }
+            println!("region: wrote {} bytes at {a}", text.len());
+        }
+        "read" => {
+            if let Err(e) = region.memory.check(a, b) {
+                return Ok(Err(e));
+            }
+            let bytes: Vec<u8> = (0..b)
+                // SAFETY: checked above to lie inside the mapping.
+                .map(|i| unsafe { std::ptr::read_volatile(region.memory.base.add(a + i)) })
+                .take_while(|&c| c != 0)
+                .collect();
+            println!("region: read {}", String::from_utf8_lossy(&bytes));
+        }
+        _ => {
+            if a > 0xffff || b > 0xffff {
+                return Err("ring: PEER and VECTOR are 0 to 65535".into());
+            }
+            region
+                .registers
+                .write32(REG_DOORBELL, ((a as u32) << 16) | b as u32);
+            println!("region: rang peer {a} vector {b}");
+        }
+    }
+    Ok(Ok(()))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Err(e) => {
+            eprintln!("region: {e}");
+            std::process::exit(1);
+        }
+        Ok(Err(e)) => {
+            eprintln!("region: {e}");
+            std::process::exit(2);
+        }
+        Ok(Ok(())) => {}
+    }
+}

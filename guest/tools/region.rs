@@ -15,6 +15,12 @@
 //!   OFFSET, up to LEN or the first zero byte);
 //! - `region ring PEER VECTOR`: writes the Doorbell register, which rings
 //!   vector VECTOR of peer PEER.
+//! - `region wait SECS`: waits up to SECS seconds for a peer's doorbell and
+//!   prints `region: doorbell (status S)`. Linux user space takes the
+//!   interrupt through UIO: the tool binds `uio_pci_generic` to the device
+//!   (INTx, which the device raises while MSI-X is off), unmasks the
+//!   device's Interrupt Mask, turns INTx on in the command register (the
+//!   driver turns it off in its handler) and waits on `/dev/uioN`.
 //!
 //! Exit status: 0 on success, 1 on bad arguments, 2 when there is no
 //! device or it cannot be mapped.
@@ -26,13 +32,26 @@ const PROT_READ: i32 = 1;
 const PROT_WRITE: i32 = 2;
 const MAP_SHARED: i32 = 1;
 const MAP_FAILED: usize = usize::MAX;
-/// The registers (BAR 0): IVPosition and Doorbell.
+/// The registers (BAR 0).
+const REG_INTR_MASK: usize = 0;
+const REG_INTR_STATUS: usize = 4;
 const REG_IV_POSITION: usize = 8;
 const REG_DOORBELL: usize = 12;
 const PAGE: usize = 4096;
 
+const POLLIN: i16 = 1;
+
+/// `struct pollfd`.
+#[repr(C)]
+struct PollFd {
+    fd: i32,
+    events: i16,
+    revents: i16,
+}
+
 extern "C" {
     fn mmap(addr: *mut u8, len: usize, prot: i32, flags: i32, fd: i32, offset: i64) -> *mut u8;
+    fn poll(fds: *mut PollFd, nfds: u64, timeout: i32) -> i32;
 }
 
 /// A BAR mapped through its sysfs resource file.
@@ -137,6 +156,80 @@ fn bar_size(device: &str, index: usize) -> Result<usize, String> {
     Ok((end - start + 1) as usize)
 }
 
+/// Clears the command register's INTx Disable bit through the device's
+/// `config` file: `uio_pci_generic` sets it in its interrupt handler and
+/// leaves turning it back on to the program.
+fn enable_intx(device: &str) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    const COMMAND: u64 = 4;
+    const INTX_DISABLE: u16 = 1 << 10;
+    let path = format!("{device}/config");
+    let config = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("open {path}: {e}"))?;
+    let mut word = [0u8; 2];
+    config
+        .read_exact_at(&mut word, COMMAND)
+        .map_err(|e| format!("read {path}: {e}"))?;
+    let command = u16::from_le_bytes(word);
+    if command & INTX_DISABLE != 0 {
+        config
+            .write_all_at(&(command & !INTX_DISABLE).to_le_bytes(), COMMAND)
+            .map_err(|e| format!("write {path}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Waits up to `secs` for a doorbell through UIO (see the module's text).
+fn wait(region: &Region, secs: u64) -> Result<(), String> {
+    use std::io::Read;
+    // Already bound (a second wait) is fine: the write then fails quietly.
+    let _ = std::fs::write("/sys/bus/pci/drivers/uio_pci_generic/new_id", "1af4 1110");
+    let uio_dir = format!("{}/uio", region.device);
+    let mut name = None;
+    for _ in 0..50 {
+        name = std::fs::read_dir(&uio_dir)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned());
+        if name.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let name = name.ok_or("uio_pci_generic did not take the device (no uio entry)")?;
+    let path = format!("/dev/{name}");
+    let mut uio = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("open {path}: {e}"))?;
+    region.registers.write32(REG_INTR_MASK, 1);
+    enable_intx(&region.device)?;
+    println!("region: waiting for a doorbell");
+    let mut fds = PollFd {
+        fd: uio.as_raw_fd(),
+        events: POLLIN,
+        revents: 0,
+    };
+    let timeout = i32::try_from(secs.saturating_mul(1000)).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd, for the duration of the call.
+    let ready = unsafe { poll(&mut fds, 1, timeout) };
+    if ready <= 0 {
+        return Err(format!("no doorbell within {secs} s"));
+    }
+    let mut count = [0u8; 4];
+    uio.read_exact(&mut count)
+        .map_err(|e| format!("read {path}: {e}"))?;
+    // Reading Interrupt Status acknowledges the device.
+    let status = region.registers.read32(REG_INTR_STATUS);
+    println!("region: doorbell (status {status})");
+    Ok(())
+}
+
 struct Region {
     device: String,
     memory: Bar,
@@ -161,13 +254,15 @@ fn number(text: Option<&String>, what: &str) -> Result<usize, String> {
 }
 
 fn run(args: &[String]) -> Result<Result<(), String>, String> {
-    let usage = "usage: region info | write OFFSET TEXT | read OFFSET LEN | ring PEER VECTOR";
+    let usage =
+        "usage: region info | write OFFSET TEXT | read OFFSET LEN | ring PEER VECTOR | wait SECS";
     let command = args.first().map(String::as_str).ok_or(usage)?;
     // Arguments first, so that a bad one is status 1 even without a device.
     let (a, b) = match command {
         "info" => (0, 0),
         "write" => (number(args.get(1), "OFFSET")?, 0),
         "read" | "ring" => (number(args.get(1), "first")?, number(args.get(2), "second")?),
+        "wait" => (number(args.get(1), "SECS")?, 0),
         _ => return Err(usage.to_string()),
     };
     if command == "write" && args.get(2).is_none() {
@@ -205,6 +300,11 @@ fn run(args: &[String]) -> Result<Result<(), String>, String> {
                 .take_while(|&c| c != 0)
                 .collect();
             println!("region: read {}", String::from_utf8_lossy(&bytes));
+        }
+        "wait" => {
+            if let Err(e) = wait(&region, a as u64) {
+                return Ok(Err(e));
+            }
         }
         _ => {
             if a > 0xffff || b > 0xffff {

@@ -58,6 +58,8 @@ const GUEST_MODULES: &[&str] = &[
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
+    // The region tool's doorbell waits (INTx through UIO).
+    "uio_pci_generic",
 ];
 
 /// The kernel command line the kit is meant to boot with (see docs/guest-kit.md).

@@ -7,10 +7,16 @@
 //! - what `writer` writes, `reader` reads;
 //! - `reader`'s own write does not land (its mapping is read-only);
 //! - `outsider` has no ivshmem device at all.
+//!
+//! A second test runs two members at once: one waits for a doorbell in
+//! Linux user space (`region wait`, INTx through `uio_pci_generic`), the
+//! other rings it. Two nested guests at once are less stable in the lab,
+//! so that scenario is retried when the lab fails a guest.
 
 use std::path::Path;
 
 use lab_tests::daemon::{env_path, Daemon};
+use lab_tests::retry::{retried, Try, TRIES};
 use lab_tests::{base64, GuestConfig};
 
 const STATUS: &str = "ferrovisor-guest: exit status ";
@@ -96,5 +102,74 @@ fn a_region_written_by_one_guest_is_read_by_another_and_not_by_outsiders() {
         outsider.contains("no ivshmem device") && outsider.contains("outsider-status-2"),
         "a guest outside the region has no such device:\n{}",
         daemon.describe()
+    );
+}
+
+/// The state `info --json` gives for `name`.
+fn state(daemon: &Daemon, name: &str) -> String {
+    let out = daemon.cli(&["info", name, "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["state"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// One try of the doorbell scenario: both guests at once, the waiter
+/// asleep in `region wait`, the ringer ringing it once it says it is ready.
+fn doorbell_try(n: u32) -> Result<String, Try> {
+    let daemon = Daemon::start(&format!("bell{n}"), &["waiter", "ringer"]);
+    let waiter = "region write 0 ready && region wait 120";
+    let ringer = "for i in $(seq 900); do region read 0 8 | grep -q 'read ready' && break; \
+                  sleep 0.2; done; region ring 0 0";
+    let text = format!(
+        "[regions.bell]\nsize = \"4K\"\nguests = {{ waiter = \"rw\", ringer = \"ro\" }}\n\n{}{}",
+        guest("waiter", waiter).replace("start = \"held\"\n", ""),
+        guest("ringer", ringer).replace("start = \"held\"\n", ""),
+    );
+    let system = daemon.dir.join("system.toml");
+    std::fs::write(&system, text).expect("write the system file");
+    daemon.ok(&["up", system.to_str().expect("utf-8")]);
+    let deadline = std::time::Instant::now() + lab_tests::timeout();
+    loop {
+        let console = daemon.console("waiter");
+        if console.contains(STATUS) {
+            return if console.contains("region: doorbell (status 1)") {
+                Ok(console)
+            } else {
+                Err(Try::Failed(format!(
+                    "the waiter was not woken by the doorbell:\n{}",
+                    daemon.describe()
+                )))
+            };
+        }
+        let crashed: Vec<&str> = ["waiter", "ringer"]
+            .into_iter()
+            .filter(|g| state(&daemon, g) == "crashed")
+            .collect();
+        if !crashed.is_empty() {
+            return Err(Try::Unstable(format!("{crashed:?} crashed")));
+        }
+        if std::time::Instant::now() > deadline {
+            let booted = daemon.console("waiter").contains(lab_tests::INIT_MARKER)
+                && daemon.console("ringer").contains(lab_tests::INIT_MARKER);
+            let why = format!("no end within the timeout:\n{}", daemon.describe());
+            return Err(if booted {
+                Try::Failed(why)
+            } else {
+                Try::Unstable(why)
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+#[test]
+#[ignore = "needs the lab: run by cargo xtask test"]
+fn a_doorbell_wakes_the_peer_waiting_in_linux_user_space() {
+    let console = retried("doorbell between two guests", TRIES, doorbell_try)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        console.contains("region: waiting for a doorbell"),
+        "{console}"
     );
 }

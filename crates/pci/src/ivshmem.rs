@@ -33,6 +33,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -74,6 +75,58 @@ pub const REG_IV_POSITION: u64 = 0x8;
 pub const REG_DOORBELL: u64 = 0xc;
 /// Interrupt Mask and Status: the peer-interrupt bit.
 const INTR_PEER: u32 = 1;
+/// The status register's Interrupt Status bit: INTx is asserted.
+const STATUS_INTERRUPT: u16 = 1 << 3;
+
+/// The device's interrupt state outside MSI-X: the Interrupt Mask and
+/// Status registers, whether MSI-X and INTx are on, and the INTA line.
+/// The VMM's doorbell watcher shares it, so that a peer's doorbell arriving
+/// while MSI-X is off (a guest driver that takes INTx, such as Linux's
+/// `uio_pci_generic`) sets Interrupt Status and raises INTx without a vCPU.
+#[derive(Debug)]
+pub struct IntxState {
+    status: AtomicU32,
+    mask: AtomicU32,
+    msix_on: AtomicBool,
+    intx_off: AtomicBool,
+    intx: EventFd,
+}
+
+impl IntxState {
+    fn new(intx: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            mask: AtomicU32::new(0),
+            msix_on: AtomicBool::new(false),
+            intx_off: AtomicBool::new(false),
+            intx,
+        }
+    }
+
+    /// Whether the guest has MSI-X on: its vectors' irqfds carry doorbells.
+    pub fn msix_enabled(&self) -> bool {
+        self.msix_on.load(Ordering::SeqCst)
+    }
+
+    /// A peer rang this guest while MSI-X is off: sets Interrupt Status and
+    /// raises INTx if the mask and the command register let it through.
+    pub fn peer_rang(&self) -> io::Result<()> {
+        self.status.fetch_or(INTR_PEER, Ordering::SeqCst);
+        self.raise_if_due()
+    }
+
+    /// Whether the device asserts INTx, as the status register shows it.
+    fn pending(&self) -> bool {
+        self.status.load(Ordering::SeqCst) & self.mask.load(Ordering::SeqCst) != 0
+    }
+
+    fn raise_if_due(&self) -> io::Result<()> {
+        if self.pending() && !self.intx_off.load(Ordering::SeqCst) && !self.msix_enabled() {
+            self.intx.write(1)?;
+        }
+        Ok(())
+    }
+}
 
 /// Where a guest's doorbell writes go: the VMM signals the named peer's
 /// eventfd for the vector.
@@ -171,9 +224,7 @@ pub struct IvshmemDevice {
     config: ConfigSpace,
     settings: IvshmemConfig,
     msix: Msix,
-    intr_mask: u32,
-    intr_status: u32,
-    intx: EventFd,
+    intx: Arc<IntxState>,
     doorbells: Arc<dyn Doorbells>,
     mapping: Arc<dyn RegionMapping>,
     counters: IvshmemCounters,
@@ -225,9 +276,7 @@ impl IvshmemDevice {
             config,
             settings,
             msix,
-            intr_mask: 0,
-            intr_status: 0,
-            intx,
+            intx: Arc::new(IntxState::new(intx)),
             doorbells,
             mapping,
             counters: IvshmemCounters::default(),
@@ -237,6 +286,11 @@ impl IvshmemDevice {
     /// What the device has counted.
     pub fn counters(&self) -> IvshmemCounters {
         self.counters
+    }
+
+    /// The INTx state, for the VMM's doorbell watcher.
+    pub fn intx_state(&self) -> Arc<IntxState> {
+        self.intx.clone()
     }
 
     /// A peer rang this guest on `vector` through the VMM (when the
@@ -251,29 +305,20 @@ impl IvshmemDevice {
         if self.msix.enabled() {
             return self.msix.trigger(vector);
         }
-        self.intr_status |= INTR_PEER;
-        self.update_intx()
+        self.intx.peer_rang()
     }
 
     /// Re-raises INTx after the guest's end of interrupt while a peer
     /// interrupt is still pending and unmasked (level-triggered INTx through
     /// a resampling irqfd, as for virtio-pci).
     pub fn resample(&self) -> io::Result<()> {
-        self.update_intx()
-    }
-
-    fn update_intx(&self) -> io::Result<()> {
-        let intx_disabled = self.config.command() & config::COMMAND_INTX_DISABLE != 0;
-        if self.intr_status & self.intr_mask != 0 && !intx_disabled && !self.msix.enabled() {
-            self.intx.write(1)?;
-        }
-        Ok(())
+        self.intx.raise_if_due()
     }
 
     fn read_register(&mut self, offset: u64) -> u32 {
         match offset {
-            REG_INTR_MASK => self.intr_mask,
-            REG_INTR_STATUS => std::mem::take(&mut self.intr_status),
+            REG_INTR_MASK => self.intx.mask.load(Ordering::SeqCst),
+            REG_INTR_STATUS => self.intx.status.swap(0, Ordering::SeqCst),
             REG_IV_POSITION => u32::from(self.settings.position),
             _ => 0,
         }
@@ -282,12 +327,12 @@ impl IvshmemDevice {
     fn write_register(&mut self, offset: u64, value: u32) {
         match offset {
             REG_INTR_MASK => {
-                self.intr_mask = value & INTR_PEER;
-                let _ = self.update_intx();
+                self.intx.mask.store(value & INTR_PEER, Ordering::SeqCst);
+                let _ = self.intx.raise_if_due();
             }
             REG_INTR_STATUS => {
-                self.intr_status = value & INTR_PEER;
-                let _ = self.update_intx();
+                self.intx.status.store(value & INTR_PEER, Ordering::SeqCst);
+                let _ = self.intx.raise_if_due();
             }
             REG_DOORBELL => {
                 let (peer, vector) = ((value >> 16) as u16, value as u16);
@@ -320,6 +365,22 @@ impl PciFunction for IvshmemDevice {
         // sits two bytes in.
         let control = self.config.u16_at(0x42);
         self.msix.set_control(control);
+        let intx_off = self.config.command() & config::COMMAND_INTX_DISABLE != 0;
+        self.intx.intx_off.store(intx_off, Ordering::SeqCst);
+        self.intx
+            .msix_on
+            .store(self.msix.enabled(), Ordering::SeqCst);
+        // INTx turned back on (a driver's end of interrupt) with a peer's
+        // interrupt still pending raises it again.
+        let _ = self.intx.raise_if_due();
+    }
+
+    fn dynamic_status(&self) -> u16 {
+        if self.intx.pending() {
+            STATUS_INTERRUPT
+        } else {
+            0
+        }
     }
 
     fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {

@@ -16,8 +16,8 @@ pub mod virtio_pci;
 
 pub use config::{BarKind, ConfigSpace, Ids};
 pub use ivshmem::{
-    Doorbells, EventFdDoorbells, IvshmemConfig, IvshmemCounters, IvshmemDevice, IvshmemError,
-    RegionMapping,
+    Doorbells, EventFdDoorbells, IntxState, IvshmemConfig, IvshmemCounters, IvshmemDevice,
+    IvshmemError, RegionMapping,
 };
 pub use msix::{MsiDelivery, MsiMessage, Msix};
 pub use root::{

@@ -54,6 +54,24 @@ pub trait PciFunction: Send {
     fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]);
     /// BAR `bar` stopped decoding at `old` and now decodes at `new`.
     fn bar_moved(&mut self, _bar: usize, _old: Option<u64>, _new: Option<u64>) {}
+    /// Status register bits whose state lives outside configuration space
+    /// (the INTx status bit of an interrupt raised off the vCPU path), ORed
+    /// in on every read.
+    fn dynamic_status(&self) -> u16 {
+        0
+    }
+}
+
+/// ORs `bits` into the status register's bytes among `data`, read at
+/// `offset` of configuration space.
+fn or_status(offset: usize, data: &mut [u8], bits: u16) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        match offset + i {
+            o if o == config::REG_STATUS => *byte |= bits as u8,
+            o if o == config::REG_STATUS + 1 => *byte |= (bits >> 8) as u8,
+            _ => {}
+        }
+    }
 }
 
 /// The host bridge at 00:00.0: ids and nothing else.
@@ -235,7 +253,13 @@ impl PciRoot {
     /// functions read as all ones.
     pub fn config_read(&self, bus: u8, slot: usize, func: u8, offset: usize, data: &mut [u8]) {
         match self.function(bus, slot, func) {
-            Some(f) => f.config().read(offset, data),
+            Some(f) => {
+                f.config().read(offset, data);
+                let bits = f.dynamic_status();
+                if bits != 0 {
+                    or_status(offset, data, bits);
+                }
+            }
             None => data.fill(0xff),
         }
     }

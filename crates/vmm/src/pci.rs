@@ -389,20 +389,39 @@ pub fn devices_from_config(config: &VmConfig) -> Result<DeviceSet, PciError> {
     Ok(set)
 }
 
-/// Starts the thread that re-raises level-triggered INTx lines after the
-/// guest's end of interrupt while a device's ISR is still set. It starts
-/// with every signal blocked, so process signals go to the threads meant
-/// to take them.
+/// Starts the thread that re-raises INTx lines after the guest's end of
+/// interrupt: each resample eventfd, when KVM signals it, makes its device
+/// check whether its line is still due.
 fn spawn_resampler(list: Vec<(EventFd, IntxResampler)>) -> Result<(), PciError> {
-    let epoll = Epoll::new().map_err(|e| PciError::Kvm("create the INTx epoll", e))?;
-    for (index, (fd, _)) in list.iter().enumerate() {
+    let (fds, resamplers): (Vec<EventFd>, Vec<IntxResampler>) = list.into_iter().unzip();
+    spawn_eventfd_thread("pci-intx", fds, EventSet::IN, move |index, fd| {
+        let _ = fd.read();
+        if let Some(resampler) = resamplers.get(index) {
+            let _ = resampler.resample();
+        }
+    })
+}
+
+/// Starts a thread named `name` that waits on `fds` (watched for `events`)
+/// and calls `on_event` with the index and eventfd of each one ready. It
+/// runs under the device workers' seccomp filter, with every signal but
+/// SIGSYS blocked (a blocked signal would turn a blocked call into a silent
+/// kill instead of the seccomp line).
+fn spawn_eventfd_thread(
+    name: &str,
+    fds: Vec<EventFd>,
+    events: EventSet,
+    mut on_event: impl FnMut(usize, &EventFd) + Send + 'static,
+) -> Result<(), PciError> {
+    let epoll = Epoll::new().map_err(|e| PciError::Kvm("create an epoll", e))?;
+    for (index, fd) in fds.iter().enumerate() {
         epoll
             .ctl(
                 ControlOperation::Add,
                 fd.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, index as u64),
+                EpollEvent::new(events, index as u64),
             )
-            .map_err(|e| PciError::Kvm("watch an INTx resample eventfd", e))?;
+            .map_err(|e| PciError::Kvm("watch an eventfd", e))?;
     }
     // SAFETY: an all-zero sigset_t is valid storage for sigfillset.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -410,27 +429,25 @@ fn spawn_resampler(list: Vec<(EventFd, IntxResampler)>) -> Result<(), PciError> 
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `all` is valid storage.
     unsafe { libc::sigfillset(&mut all) };
-    // SIGSYS stays deliverable: a blocked signal would turn a blocked
-    // call into a silent kill instead of the seccomp line.
     // SAFETY: as above.
     unsafe { libc::sigdelset(&mut all, libc::SIGSYS) };
     // SAFETY: both sets are valid; this changes only this thread's mask.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) };
     let spawned = std::thread::Builder::new()
-        .name("pci-intx".into())
+        .name(name.into())
         .spawn(move || {
             crate::seccomp::enter(crate::seccomp::ThreadKind::Worker);
-            let mut events = [EpollEvent::default(); 8];
+            let mut ready = [EpollEvent::default(); 8];
             loop {
-                let n = match epoll.wait(-1, &mut events) {
+                let n = match epoll.wait(-1, &mut ready) {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(_) => return,
                 };
-                for event in &events[..n] {
-                    if let Some((fd, resampler)) = list.get(event.data() as usize) {
-                        let _ = fd.read();
-                        let _ = resampler.resample();
+                for event in &ready[..n] {
+                    let index = event.data() as usize;
+                    if let Some(fd) = fds.get(index) {
+                        on_event(index, fd);
                     }
                 }
             }
@@ -439,7 +456,30 @@ fn spawn_resampler(list: Vec<(EventFd, IntxResampler)>) -> Result<(), PciError> 
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
     spawned
         .map(drop)
-        .map_err(|e| PciError::Kvm("start the INTx thread", e))
+        .map_err(|e| PciError::Kvm("start an eventfd thread", e))
+}
+
+/// Starts the watcher of a daemon region's own doorbell eventfds: while the
+/// guest has MSI-X off (a driver that takes INTx), a peer's doorbell sets
+/// Interrupt Status and raises INTx; with MSI-X on, each vector's irqfd
+/// (or its hold while masked) carries it and the watcher leaves the
+/// eventfd alone. Edge-triggered: one wake-up per doorbell.
+fn spawn_doorbell_watcher(fds: Vec<EventFd>, state: Arc<pci::IntxState>) -> Result<(), PciError> {
+    spawn_eventfd_thread(
+        "region-doorbells",
+        fds,
+        EventSet::IN | EventSet::EDGE_TRIGGERED,
+        move |_, fd| {
+            if state.msix_enabled() {
+                return;
+            }
+            // Non-blocking: KVM may have taken the count if MSI-X was on a
+            // moment ago.
+            if fd.read().is_ok() {
+                let _ = state.peer_rang();
+            }
+        },
+    )
 }
 
 /// `vectors` MSI-X vectors on consecutive GSIs, each with an irqfd.
@@ -478,9 +518,11 @@ fn add_region(
             .kvm_mapping(vm, index)
             .map_err(device_error(flag.clone()))?,
     );
+    let mut watched = Vec::new();
     let (msi, doorbells, vectors): (Arc<dyn MsiDelivery>, _, _) = match backing.eventfds.take() {
         Some(fds) => {
             let vectors = fds.own.len() as u16;
+            watched = nonblocking_clones(&fds.own)?;
             let msi = region::PeerMsi::new(vm, router, fds.own)?;
             (
                 Arc::new(msi),
@@ -502,6 +544,9 @@ fn add_region(
     };
     let device = pci::IvshmemDevice::new(settings, msi, intx, Arc::new(doorbells), mapping.clone())
         .map_err(device_error(flag.clone()))?;
+    if !watched.is_empty() {
+        spawn_doorbell_watcher(watched, device.intx_state())?;
+    }
     let slot = root
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -511,6 +556,31 @@ fn add_region(
     }
     vm.register_irqfd(&intx_irqfd, layout::pci_intx_gsi(slot as u32, 0))
         .map_err(|e| PciError::Kvm("register an INTx irqfd", kvm_io(e)))
+}
+
+/// Clones of a region's own doorbell eventfds for the watcher, made
+/// non-blocking (a flag of the open file, which KVM's irqfd does not mind).
+fn nonblocking_clones(fds: &[EventFd]) -> Result<Vec<EventFd>, PciError> {
+    fds.iter()
+        .map(|fd| {
+            let clone = fd
+                .try_clone()
+                .map_err(|e| PciError::Kvm("clone a doorbell eventfd", e))?;
+            let raw = clone.as_raw_fd();
+            // SAFETY: F_GETFL on a descriptor this function owns.
+            let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+            // SAFETY: F_SETFL on the same descriptor, adding O_NONBLOCK.
+            let set = (flags >= 0)
+                .then(|| unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) });
+            if set.is_none_or(|rc| rc < 0) {
+                return Err(PciError::Kvm(
+                    "make a doorbell eventfd non-blocking",
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            Ok(clone)
+        })
+        .collect()
 }
 
 /// The PCI bus of one VM.

@@ -233,9 +233,42 @@ fn intx_disable_in_the_command_register_holds_the_line() {
     write_reg(&mut r.dev, REG_INTR_MASK, 1);
     let command = config::COMMAND_INTX_DISABLE.to_le_bytes();
     r.dev.config_mut().write(REG_COMMAND, &command);
+    r.dev.config_written(REG_COMMAND, 2);
     r.dev.ring(0).unwrap();
     assert_eq!(signalled(&r.intx), 0);
     assert_eq!(read_reg(&mut r.dev, REG_INTR_STATUS), 1);
+}
+
+#[test]
+fn a_doorbell_from_the_watcher_shows_in_the_status_register_and_raises_intx() {
+    let mut r = rig();
+    let state = r.dev.intx_state();
+    write_reg(&mut r.dev, REG_INTR_MASK, 1);
+    // A driver that takes INTx (Linux's uio_pci_generic) masks the line in
+    // its handler, after checking the status register's interrupt bit.
+    assert_eq!(r.dev.dynamic_status(), 0);
+    assert!(!state.msix_enabled());
+    state.peer_rang().unwrap();
+    assert_eq!(signalled(&r.intx), 1);
+    assert_eq!(r.dev.dynamic_status(), 1 << 3);
+    let command = config::COMMAND_INTX_DISABLE.to_le_bytes();
+    r.dev.config_mut().write(REG_COMMAND, &command);
+    r.dev.config_written(REG_COMMAND, 2);
+    // Turning INTx back on with the interrupt still pending raises it again.
+    r.dev.config_mut().write(REG_COMMAND, &0u16.to_le_bytes());
+    r.dev.config_written(REG_COMMAND, 2);
+    assert_eq!(signalled(&r.intx), 1);
+    // Reading Interrupt Status clears the bit and the condition.
+    assert_eq!(read_reg(&mut r.dev, REG_INTR_STATUS), 1);
+    assert_eq!(r.dev.dynamic_status(), 0);
+    r.dev.config_written(REG_COMMAND, 2);
+    assert_eq!(signalled(&r.intx), 0);
+    // With MSI-X on, the watcher leaves doorbells to the vectors' irqfds.
+    r.dev
+        .config_mut()
+        .write(0x42, &CONTROL_ENABLE.to_le_bytes());
+    r.dev.config_written(0x42, 2);
+    assert!(state.msix_enabled());
 }
 
 #[test]

@@ -21,6 +21,13 @@
 //!   (INTx, which the device raises while MSI-X is off), unmasks the
 //!   device's Interrupt Mask, turns INTx on in the command register (the
 //!   driver turns it off in its handler) and waits on `/dev/uioN`.
+//! - `region ping PEER COUNT` / `region pong PEER COUNT`: COUNT doorbell
+//!   round trips (ping rings and waits, pong waits and rings back); ping
+//!   prints `region: ping N doorbell round trips: p50 P us, p99 Q us`.
+//! - `region send COUNT SIZE` / `region recv COUNT SIZE`: COUNT messages of
+//!   SIZE bytes through a single-producer single-consumer ring in the
+//!   region (counters at offsets 0 and 64, data from 4096); recv prints
+//!   `region: received N messages of S B in T s: M messages/s, R MiB/s`.
 //!
 //! Exit status: 0 on success, 1 on bad arguments, 2 when there is no
 //! device or it cannot be mapped.
@@ -182,51 +189,175 @@ fn enable_intx(device: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Waits up to `secs` for a doorbell through UIO (see the module's text).
-fn wait(region: &Region, secs: u64) -> Result<(), String> {
-    use std::io::Read;
-    // Already bound (a second wait) is fine: the write then fails quietly.
-    let _ = std::fs::write("/sys/bus/pci/drivers/uio_pci_generic/new_id", "1af4 1110");
-    let uio_dir = format!("{}/uio", region.device);
-    let mut name = None;
-    for _ in 0..50 {
-        name = std::fs::read_dir(&uio_dir)
-            .ok()
-            .and_then(|mut d| d.next())
-            .and_then(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned());
-        if name.is_some() {
-            break;
+/// The device's interrupt, taken through UIO (see the module's text).
+struct Uio {
+    file: File,
+    path: String,
+}
+
+impl Uio {
+    /// Binds `uio_pci_generic` to the device, unmasks the device's
+    /// Interrupt Mask and turns INTx on.
+    fn open(region: &Region) -> Result<Uio, String> {
+        // Already bound (a second run) is fine: the write then fails quietly.
+        let _ = std::fs::write("/sys/bus/pci/drivers/uio_pci_generic/new_id", "1af4 1110");
+        let uio_dir = format!("{}/uio", region.device);
+        let mut name = None;
+        for _ in 0..50 {
+            name = std::fs::read_dir(&uio_dir)
+                .ok()
+                .and_then(|mut d| d.next())
+                .and_then(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned());
+            if name.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        let name = name.ok_or("uio_pci_generic did not take the device (no uio entry)")?;
+        let path = format!("/dev/{name}");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("open {path}: {e}"))?;
+        region.registers.write32(REG_INTR_MASK, 1);
+        enable_intx(&region.device)?;
+        Ok(Uio { file, path })
     }
-    let name = name.ok_or("uio_pci_generic did not take the device (no uio entry)")?;
-    let path = format!("/dev/{name}");
-    let mut uio = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|e| format!("open {path}: {e}"))?;
-    region.registers.write32(REG_INTR_MASK, 1);
-    enable_intx(&region.device)?;
+
+    /// Waits up to `timeout_ms` for the interrupt, acknowledges it (reads
+    /// Interrupt Status, which it returns) and turns INTx on again.
+    fn wait(&mut self, region: &Region, timeout_ms: i32) -> Result<u32, String> {
+        use std::io::Read;
+        let mut fds = PollFd {
+            fd: self.file.as_raw_fd(),
+            events: POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let ready = unsafe { poll(&mut fds, 1, timeout_ms) };
+        if ready <= 0 {
+            return Err(format!("no doorbell within {timeout_ms} ms"));
+        }
+        let mut count = [0u8; 4];
+        self.file
+            .read_exact(&mut count)
+            .map_err(|e| format!("read {}: {e}", self.path))?;
+        let status = region.registers.read32(REG_INTR_STATUS);
+        enable_intx(&region.device)?;
+        Ok(status)
+    }
+}
+
+/// Waits up to `secs` for a doorbell.
+fn wait(region: &Region, secs: u64) -> Result<(), String> {
+    let mut uio = Uio::open(region)?;
     println!("region: waiting for a doorbell");
-    let mut fds = PollFd {
-        fd: uio.as_raw_fd(),
-        events: POLLIN,
-        revents: 0,
-    };
     let timeout = i32::try_from(secs.saturating_mul(1000)).unwrap_or(i32::MAX);
-    // SAFETY: one valid pollfd, for the duration of the call.
-    let ready = unsafe { poll(&mut fds, 1, timeout) };
-    if ready <= 0 {
-        return Err(format!("no doorbell within {secs} s"));
-    }
-    let mut count = [0u8; 4];
-    uio.read_exact(&mut count)
-        .map_err(|e| format!("read {path}: {e}"))?;
-    // Reading Interrupt Status acknowledges the device.
-    let status = region.registers.read32(REG_INTR_STATUS);
+    let status = uio.wait(region, timeout)?;
     println!("region: doorbell (status {status})");
+    Ok(())
+}
+
+/// Doorbell round trips with `peer`: `ping` rings and waits for the answer,
+/// `pong` waits and answers, `count` times; `ping` prints the latencies.
+fn ping_pong(region: &Region, ping: bool, peer: u32, count: usize) -> Result<(), String> {
+    let mut uio = Uio::open(region)?;
+    let ring = || region.registers.write32(REG_DOORBELL, peer << 16);
+    let mut times = Vec::with_capacity(count);
+    for _ in 0..count {
+        let start = std::time::Instant::now();
+        if ping {
+            ring();
+            uio.wait(region, 60_000)?;
+        } else {
+            uio.wait(region, 120_000)?;
+            ring();
+        }
+        times.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    if ping {
+        times.sort_by(f64::total_cmp);
+        let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "region: ping {count} doorbell round trips: p50 {:.0} us, p99 {:.0} us",
+            at(0.5),
+            at(0.99)
+        );
+    } else {
+        println!("region: answered {count} doorbells");
+    }
+    Ok(())
+}
+
+/// A single-producer single-consumer byte ring in the region: the bytes
+/// sent so far at offset 0, received so far at offset 64 (both u64), data
+/// from offset 4096 to the region's end.
+const RING_SENT: usize = 0;
+const RING_RECEIVED: usize = 64;
+const RING_DATA: usize = 4096;
+
+fn counter(region: &Region, offset: usize) -> &std::sync::atomic::AtomicU64 {
+    // SAFETY: the offset is 8-aligned inside the mapping, which lives as
+    // long as `region`; the other guest uses the same cell atomically.
+    unsafe { &*(region.memory.base.add(offset) as *const std::sync::atomic::AtomicU64) }
+}
+
+/// Moves `count` messages of `size` bytes through the ring: `send` writes
+/// them, `recv` takes them and prints the rate from its first message to
+/// its last. Both sides spin (no doorbells) while the ring is full or empty.
+fn stream(region: &Region, send: bool, count: usize, size: usize) -> Result<(), String> {
+    use std::sync::atomic::Ordering;
+    let capacity = region.memory.len.checked_sub(RING_DATA).unwrap_or(0);
+    if size == 0 || size > capacity {
+        return Err(format!("SIZE must be 1 to {capacity}"));
+    }
+    let (sent, received) = (counter(region, RING_SENT), counter(region, RING_RECEIVED));
+    let mut buf = vec![0x5au8; size];
+    let mut start = None;
+    for _ in 0..count {
+        loop {
+            let free = capacity as u64 - (sent.load(Ordering::Acquire) - received.load(Ordering::Acquire));
+            let used = sent.load(Ordering::Acquire) - received.load(Ordering::Acquire);
+            if (send && free >= size as u64) || (!send && used >= size as u64) {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        start.get_or_insert_with(std::time::Instant::now);
+        let position = if send { sent } else { received }.load(Ordering::Acquire) as usize;
+        // At most two pieces: up to the end of the data area, then from
+        // its start.
+        let first = (capacity - position % capacity).min(size);
+        for (from, len) in [(0, first), (first, size - first)] {
+            let at = RING_DATA + (position + from) % capacity;
+            // SAFETY: `at..at + len` lies inside the mapping's data area and
+            // `from..from + len` inside `buf`; the two never overlap.
+            unsafe {
+                let ring = region.memory.base.add(at);
+                let local = buf.as_mut_ptr().add(from);
+                if send {
+                    std::ptr::copy_nonoverlapping(local, ring, len);
+                } else {
+                    std::ptr::copy_nonoverlapping(ring, local, len);
+                }
+            }
+        }
+        if send {
+            sent.fetch_add(size as u64, Ordering::Release);
+        } else {
+            received.fetch_add(size as u64, Ordering::Release);
+        }
+    }
+    let secs = start.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    if !send {
+        println!(
+            "region: received {count} messages of {size} B in {secs:.3} s: {:.0} messages/s, {:.1} MiB/s",
+            count as f64 / secs,
+            (count * size) as f64 / secs / (1 << 20) as f64
+        );
+    }
     Ok(())
 }
 
@@ -254,8 +385,8 @@ fn number(text: Option<&String>, what: &str) -> Result<usize, String> {
 }
 
 fn run(args: &[String]) -> Result<Result<(), String>, String> {
-    let usage =
-        "usage: region info | write OFFSET TEXT | read OFFSET LEN | ring PEER VECTOR | wait SECS";
+    let usage = "usage: region info | write OFFSET TEXT | read OFFSET LEN | ring PEER VECTOR | \
+                 wait SECS | ping PEER COUNT | pong PEER COUNT | send COUNT SIZE | recv COUNT SIZE";
     let command = args.first().map(String::as_str).ok_or(usage)?;
     // Arguments first, so that a bad one is status 1 even without a device.
     let (a, b) = match command {
@@ -263,6 +394,9 @@ fn run(args: &[String]) -> Result<Result<(), String>, String> {
         "write" => (number(args.get(1), "OFFSET")?, 0),
         "read" | "ring" => (number(args.get(1), "first")?, number(args.get(2), "second")?),
         "wait" => (number(args.get(1), "SECS")?, 0),
+        "ping" | "pong" | "send" | "recv" => {
+            (number(args.get(1), "first")?, number(args.get(2), "second")?)
+        }
         _ => return Err(usage.to_string()),
     };
     if command == "write" && args.get(2).is_none() {
@@ -303,6 +437,16 @@ fn run(args: &[String]) -> Result<Result<(), String>, String> {
         }
         "wait" => {
             if let Err(e) = wait(&region, a as u64) {
+                return Ok(Err(e));
+            }
+        }
+        "ping" | "pong" => {
+            if let Err(e) = ping_pong(&region, command == "ping", a as u32, b) {
+                return Ok(Err(e));
+            }
+        }
+        "send" | "recv" => {
+            if let Err(e) = stream(&region, command == "send", a, b) {
                 return Ok(Err(e));
             }
         }

@@ -9,6 +9,9 @@
 //!   a tap each, the taps enslaved to one bridge in the lab;
 //! - **Ferrovisor on taps and a Linux bridge**: the same, under Ferrovisor.
 //!
+//! Then the shared region (`bench_fabric_region.rs`): doorbell round trips
+//! and messages through a ring, between two guests of one region.
+//!
 //! Two nested guests at once are less stable in the lab than one
 //! (docs/lab.md), so a pair that fails is tried again, up to `--tries`
 //! times; every failed try is printed with its reason, and the table says
@@ -122,7 +125,25 @@ pub fn in_lab(args: &[String]) -> Result<u8> {
             }
         }
     }
+    let mut regions = Vec::new();
+    for run in 1..=runs {
+        for n in 1..=tries {
+            match crate::bench_fabric_region::measure(n) {
+                Ok(sample) => {
+                    println!("bench: region run {run}: {sample:?} ({n} tries)");
+                    regions.push(sample);
+                    break;
+                }
+                Err(e) => {
+                    let line = format!("region run {run} try {n}: {e}");
+                    println!("bench: FAILED {line}");
+                    failed.push(line);
+                }
+            }
+        }
+    }
     print_table(&results, secs, &failed);
+    crate::bench_fabric_region::print_table(&regions);
     Ok(0)
 }
 

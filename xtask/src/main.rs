@@ -7,6 +7,7 @@ mod bench_blk;
 mod bench_distro;
 mod bench_fabric;
 mod bench_fabric_guests;
+mod bench_fabric_region;
 mod bench_rate;
 mod bench_sched;
 mod cpio;

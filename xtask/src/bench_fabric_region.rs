@@ -1,0 +1,219 @@
+//! The shared-region part of `cargo xtask bench fabric --guests`: two
+//! guest-kit guests under the daemon, members of one `[regions.bench]`
+//! (1 MiB), side by side in the lab. The kit's `region` tool measures
+//! doorbell round trips (`ping`/`pong`: each side sleeps in `poll` on its
+//! UIO device until the other's doorbell arrives) and messages of 64 B and
+//! 64 KiB through a ring in the region (`send`/`recv`, both sides spinning
+//! while the ring is full or empty).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::bench::{self, Metric};
+use crate::guestkit;
+use crate::lab::{LAB_FERROVISOR, LAB_INITRAMFS, LAB_KERNEL};
+use crate::util::{Context, Result};
+
+const ROUND_TRIPS: u32 = 1000;
+const SMALL: (u32, u32) = (20_000, 64);
+const LARGE: (u32, u32) = (2_000, 65_536);
+const PAIR_LIMIT: Duration = Duration::from_secs(420);
+const STATUS: &str = "ferrovisor-guest: exit status ";
+
+/// What one pair measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    rt_p50_us: f64,
+    rt_p99_us: f64,
+    small_per_s: f64,
+    small_mib_s: f64,
+    large_per_s: f64,
+    large_mib_s: f64,
+}
+
+fn system_file() -> String {
+    let guest = |name: &str, run: &str| {
+        format!(
+            "[guests.{name}]\nkernel = \"{LAB_KERNEL}\"\ninitramfs = \"{LAB_INITRAMFS}\"\n\
+             cmdline = \"{}\"\ncpus = 1\nmemory = \"256M\"\n\n",
+            guestkit::cmdline_running(run)
+        )
+    };
+    let (sn, ss) = SMALL;
+    let (ln, ls) = LARGE;
+    format!(
+        "[regions.bench]\nsize = \"1M\"\nguests = {{ a = \"rw\", b = \"rw\" }}\n\n{}{}",
+        guest(
+            "a",
+            &format!(
+                "region pong 1 {ROUND_TRIPS} && region recv {sn} {ss} && region recv {ln} {ls}"
+            )
+        ),
+        guest(
+            "b",
+            &format!(
+                "region ping 0 {ROUND_TRIPS} && region send {sn} {ss} && region send {ln} {ls}"
+            )
+        ),
+    )
+}
+
+/// The CLI against the bench's daemon.
+fn cli(dir: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(LAB_FERROVISOR)
+        .args(args)
+        .args(["--socket", &format!("{dir}/api.sock")])
+        .stdin(Stdio::null())
+        .output()
+        .ctx(|| "run the CLI".to_string())?;
+    if !out.status.success() {
+        return Err(fail!(
+            "ferrovisor {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A daemon for one try, killed (with its guests) on drop.
+struct Daemon {
+    dir: String,
+    child: std::process::Child,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        for name in ["a", "b"] {
+            let _ = cli(&self.dir, &["kill", name]);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One pair, in a fresh daemon.
+pub fn measure(try_number: u32) -> Result<Sample> {
+    let dir = format!("/tmp/bench-region-{try_number}");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).ctx(|| dir.clone())?;
+    let child = Command::new(LAB_FERROVISOR)
+        .args(["daemon", "--socket", &format!("{dir}/api.sock")])
+        .args([
+            "--state-dir",
+            &format!("{dir}/state"),
+            "--images",
+            "/lab/guest",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ctx(|| "start the daemon".to_string())?;
+    let daemon = Daemon { dir, child };
+    let start = Instant::now();
+    while cli(&daemon.dir, &["list"]).is_err() {
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err(fail!("the daemon did not come up"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let system = format!("{}/system.toml", daemon.dir);
+    std::fs::write(&system, system_file()).ctx(|| system.clone())?;
+    cli(&daemon.dir, &["up", &system])?;
+    let start = Instant::now();
+    loop {
+        let a = cli(&daemon.dir, &["console", "a", "--log"]).unwrap_or_default();
+        let b = cli(&daemon.dir, &["console", "b", "--log"]).unwrap_or_default();
+        if a.contains(STATUS) && b.contains(STATUS) {
+            let text = format!("{a}\n{b}");
+            return parse(&text)
+                .ok_or_else(|| fail!("no figures; a ends: {}; b ends: {}", tail(&a), tail(&b)));
+        }
+        if start.elapsed() > PAIR_LIMIT {
+            return Err(fail!(
+                "no end within {} s; a ends: {}; b ends: {}",
+                PAIR_LIMIT.as_secs(),
+                tail(&a),
+                tail(&b)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().rev().take(3).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+/// Reads the `region:` figure lines of both consoles.
+fn parse(text: &str) -> Option<Sample> {
+    let number_after = |line: &str, key: &str| -> Option<f64> {
+        let at = line.find(key)? + key.len();
+        line[at..].split_whitespace().next()?.parse().ok()
+    };
+    let ping = text.lines().find(|l| l.contains("doorbell round trips"))?;
+    let received = |size: u32| {
+        let key = format!("messages of {size} B in");
+        let line = text.lines().find(|l| l.contains(&key))?;
+        let per_s = number_after(line, "s: ")?;
+        let mib = number_after(line, "messages/s, ")?;
+        Some((per_s, mib))
+    };
+    let (small_per_s, small_mib_s) = received(SMALL.1)?;
+    let (large_per_s, large_mib_s) = received(LARGE.1)?;
+    Some(Sample {
+        rt_p50_us: number_after(ping, "p50 ")?,
+        rt_p99_us: number_after(ping, "p99 ")?,
+        small_per_s,
+        small_mib_s,
+        large_per_s,
+        large_mib_s,
+    })
+}
+
+const METRICS: [Metric<Sample>; 6] = [
+    ("doorbell round trip, p50, us", |s| Some(s.rt_p50_us)),
+    ("doorbell round trip, p99, us", |s| Some(s.rt_p99_us)),
+    ("64 B messages through the ring, per s", |s| {
+        Some(s.small_per_s)
+    }),
+    ("64 B messages, MiB/s", |s| Some(s.small_mib_s)),
+    ("64 KiB messages through the ring, per s", |s| {
+        Some(s.large_per_s)
+    }),
+    ("64 KiB messages, MiB/s", |s| Some(s.large_mib_s)),
+];
+
+/// Prints the region table.
+pub fn print_table(samples: &[Sample]) {
+    println!();
+    println!(
+        "fabric benchmark, shared region: two guest-kit guests under the daemon, one 1 MiB region; \
+         {ROUND_TRIPS} doorbell round trips (INTx through uio_pci_generic), then {} x {} B and \
+         {} x {} B through a ring in the region; medians",
+        SMALL.0, SMALL.1, LARGE.0, LARGE.1
+    );
+    bench::print_medians(40, &[("ferrovisor region", samples)], &METRICS);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_figures_are_read_from_both_consoles() {
+        let text = "region: ping 1000 doorbell round trips: p50 812 us, p99 2040 us\n\
+            region: received 20000 messages of 64 B in 0.210 s: 95238 messages/s, 5.8 MiB/s\n\
+            region: received 2000 messages of 65536 B in 1.000 s: 2000 messages/s, 125.0 MiB/s\n";
+        let s = parse(text).expect("figures");
+        assert_eq!((s.rt_p50_us, s.rt_p99_us), (812.0, 2040.0));
+        assert_eq!((s.small_per_s, s.small_mib_s), (95238.0, 5.8));
+        assert_eq!((s.large_per_s, s.large_mib_s), (2000.0, 125.0));
+        assert!(parse("region: ping 1 doorbell round trips: p50 1 us, p99 1 us\n").is_none());
+        let system = system_file();
+        assert!(system
+            .starts_with("[regions.bench]\nsize = \"1M\"\nguests = { a = \"rw\", b = \"rw\" }"));
+        assert_eq!(system.matches("[guests.").count(), 2);
+    }
+}

@@ -19,6 +19,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -33,6 +34,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 /// The longest request or answer line.
 const MAX_LINE: usize = 40;
+/// Requests of one guest served at once (each holds a daemon thread for
+/// a few seconds at most); more are closed at once, so a VMM that floods
+/// its router cannot pile up the daemon's threads.
+pub const MAX_PENDING: usize = 16;
 
 /// Why a connection was refused (logged, one line).
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -159,13 +164,26 @@ pub fn stop(name: &str) {
 }
 
 fn accept_loop(name: &str, listener: &UnixListener) {
+    let pending = Arc::new(AtomicUsize::new(0));
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
+                if pending.fetch_add(1, Ordering::AcqRel) >= MAX_PENDING {
+                    pending.fetch_sub(1, Ordering::AcqRel);
+                    eprintln!("ferrovisor daemon: vsock: guest '{name}' has too many route requests at once; one refused");
+                    continue;
+                }
                 let name = name.to_string();
-                let _ = std::thread::Builder::new()
+                let slot = pending.clone();
+                let spawned = std::thread::Builder::new()
                     .name("vsock-route".into())
-                    .spawn(move || serve(&name, stream));
+                    .spawn(move || {
+                        serve(&name, stream);
+                        slot.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    pending.fetch_sub(1, Ordering::AcqRel);
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return,

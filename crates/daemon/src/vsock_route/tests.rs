@@ -99,16 +99,22 @@ fn ask(runtime: &Path, cid: u32, port: u32) -> Option<UnixStream> {
     }
 }
 
+/// The policy of every test here (tests run at once and share it).
+fn set_test_policy() {
+    *lock(&POLICY) = parse_policy(&json!({"allow": [
+        {"from": "route-a", "to": "route-b", "port": 5000},
+        {"from": "flood-a", "to": "flood-b", "port": 7},
+    ]}))
+    .expect("policy");
+}
+
 #[test]
 fn the_router_connects_allowed_guests_and_refuses_the_rest() {
     let (a, b) = (dir("ra"), dir("rb"));
     let (sock_a, sock_b) = (a.join("v.sock"), b.join("v.sock"));
     let seen_b = fake_vmm(&sock_b);
     let _seen_a = fake_vmm(&sock_a);
-    *lock(&POLICY) = parse_policy(&json!({"allow": [
-        {"from": "route-a", "to": "route-b", "port": 5000}
-    ]}))
-    .expect("policy");
+    set_test_policy();
     start("route-a", &a, 103, &sock_a).expect("route a");
     start("route-b", &b, 104, &sock_b).expect("route b");
 
@@ -135,6 +141,36 @@ fn the_router_connects_allowed_guests_and_refuses_the_rest() {
     assert!(ask(&a, 104, 5000).is_none());
     assert!(UnixStream::connect(b.join(vmm::runtime::VSOCK_ROUTE)).is_err());
     stop("route-a");
+    let _ = std::fs::remove_dir_all(&a);
+    let _ = std::fs::remove_dir_all(&b);
+}
+
+#[test]
+fn a_guest_flooding_its_router_is_refused_past_the_limit_and_served_after() {
+    let (a, b) = (dir("fa"), dir("fb"));
+    let _seen_b = fake_vmm(&b.join("v.sock"));
+    set_test_policy();
+    start("flood-a", &a, 203, &a.join("v.sock")).expect("route");
+    start("flood-b", &b, 204, &b.join("v.sock")).expect("route");
+    let router = a.join(vmm::runtime::VSOCK_ROUTE);
+    // Requests that never send their line hold their slot until they are
+    // given up on.
+    let silent: Vec<UnixStream> = (0..MAX_PENDING)
+        .map(|_| UnixStream::connect(&router).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = UnixStream::connect(&router).expect("connect");
+    extra
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    let mut buf = [0u8; 1];
+    assert_eq!(extra.read(&mut buf).expect("closed at once"), 0);
+    drop(silent);
+    // Their slots come back: an allowed request is served again.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(ask(&a, 204, 7).is_some(), "served once the slots are free");
+    stop("flood-a");
+    stop("flood-b");
     let _ = std::fs::remove_dir_all(&a);
     let _ = std::fs::remove_dir_all(&b);
 }

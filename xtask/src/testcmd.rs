@@ -157,8 +157,9 @@ fn lab_tier(qemu_stand_in: bool, only: Option<&str>) -> Result<Tally> {
     }
     let mut tally = Tally::default();
     for (name, path) in build_lab_tests()? {
-        // The control-plane test runs the daemon, which QEMU cannot stand in for.
-        if qemu_stand_in && name == "control_plane" {
+        // The control-plane and vsock-fabric tests run the daemon, which
+        // QEMU cannot stand in for.
+        if qemu_stand_in && matches!(name.as_str(), "control_plane" | "vsock_fabric") {
             continue;
         }
         if only.is_some_and(|o| o != name) {

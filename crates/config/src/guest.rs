@@ -372,7 +372,11 @@ fn vsock(mut v: Fields, base_dir: &Path) -> Result<VsockConfig, FileError> {
     };
     let socket = resolve(base_dir, &v.required_string("socket")?);
     v.finish()?;
-    Ok(VsockConfig { cid, socket })
+    Ok(VsockConfig {
+        cid,
+        socket,
+        route: None,
+    })
 }
 
 fn region(mut r: Fields, base_dir: &Path) -> Result<RegionConfig, FileError> {

@@ -19,6 +19,7 @@ mod pools;
 mod regions;
 mod sched;
 mod system;
+mod vsock_allow;
 mod write;
 
 use std::path::{Path, PathBuf};
@@ -34,6 +35,7 @@ pub use system::{
 };
 pub use vmm::config::{Uuid, VmConfig};
 pub use vmm::rate;
+pub use vsock_allow::VsockAllow;
 pub use write::{to_guest_toml, to_system_toml};
 
 /// Errors in a description file. Each displays as one line that starts with

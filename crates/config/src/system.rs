@@ -84,6 +84,8 @@ pub struct System {
     pub pools: Vec<crate::pools::Pool>,
     /// Shared regions the daemon owns (`[regions.NAME]`).
     pub regions: Vec<crate::regions::SystemRegion>,
+    /// Guest-to-guest vsock connections allowed (`[[vsock_allow]]`).
+    pub vsock_allow: Vec<crate::vsock_allow::VsockAllow>,
 }
 
 /// Parses a system file's text. `origin` names it in errors; relative paths
@@ -95,6 +97,7 @@ pub fn parse_system(text: &str, origin: &str, base_dir: &Path) -> Result<System,
     let pools = crate::pools::pools(root.table("pools")?, origin)?;
     let table = root.table("guests")?;
     let regions = root.table("regions")?;
+    let vsock_allow = root.tables("vsock_allow")?;
     root.finish()?;
     let Some(mut table) = table else {
         return Err(root_error(
@@ -117,10 +120,12 @@ pub fn parse_system(text: &str, origin: &str, base_dir: &Path) -> Result<System,
     crate::pools::place(&pools, &mut guests, origin)?;
     let names: Vec<String> = guests.iter().map(|g| g.name.clone()).collect();
     let regions = crate::regions::regions(regions, &names)?;
+    let vsock_allow = crate::vsock_allow::vsock_allow(vsock_allow, &guests)?;
     Ok(System {
         guests,
         pools,
         regions,
+        vsock_allow,
     })
 }
 

@@ -119,7 +119,8 @@ fn a_full_guest_file_fills_every_field() {
         c.vsock,
         Some(VsockConfig {
             cid: 7,
-            socket: "/srv/guests/v.sock".into()
+            socket: "/srv/guests/v.sock".into(),
+            route: None,
         })
     );
     let features: Vec<String> = c.cpu_features.iter().map(ToString::to_string).collect();
@@ -435,7 +436,7 @@ fn system_errors() {
         ("", "system.toml: guests: is required: name at least one guest"),
         ("[guests]", "system.toml: guests: names no guest"),
         ("guests = 1", "system.toml: guests: expected a table, found an integer"),
-        ("name = \"x\"\n[guests.a]\nkernel = \"k\"", "system.toml: name: unknown field (known here: guests, pools, regions)"),
+        ("name = \"x\"\n[guests.a]\nkernel = \"k\"", "system.toml: name: unknown field (known here: guests, pools, regions, vsock_allow)"),
         ("[guests.Web]\nkernel = \"k\"", "system.toml: guests.Web: 'Web' is not a guest name (1 to 32 characters: a-z, 0-9 and -)"),
         ("[guests.\"a b\"]\nkernel = \"k\"", "system.toml: guests.\"a b\": 'a b' is not a guest name (1 to 32 characters: a-z, 0-9 and -)"),
         ("[guests]\nweb = 3", "system.toml: guests.web: expected a table, found an integer"),

@@ -101,6 +101,12 @@ pub fn to_system_toml(system: &System) -> String {
         let _ = writeln!(out, "vectors = {}", region.vectors);
         let _ = writeln!(out, "guests = {{ {} }}", members.join(", "));
     }
+    for rule in &system.vsock_allow {
+        let _ = writeln!(out, "\n[[vsock_allow]]");
+        let _ = writeln!(out, "from = {}", quoted(&rule.from));
+        let _ = writeln!(out, "to = {}", quoted(&rule.to));
+        let _ = writeln!(out, "port = {}", rule.port);
+    }
     out
 }
 

@@ -191,6 +191,11 @@ pub fn route(daemon: &Daemon, req: &Request) -> Route {
             405,
             format!("{method} is not allowed on {}", req.path),
         )),
+        ("PUT", ["vsock-policy"]) => Route::Reply(crate::vsock_route::put(&req.body)),
+        (_, ["vsock-policy"]) => Route::Reply(Reply::error(
+            405,
+            format!("{method} is not allowed on {}", req.path),
+        )),
         ("PUT", ["regions", name]) => Route::Reply(crate::region::put(daemon, name, &req.body)),
         (_, ["regions", _]) => Route::Reply(Reply::error(
             405,

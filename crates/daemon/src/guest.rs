@@ -509,6 +509,9 @@ impl Guest {
             }
             jail_args = placement.args;
         }
+        if let Some(vsock) = &vmm_config.vsock {
+            crate::vsock_route::start(&self.name, &runtime, vsock.cid, &vsock.socket)?;
+        }
         let spawned = process::spawn_vmm(
             exe,
             &vmm_toml,
@@ -519,6 +522,7 @@ impl Guest {
             &fds,
         );
         let mut child = spawned.inspect_err(|_| {
+            crate::vsock_route::stop(&self.name);
             self.release();
             crate::sched::release(&self.name, &self.dir);
         })?;
@@ -546,6 +550,7 @@ impl Guest {
         std::thread::spawn(move || {
             use std::os::unix::process::ExitStatusExt;
             let status = child.wait().ok();
+            crate::vsock_route::stop(&guest.name);
             // Before the end is known, so that no new run's group is removed.
             guest.release();
             let killing = lock(&guest.data).killing;

@@ -10,6 +10,7 @@
 //! - [`guest`]: one guest's lifecycle and its process watcher;
 //! - [`process`]: process identity, spawning, the VMM's control socket;
 //! - [`region`]: shared regions the daemon owns, handed to member VMMs as descriptors;
+//! - [`vsock_route`]: guest-to-guest vsock connections, as the policy allows;
 //! - [`events`]: the lifecycle event bus;
 //! - [`client`]: the API client used by the CLI;
 //! - [`description`]: checking guest descriptions;
@@ -37,6 +38,7 @@ pub mod process;
 pub mod region;
 pub mod sched;
 pub mod server;
+pub mod vsock_route;
 
 pub use client::{Client, ClientError};
 pub use server::{serve, Options, ServeError, DEFAULT_SOCKET, DEFAULT_STATE_DIR};

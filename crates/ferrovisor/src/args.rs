@@ -620,7 +620,8 @@ mod tests {
             r.vm.vsock,
             Some(VsockConfig {
                 cid: 3,
-                socket: "/run/v.sock".into()
+                socket: "/run/v.sock".into(),
+                route: None,
             })
         );
     }

@@ -182,6 +182,12 @@ fn load_vm(args: &RunArgs) -> Result<vmm::VmConfig, (i32, String)> {
         vm.seccomp = mode;
     }
     vm.regions.extend(args.region_fds.iter().cloned());
+    // Under the daemon, its router listens in the runtime directory; run
+    // alone, nothing does, and other guests stay unreachable.
+    if let (Some(vsock), Some(dir)) = (vm.vsock.as_mut(), &args.runtime_dir) {
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+        vsock.route = Some(dir.join(vmm::runtime::VSOCK_ROUTE));
+    }
     Ok(vm)
 }
 

@@ -118,6 +118,11 @@ impl Daemon {
         }
     }
 
+    /// The daemon's own output (stdout and stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
     /// Everything worth seeing when a step fails.
     pub fn describe(&self) -> String {
         let mut text = String::new();
@@ -128,8 +133,7 @@ impl Daemon {
                 String::from_utf8_lossy(&self.cli(&["info", name]).stdout)
             ));
         }
-        let log = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
-        text.push_str(&format!("--- daemon log ---\n{}", tail(&log, 20)));
+        text.push_str(&format!("--- daemon log ---\n{}", tail(&self.log(), 20)));
         text
     }
 }

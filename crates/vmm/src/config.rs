@@ -86,6 +86,10 @@ pub struct NetConfig {
 pub struct VsockConfig {
     pub cid: u32,
     pub socket: PathBuf,
+    /// The router's socket (the daemon's, in the runtime directory): with
+    /// it the guest may connect to other guests' CIDs, as the router allows.
+    /// Never read from a guest file.
+    pub route: Option<PathBuf>,
 }
 
 /// Where the guest's console (`console=`) is expected.
@@ -481,6 +485,7 @@ impl FromStr for VsockConfig {
         Ok(VsockConfig {
             cid,
             socket: PathBuf::from(socket),
+            route: None,
         })
     }
 }

@@ -377,8 +377,11 @@ pub fn devices_from_config(config: &VmConfig) -> Result<DeviceSet, PciError> {
             vsock.cid,
             vsock.socket.display()
         );
-        let device = virtio::vsock::Vsock::new(u64::from(vsock.cid), &vsock.socket)
+        let mut device = virtio::vsock::Vsock::new(u64::from(vsock.cid), &vsock.socket)
             .map_err(device_error(flag.clone()))?;
+        if let Some(route) = &vsock.route {
+            device = device.with_route(route);
+        }
         set.push(flag, Box::new(device));
     }
     for config in &config.regions {

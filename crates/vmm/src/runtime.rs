@@ -53,6 +53,9 @@ pub const CONSOLE_SOCKET: &str = "console.sock";
 pub const CONSOLE_LOG: &str = "console.log";
 /// The exit record's name.
 pub const EXIT_RECORD: &str = "exit.json";
+/// The daemon's vsock router: the VMM asks it for connections to other
+/// guests (see virtio::vsock).
+pub const VSOCK_ROUTE: &str = "vsock-route.sock";
 /// The vCPU state at an exit fatal to the guest (see `dump`).
 pub const VCPU_DUMP: &str = "vcpu-dump.txt";
 /// The console log is rewritten once it passes this size...

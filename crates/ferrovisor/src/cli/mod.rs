@@ -480,6 +480,13 @@ fn up(rest: &[String]) -> Result<ExitCode, CliError> {
         }
         regions.push(reply);
     }
+    // The vsock policy before any guest starts: it replaces the daemon's.
+    let rules: Vec<Value> = system
+        .vsock_allow
+        .iter()
+        .map(|r| json!({"from": r.from, "to": r.to, "port": r.port}))
+        .collect();
+    client.call("PUT", "/vsock-policy", Some(&json!({ "allow": rules })))?;
     let mut results = Vec::new();
     for guest in &system.guests {
         let boot = guest.start == config::StartPolicy::Boot;

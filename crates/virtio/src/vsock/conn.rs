@@ -22,6 +22,9 @@ pub enum State {
     /// A host program asked for it; the device sent REQUEST and waits for
     /// the guest's RESPONSE.
     HostConnecting,
+    /// The guest asked for another guest; the device asked the router and
+    /// waits for its answer.
+    Routing,
     /// Data flows.
     Established,
     /// The host side closed; the device sent SHUTDOWN and waits for the

@@ -79,7 +79,7 @@ impl Rig {
             while s.device.accept().is_ok() {}
             let muxer = Muxer::new(
                 CID,
-                &s.uds,
+                (&s.uds, None),
                 s.device.try_clone().ok()?,
                 super::muxer::MAX_BUFFERED,
             )

@@ -4,6 +4,13 @@
 //! * A guest program connects to host (CID 2) port P: the device connects to
 //!   the unix socket `{uds_path}_{P}` and answers RESPONSE, or RST when
 //!   nothing listens there.
+//! * A guest program connects to another guest's CID, port P: with a
+//!   router ([`Vsock::with_route`], the daemon), the device asks it with
+//!   `CONNECT <cid> <port>\n` on the router's unix socket; the router
+//!   decides, and on success passes the device a stream socket to the
+//!   peer's device (connected the host-program way below), over which the
+//!   two devices then talk directly; the guest gets RESPONSE, or RST when
+//!   the router refuses. Without a router the guest gets RST.
 //! * A host program connects to the unix socket `uds_path` and writes
 //!   `CONNECT <port>\n`: the device sends REQUEST to the guest's port; when
 //!   the guest answers RESPONSE the program reads `OK <host_port>\n`, and
@@ -38,7 +45,7 @@ use crate::{
 };
 pub use conn::BUF_ALLOC;
 use muxer::Muxer;
-pub use muxer::{HANDSHAKE_TIMEOUT, MAX_BUFFERED, MAX_CONNS, MAX_PAYLOAD};
+pub use muxer::{HANDSHAKE_TIMEOUT, MAX_BUFFERED, MAX_CONNS, MAX_PAYLOAD, ROUTE_TIMEOUT};
 
 /// Size of each of the three queues (rx, tx, event).
 pub const QUEUE_SIZE: u16 = 256;
@@ -83,6 +90,8 @@ pub enum VsockError {
 pub struct Vsock {
     cid: u64,
     uds_path: PathBuf,
+    /// The router's socket: see [`Vsock::with_route`].
+    route: Option<PathBuf>,
     listener: UnixListener,
     worker: Option<Worker>,
     /// Guest data all connections may buffer together.
@@ -134,10 +143,21 @@ impl Vsock {
         Ok(Vsock {
             cid: guest_cid,
             uds_path: uds_path.to_path_buf(),
+            route: None,
             listener,
             worker: None,
             buffer_budget: muxer::MAX_BUFFERED,
         })
+    }
+
+    /// Lets the guest connect to other guests through the router listening
+    /// on the unix socket `route`: the device sends it
+    /// `CONNECT <cid> <port>\n` and expects `OK\n` with the stream to the
+    /// peer attached, or a close (refused: the guest gets RST). Without a
+    /// router, connections to any CID but the host's are refused.
+    pub fn with_route(mut self, route: &Path) -> Vsock {
+        self.route = Some(route.to_path_buf());
+        self
     }
 
     /// Changes how much guest data may be buffered for host sockets.
@@ -196,7 +216,8 @@ impl VirtioDevice for Vsock {
         crate::expect_queues(&queues, 3)?;
         self.reset();
         let listener = self.listener.try_clone().map_err(ActivateError::Worker)?;
-        let muxer = Muxer::new(self.cid, &self.uds_path, listener, self.buffer_budget)
+        let paths = (self.uds_path.as_path(), self.route.as_deref());
+        let muxer = Muxer::new(self.cid, paths, listener, self.buffer_budget)
             .map_err(ActivateError::Worker)?;
         let fd = muxer.epoll_fd();
         let set = QueueSet::new("virtio-vsock", mem, interrupt, queues, features);

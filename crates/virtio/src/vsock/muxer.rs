@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::conn::{self, Conn, State};
@@ -59,8 +60,16 @@ const TICK: Duration = Duration::from_millis(250);
 const LISTENER: u64 = u64::MAX;
 const TIMER: u64 = u64::MAX - 1;
 
-/// (host-side port, guest-side port).
-type Key = (u32, u32);
+/// How long a guest's connection to another guest waits for the router's
+/// answer (which itself waits up to [`CONNECT_TIMEOUT`] for the peer).
+pub const ROUTE_TIMEOUT: Duration = Duration::from_secs(5);
+/// What the router answers when it accepts a connection, with the stream
+/// to the peer attached.
+const ROUTE_OK: &[u8] = b"OK\n";
+
+/// (peer CID, peer-side port, guest-side port). The peer is the host
+/// (CID 2) or, through the router, another guest.
+type Key = (u32, u32, u32);
 
 /// A packet without payload waiting for a receive buffer.
 #[derive(Debug)]
@@ -84,6 +93,9 @@ struct Handshake {
 pub(crate) struct Muxer {
     cid: u64,
     uds_path: PathBuf,
+    /// The router's socket, when there is one: connections to other guests
+    /// are asked of it.
+    route: Option<PathBuf>,
     listener: UnixListener,
     epoll: Epoll,
     conns: HashMap<Key, Conn>,
@@ -109,7 +121,7 @@ impl Muxer {
     /// At most `budget` bytes of guest data are buffered for host sockets.
     pub fn new(
         cid: u64,
-        uds_path: &Path,
+        (uds_path, route): (&Path, Option<&Path>),
         listener: UnixListener,
         budget: usize,
     ) -> io::Result<Muxer> {
@@ -134,6 +146,7 @@ impl Muxer {
         Ok(Muxer {
             cid,
             uds_path: uds_path.to_path_buf(),
+            route: route.map(Path::to_path_buf),
             listener,
             epoll,
             conns: HashMap::new(),
@@ -258,17 +271,18 @@ impl Muxer {
             // Not from this guest's address: nobody to answer.
             return;
         }
-        if hdr.dst_cid != HOST_CID || hdr.type_ != TYPE_STREAM {
+        if !self.reachable(hdr.dst_cid) || hdr.type_ != TYPE_STREAM {
             self.rst_reply(&hdr);
             return;
         }
-        let key = (hdr.dst_port, hdr.src_port);
+        let key = (hdr.dst_cid as u32, hdr.dst_port, hdr.src_port);
         if let Some(c) = self.conns.get_mut(&key) {
             c.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
         }
         let Some(state) = self.conns.get(&key).map(|c| c.state) else {
             match hdr.op {
-                op::REQUEST => self.guest_connect(&hdr),
+                op::REQUEST if hdr.dst_cid == HOST_CID => self.guest_connect(&hdr),
+                op::REQUEST => self.guest_route(&hdr),
                 op::RST => {}
                 _ => self.rst_reply(&hdr),
             }
@@ -276,7 +290,9 @@ impl Muxer {
         };
         match hdr.op {
             op::RESPONSE if state == State::HostConnecting => self.host_connected(key),
-            op::RW if state != State::HostConnecting => self.guest_data(key, payload),
+            op::RW if !matches!(state, State::HostConnecting | State::Routing) => {
+                self.guest_data(key, payload)
+            }
             op::CREDIT_UPDATE => {}
             op::CREDIT_REQUEST => self.queue_conn(key, op::CREDIT_UPDATE, 0),
             op::SHUTDOWN => self.guest_shutdown(key, hdr.flags),
@@ -303,13 +319,100 @@ impl Muxer {
                 return;
             }
         };
-        let key = (hdr.dst_port, hdr.src_port);
-        let mut conn = Conn::new(stream, key.0, State::Established);
+        let key = (HOST_CID as u32, hdr.dst_port, hdr.src_port);
+        let mut conn = Conn::new(stream, hdr.dst_port, State::Established);
         conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
         if self.add_conn(key, conn).is_err() {
             self.rst_reply(hdr);
             return;
         }
+        self.queue_conn(key, op::RESPONSE, 0);
+    }
+
+    /// Whether the guest may address `cid`: the host, or another guest when
+    /// there is a router (never itself, nor a reserved or wildcard CID).
+    fn reachable(&self, cid: u64) -> bool {
+        cid == HOST_CID
+            || (self.route.is_some() && cid != self.cid && (3..u64::from(u32::MAX)).contains(&cid))
+    }
+
+    /// The guest connects to port `dst_port` of another guest: ask the
+    /// router with `CONNECT <cid> <port>\n`. The guest hears RESPONSE when
+    /// the router hands over a stream to the peer, RST when it refuses
+    /// (closes), or answers nothing in [`ROUTE_TIMEOUT`].
+    fn guest_route(&mut self, hdr: &Header) {
+        if self.conns.len() + self.handshakes.len() >= MAX_CONNS {
+            self.rst_reply(hdr);
+            return;
+        }
+        let Some(route) = &self.route else {
+            self.rst_reply(hdr);
+            return;
+        };
+        let line = format!("CONNECT {} {}\n", hdr.dst_cid, hdr.dst_port);
+        // A fresh socket's send buffer takes a short line whole.
+        let stream = connect_nonblocking(route)
+            .and_then(|s| conn::send(&s, line.as_bytes()).map(|n| (s, n)));
+        let stream = match stream {
+            Ok((s, n)) if n == line.len() => s,
+            _ => {
+                self.rst_reply(hdr);
+                return;
+            }
+        };
+        let key = (hdr.dst_cid as u32, hdr.dst_port, hdr.src_port);
+        let mut conn = Conn::new(stream, hdr.dst_port, State::Routing);
+        conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
+        if self.add_conn(key, conn).is_err() {
+            self.rst_reply(hdr);
+            return;
+        }
+        self.arm_timer();
+        // The answer may already be there.
+        self.route_answer(key);
+    }
+
+    /// Reads the router's answer for a connection to another guest: `OK\n`
+    /// with the stream to the peer attached makes that stream the
+    /// connection's, and the guest hears RESPONSE; anything else (the
+    /// router closed: the policy refused) resets the guest's connection.
+    fn route_answer(&mut self, key: Key) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let mut buf = [0u8; 8];
+        let answer = loop {
+            match c.stream.recv_with_fd(&mut buf) {
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Err(e) if e.errno() == libc::EAGAIN => return,
+                other => break other,
+            }
+        };
+        let peer = match answer {
+            Ok((n, Some(file))) if &buf[..n] == ROUTE_OK => UnixStream::from(OwnedFd::from(file)),
+            _ => {
+                self.reset_conn(key);
+                return;
+            }
+        };
+        if peer.set_nonblocking(true).is_err() {
+            self.reset_conn(key);
+            return;
+        }
+        let old = c.stream.as_raw_fd();
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, old, EpollEvent::default());
+        self.fds.remove(&old);
+        c.stream = peer;
+        c.state = State::Established;
+        c.readable = true;
+        let fd = c.stream.as_raw_fd();
+        if self.register(fd).is_err() {
+            self.reset_conn(key);
+            return;
+        }
+        self.fds.insert(fd, key);
         self.queue_conn(key, op::RESPONSE, 0);
     }
 
@@ -450,7 +553,7 @@ impl Muxer {
             return;
         };
         let local = self.free_local_port(port);
-        let key = (local, port);
+        let key = (HOST_CID as u32, local, port);
         let conn = Conn::new(stream, local, State::HostConnecting);
         if self.add_conn(key, conn).is_ok() {
             self.queue_conn(key, op::REQUEST, 0);
@@ -473,8 +576,11 @@ impl Muxer {
         let waiting: Vec<(Key, bool)> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.state == State::HostConnecting)
-            .map(|(k, c)| (*k, c.since.elapsed() >= CONNECT_TIMEOUT))
+            .filter_map(|(k, c)| match c.state {
+                State::HostConnecting => Some((*k, c.since.elapsed() >= CONNECT_TIMEOUT)),
+                State::Routing => Some((*k, c.since.elapsed() >= ROUTE_TIMEOUT)),
+                _ => None,
+            })
             .collect();
         for &(key, expired) in &waiting {
             if expired {
@@ -504,6 +610,10 @@ impl Muxer {
         let Some(c) = self.conns.get_mut(&key) else {
             return;
         };
+        if c.state == State::Routing {
+            self.route_answer(key);
+            return;
+        }
         if events
             .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR)
         {
@@ -522,7 +632,7 @@ impl Muxer {
         loop {
             let p = self.next_port;
             self.next_port = self.next_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
-            if !self.conns.contains_key(&(p, peer)) {
+            if !self.conns.contains_key(&(HOST_CID as u32, p, peer)) {
                 return p;
             }
         }
@@ -563,10 +673,10 @@ impl Muxer {
     fn reset_conn(&mut self, key: Key) {
         self.remove_conn(key);
         self.control.push_back(Control::Raw(Header {
-            src_cid: HOST_CID,
+            src_cid: u64::from(key.0),
             dst_cid: self.cid,
-            src_port: key.0,
-            dst_port: key.1,
+            src_port: key.1,
+            dst_port: key.2,
             type_: TYPE_STREAM,
             op: op::RST,
             ..Header::default()
@@ -746,10 +856,10 @@ impl Muxer {
         fwd_cnt: u32,
     ) -> Header {
         Header {
-            src_cid: HOST_CID,
+            src_cid: u64::from(key.0),
             dst_cid: self.cid,
-            src_port: key.0,
-            dst_port: key.1,
+            src_port: key.1,
+            dst_port: key.2,
             len,
             type_: TYPE_STREAM,
             op,

@@ -54,9 +54,22 @@ impl Guest {
 
     /// A guest whose device buffers at most `budget` bytes for the host.
     fn new_with_budget(budget: usize) -> Guest {
+        Guest::build(budget, false)
+    }
+
+    /// A guest whose device has a router at `route.sock` in its directory
+    /// (nothing listens there until the test binds it).
+    fn new_routed() -> Guest {
+        Guest::build(MAX_BUFFERED, true)
+    }
+
+    fn build(budget: usize, routed: bool) -> Guest {
         let dir = TempDir::new();
         let uds = dir.0.join("v.sock");
         let mut dev = Vsock::new(CID, &uds).expect("vsock");
+        if routed {
+            dev = dev.with_route(&dir.0.join("route.sock"));
+        }
         dev.set_buffer_budget(budget);
         let mut drv = MockDriver::new(64 << 20, &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]);
         let features = dev.device_features();
@@ -798,3 +811,5 @@ fn guest_not_taking_answers_pauses_its_transmit_queue_without_reset() {
     assert_eq!(ports, (0..total).collect::<Vec<u32>>());
     assert_eq!(taken + g.drv.wait_used(TX, 100 - taken).len(), 100);
 }
+
+mod route;

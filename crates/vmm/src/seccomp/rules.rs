@@ -277,6 +277,8 @@ fn worker(b: &mut Builder) {
         .allow(libc::SYS_connect)
         .allow(libc::SYS_accept4)
         .allow(libc::SYS_recvfrom)
+        // The router's answer: a line with the peer's stream attached.
+        .allow(libc::SYS_recvmsg)
         .allow(libc::SYS_sendto)
         .allow(libc::SYS_shutdown)
         .allow(libc::SYS_getsockopt)

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::retry::Try;
 use crate::{tail, timeout};
 
 /// A path the lab gives in environment variable `name`.
@@ -121,6 +122,50 @@ impl Daemon {
     /// The daemon's own output (stdout and stderr).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// The state `info --json` gives for `name` (empty if it cannot say).
+    pub fn state(&self, name: &str) -> String {
+        let out = self.cli(&["info", name, "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v["state"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    /// Waits until `name`'s console contains `needle`, for a scenario run
+    /// through [`crate::retry::retried`]: a guest of this daemon that
+    /// crashed, or one that never reached `/init` by the timeout, is the
+    /// lab's instability ([`Try::Unstable`]); a timeout with every guest
+    /// booted is the test's own failure.
+    pub fn try_wait_console(&self, name: &str, needle: &str) -> Result<(), Try> {
+        let deadline = Instant::now() + timeout();
+        loop {
+            if self.console(name).contains(needle) {
+                return Ok(());
+            }
+            let crashed: Vec<&String> = self
+                .guests
+                .iter()
+                .filter(|g| self.state(g) == "crashed")
+                .collect();
+            if !crashed.is_empty() {
+                return Err(Try::Unstable(format!("{crashed:?} crashed")));
+            }
+            if Instant::now() > deadline {
+                let booted = self
+                    .guests
+                    .iter()
+                    .all(|g| self.console(g).contains(crate::INIT_MARKER));
+                let why = format!("{name} never printed {needle:?}\n{}", self.describe());
+                return Err(if booted {
+                    Try::Failed(why)
+                } else {
+                    Try::Unstable(why)
+                });
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// Everything worth seeing when a step fails.

@@ -105,15 +105,6 @@ fn a_region_written_by_one_guest_is_read_by_another_and_not_by_outsiders() {
     );
 }
 
-/// The state `info --json` gives for `name`.
-fn state(daemon: &Daemon, name: &str) -> String {
-    let out = daemon.cli(&["info", name, "--json"]);
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v["state"].as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 /// One try of the doorbell scenario: both guests at once, the waiter
 /// asleep in `region wait`, the ringer ringing it once it says it is ready.
 fn doorbell_try(n: u32) -> Result<String, Try> {
@@ -129,37 +120,15 @@ fn doorbell_try(n: u32) -> Result<String, Try> {
     let system = daemon.dir.join("system.toml");
     std::fs::write(&system, text).expect("write the system file");
     daemon.ok(&["up", system.to_str().expect("utf-8")]);
-    let deadline = std::time::Instant::now() + lab_tests::timeout();
-    loop {
-        let console = daemon.console("waiter");
-        if console.contains(STATUS) {
-            return if console.contains("region: doorbell (status 1)") {
-                Ok(console)
-            } else {
-                Err(Try::Failed(format!(
-                    "the waiter was not woken by the doorbell:\n{}",
-                    daemon.describe()
-                )))
-            };
-        }
-        let crashed: Vec<&str> = ["waiter", "ringer"]
-            .into_iter()
-            .filter(|g| state(&daemon, g) == "crashed")
-            .collect();
-        if !crashed.is_empty() {
-            return Err(Try::Unstable(format!("{crashed:?} crashed")));
-        }
-        if std::time::Instant::now() > deadline {
-            let booted = daemon.console("waiter").contains(lab_tests::INIT_MARKER)
-                && daemon.console("ringer").contains(lab_tests::INIT_MARKER);
-            let why = format!("no end within the timeout:\n{}", daemon.describe());
-            return Err(if booted {
-                Try::Failed(why)
-            } else {
-                Try::Unstable(why)
-            });
-        }
-        std::thread::sleep(std::time::Duration::from_millis(500));
+    daemon.try_wait_console("waiter", STATUS)?;
+    let console = daemon.console("waiter");
+    if console.contains("region: doorbell (status 1)") {
+        Ok(console)
+    } else {
+        Err(Try::Failed(format!(
+            "the waiter was not woken by the doorbell:\n{}",
+            daemon.describe()
+        )))
     }
 }
 

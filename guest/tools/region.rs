@@ -5,7 +5,7 @@
 //! (the C library is linked statically; mmap is declared here).
 //!
 //! It finds the first ivshmem device (or the one `REGION_DEVICE=BDF`
-//! names), enables it (`enable`, so that its BARs decode), maps BAR 2 (the
+//! names, or the directory `REGION_DEVICE=/PATH` names), enables it (`enable`, so that its BARs decode), maps BAR 2 (the
 //! shared memory, `resource2`) and BAR 0 (the registers, `resource0`).
 //!
 //! Usage:
@@ -128,6 +128,11 @@ fn read_hex(path: &str) -> Option<u32> {
 /// The sysfs directory of the ivshmem device.
 fn find_device() -> Result<String, String> {
     if let Ok(bdf) = std::env::var("REGION_DEVICE") {
+        // A path is taken as the device's directory (copies of its sysfs
+        // files, as the tool's host test uses).
+        if bdf.starts_with('/') {
+            return Ok(bdf);
+        }
         return Ok(format!("/sys/bus/pci/devices/{bdf}"));
     }
     let mut names: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")

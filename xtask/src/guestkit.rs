@@ -497,4 +497,62 @@ mod tests {
         }
         let _ = std::fs::remove_dir_all(tool.parent().expect("dir"));
     }
+
+    #[test]
+    fn region_tool_reads_writes_rings_and_streams_over_files() {
+        let tool = build_tool("region");
+        let dev = tool.with_file_name("dev");
+        util::mkdir(&dev).expect("mkdir");
+        let sized = |name: &str, len: u64| {
+            std::fs::File::create(dev.join(name))
+                .and_then(|f| f.set_len(len))
+                .expect("file");
+        };
+        sized("resource2", 1 << 20);
+        sized("resource0", 4096);
+        // The resource table: BAR 0 (256 B), BAR 1 unassigned, BAR 2 (1 MiB).
+        let table = "0x1000 0x10ff 0x40200\n0x0 0x0 0x0\n0x100000 0x1fffff 0x14220c\n";
+        std::fs::write(dev.join("resource"), table).expect("resource");
+        let region = |args: &[&str]| {
+            let mut c = Command::new(&tool);
+            c.env("REGION_DEVICE", &dev).args(args);
+            c
+        };
+        let stdout = |out: &std::process::Output| String::from_utf8_lossy(&out.stdout).into_owned();
+        let write = region(&["write", "600000", "shared"])
+            .output()
+            .expect("write");
+        assert!(write.status.success(), "{write:?}");
+        let read = region(&["read", "600000", "16"]).output().expect("read");
+        assert_eq!(stdout(&read), "region: read shared\n");
+        // The Doorbell register (0xc) gets peer 3 in bits 16-31, vector 2.
+        assert!(region(&["ring", "3", "2"])
+            .status()
+            .expect("ring")
+            .success());
+        let registers = std::fs::read(dev.join("resource0")).expect("registers");
+        assert_eq!(&registers[12..16], &0x0003_0002u32.to_le_bytes());
+        // 64 messages of 40 KiB through the ring, from another process:
+        // more than the ring holds, so it wraps and the sides wait.
+        let sender = region(&["send", "64", "40960"]).spawn().expect("send");
+        let recv = region(&["recv", "64", "40960"]).output().expect("recv");
+        assert!(recv.status.success(), "{recv:?}");
+        assert!(
+            stdout(&recv).starts_with("region: received 64 messages of 40960 B in "),
+            "{}",
+            stdout(&recv)
+        );
+        assert!(sender.wait_with_output().expect("wait").status.success());
+        // Bad arguments are status 1, a missing device 2, one line each.
+        let bad = region(&["read", "x", "1"]).output().expect("run");
+        assert_eq!(bad.status.code(), Some(1));
+        let missing = Command::new(&tool)
+            .env("REGION_DEVICE", dev.join("none"))
+            .arg("info")
+            .output()
+            .expect("run");
+        assert_eq!(missing.status.code(), Some(2));
+        assert_eq!(String::from_utf8_lossy(&missing.stderr).lines().count(), 1);
+        let _ = std::fs::remove_dir_all(tool.parent().expect("dir"));
+    }
 }

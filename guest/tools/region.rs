@@ -319,11 +319,18 @@ fn stream(region: &Region, send: bool, count: usize, size: usize) -> Result<(), 
         return Err(format!("SIZE must be 1 to {capacity}"));
     }
     let (sent, received) = (counter(region, RING_SENT), counter(region, RING_RECEIVED));
-    let mut buf = vec![0x5au8; size];
+    let mut buf = vec![0u8; size];
     let mut start = None;
-    for _ in 0..count {
+    for k in 0..count {
+        // Each message carries its number in every byte, so the receiver
+        // checks what arrived.
+        let mark = k as u8;
+        if send {
+            buf.fill(mark);
+        }
         loop {
-            let free = capacity as u64 - (sent.load(Ordering::Acquire) - received.load(Ordering::Acquire));
+            let free =
+                capacity as u64 - (sent.load(Ordering::Acquire) - received.load(Ordering::Acquire));
             let used = sent.load(Ordering::Acquire) - received.load(Ordering::Acquire);
             if (send && free >= size as u64) || (!send && used >= size as u64) {
                 break;
@@ -353,6 +360,9 @@ fn stream(region: &Region, send: bool, count: usize, size: usize) -> Result<(), 
             sent.fetch_add(size as u64, Ordering::Release);
         } else {
             received.fetch_add(size as u64, Ordering::Release);
+            if buf.iter().any(|&b| b != mark) {
+                return Err(format!("message {k} arrived damaged"));
+            }
         }
     }
     let secs = start.map_or(0.0, |s| s.elapsed().as_secs_f64());
@@ -397,11 +407,15 @@ fn run(args: &[String]) -> Result<Result<(), String>, String> {
     let (a, b) = match command {
         "info" => (0, 0),
         "write" => (number(args.get(1), "OFFSET")?, 0),
-        "read" | "ring" => (number(args.get(1), "first")?, number(args.get(2), "second")?),
+        "read" | "ring" => (
+            number(args.get(1), "first")?,
+            number(args.get(2), "second")?,
+        ),
         "wait" => (number(args.get(1), "SECS")?, 0),
-        "ping" | "pong" | "send" | "recv" => {
-            (number(args.get(1), "first")?, number(args.get(2), "second")?)
-        }
+        "ping" | "pong" | "send" | "recv" => (
+            number(args.get(1), "first")?,
+            number(args.get(2), "second")?,
+        ),
         _ => return Err(usage.to_string()),
     };
     if command == "write" && args.get(2).is_none() {

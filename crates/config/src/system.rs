@@ -84,6 +84,8 @@ pub struct System {
     pub pools: Vec<crate::pools::Pool>,
     /// Shared regions the daemon owns (`[regions.NAME]`).
     pub regions: Vec<crate::regions::SystemRegion>,
+    /// Virtual switches (`[switches.NAME]`).
+    pub switches: Vec<crate::switches::SystemSwitch>,
 }
 
 /// Parses a system file's text. `origin` names it in errors; relative paths
@@ -95,6 +97,7 @@ pub fn parse_system(text: &str, origin: &str, base_dir: &Path) -> Result<System,
     let pools = crate::pools::pools(root.table("pools")?, origin)?;
     let table = root.table("guests")?;
     let regions = root.table("regions")?;
+    let switches = crate::switches::switches(root.table("switches")?)?;
     root.finish()?;
     let Some(mut table) = table else {
         return Err(root_error(
@@ -121,6 +124,7 @@ pub fn parse_system(text: &str, origin: &str, base_dir: &Path) -> Result<System,
         guests,
         pools,
         regions,
+        switches,
     })
 }
 

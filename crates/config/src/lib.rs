@@ -18,6 +18,7 @@ mod guest;
 mod pools;
 mod regions;
 mod sched;
+mod switches;
 mod system;
 mod vsock_allow;
 mod write;
@@ -29,6 +30,7 @@ use thiserror::Error;
 pub use guest::{load_guest, parse_guest, AFFINITY_ANY};
 pub use pools::{Pool, PoolPolicy};
 pub use regions::SystemRegion;
+pub use switches::{SwitchMode, SystemSwitch, VlanMembership};
 pub use system::{
     check_guest_name, load_system, parse_system, NameError, StartPolicy, System, SystemGuest,
     MAX_NAME_LEN,

@@ -86,6 +86,8 @@ pub struct System {
     pub regions: Vec<crate::regions::SystemRegion>,
     /// Guest-to-guest vsock connections allowed (`[[vsock_allow]]`).
     pub vsock_allow: Vec<crate::vsock_allow::VsockAllow>,
+    /// Virtual switches (`[switches.NAME]`).
+    pub switches: Vec<crate::switches::SystemSwitch>,
 }
 
 /// Parses a system file's text. `origin` names it in errors; relative paths
@@ -98,6 +100,7 @@ pub fn parse_system(text: &str, origin: &str, base_dir: &Path) -> Result<System,
     let table = root.table("guests")?;
     let regions = root.table("regions")?;
     let vsock_allow = root.tables("vsock_allow")?;
+    let switches = crate::switches::switches(root.table("switches")?)?;
     root.finish()?;
     let Some(mut table) = table else {
         return Err(root_error(
@@ -126,6 +129,7 @@ pub fn parse_system(text: &str, origin: &str, base_dir: &Path) -> Result<System,
         pools,
         regions,
         vsock_allow,
+        switches,
     })
 }
 

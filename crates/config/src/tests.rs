@@ -436,7 +436,7 @@ fn system_errors() {
         ("", "system.toml: guests: is required: name at least one guest"),
         ("[guests]", "system.toml: guests: names no guest"),
         ("guests = 1", "system.toml: guests: expected a table, found an integer"),
-        ("name = \"x\"\n[guests.a]\nkernel = \"k\"", "system.toml: name: unknown field (known here: guests, pools, regions, vsock_allow)"),
+        ("name = \"x\"\n[guests.a]\nkernel = \"k\"", "system.toml: name: unknown field (known here: guests, pools, regions, switches, vsock_allow)"),
         ("[guests.Web]\nkernel = \"k\"", "system.toml: guests.Web: 'Web' is not a guest name (1 to 32 characters: a-z, 0-9 and -)"),
         ("[guests.\"a b\"]\nkernel = \"k\"", "system.toml: guests.\"a b\": 'a b' is not a guest name (1 to 32 characters: a-z, 0-9 and -)"),
         ("[guests]\nweb = 3", "system.toml: guests.web: expected a table, found an integer"),
@@ -745,4 +745,88 @@ fn inherited_descriptors_stay_as_named_and_read_back() {
     );
     let again = guest(&crate::to_guest_toml(&config)).expect("reads back");
     assert_eq!(again, config);
+}
+
+#[test]
+fn system_switches_parse_and_read_back() {
+    let text = format!(
+        "{TWO_GUESTS}[switches.lan]\nmode = \"bridge\"\nuplink = \"fvup0\"\nuplink_vlans = [10, 20]\n\
+         [switches.lab]\nmode = \"hub\"\n[switches.edge]\nmode = \"bridge\"\nuplink = \"fvup1\"\n"
+    );
+    let s = system(&text).unwrap();
+    use crate::{SwitchMode, SystemSwitch, VlanMembership};
+    assert_eq!(
+        s.switches,
+        vec![
+            SystemSwitch {
+                name: "lan".into(),
+                mode: SwitchMode::Bridge,
+                uplink: Some(("fvup0".into(), VlanMembership::Trunk(vec![10, 20]))),
+            },
+            SystemSwitch {
+                name: "lab".into(),
+                mode: SwitchMode::Hub,
+                uplink: None,
+            },
+            SystemSwitch {
+                name: "edge".into(),
+                mode: SwitchMode::Bridge,
+                uplink: Some(("fvup1".into(), VlanMembership::Access(1))),
+            },
+        ]
+    );
+    let written = to_system_toml(&s);
+    let again = parse_system(&written, "written.toml", Path::new(BASE)).unwrap();
+    assert_eq!(again.switches, s.switches, "{written}");
+}
+
+#[test]
+fn bad_system_switches_are_one_line_naming_the_field() {
+    let cases = [
+        ("[switches.lan]\n", "switches.lan.mode: is required: \"hub\" or \"bridge\""),
+        (
+            "[switches.lan]\nmode = \"router\"\n",
+            "switches.lan.mode: 'router' is not \"hub\" or \"bridge\"",
+        ),
+        (
+            "[switches.Lan]\nmode = \"hub\"\n",
+            "switches.Lan: is not a switch name (1 to 32 characters: a-z, 0-9 and -)",
+        ),
+        (
+            "[switches.lan]\nmode = \"hub\"\nuplink_vlan = 10\n",
+            "switches.lan.uplink_vlan: needs an uplink",
+        ),
+        (
+            "[switches.lan]\nmode = \"hub\"\nuplink = \"a/b\"\n",
+            "switches.lan.uplink: 'a/b' is not an interface name (1 to 15 characters, no '/', ':' or spaces)",
+        ),
+        (
+            "[switches.lan]\nmode = \"hub\"\nuplink = \"t0\"\nuplink_vlan = 4095\n",
+            "switches.lan.uplink_vlan: 4095 is not a VLAN id (1 to 4094)",
+        ),
+        (
+            "[switches.lan]\nmode = \"hub\"\nuplink = \"t0\"\nuplink_vlan = 3\nuplink_vlans = [4]\n",
+            "switches.lan.uplink_vlans: give uplink_vlan or uplink_vlans, not both",
+        ),
+        (
+            "[switches.lan]\nmode = \"hub\"\nuplink = \"t0\"\nuplink_vlans = [4, 4]\n",
+            "switches.lan.uplink_vlans: VLAN 4 is listed twice",
+        ),
+        (
+            "[switches.lan]\nmode = \"hub\"\nuplink = \"t0\"\nuplink_vlans = []\n",
+            "switches.lan.uplink_vlans: names no VLAN",
+        ),
+        (
+            "[switches.lan]\nmode = \"hub\"\nports = 3\n",
+            "switches.lan.ports: unknown field (known here: mode, uplink, uplink_vlan, uplink_vlans)",
+        ),
+    ];
+    for (switch, message) in cases {
+        let err = system(&format!("{TWO_GUESTS}{switch}")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("system.toml: {message}"),
+            "{switch}"
+        );
+    }
 }

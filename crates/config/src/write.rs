@@ -11,6 +11,7 @@ use vmm::config::{format_cpu_list, VmConfig};
 use vmm::rate::RateSpec;
 
 use crate::guest::AFFINITY_ANY;
+use crate::switches::VlanMembership;
 use crate::system::System;
 
 /// A TOML string literal, escaped as TOML requires.
@@ -106,6 +107,22 @@ pub fn to_system_toml(system: &System) -> String {
         let _ = writeln!(out, "from = {}", quoted(&rule.from));
         let _ = writeln!(out, "to = {}", quoted(&rule.to));
         let _ = writeln!(out, "port = {}", rule.port);
+    }
+    for switch in &system.switches {
+        let _ = writeln!(out, "\n[switches.{}]", switch.name);
+        let _ = writeln!(out, "mode = {}", quoted(switch.mode.as_str()));
+        if let Some((tap, vlans)) = &switch.uplink {
+            let _ = writeln!(out, "uplink = {}", quoted(tap));
+            match vlans {
+                VlanMembership::Access(id) => {
+                    let _ = writeln!(out, "uplink_vlan = {id}");
+                }
+                VlanMembership::Trunk(ids) => {
+                    let ids: Vec<String> = ids.iter().map(u16::to_string).collect();
+                    let _ = writeln!(out, "uplink_vlans = [{}]", ids.join(", "));
+                }
+            }
+        }
     }
     out
 }

@@ -555,6 +555,23 @@ fn up_creates_a_system_and_starts_the_guests_marked_for_boot() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cpus"));
     d.expect("GET", "/guests/third", None, 404);
+    // Switches are checked but not run yet: such a system is refused in one
+    // line and creates nothing.
+    let switched = d.dir.join("switched.toml");
+    std::fs::write(
+        &switched,
+        "[guests.third]\nfile = \"echo.toml\"\n\n[switches.lan]\nmode = \"bridge\"\n",
+    )
+    .expect("write");
+    let out = d.cli(&["up", switched.to_str().expect("utf-8")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("switches.lan: the daemon does not run switches yet"),
+        "{err}"
+    );
+    d.expect("GET", "/guests/third", None, 404);
 }
 
 /// A pseudo-terminal: the master end for the test, the slave for the CLI.

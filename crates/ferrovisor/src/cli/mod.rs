@@ -464,6 +464,15 @@ fn up(rest: &[String]) -> Result<ExitCode, CliError> {
     let words = Words::parse(rest, &["socket"], &["json"])?;
     let file = PathBuf::from(&words.exactly(1, "one system file")?[0]);
     let system = config::load_system(&file).map_err(|e| CliError::Description(e.to_string()))?;
+    if let Some(switch) = system.switches.first() {
+        // Refused before anything is created: a guest must not start
+        // believing it is on a switch that nothing runs.
+        return Err(CliError::Description(format!(
+            "{}: switches.{}: the daemon does not run switches yet; remove [switches] to bring the system up",
+            file.display(),
+            switch.name
+        )));
+    }
     let client = words.client();
     // Regions first: a member guest that starts inherits them.
     let mut regions = Vec::new();

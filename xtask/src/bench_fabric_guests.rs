@@ -45,15 +45,22 @@ const USAGE: &str = "usage: cargo xtask bench fabric --guests [--runs N] [--secs
 enum Join {
     QemuBridge,
     FerrovisorBridge,
+    /// Guest-to-guest vsock under the daemon (`netbench` over AF_VSOCK).
+    FerrovisorVsock,
 }
 
 impl Join {
-    const ALL: [Join; 2] = [Join::QemuBridge, Join::FerrovisorBridge];
+    const ALL: [Join; 3] = [
+        Join::QemuBridge,
+        Join::FerrovisorBridge,
+        Join::FerrovisorVsock,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Join::QemuBridge => "qemu, taps + linux bridge",
             Join::FerrovisorBridge => "ferrovisor, taps + linux bridge",
+            Join::FerrovisorVsock => "ferrovisor, guest-to-guest vsock",
         }
     }
 }
@@ -200,7 +207,7 @@ fn vmm_command(join: Join, index: u8, cmdline: &str) -> Command {
     let tap = tap_name(index);
     let mac = format!("52:54:00:00:91:{:02x}", index + 1);
     match join {
-        Join::FerrovisorBridge => {
+        Join::FerrovisorBridge | Join::FerrovisorVsock => {
             let mut cmd = bench_blk::ferrovisor_kit(cmdline, MEMORY);
             cmd.args(["--net", &format!("tap={tap},mac={mac}")]);
             cmd
@@ -303,6 +310,15 @@ fn enslave(tap: &str) -> Result<()> {
 /// One pair: boots the server and the client, waits for the client's
 /// figures, and stops both.
 fn measure(join: Join, secs: u64) -> Result<Sample> {
+    if join == Join::FerrovisorVsock {
+        let console = crate::bench_fabric_region::vsock_pair(secs)?;
+        return parse(&console).ok_or_else(|| {
+            fail!(
+                "the client printed no figures; its console ends: {}",
+                tail(&console)
+            )
+        });
+    }
     let server_line = cmdline(&server_command());
     let client_line = cmdline(&client_command(secs));
     let mut server = Running::start("the server guest", vmm_command(join, 0, &server_line))?;

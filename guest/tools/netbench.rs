@@ -29,41 +29,9 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::time::{Duration, Instant};
 
-const AF_VSOCK: i32 = 40;
-const SOCK_STREAM: i32 = 1;
-const VMADDR_CID_ANY: u32 = u32::MAX;
-
-/// `struct sockaddr_vm` from `<linux/vm_sockets.h>`.
-#[repr(C)]
-struct SockaddrVm {
-    family: u16,
-    reserved1: u16,
-    port: u32,
-    cid: u32,
-    flags: u8,
-    zero: [u8; 3],
-}
-
-const ADDR_LEN: u32 = std::mem::size_of::<SockaddrVm>() as u32;
-
-extern "C" {
-    fn socket(domain: i32, kind: i32, protocol: i32) -> i32;
-    fn connect(fd: i32, addr: *const SockaddrVm, len: u32) -> i32;
-    fn bind(fd: i32, addr: *const SockaddrVm, len: u32) -> i32;
-    fn listen(fd: i32, backlog: i32) -> i32;
-    fn accept(fd: i32, addr: *mut SockaddrVm, len: *mut u32) -> i32;
-}
-
-fn vsock_address(cid: u32, port: u32) -> SockaddrVm {
-    SockaddrVm {
-        family: AF_VSOCK as u16,
-        reserved1: 0,
-        port,
-        cid,
-        flags: 0,
-        zero: [0; 3],
-    }
-}
+#[path = "vsock_sys.rs"]
+mod vsock_sys;
+use vsock_sys::*;
 
 /// A fresh AF_VSOCK stream socket.
 fn vsock_socket() -> std::io::Result<File> {
@@ -107,7 +75,7 @@ impl Write for Conn {
 /// Serves AF_VSOCK clients on `port`, one after another, for ever.
 fn serve_vsock(port: u32) -> Result<(), String> {
     let listener = vsock_socket().map_err(|e| format!("socket(AF_VSOCK): {e}"))?;
-    let addr = vsock_address(VMADDR_CID_ANY, port);
+    let addr = address(VMADDR_CID_ANY, port);
     // SAFETY: `addr` is a valid sockaddr_vm of ADDR_LEN bytes.
     if unsafe { bind(listener.as_raw_fd(), &addr, ADDR_LEN) } != 0
         // SAFETY: plain system call on our socket.
@@ -120,7 +88,7 @@ fn serve_vsock(port: u32) -> Result<(), String> {
     }
     println!("netbench: serving on vsock port {port}");
     loop {
-        let mut peer = vsock_address(0, 0);
+        let mut peer = address(0, 0);
         let mut len = ADDR_LEN;
         // SAFETY: `peer` and `len` are valid storage for the address.
         let fd = unsafe { accept(listener.as_raw_fd(), &mut peer, &mut len) };
@@ -209,7 +177,7 @@ fn connect_to(host: &str, port: u32) -> Result<Conn, String> {
             Some(cid) => {
                 let cid: u32 = cid.parse().map_err(|_| format!("{host}: not a CID"))?;
                 vsock_socket().and_then(|f| {
-                    let addr = vsock_address(cid, port);
+                    let addr = address(cid, port);
                     // SAFETY: `addr` is a valid sockaddr_vm of ADDR_LEN bytes.
                     match unsafe { connect(f.as_raw_fd(), &addr, ADDR_LEN) } {
                         0 => Ok(Conn::Vsock(f)),

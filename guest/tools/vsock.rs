@@ -16,41 +16,9 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::FromRawFd;
 
-const AF_VSOCK: i32 = 40;
-const SOCK_STREAM: i32 = 1;
-const VMADDR_CID_ANY: u32 = u32::MAX;
-
-/// `struct sockaddr_vm` from `<linux/vm_sockets.h>`.
-#[repr(C)]
-struct SockaddrVm {
-    family: u16,
-    reserved1: u16,
-    port: u32,
-    cid: u32,
-    flags: u8,
-    zero: [u8; 3],
-}
-
-extern "C" {
-    fn socket(domain: i32, kind: i32, protocol: i32) -> i32;
-    fn connect(fd: i32, addr: *const SockaddrVm, len: u32) -> i32;
-    fn bind(fd: i32, addr: *const SockaddrVm, len: u32) -> i32;
-    fn listen(fd: i32, backlog: i32) -> i32;
-    fn accept(fd: i32, addr: *mut SockaddrVm, len: *mut u32) -> i32;
-}
-
-fn address(cid: u32, port: u32) -> SockaddrVm {
-    SockaddrVm {
-        family: AF_VSOCK as u16,
-        reserved1: 0,
-        port,
-        cid,
-        flags: 0,
-        zero: [0; 3],
-    }
-}
-
-const ADDR_LEN: u32 = std::mem::size_of::<SockaddrVm>() as u32;
+#[path = "vsock_sys.rs"]
+mod vsock_sys;
+use vsock_sys::*;
 
 fn os_error(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
@@ -129,7 +97,8 @@ fn do_listen(port: u32, line: &str) -> Result<(), String> {
 }
 
 fn number(text: &str) -> Result<u32, String> {
-    text.parse().map_err(|_| format!("'{text}' is not a number"))
+    text.parse()
+        .map_err(|_| format!("'{text}' is not a number"))
 }
 
 fn run(args: &[String]) -> Result<Result<(), String>, String> {

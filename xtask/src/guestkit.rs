@@ -24,6 +24,8 @@ const STD_TOOLS: &[(&str, &str)] = &[
     ("guest/tools/netbench.rs", "netbench"),
     ("guest/tools/region.rs", "region"),
 ];
+/// A module the std tools include (`#[path]`), part of the kit's inputs.
+const SHARED_TOOL_SRC: &str = "guest/tools/vsock_sys.rs";
 /// Bump when the layout of the kit changes in a way the inputs do not show.
 const KIT_FORMAT: &str = "guest-kit-2";
 
@@ -130,6 +132,7 @@ pub fn build() -> Result<Kit> {
     for package in &e2fs {
         key.add(package.file_name().as_bytes());
     }
+    key.add(&util::read(&util::workspace_root().join(SHARED_TOOL_SRC))?);
     for (source, name) in STD_TOOLS {
         key.add(name.as_bytes())
             .add(&util::read(&util::workspace_root().join(source))?);

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use common::*;
 
@@ -22,18 +22,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// A jailed VMM under test; killed if the test ends early.
-struct Jailed {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Jailed {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+type Jailed = Running;
 
 use common::wait_until as wait_for;
 
@@ -67,14 +56,7 @@ impl Jailed {
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new(env!("CARGO_BIN_EXE_ferrovisor"))
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let jailed = Jailed { child, dir };
+        let jailed = Running::spawn(&args, dir);
         wait_for(|| jailed.log().contains('.'), "the guest's console output");
         jailed
     }

@@ -9,7 +9,7 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -21,18 +21,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// A VMM under test; killed if the test ends early.
-struct Vmm {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+type Vmm = Running;
 
 impl Vmm {
     /// Starts the busy guest and waits until its control socket is up.
@@ -61,14 +50,7 @@ impl Vmm {
             dir.to_str().unwrap().into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new(env!("CARGO_BIN_EXE_ferrovisor"))
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Vmm { child, dir }
+        Running::spawn(&args, dir)
     }
 
     fn wait_for(&self, what: impl FnMut() -> bool, name: &str) {

@@ -9,7 +9,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -31,19 +31,8 @@ fn spinning_guest() -> PathBuf {
     write_temp("spin.elf", &multiboot_kernel(0x10_0000, &[], &code, 0))
 }
 
-/// A VMM started from a guest file with a runtime directory; killed on drop.
-struct Guest {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+/// A VMM under test; killed if the test ends early.
+type Guest = Running;
 
 impl Guest {
     /// Writes `NAME.toml` (spinning guest, `cpus`, then `extra` TOML) and

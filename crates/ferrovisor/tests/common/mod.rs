@@ -9,7 +9,7 @@ pub mod doorbell;
 pub use checks::{Checks, PASS};
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// A minimal x86 assembler: just the instructions the tiny guests use.
@@ -287,4 +287,35 @@ pub fn busy_guest() -> PathBuf {
         .jump(0xeb, "top")
         .finish();
     write_temp("busy.elf", &multiboot_kernel(0x10_0000, &[], &code, 0))
+}
+
+/// A `ferrovisor` process under test with its scratch directory: killed,
+/// and the directory removed, when dropped, so that a test that ends early
+/// leaves nothing behind.
+pub struct Running {
+    pub child: Child,
+    pub dir: PathBuf,
+}
+
+impl Running {
+    /// Starts `ferrovisor ARGS` with stdin from /dev/null and stdout and
+    /// stderr piped.
+    pub fn spawn(args: &[String], dir: PathBuf) -> Running {
+        let child = Command::new(env!("CARGO_BIN_EXE_ferrovisor"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ferrovisor");
+        Running { child, dir }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -17,7 +17,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 fn start(dir: &Path) -> (Child, UnixStream) {
-    let child = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(["switch-serve", "--name", "lan", "--mode", "bridge", "--dir"])
         .arg(dir)
         .stderr(Stdio::null())

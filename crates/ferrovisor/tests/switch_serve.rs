@@ -16,6 +16,8 @@ fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+// The caller waits for the child it is handed.
+#[allow(clippy::zombie_processes)]
 fn start(dir: &Path) -> (Child, UnixStream) {
     let mut child = Command::new(BIN)
         .args(["switch-serve", "--name", "lan", "--mode", "bridge", "--dir"])

@@ -8,6 +8,7 @@
 mod console;
 mod limit;
 mod sched;
+mod switch_serve;
 mod top;
 
 use std::path::{Path, PathBuf};
@@ -19,8 +20,22 @@ use thiserror::Error;
 
 /// The subcommands handled here.
 const COMMANDS: &[&str] = &[
-    "daemon", "up", "create", "start", "pause", "resume", "stop", "kill", "delete", "list", "info",
-    "console", "top", "limit", "sched",
+    "daemon",
+    "up",
+    "create",
+    "start",
+    "pause",
+    "resume",
+    "stop",
+    "kill",
+    "delete",
+    "list",
+    "info",
+    "console",
+    "top",
+    "limit",
+    "sched",
+    "switch-serve",
 ];
 
 const USAGE: &str = "\
@@ -45,6 +60,10 @@ Management commands (all take --socket PATH, default /run/ferrovisor/api.sock):
   ferrovisor sched NAME [--weight N] [--cap PCT|none] [--rt budget=B,period=P]
                    [--priority N [--policy fifo|rr]] [--fair]
                                         change a running guest's CPU policy
+  ferrovisor switch-serve --name NAME --mode hub|bridge --dir DIR
+                   [--uplink TAP [--uplink-vlan access=N|trunk=N,M,...]]
+                                        run one switch: DIR/control.sock, a vhost-user-net
+                                        socket per port (no --socket)
 ";
 
 /// Errors of the management commands.
@@ -58,6 +77,8 @@ pub enum CliError {
     Serve(#[from] daemon::ServeError),
     #[error("{0}")]
     Description(String),
+    #[error(transparent)]
+    Switch(#[from] switchd::ServeError),
     #[error("terminal")]
     Terminal(#[source] std::io::Error),
 }
@@ -208,6 +229,7 @@ fn run(command: &str, rest: &[String]) -> Result<ExitCode, CliError> {
         "top" => top::main(rest),
         "limit" => limit::main(rest),
         "sched" => sched::main(rest),
+        "switch-serve" => switch_serve::main(rest),
         _ => Err(CliError::Usage(format!("unknown command '{command}'"))),
     }
 }

@@ -1,0 +1,147 @@
+//! Reading a frame out of a guest's transmit descriptor chain and writing one
+//! into a receive chain. Every guest address goes through `vm-memory`'s
+//! checked accessors: a descriptor that points outside guest memory, a chain
+//! that loops or names a descriptor past the table, or a buffer of the wrong
+//! direction is an error, never a panic.
+
+use virtio_queue::{desc::split::Descriptor, DescriptorChain};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+
+/// The virtio_net_hdr of a VERSION_1 device (`struct virtio_net_hdr_v1`):
+/// flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers.
+pub const NET_HDR_LEN: usize = 12;
+
+/// The longest frame (with its header) a transmit chain may carry: the
+/// switch's largest frame plus the virtio_net_hdr.
+pub const MAX_TX_LEN: usize = switch::frame::MAX_FRAME_LEN + NET_HDR_LEN;
+
+/// The header put in front of every frame written to a receive queue: no
+/// offloads, and one buffer (`num_buffers`, which a VERSION_1 driver reads
+/// whether or not mergeable buffers were negotiated).
+pub const RX_HDR: [u8; NET_HDR_LEN] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+
+/// Why a descriptor chain was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error("a descriptor points outside guest memory")]
+    OutOfBounds,
+    #[error("the chain loops or names a descriptor outside the table")]
+    Broken,
+    #[error("a transmit descriptor is device-writable")]
+    WriteOnly,
+    #[error("a receive descriptor is device-readable")]
+    ReadOnly,
+    #[error("the chain holds less than a virtio_net_hdr")]
+    Short,
+    #[error("the chain holds more than the largest frame")]
+    TooLong,
+    #[error("the receive buffers are too small for the frame")]
+    NoRoom,
+}
+
+/// Walks `chain`, calling `each` with every descriptor, and fails if the
+/// walk ended on a descriptor that still says a next one follows (the
+/// iterator stops on a loop, once it has seen as many descriptors as the
+/// queue holds, and on a next index past the table).
+fn walk<M, F>(chain: DescriptorChain<M>, mut each: F) -> Result<(), ChainError>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+    F: FnMut(&Descriptor) -> Result<(), ChainError>,
+{
+    let mut more = false;
+    for desc in chain {
+        each(&desc)?;
+        more = desc.has_next();
+    }
+    if more {
+        return Err(ChainError::Broken);
+    }
+    Ok(())
+}
+
+/// Copies the frame of transmit `chain` (the virtio_net_hdr stripped) into
+/// `buf`, which is cleared first.
+pub fn read_tx<M>(
+    mem: &M::Target,
+    chain: DescriptorChain<M>,
+    buf: &mut Vec<u8>,
+) -> Result<(), ChainError>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    buf.clear();
+    let mut skip = NET_HDR_LEN;
+    walk(chain, |desc| {
+        if desc.is_write_only() {
+            return Err(ChainError::WriteOnly);
+        }
+        let len = desc.len() as usize;
+        let hdr = skip.min(len);
+        skip -= hdr;
+        let body = len - hdr;
+        if buf.len() + body > MAX_TX_LEN - NET_HDR_LEN {
+            return Err(ChainError::TooLong);
+        }
+        // The header part is only checked to be in guest memory.
+        mem.check_range(desc.addr(), len, Permissions::Read)
+            .then_some(())
+            .ok_or(ChainError::OutOfBounds)?;
+        let start = buf.len();
+        buf.resize(start + body, 0);
+        let from = desc
+            .addr()
+            .checked_add(hdr as u64)
+            .ok_or(ChainError::OutOfBounds)?;
+        mem.read_slice(&mut buf[start..], from)
+            .map_err(|_| ChainError::OutOfBounds)
+    })?;
+    if skip > 0 {
+        return Err(ChainError::Short);
+    }
+    Ok(())
+}
+
+/// Writes `RX_HDR` then `frame` into receive `chain`; returns the bytes
+/// written (the used length).
+pub fn write_rx<M>(
+    mem: &M::Target,
+    chain: DescriptorChain<M>,
+    frame: &[u8],
+) -> Result<u32, ChainError>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    let total = NET_HDR_LEN + frame.len();
+    let mut done = 0usize;
+    walk(chain, |desc| {
+        if !desc.is_write_only() {
+            return Err(ChainError::ReadOnly);
+        }
+        let mut addr = desc.addr();
+        let mut room = desc.len() as usize;
+        if !mem.check_range(addr, room, Permissions::Write) {
+            return Err(ChainError::OutOfBounds);
+        }
+        while room > 0 && done < total {
+            let src = if done < NET_HDR_LEN {
+                &RX_HDR[done..]
+            } else {
+                &frame[done - NET_HDR_LEN..]
+            };
+            let n = src.len().min(room);
+            mem.write_slice(&src[..n], addr)
+                .map_err(|_| ChainError::OutOfBounds)?;
+            done += n;
+            room -= n;
+            addr = GuestAddress(addr.0.wrapping_add(n as u64));
+        }
+        Ok(())
+    })?;
+    if done < total {
+        return Err(ChainError::NoRoom);
+    }
+    u32::try_from(total).map_err(|_| ChainError::TooLong)
+}

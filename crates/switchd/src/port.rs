@@ -1,0 +1,331 @@
+//! A guest's port: a vhost-user-net backend on its own socket. The frontend
+//! (the guest's VMM) hands over the guest's memory and its two queues; the
+//! port's worker thread reads frames from the transmit queue (TX, queue 1)
+//! into the switch, and the switch writes frames for the port straight into
+//! its receive queue (RX, queue 0) from whichever thread switched them.
+//!
+//! Locks are always taken in one order: a port's TX vring, then the switch,
+//! then a destination's RX slot and its vring. Nothing waits for a full
+//! receive queue: the frame is refused and counted.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use switch::{PortId, PortTx, Switch, TxDropped};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::chain::{self, ChainError};
+use crate::lock;
+
+/// The receive queue's index.
+pub const RX_QUEUE: usize = 0;
+/// The transmit queue's index.
+pub const TX_QUEUE: usize = 1;
+/// The largest queue a frontend may ask for.
+const MAX_QUEUE_SIZE: usize = 1024;
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Errors of a port's socket.
+#[derive(Debug, thiserror::Error)]
+pub enum PortSocketError {
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        source: vhost::vhost_user::Error,
+    },
+    #[error("cannot start the thread of port `{port}`: {source}")]
+    Thread { port: String, source: io::Error },
+}
+
+/// A connected frontend's receive queue and the guest memory it lives in.
+struct RxRing {
+    vring: VringRwLock<Mem>,
+    mem: Mem,
+}
+
+/// What the port's threads and the switch share.
+#[derive(Default)]
+pub struct PortState {
+    connected: AtomicBool,
+    removed: AtomicBool,
+    /// Transmit chains dropped before reaching the switch (bad descriptors).
+    bad_chains: AtomicU64,
+    rx: Mutex<Option<RxRing>>,
+    conn: Mutex<Option<ShutdownHandle>>,
+}
+
+impl std::fmt::Debug for PortState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PortState")
+            .field("connected", &self.connected())
+            .field("bad_chains", &self.bad_chains())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PortState {
+    /// Whether a frontend is connected now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Transmit chains the port refused as malformed.
+    pub fn bad_chains(&self) -> u64 {
+        self.bad_chains.load(Ordering::Relaxed)
+    }
+}
+
+/// The switch's handle on a port's receive queue.
+#[derive(Debug)]
+pub struct VhostTx(pub Arc<PortState>);
+
+impl PortTx for VhostTx {
+    fn transmit(&mut self, frame: &[u8]) -> Result<(), TxDropped> {
+        let slot = lock(&self.0.rx);
+        let ring = slot.as_ref().ok_or(TxDropped)?;
+        let mem = ring.mem.memory();
+        let mut state = ring.vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return Err(TxDropped);
+        }
+        let queue = state.get_queue_mut();
+        let chain = queue.pop_descriptor_chain(mem.clone()).ok_or(TxDropped)?;
+        let head = chain.head_index();
+        let written = chain::write_rx(&*mem, chain, frame);
+        // A chain too small or bad is given back unused, so the guest
+        // does not lose the buffer.
+        let used = written.unwrap_or(0);
+        queue.add_used(&*mem, head, used).map_err(|_| TxDropped)?;
+        if state.signal_used_queue().is_err() || written.is_err() {
+            return Err(TxDropped);
+        }
+        Ok(())
+    }
+}
+
+/// The backend of one frontend connection.
+struct Backend {
+    state: Arc<PortState>,
+    switch: Arc<Mutex<Switch>>,
+    id: PortId,
+    mem: Mem,
+    /// The frame being switched (one worker thread per connection).
+    scratch: Mutex<Vec<u8>>,
+}
+
+impl Backend {
+    /// Switches every frame the guest has queued for transmission.
+    fn drain_tx(&self, vring: &VringRwLock<Mem>) -> io::Result<()> {
+        let mem = self.mem.memory();
+        let mut buf = lock(&self.scratch);
+        let mut state = vring.get_mut();
+        let mut any = false;
+        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+            let head = chain.head_index();
+            match chain::read_tx(&*mem, chain, &mut buf) {
+                Ok(()) => {
+                    lock(&self.switch).receive(self.id, &buf);
+                }
+                Err(ChainError::OutOfBounds | ChainError::Broken | ChainError::WriteOnly)
+                | Err(ChainError::Short | ChainError::TooLong)
+                | Err(ChainError::ReadOnly | ChainError::NoRoom) => {
+                    self.state.bad_chains.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            // The head came from the avail ring, so it is a valid index.
+            let _ = state.get_queue_mut().add_used(&*mem, head, 0);
+            any = true;
+        }
+        if any {
+            state.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for Backend {
+    type Bitmap = ();
+    type Vring = VringRwLock<Mem>;
+
+    fn num_queues(&self) -> usize {
+        2
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {}
+
+    fn update_memory(&self, _mem: Mem) -> io::Result<()> {
+        // `self.mem` is the same atomic handle, already updated.
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Self::Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // The first event of a connection makes its receive queue the
+        // switch's (a driver kicks RX once it has posted buffers).
+        {
+            let mut rx = lock(&self.state.rx);
+            if rx.is_none() {
+                if let Some(vring) = vrings.get(RX_QUEUE) {
+                    *rx = Some(RxRing {
+                        vring: vring.clone(),
+                        mem: self.mem.clone(),
+                    });
+                }
+            }
+        }
+        if usize::from(device_event) == TX_QUEUE {
+            if let Some(vring) = vrings.get(TX_QUEUE) {
+                // A failed call signal is the frontend's problem; it must
+                // not stop the worker.
+                let _ = self.drain_tx(vring);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A port's socket and the thread that serves it.
+pub struct VhostPort {
+    pub state: Arc<PortState>,
+    pub socket: PathBuf,
+    listener_fd: i32,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for VhostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostPort")
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhostPort {
+    /// Listens on `socket` (0600) for the frontends of switch port `id`.
+    pub fn start(
+        name: &str,
+        socket: &Path,
+        state: Arc<PortState>,
+        switch: Arc<Mutex<Switch>>,
+        id: PortId,
+    ) -> Result<VhostPort, PortSocketError> {
+        let listen_err = |source| PortSocketError::Listen {
+            path: socket.to_path_buf(),
+            source,
+        };
+        let listener = Listener::new(socket, true).map_err(listen_err)?;
+        let listener_fd = listener.as_raw_fd();
+        let thread_state = state.clone();
+        let thread_name = name.to_string();
+        let thread = std::thread::Builder::new()
+            .name(format!("port-{name}"))
+            .spawn(move || serve(thread_name, listener, thread_state, switch, id))
+            .map_err(|source| PortSocketError::Thread {
+                port: name.to_string(),
+                source,
+            })?;
+        Ok(VhostPort {
+            state,
+            socket: socket.to_path_buf(),
+            listener_fd,
+            thread: Some(thread),
+        })
+    }
+
+    /// Disconnects the frontend, stops listening and removes the socket.
+    pub fn stop(mut self) {
+        self.state.removed.store(true, Ordering::Release);
+        if let Some(conn) = lock(&self.state.conn).as_ref() {
+            conn.shutdown();
+        }
+        // SAFETY: shutting down a socket the thread owns until it is joined
+        // below; the call only wakes the thread's accept.
+        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        *lock(&self.state.rx) = None;
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Accepts one frontend at a time, each with fresh queues and memory, until
+/// the port is removed.
+fn serve(
+    name: String,
+    mut listener: Listener,
+    state: Arc<PortState>,
+    switch: Arc<Mutex<Switch>>,
+    id: PortId,
+) {
+    while !state.removed.load(Ordering::Acquire) {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = Arc::new(Backend {
+            state: state.clone(),
+            switch: switch.clone(),
+            id,
+            mem: mem.clone(),
+            scratch: Mutex::new(Vec::with_capacity(chain::MAX_TX_LEN)),
+        });
+        let mut daemon = match VhostUserDaemon::new(name.clone(), backend, mem) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("switch: port `{name}`: {e}");
+                return;
+            }
+        };
+        if let Err(e) = daemon.start(&mut listener) {
+            if !state.removed.load(Ordering::Acquire) {
+                eprintln!("switch: port `{name}`: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            continue;
+        }
+        *lock(&state.conn) = daemon.shutdown_handle();
+        state.connected.store(true, Ordering::Release);
+        if state.removed.load(Ordering::Acquire) {
+            daemon.request_shutdown();
+        }
+        if let Err(e) = daemon.wait() {
+            eprintln!("switch: port `{name}`: the frontend left: {e}");
+        }
+        state.connected.store(false, Ordering::Release);
+        *lock(&state.conn) = None;
+        *lock(&state.rx) = None;
+    }
+}

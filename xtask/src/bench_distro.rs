@@ -76,6 +76,20 @@ fn uptime_ms(line: &str) -> Option<f64> {
         .map(|s| s * 1000.0)
 }
 
+/// Whether the image's report says "running" with no failed unit. The
+/// report is read from the whole console, not one line: agetty's banner
+/// can land in the middle of it on the shared serial port.
+fn reported_healthy(console: &str) -> bool {
+    let Some(at) = console.find(distro::READY_LINE) else {
+        return false;
+    };
+    let report = &console[at..];
+    let Some(list) = report.find("failed units: [") else {
+        return false;
+    };
+    report[..list].contains("running after") && report[list..].starts_with("failed units: []")
+}
+
 /// The last `n` lines of `text`.
 fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
@@ -135,7 +149,7 @@ fn boot(qemu: bool) -> std::result::Result<Boot, String> {
     let stderr = err_reader.join().unwrap_or_default();
     let boot = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let console = console.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let healthy = boot.line.contains("system running") && boot.line.ends_with("[]");
+    let healthy = reported_healthy(&console);
     match status {
         Some(s) if s.success() && healthy => Ok(boot),
         how => Err(format!(
@@ -223,6 +237,20 @@ mod tests {
         let line = "ferrovisor-distro: system running after 27.41 s; failed units: []";
         assert_eq!(uptime_ms(line), Some(27410.0));
         assert_eq!(uptime_ms("ferrovisor-distro: system"), None);
+    }
+
+    #[test]
+    fn a_report_split_by_the_login_banner_still_counts_and_a_failed_unit_does_not() {
+        let split = "x\nferrovisor-distro: system running after 20.35 s;\r\n\
+                     Debian GNU/Linux 12 ferrovisor-guest ttyS0\n failed units: []\n";
+        assert!(reported_healthy(split));
+        let failed = "ferrovisor-distro: system running after 2 s; failed units: [a.service]\n";
+        assert!(!reported_healthy(failed));
+        let degraded = "ferrovisor-distro: system degraded after 2 s; failed units: []\n";
+        assert!(!reported_healthy(degraded));
+        assert!(!reported_healthy(
+            "ferrovisor-distro: system running after 2 s;"
+        ));
     }
 
     #[test]

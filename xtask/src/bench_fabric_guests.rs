@@ -7,7 +7,11 @@
 //! 1 vCPU and 256 MiB, booted side by side. The ways of joining them:
 //! - **QEMU on taps and a Linux bridge**: `-M pc` with `virtio-net-pci` on
 //!   a tap each, the taps enslaved to one bridge in the lab;
-//! - **Ferrovisor on taps and a Linux bridge**: the same, under Ferrovisor.
+//! - **Ferrovisor on taps and a Linux bridge**: the same, under Ferrovisor;
+//! - **Ferrovisor on its switch**: a `switch-serve` learning bridge, each
+//!   guest's NIC a vhost-user-net frontend on a port of it
+//!   (`bench_fabric_switch.rs`);
+//! - **Ferrovisor guest-to-guest vsock** under the daemon.
 //!
 //! Then the shared region (`bench_fabric_region.rs`): doorbell round trips
 //! and messages through a ring, between two guests of one region.
@@ -45,14 +49,17 @@ const USAGE: &str = "usage: cargo xtask bench fabric --guests [--runs N] [--secs
 enum Join {
     QemuBridge,
     FerrovisorBridge,
+    /// Ferrovisor's own switch, over vhost-user-net.
+    FerrovisorSwitch,
     /// Guest-to-guest vsock under the daemon (`netbench` over AF_VSOCK).
     FerrovisorVsock,
 }
 
 impl Join {
-    const ALL: [Join; 3] = [
+    const ALL: [Join; 4] = [
         Join::QemuBridge,
         Join::FerrovisorBridge,
+        Join::FerrovisorSwitch,
         Join::FerrovisorVsock,
     ];
 
@@ -60,6 +67,7 @@ impl Join {
         match self {
             Join::QemuBridge => "qemu, taps + linux bridge",
             Join::FerrovisorBridge => "ferrovisor, taps + linux bridge",
+            Join::FerrovisorSwitch => "ferrovisor, its switch (vhost-user)",
             Join::FerrovisorVsock => "ferrovisor, guest-to-guest vsock",
         }
     }
@@ -202,12 +210,25 @@ fn client_command(secs: u64) -> String {
     )
 }
 
-/// The command that boots guest `index` (0 server, 1 client) of `join`.
-fn vmm_command(join: Join, index: u8, cmdline: &str) -> Command {
+/// The command that boots guest `index` (0 server, 1 client) of `join`;
+/// a switched guest gets a port on `switch`.
+fn vmm_command(
+    join: Join,
+    index: u8,
+    cmdline: &str,
+    switch: Option<&crate::bench_fabric_switch::Switch>,
+) -> Result<Command> {
     let tap = tap_name(index);
     let mac = format!("52:54:00:00:91:{:02x}", index + 1);
-    match join {
-        Join::FerrovisorBridge | Join::FerrovisorVsock => {
+    if let (Join::FerrovisorSwitch, Some(switch)) = (join, switch) {
+        let socket = switch.add_port(&format!("guest{index}"), &mac)?;
+        let mut cmd = bench_blk::ferrovisor_kit(cmdline, MEMORY);
+        let net = crate::bench_fabric_switch::Switch::net_option(&socket, &mac);
+        cmd.args(["--net", &net]);
+        return Ok(cmd);
+    }
+    Ok(match join {
+        Join::FerrovisorBridge | Join::FerrovisorVsock | Join::FerrovisorSwitch => {
             let mut cmd = bench_blk::ferrovisor_kit(cmdline, MEMORY);
             cmd.args(["--net", &format!("tap={tap},mac={mac}")]);
             cmd
@@ -220,7 +241,7 @@ fn vmm_command(join: Join, index: u8, cmdline: &str) -> Command {
                 .arg(format!("virtio-net-pci,netdev=n0,mac={mac},romfile="));
             cmd
         }
-    }
+    })
 }
 
 fn tap_name(index: u8) -> String {
@@ -321,10 +342,17 @@ fn measure(join: Join, secs: u64) -> Result<Sample> {
     }
     let server_line = cmdline(&server_command());
     let client_line = cmdline(&client_command(secs));
-    let mut server = Running::start("the server guest", vmm_command(join, 0, &server_line))?;
-    let mut client = Running::start("the client guest", vmm_command(join, 1, &client_line))?;
-    for index in 0..2 {
-        enslave(&tap_name(index))?;
+    let switch = match join {
+        Join::FerrovisorSwitch => Some(crate::bench_fabric_switch::Switch::start()?),
+        _ => None,
+    };
+    let command = |index, line: &str| vmm_command(join, index, line, switch.as_ref());
+    let mut server = Running::start("the server guest", command(0, &server_line)?)?;
+    let mut client = Running::start("the client guest", command(1, &client_line)?)?;
+    if switch.is_none() {
+        for index in 0..2 {
+            enslave(&tap_name(index))?;
+        }
     }
     let start = Instant::now();
     loop {

@@ -18,6 +18,8 @@ struct Options {
     run: Option<String>,
     /// Boot the Debian image instead of the guest kit.
     distro: bool,
+    /// Two guests talking over a switch.
+    fabric: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
@@ -34,9 +36,10 @@ fn parse(args: &[String]) -> Result<Options> {
             "--memory" => opts.memory = Some(value("--memory")?),
             "--run" => opts.run = Some(value("--run")?),
             "--distro" => opts.distro = true,
+            "--fabric" => opts.fabric = true,
             other => {
                 return Err(fail!(
-                    "unknown demo option `{other}`; usage: cargo xtask demo [--distro] [--cpus N] [--memory SIZE] [--run 'CMD']"
+                    "unknown demo option `{other}`; usage: cargo xtask demo [--distro | --fabric] [--cpus N] [--memory SIZE] [--run 'CMD']"
                 ))
             }
         }
@@ -45,6 +48,11 @@ fn parse(args: &[String]) -> Result<Options> {
         if !cpus.parse::<u8>().is_ok_and(|n| n > 0) {
             return Err(fail!("--cpus: `{cpus}` is not a positive number"));
         }
+    }
+    if opts.fabric && (opts.distro || opts.run.is_some() || opts.cpus.is_some()) {
+        return Err(fail!(
+            "--fabric takes no other option: it runs its own two guests"
+        ));
     }
     if opts.distro && opts.run.is_some() {
         return Err(fail!(
@@ -327,6 +335,9 @@ pub fn command(args: &[String]) -> Result<u8> {
     let kit = guestkit::build()?;
     if opts.distro {
         return run_distro(&opts, host, &kit, &ferrovisor);
+    }
+    if opts.fabric {
+        return crate::demo_fabric::run(host, &kit, &ferrovisor);
     }
     match host {
         Host::Hardware => {

@@ -157,9 +157,14 @@ fn lab_tier(qemu_stand_in: bool, only: Option<&str>) -> Result<Tally> {
     }
     let mut tally = Tally::default();
     for (name, path) in build_lab_tests()? {
-        // The control-plane and vsock-fabric tests run the daemon, which
+        // The control-plane, vsock-fabric and switch-fabric tests run the daemon, which
         // QEMU cannot stand in for.
-        if qemu_stand_in && matches!(name.as_str(), "control_plane" | "vsock_fabric") {
+        if qemu_stand_in
+            && matches!(
+                name.as_str(),
+                "control_plane" | "vsock_fabric" | "switch_fabric"
+            )
+        {
             continue;
         }
         if only.is_some_and(|o| o != name) {

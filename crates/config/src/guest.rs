@@ -340,26 +340,88 @@ fn rate(f: &mut Fields, key: &'static str) -> Result<RateSpec, FileError> {
 }
 
 fn net(mut n: Fields) -> Result<NetConfig, FileError> {
-    let tap = n.required_string("tap")?;
-    vmcfg::check_tap_name(&tap).map_err(|_| {
-        n.error(
-            "tap",
-            format!("'{tap}' is not an interface name (1 to 15 characters, no '/', ':' or spaces)"),
-        )
-    })?;
+    let (tap, switch, vhost_user) = (
+        n.string("tap")?,
+        n.string("switch")?,
+        n.string("vhost_user")?,
+    );
+    let given = [tap.is_some(), switch.is_some(), vhost_user.is_some()];
+    if given.iter().filter(|g| **g).count() > 1 {
+        return Err(n.error("switch", "give one of tap, switch or vhost_user"));
+    }
+    if let Some(path) = vhost_user {
+        if path.is_empty() {
+            return Err(n.error("vhost_user", "is empty"));
+        }
+        let attach = vmcfg::NetAttach::VhostUser(PathBuf::from(path));
+        return net_rest(n, attach);
+    }
+    let attach = match (tap, switch) {
+        (Some(_), Some(_)) | (None, None) => return Err(n.error("tap", "is required (or switch)")),
+        (Some(tap), None) => {
+            vmcfg::check_tap_name(&tap).map_err(|_| {
+                n.error(
+                    "tap",
+                    format!("'{tap}' is not an interface name (1 to 15 characters, no '/', ':' or spaces)"),
+                )
+            })?;
+            for key in ["vlan", "vlans"] {
+                if n.has(key) {
+                    return Err(n.error(key, "needs a switch"));
+                }
+            }
+            vmcfg::NetAttach::Tap(tap)
+        }
+        (None, Some(name)) => {
+            if crate::check_guest_name(&name).is_err() {
+                let problem =
+                    format!("'{name}' is not a switch name (1 to 32 characters: a-z, 0-9 and -)");
+                return Err(n.error("switch", problem));
+            }
+            let vlans = port_vlans(&mut n)?;
+            vmcfg::NetAttach::Switch { name, vlans }
+        }
+    };
+    net_rest(n, attach)
+}
+
+/// The rest of a `[[net]]` table, once its attachment is known.
+fn net_rest(mut n: Fields, attach: vmcfg::NetAttach) -> Result<NetConfig, FileError> {
     let mac = match n.string("mac")? {
         None => None,
         Some(text) => Some(vmcfg::parse_mac(&text).map_err(|e| n.error("mac", e.to_string()))?),
     };
     let rx_rate = rate(&mut n, "rx_rate")?;
     let tx_rate = rate(&mut n, "tx_rate")?;
+    if !matches!(attach, vmcfg::NetAttach::Tap(_))
+        && (!rx_rate.is_unlimited() || !tx_rate.is_unlimited())
+    {
+        return Err(n.error("rx_rate", "a switch port takes no rate limit"));
+    }
     n.finish()?;
     Ok(NetConfig {
-        tap,
+        attach,
         mac,
         rx_rate,
         tx_rate,
     })
+}
+
+/// A switch port's VLANs: `vlan = N` (access) or `vlans = [N, ...]`
+/// (trunk); access on VLAN 1 when neither is given.
+fn port_vlans(n: &mut Fields) -> Result<vmcfg::VlanMembership, FileError> {
+    let access = n.integer("vlan")?;
+    let trunk = n.take("vlans");
+    match (access, trunk) {
+        (Some(_), Some(_)) => Err(n.error("vlans", "give vlan or vlans, not both")),
+        (Some(id), None) => Ok(vmcfg::VlanMembership::Access(crate::switches::vlan_id(
+            n, "vlan", id,
+        )?)),
+        (None, Some(list)) => Ok(vmcfg::VlanMembership::Trunk(crate::switches::vlan_list_of(
+            n, "vlans", list,
+        )?)),
+        (None, None) => Ok(vmcfg::VlanMembership::Access(1)),
+    }
 }
 
 fn vsock(mut v: Fields, base_dir: &Path) -> Result<VsockConfig, FileError> {

@@ -35,14 +35,7 @@ impl SwitchMode {
     }
 }
 
-/// The VLANs a port carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VlanMembership {
-    /// Untagged frames on one VLAN.
-    Access(u16),
-    /// 802.1Q-tagged frames on each of these VLANs.
-    Trunk(Vec<u16>),
-}
+pub use vmm::config::VlanMembership;
 
 /// One switch of a system.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,7 +107,7 @@ fn uplink(s: &mut Fields) -> Result<Option<(String, VlanMembership)>, FileError>
 }
 
 /// A VLAN id, 1 to 4094.
-fn vlan_id(s: &Fields, key: &str, n: i64) -> Result<u16, FileError> {
+pub(crate) fn vlan_id(s: &Fields, key: &str, n: i64) -> Result<u16, FileError> {
     u16::try_from(n)
         .ok()
         .filter(|v| (1..=4094).contains(v))
@@ -122,23 +115,27 @@ fn vlan_id(s: &Fields, key: &str, n: i64) -> Result<u16, FileError> {
 }
 
 fn vlan_list(s: &Fields, list: Value) -> Result<Vec<u16>, FileError> {
-    const KEY: &str = "uplink_vlans";
+    vlan_list_of(s, "uplink_vlans", list)
+}
+
+/// A non-empty list of distinct VLAN ids under `KEY`.
+pub(crate) fn vlan_list_of(s: &Fields, key: &str, list: Value) -> Result<Vec<u16>, FileError> {
     let Value::Array(items) = list else {
-        return Err(s.error(KEY, "expected an array of VLAN ids such as [10, 20]"));
+        return Err(s.error(key, "expected an array of VLAN ids such as [10, 20]"));
     };
     let mut out: Vec<u16> = Vec::with_capacity(items.len());
     for item in items {
         let Value::Integer(n) = item else {
-            return Err(s.error(KEY, "expected an array of VLAN ids such as [10, 20]"));
+            return Err(s.error(key, "expected an array of VLAN ids such as [10, 20]"));
         };
-        let id = vlan_id(s, KEY, n)?;
+        let id = vlan_id(s, key, n)?;
         if out.contains(&id) {
-            return Err(s.error(KEY, format!("VLAN {id} is listed twice")));
+            return Err(s.error(key, format!("VLAN {id} is listed twice")));
         }
         out.push(id);
     }
     if out.is_empty() {
-        return Err(s.error(KEY, "names no VLAN"));
+        return Err(s.error(key, "names no VLAN"));
     }
     Ok(out)
 }

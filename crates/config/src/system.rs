@@ -16,6 +16,7 @@
 //! ```
 
 use std::path::{Path, PathBuf};
+use vmm::config::NetAttach;
 
 use thiserror::Error;
 use vmm::config::VmConfig;
@@ -124,6 +125,7 @@ pub fn parse_system(text: &str, origin: &str, base_dir: &Path) -> Result<System,
     let names: Vec<String> = guests.iter().map(|g| g.name.clone()).collect();
     let regions = crate::regions::regions(regions, &names)?;
     let vsock_allow = crate::vsock_allow::vsock_allow(vsock_allow, &guests)?;
+    check_switches_declared(&guests, &switches, origin)?;
     Ok(System {
         guests,
         pools,
@@ -131,6 +133,29 @@ pub fn parse_system(text: &str, origin: &str, base_dir: &Path) -> Result<System,
         vsock_allow,
         switches,
     })
+}
+
+/// Every switch a guest's `[[net]]` names is declared in `[switches]`.
+fn check_switches_declared(
+    guests: &[SystemGuest],
+    switches: &[crate::switches::SystemSwitch],
+    origin: &str,
+) -> Result<(), FileError> {
+    for guest in guests {
+        for (i, net) in guest.config.nets.iter().enumerate() {
+            let NetAttach::Switch { name, .. } = &net.attach else {
+                continue;
+            };
+            if !switches.iter().any(|s| &s.name == name) {
+                return Err(root_error(
+                    origin,
+                    &format!("guests.{}.net[{i}].switch", guest.name),
+                    &format!("no switch '{name}' is declared in [switches]"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads and parses the system file at `path`.
@@ -201,13 +226,37 @@ fn check_conflicts(
             }
         }
         for (i, net) in guest.config.nets.iter().enumerate() {
-            if other.config.nets.iter().any(|n| n.tap == net.tap) {
-                let problem = format!("tap '{}' is also used by guest '{}'", net.tap, other.name);
-                return Err(root_error(
-                    origin,
-                    &field(format!("net[{i}].tap")),
-                    &problem,
-                ));
+            if let NetAttach::Tap(tap) = &net.attach {
+                if other
+                    .config
+                    .nets
+                    .iter()
+                    .any(|n| matches!(&n.attach, NetAttach::Tap(t) if t == tap))
+                {
+                    let problem = format!("tap '{tap}' is also used by guest '{}'", other.name);
+                    return Err(root_error(
+                        origin,
+                        &field(format!("net[{i}].tap")),
+                        &problem,
+                    ));
+                }
+            }
+            if let (NetAttach::Switch { name, .. }, Some(mac)) = (&net.attach, net.mac) {
+                let same = |n: &&vmm::config::NetConfig| {
+                    n.mac == Some(mac)
+                        && matches!(&n.attach, NetAttach::Switch { name: s, .. } if s == name)
+                };
+                if other.config.nets.iter().any(|n| same(&n)) {
+                    let problem = format!(
+                        "guest '{}' uses the same MAC on switch '{name}'",
+                        other.name
+                    );
+                    return Err(root_error(
+                        origin,
+                        &field(format!("net[{i}].mac")),
+                        &problem,
+                    ));
+                }
             }
         }
         for (i, disk) in guest.config.disks.iter().enumerate() {

@@ -102,7 +102,7 @@ fn a_full_guest_file_fills_every_field() {
     assert_eq!(
         c.nets,
         vec![NetConfig {
-            tap: "fv0".into(),
+            attach: vmm::config::NetAttach::Tap("fv0".into()),
             mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
             rx_rate: RateSpec {
                 bandwidth: Some(12_500_000),

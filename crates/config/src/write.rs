@@ -181,7 +181,22 @@ fn write_guest(out: &mut String, config: &VmConfig, prefix: &str) {
         write_rate(out, "rate", &disk.rate);
     }
     for net in &config.nets {
-        let _ = writeln!(out, "\n[[{prefix}net]]\ntap = {}", quoted(&net.tap));
+        let _ = writeln!(out, "\n[[{prefix}net]]");
+        match &net.attach {
+            vmm::config::NetAttach::Tap(tap) => {
+                let _ = writeln!(out, "tap = {}", quoted(tap));
+            }
+            vmm::config::NetAttach::Switch { name, vlans } => {
+                let _ = writeln!(out, "switch = {}", quoted(name));
+                let _ = match vlans {
+                    vmm::config::VlanMembership::Access(id) => writeln!(out, "vlan = {id}"),
+                    vmm::config::VlanMembership::Trunk(ids) => writeln!(out, "vlans = {ids:?}"),
+                };
+            }
+            vmm::config::NetAttach::VhostUser(path) => {
+                let _ = writeln!(out, "vhost_user = {}", self::path(path));
+            }
+        }
         if let Some(m) = net.mac {
             let mac = format!(
                 "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",

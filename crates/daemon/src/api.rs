@@ -25,7 +25,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn ok(body: Value) -> Reply {
+    pub(crate) fn ok(body: Value) -> Reply {
         Reply { status: 200, body }
     }
 
@@ -196,6 +196,14 @@ pub fn route(daemon: &Daemon, req: &Request) -> Route {
             405,
             format!("{method} is not allowed on {}", req.path),
         )),
+        ("GET", ["switches"]) => Route::Reply(crate::switch::list(daemon)),
+        ("PUT", ["switches", name]) => Route::Reply(crate::switch::put(daemon, name, &req.body)),
+        ("GET", ["switches", name]) => Route::Reply(crate::switch::show(daemon, name)),
+        ("DELETE", ["switches", name]) => Route::Reply(crate::switch::delete(daemon, name)),
+        (_, ["switches"] | ["switches", _]) => Route::Reply(Reply::error(
+            405,
+            format!("{method} is not allowed on {}", req.path),
+        )),
         ("PUT", ["regions", name]) => Route::Reply(crate::region::put(daemon, name, &req.body)),
         (_, ["regions", _]) => Route::Reply(Reply::error(
             405,
@@ -227,7 +235,16 @@ fn list(daemon: &Daemon) -> Reply {
 
 fn guest_info(daemon: &Daemon, name: &str) -> Reply {
     match daemon.get(name) {
-        Ok(guest) => Reply::ok(guest.info(true)),
+        Ok(guest) => {
+            let mut info = guest.info(true);
+            if let Ok(config) = crate::description::parse_config(&guest.description) {
+                let ports = crate::switch::guest_ports(daemon, name, &config);
+                if !ports.is_empty() {
+                    info["switch_ports"] = Value::Array(ports);
+                }
+            }
+            Reply::ok(info)
+        }
         Err(e) => e.into(),
     }
 }

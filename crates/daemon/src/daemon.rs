@@ -63,6 +63,8 @@ fn lock_state_dir(state_dir: &Path) -> std::io::Result<fs::File> {
 pub struct Daemon {
     /// Where guest directories live (`STATE_DIR/guests`).
     guests_dir: PathBuf,
+    /// Where each switch keeps its sockets (`STATE_DIR/switches`).
+    switches_dir: PathBuf,
     /// Held (flock) while the daemon runs: one daemon per state directory.
     _lock: fs::File,
     /// The binary that runs guests.
@@ -99,6 +101,7 @@ impl Daemon {
         let lock = lock_state_dir(state_dir)?;
         let mut daemon = Daemon {
             guests_dir,
+            switches_dir: state_dir.join("switches"),
             _lock: lock,
             exe,
             guests: Mutex::new(BTreeMap::new()),
@@ -226,6 +229,16 @@ impl Daemon {
         Ok(guest)
     }
 
+    /// The directory of switch `name`'s sockets.
+    pub fn switch_dir(&self, name: &str) -> PathBuf {
+        self.switches_dir.join(name)
+    }
+
+    /// What guests may use on the host.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
     /// Starts `guest` (whose operation lock the caller holds): opens each
     /// of its files beneath the image roots, once; locks its disk images
     /// (a write lock for a read-write disk, a read lock for a read-only
@@ -237,7 +250,7 @@ impl Daemon {
         self.policy
             .check_host(&config, &guest.runtime())
             .map_err(GuestError::Files)?;
-        let files = self.policy.open_files(&config).map_err(GuestError::Files)?;
+        let mut files = self.policy.open_files(&config).map_err(GuestError::Files)?;
         for f in &files {
             let Some(readonly) = f.disk_readonly else {
                 continue;
@@ -256,7 +269,13 @@ impl Daemon {
                 )));
             }
         }
-        guest.start(&self.exe, &self.events, config, files)
+        let ports = crate::switch::open_ports(self, &guest.name, &config)
+            .map_err(|e| GuestError::Files(e.to_string()))?;
+        for port in ports {
+            files.push(crate::images::GuestFile::switch_port(port));
+        }
+        let closer = crate::switch::closer(self, &guest.name, &config);
+        guest.start(&self.exe, &self.events, config, files, closer)
     }
 
     /// The live guest other than `me` that has the image open as `file`

@@ -468,13 +468,31 @@ impl Guest {
     /// Starts the guest's VMM process (`exe`) on `config`, whose files are
     /// `files`, open: the VMM inherits them and its copy of the
     /// description (`run/vmm.toml`) names them `fd:N`, so it opens nothing
-    /// by path. A thread reaps the process.
+    /// by path. A thread reaps the process, then runs `after` (which
+    /// removes the guest's switch ports); so does a start that fails.
     pub fn start(
         self: &Arc<Self>,
         exe: &Path,
         events: &Arc<EventBus>,
         config: config::VmConfig,
         files: Vec<GuestFile>,
+        after: Box<dyn FnOnce() + Send>,
+    ) -> Result<(), GuestError> {
+        let mut after = Some(after);
+        let result = self.start_process(exe, events, config, files, &mut after);
+        if let Some(after) = after {
+            after();
+        }
+        result
+    }
+
+    fn start_process(
+        self: &Arc<Self>,
+        exe: &Path,
+        events: &Arc<EventBus>,
+        config: config::VmConfig,
+        files: Vec<GuestFile>,
+        after: &mut Option<Box<dyn FnOnce() + Send>>,
     ) -> Result<(), GuestError> {
         self.check_startable()?;
         let runtime = self.runtime();
@@ -547,10 +565,14 @@ impl Guest {
         events.emit(&self.name, "started", "running", None);
         let guest = self.clone();
         let events = events.clone();
+        let after = after.take();
         std::thread::spawn(move || {
             use std::os::unix::process::ExitStatusExt;
             let status = child.wait().ok();
             crate::vsock_route::stop(&guest.name);
+            if let Some(after) = after {
+                after();
+            }
             // Before the end is known, so that no new run's group is removed.
             guest.release();
             let killing = lock(&guest.data).killing;

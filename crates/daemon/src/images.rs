@@ -17,6 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
+use vmm::config::NetAttach;
 
 use thiserror::Error;
 use vmm::VmConfig;
@@ -293,9 +294,22 @@ pub enum Role {
     Initramfs,
     Disk(usize),
     Region(usize),
+    /// NIC `index`'s switch port (a connected socket) and its MAC.
+    SwitchPort(usize, [u8; 6]),
 }
 
 impl GuestFile {
+    /// A switch port opened for a start, as a file the VMM inherits.
+    pub fn switch_port(port: crate::switch::OpenPort) -> GuestFile {
+        GuestFile {
+            field: format!("net[{}].switch", port.index),
+            path: PathBuf::from(format!("switch port of net[{}]", port.index)),
+            file: File::from(std::os::fd::OwnedFd::from(port.stream)),
+            disk_readonly: None,
+            role: Role::SwitchPort(port.index, port.mac),
+        }
+    }
+
     /// Names this file `fd:N` in `config` (the VMM's copy of it).
     pub fn rename_in(&self, config: &mut VmConfig, fd: i32) {
         let name = PathBuf::from(format!("{}{fd}", vmm::guest_file::FD_PREFIX));
@@ -310,6 +324,12 @@ impl GuestFile {
             Role::Region(i) => {
                 if let Some(region) = config.regions.get_mut(i) {
                     region.path = name;
+                }
+            }
+            Role::SwitchPort(i, mac) => {
+                if let Some(net) = config.nets.get_mut(i) {
+                    net.attach = vmm::config::NetAttach::VhostUser(name);
+                    net.mac = Some(mac);
                 }
             }
         }
@@ -375,12 +395,19 @@ impl Policy {
     /// daemon allows, and the vsock socket is in `runtime`.
     pub fn check_host(&self, config: &VmConfig, runtime: &Path) -> Result<(), String> {
         for (i, net) in config.nets.iter().enumerate() {
-            if !self.taps.allows(&net.tap) {
-                return Err(format!(
-                    "net[{i}].tap: '{}' is not a tap this daemon may attach guests to (allowed: {})",
-                    net.tap,
-                    self.taps.describe()
-                ));
+            match &net.attach {
+                NetAttach::Tap(tap) if !self.taps.allows(tap) => {
+                    return Err(format!(
+                        "net[{i}].tap: '{tap}' is not a tap this daemon may attach guests to (allowed: {})",
+                        self.taps.describe()
+                    ));
+                }
+                NetAttach::VhostUser(_) => {
+                    return Err(format!(
+                        "net[{i}].vhost_user: the daemon attaches guests to its own switches: name one with switch"
+                    ));
+                }
+                _ => {}
             }
         }
         if let Some(vsock) = &config.vsock {

@@ -10,6 +10,7 @@
 //! - [`guest`]: one guest's lifecycle and its process watcher;
 //! - [`process`]: process identity, spawning, the VMM's control socket;
 //! - [`region`]: shared regions the daemon owns, handed to member VMMs as descriptors;
+//! - [`switch`]: the switch processes the daemon runs, and guests' ports on them;
 //! - [`vsock_route`]: guest-to-guest vsock connections, as the policy allows;
 //! - [`events`]: the lifecycle event bus;
 //! - [`client`]: the API client used by the CLI;
@@ -38,6 +39,7 @@ pub mod process;
 pub mod region;
 pub mod sched;
 pub mod server;
+pub mod switch;
 pub mod vsock_route;
 
 pub use client::{Client, ClientError};

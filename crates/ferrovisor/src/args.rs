@@ -612,7 +612,10 @@ mod tests {
             ]
         );
         assert_eq!(r.vm.nets.len(), 2);
-        assert_eq!(r.vm.nets[0].tap, "fv0");
+        assert_eq!(
+            r.vm.nets[0].attach,
+            vmm::config::NetAttach::Tap("fv0".into())
+        );
         assert_eq!(r.vm.nets[1].mac, Some([0x52, 0x54, 0, 0, 0, 2]));
         assert_eq!(r.vm.console, ConsoleMode::Virtio);
         assert!(r.vm.rng);

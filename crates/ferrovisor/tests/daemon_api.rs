@@ -555,23 +555,104 @@ fn up_creates_a_system_and_starts_the_guests_marked_for_boot() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cpus"));
     d.expect("GET", "/guests/third", None, 404);
-    // Switches are checked but not run yet: such a system is refused in one
-    // line and creates nothing.
-    let switched = d.dir.join("switched.toml");
+}
+
+/// The ports of switch `name` as the daemon shows them.
+fn ports(d: &TestDaemon, name: &str) -> Vec<Value> {
+    let shown = d.expect("GET", &format!("/switches/{name}"), None, 200);
+    shown["ports"].as_array().cloned().unwrap_or_default()
+}
+
+/// Waits until `ok` holds for switch `name`'s ports.
+fn wait_ports(d: &TestDaemon, name: &str, what: &str, ok: impl Fn(&[Value]) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let now = ports(d, name);
+        if ok(&now) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never {what}: {now:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn up_runs_a_systems_switch_and_each_switched_guest_gets_a_port_that_goes_with_it() {
+    let d = TestDaemon::start();
+    let guest = format!(
+        "{}\n[[net]]\nswitch = \"lan\"\nvlan = 10\n",
+        echo_description()
+    );
+    std::fs::write(d.dir.join("switched.toml"), guest).expect("write");
+    let system = d.dir.join("system.toml");
     std::fs::write(
-        &switched,
-        "[guests.third]\nfile = \"echo.toml\"\n\n[switches.lan]\nmode = \"bridge\"\n",
+        &system,
+        "[switches.lan]\nmode = \"bridge\"\n\n[guests.sw]\nfile = \"switched.toml\"\n",
     )
     .expect("write");
-    let out = d.cli(&["up", switched.to_str().expect("utf-8")]);
+    let out = d.cli(&["up", system.to_str().expect("utf-8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("switch lan: bridge"));
+    d.wait_console("sw", "ready");
+    // The VMM connected to its port: a vhost-user frontend on guest RAM
+    // shared with the switch process.
+    wait_ports(&d, "lan", "connected", |p| {
+        p.len() == 1 && p[0]["port"] == "sw-0" && p[0]["connected"] == true
+    });
+    let port = &ports(&d, "lan")[0];
+    assert_eq!(port["vlan"], json!({"access": 10}));
+    assert!(
+        port["mac"].as_str().is_some_and(|m| m.len() == 17),
+        "{port}"
+    );
+    let info = d.info("sw");
+    assert_eq!(info["switch_ports"][0]["switch"], "lan", "{info}");
+    assert_eq!(info["memory"]["backing"], "memfd", "{info}");
+    let table = d.cli(&["switch", "show", "lan"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("sw-0"));
+    // The same switch again is fine; another mode is a conflict.
+    d.expect("PUT", "/switches/lan", Some(json!({"mode": "bridge"})), 200);
+    d.expect("PUT", "/switches/lan", Some(json!({"mode": "hub"})), 409);
+    // The port goes with its guest.
+    d.expect("POST", "/guests/sw/kill", None, 200);
+    wait_ports(&d, "lan", "empty", |p| p.is_empty());
+    // A guest on a switch the system does not declare: one line, nothing made.
+    let undeclared = d.dir.join("undeclared.toml");
+    std::fs::write(&undeclared, "[guests.other]\nfile = \"switched.toml\"\n").expect("write");
+    let out = d.cli(&["up", undeclared.to_str().expect("utf-8")]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("no switch 'lan' is declared"), "{err}");
+    d.expect("GET", "/guests/other", None, 404);
+    let out = d.cli(&["switch", "show", "nope"]);
+    assert!(!out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+    // Deleting the switch stops its process.
+    let control = d.state_dir.join("switches/lan/control.sock");
+    assert!(std::os::unix::net::UnixStream::connect(&control).is_ok());
+    let out = d.cli(&["switch", "delete", "lan"]);
     assert!(
-        err.contains("switches.lan: the daemon does not run switches yet"),
-        "{err}"
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    d.expect("GET", "/guests/third", None, 404);
+    d.expect("GET", "/switches/lan", None, 404);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::os::unix::net::UnixStream::connect(&control).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the switch still answers"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// A pseudo-terminal: the master end for the test, the slave for the CLI.

@@ -168,6 +168,19 @@ impl Daemon {
         }
     }
 
+    /// `ferrovisor up FILE`; a refusal fails the try, with what it said.
+    pub fn try_up(&self, file: &std::path::Path) -> Result<(), Try> {
+        let up = self.cli(&["up", &file.to_string_lossy()]);
+        if up.status.success() {
+            return Ok(());
+        }
+        Err(Try::Failed(format!(
+            "up: {}\n{}",
+            String::from_utf8_lossy(&up.stderr),
+            self.describe()
+        )))
+    }
+
     /// Everything worth seeing when a step fails.
     pub fn describe(&self) -> String {
         let mut text = String::new();
@@ -190,5 +203,17 @@ impl Drop for Daemon {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Switches outlive the daemon by design; the test's end is theirs.
+        let switches = self.dir.join("state/switches");
+        for entry in std::fs::read_dir(switches).into_iter().flatten().flatten() {
+            if let Ok(mut control) =
+                std::os::unix::net::UnixStream::connect(entry.path().join("control.sock"))
+            {
+                use std::io::Write;
+                let _ = writeln!(control, "{{\"op\":\"shutdown\"}}");
+                let mut reply = String::new();
+                let _ = std::io::Read::read_to_string(&mut control, &mut reply);
+            }
+        }
     }
 }

@@ -35,6 +35,15 @@ impl fmt::Display for Try {
 /// How many tries a scenario with several guests gets.
 pub const TRIES: u32 = 3;
 
+/// The first of `checks` (each a fact and what it means) that does not
+/// hold, as a failed try with `context()` to show; `Ok` when all hold.
+pub fn all_hold(checks: &[(bool, &str)], context: impl FnOnce() -> String) -> Result<(), Try> {
+    match checks.iter().find(|(ok, _)| !ok) {
+        Some((_, what)) => Err(Try::Failed(format!("not so: {what}\n{}", context()))),
+        None => Ok(()),
+    }
+}
+
 /// Runs `scenario` (given the try's number, from 1) until it succeeds, fails
 /// for a reason of its own, or has met the lab's instability `tries` times.
 /// The error lists every try's reason.

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use lab_tests::daemon::{env_path, Daemon};
-use lab_tests::retry::{retried, Try, TRIES};
+use lab_tests::retry::{all_hold, retried, Try, TRIES};
 use lab_tests::GuestConfig;
 
 /// An inline guest of the system file: the kit running `run`, with vsock
@@ -43,14 +43,7 @@ fn attempt(n: u32) -> Result<(), Try> {
     system.push_str("[[vsock_allow]]\nfrom = \"alpha\"\nto = \"beta\"\nport = 5000\n");
     let file = daemon.dir.join("system.toml");
     std::fs::write(&file, system).expect("system file");
-    let up = daemon.cli(&["up", file.to_str().expect("utf-8")]);
-    if !up.status.success() {
-        return Err(Try::Failed(format!(
-            "up: {}\n{}",
-            String::from_utf8_lossy(&up.stderr),
-            daemon.describe()
-        )));
-    }
+    daemon.try_up(&file)?;
     daemon.try_wait_console("alpha", "forbidden-status")?;
     let (a, b) = (daemon.console("alpha"), daemon.console("beta"));
     let checks = [
@@ -79,13 +72,7 @@ fn attempt(n: u32) -> Result<(), Try> {
             "the daemon logged the refusal",
         ),
     ];
-    match checks.iter().find(|(ok, _)| !ok) {
-        Some((_, what)) => Err(Try::Failed(format!(
-            "not so: {what}\n{}",
-            daemon.describe()
-        ))),
-        None => Ok(()),
-    }
+    all_hold(&checks, || daemon.describe())
 }
 
 #[test]

@@ -35,7 +35,7 @@ use std::time::Duration;
 
 pub use fdb::{Clock, MonotonicClock};
 pub use frame::{FrameError, MacAddr};
-pub use port::{PortConfig, PortCounters, PortError, PortTx, TxDropped, VlanMode};
+pub use port::{Offload, PortConfig, PortCounters, PortError, PortTx, TxDropped, VlanMode};
 
 use fdb::{Fdb, Learned};
 
@@ -302,6 +302,14 @@ impl Switch {
 
     /// Switches one frame that port `from` sent.
     pub fn receive(&mut self, from: PortId, frame: &[u8]) -> Verdict {
+        self.receive_offloaded(from, Offload::NONE, frame)
+    }
+
+    /// Switches one frame that port `from` sent with an offload request
+    /// (checksum or segmentation left to the receiver): each destination
+    /// gets the request with its offsets moved by the tag the switch adds
+    /// or removes, and drops the frame if it cannot take it.
+    pub fn receive_offloaded(&mut self, from: PortId, offload: Offload, frame: &[u8]) -> Verdict {
         let Some(Some(port)) = self.ports.get_mut(from.0) else {
             return Verdict::Dropped(DropReason::NoSuchPort);
         };
@@ -334,12 +342,18 @@ impl Switch {
         }
         // Keep the priority bits of an incoming tag; untagged frames get 0.
         let tci = header.tci.map_or(0, |t| t & 0xf000) | vlan;
-        Verdict::Forwarded(self.transmit(frame, header.tci.is_some(), tci))
+        Verdict::Forwarded(self.transmit(frame, offload, header.tci.is_some(), tci))
     }
 
     /// Sends `frame` to every port in `self.targets`, tagged or untagged as
     /// each wants; returns how many ports took it.
-    fn transmit(&mut self, frame: &[u8], ingress_tagged: bool, tci: u16) -> usize {
+    fn transmit(
+        &mut self,
+        frame: &[u8],
+        offload: Offload,
+        ingress_tagged: bool,
+        tci: u16,
+    ) -> usize {
         let Switch {
             ports,
             targets,
@@ -355,23 +369,28 @@ impl Switch {
                 continue;
             };
             let trunk = matches!(port.config.vlan, VlanMode::Trunk(_));
-            let out: &[u8] = match (trunk, ingress_tagged) {
-                (true, true) | (false, false) => frame,
+            let (out, delta): (&[u8], i32) = match (trunk, ingress_tagged) {
+                (true, true) | (false, false) => (frame, 0),
                 (true, false) => {
                     if tagged.is_empty() {
                         frame::tag_into(frame, tci, tagged);
                     }
-                    tagged
+                    (tagged, 4)
                 }
                 (false, true) => {
                     if untagged.is_empty() {
                         frame::untag_into(frame, untagged);
                     }
-                    untagged
+                    (untagged, -4)
                 }
             };
             let c = &mut port.counters;
-            match port.tx.transmit(out) {
+            let sent_out = match offload.shifted(delta) {
+                Some(o) if o.is_none() => port.tx.transmit(out),
+                Some(o) => port.tx.transmit_offloaded(&o, out),
+                None => Err(TxDropped),
+            };
+            match sent_out {
                 Ok(()) => {
                     c.tx_frames += 1;
                     c.tx_bytes += out.len() as u64;

@@ -11,6 +11,75 @@ pub trait PortTx: Send {
     /// Sends `frame` out. An error means the frame was dropped (the
     /// receiver's queue is full, or it is gone); the switch counts it.
     fn transmit(&mut self, frame: &[u8]) -> Result<(), TxDropped>;
+
+    /// Sends `frame`, whose checksum or segmentation is left to the
+    /// receiver as `offload` says. A port that cannot take such a frame
+    /// drops it (the default); a frame with no offload is [`transmit`]ted.
+    ///
+    /// [`transmit`]: PortTx::transmit
+    fn transmit_offloaded(&mut self, offload: &Offload, frame: &[u8]) -> Result<(), TxDropped> {
+        if offload.is_none() {
+            self.transmit(frame)
+        } else {
+            Err(TxDropped)
+        }
+    }
+}
+
+/// The offload request that travels with a frame between ports that take
+/// offloads: a `virtio_net_hdr_v1` (flags, gso_type, hdr_len, gso_size,
+/// csum_start, csum_offset, num_buffers), as the sending guest wrote it.
+/// The switch reads it only to move its offsets when it adds or removes a
+/// VLAN tag; the receiving port decides whether it can take the frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offload(pub [u8; 12]);
+
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`.
+const NEEDS_CSUM: u8 = 1;
+
+impl Offload {
+    /// No checksum to complete and no segmentation.
+    pub const NONE: Offload = Offload([0; 12]);
+
+    /// Whether the frame is complete as it is.
+    pub fn is_none(&self) -> bool {
+        !self.needs_csum() && self.gso_type() == 0
+    }
+
+    /// Whether the receiver must complete a checksum.
+    pub fn needs_csum(&self) -> bool {
+        self.0[0] & NEEDS_CSUM != 0
+    }
+
+    /// The segmentation asked for (`VIRTIO_NET_HDR_GSO_*`, 0 for none), ECN
+    /// bit included.
+    pub fn gso_type(&self) -> u8 {
+        self.0[1]
+    }
+
+    fn field(&self, at: usize) -> u16 {
+        u16::from_le_bytes([self.0[at], self.0[at + 1]])
+    }
+
+    fn set_field(&mut self, at: usize, value: u16) {
+        self.0[at..at + 2].copy_from_slice(&value.to_le_bytes());
+    }
+
+    /// The same request for the frame with its headers `delta` bytes
+    /// longer (4 when a tag is added, -4 when one is removed): the
+    /// checksum's start and the header length move with them. `None` when
+    /// an offset would leave its range (a guest's nonsense).
+    pub fn shifted(self, delta: i32) -> Option<Offload> {
+        let mut out = self;
+        let mv = |v: u16| u16::try_from(i32::from(v) + delta).ok();
+        if self.needs_csum() {
+            out.set_field(6, mv(self.field(6))?);
+        }
+        if self.gso_type() != 0 {
+            out.set_field(2, mv(self.field(2))?);
+        }
+        Some(out)
+    }
 }
 
 /// A frame a port could not send.

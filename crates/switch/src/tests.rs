@@ -25,9 +25,12 @@ impl Clock for ManualClock {
 }
 
 /// A port's transmit side that keeps what it is given, or refuses it.
+/// With `offloads`, it takes offloaded frames too and keeps their
+/// requests.
 #[derive(Clone, Default)]
 struct Capture {
     frames: Arc<Mutex<Vec<Vec<u8>>>>,
+    offloads: Option<Arc<Mutex<Vec<Offload>>>>,
     refuse: bool,
 }
 
@@ -44,6 +47,14 @@ impl PortTx for Capture {
         }
         self.frames.lock().unwrap().push(frame.to_vec());
         Ok(())
+    }
+
+    fn transmit_offloaded(&mut self, offload: &Offload, frame: &[u8]) -> Result<(), TxDropped> {
+        let Some(kept) = &self.offloads else {
+            return Err(TxDropped);
+        };
+        kept.lock().unwrap().push(*offload);
+        self.transmit(frame)
     }
 }
 
@@ -519,4 +530,66 @@ fn mangled_frames_never_break_isolation_tagging_or_the_counts() {
         assert!(c.rx_dropped > 0 && c.rx_dropped < c.rx_frames, "{c:?}");
     }
     assert_eq!(received, 3 * frames.len() as u64);
+}
+
+/// A TCP segment's offload request: checksum from byte 34, TSO over IPv4
+/// with 54 bytes of headers, as a guest writes it for an untagged frame.
+fn tso_request() -> Offload {
+    let mut h = [0u8; 12];
+    h[0] = 1; // NEEDS_CSUM
+    h[1] = 1; // GSO_TCPV4
+    h[2..4].copy_from_slice(&54u16.to_le_bytes());
+    h[4..6].copy_from_slice(&1448u16.to_le_bytes());
+    h[6..8].copy_from_slice(&34u16.to_le_bytes());
+    h[8..10].copy_from_slice(&16u16.to_le_bytes());
+    Offload(h)
+}
+
+#[test]
+fn an_offloaded_frame_reaches_ports_that_take_offloads_with_offsets_moved_by_the_tag() {
+    let mut rig = Rig::new(Mode::Hub);
+    let a = rig.access(10);
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let trunk = Capture {
+        offloads: Some(kept.clone()),
+        ..Capture::default()
+    };
+    let id = rig
+        .switch
+        .add_port(
+            PortConfig {
+                name: "trunk".into(),
+                vlan: VlanMode::Trunk(vec![10]),
+                mac: None,
+            },
+            Box::new(trunk.clone()),
+        )
+        .unwrap();
+    let plain = rig.access(10);
+    let f = frame(B, A, 2000);
+    let verdict = rig
+        .switch
+        .receive_offloaded(rig.ports[a].0, tso_request(), &f);
+    // The trunk took it, tagged, with csum_start and hdr_len 4 bytes on;
+    // the access port that takes no offloads dropped it, counted.
+    assert_eq!(verdict, Verdict::Forwarded(1));
+    let got = kept.lock().unwrap().clone();
+    assert_eq!(got.len(), 1);
+    assert_eq!(u16::from_le_bytes([got[0].0[6], got[0].0[7]]), 38);
+    assert_eq!(u16::from_le_bytes([got[0].0[2], got[0].0[3]]), 58);
+    assert_eq!(got[0].0[4..6], tso_request().0[4..6], "gso_size unchanged");
+    assert_eq!(trunk.take()[0].len(), f.len() + 4);
+    assert!(rig.got(plain).is_empty());
+    assert_eq!(rig.counters(plain).tx_dropped, 1);
+    // Back from the trunk to the access port: untagged, offsets 4 back.
+    let mut back = tso_request().shifted(4).unwrap();
+    back.0[1] = 0; // checksum only
+    let tagged_frame = tagged(A, B, 10, 2000);
+    rig.switch.receive_offloaded(id, back, &tagged_frame);
+    assert!(rig.got(a).is_empty(), "the access port takes no offloads");
+    assert_eq!(
+        tso_request().shifted(-40),
+        None,
+        "an offset that would go below zero drops the frame"
+    );
 }

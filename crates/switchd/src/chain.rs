@@ -60,12 +60,13 @@ where
     Ok(())
 }
 
-/// Copies the frame of transmit `chain` (the virtio_net_hdr stripped) into
-/// `buf`, which is cleared first.
+/// Copies the frame of transmit `chain` into `buf`, which is cleared
+/// first, and its virtio_net_hdr into `hdr`.
 pub fn read_tx<M>(
     mem: &M::Target,
     chain: DescriptorChain<M>,
     buf: &mut Vec<u8>,
+    hdr_out: &mut [u8; NET_HDR_LEN],
 ) -> Result<(), ChainError>
 where
     M: std::ops::Deref,
@@ -84,10 +85,12 @@ where
         if buf.len() + body > MAX_TX_LEN - NET_HDR_LEN {
             return Err(ChainError::TooLong);
         }
-        // The header part is only checked to be in guest memory.
         mem.check_range(desc.addr(), len, Permissions::Read)
             .then_some(())
             .ok_or(ChainError::OutOfBounds)?;
+        let at = NET_HDR_LEN - skip - hdr;
+        mem.read_slice(&mut hdr_out[at..at + hdr], desc.addr())
+            .map_err(|_| ChainError::OutOfBounds)?;
         let start = buf.len();
         buf.resize(start + body, 0);
         let from = desc
@@ -103,11 +106,13 @@ where
     Ok(())
 }
 
-/// Writes `RX_HDR` then `frame` into receive `chain`; returns the bytes
+/// Writes `hdr` (`RX_HDR`, or the sender's offload request with
+/// `num_buffers` 1) then `frame` into receive `chain`; returns the bytes
 /// written (the used length).
 pub fn write_rx<M>(
     mem: &M::Target,
     chain: DescriptorChain<M>,
+    hdr: &[u8; NET_HDR_LEN],
     frame: &[u8],
 ) -> Result<u32, ChainError>
 where
@@ -127,7 +132,7 @@ where
         }
         while room > 0 && done < total {
             let src = if done < NET_HDR_LEN {
-                &RX_HDR[done..]
+                &hdr[done..]
             } else {
                 &frame[done - NET_HDR_LEN..]
             };
@@ -144,4 +149,90 @@ where
         return Err(ChainError::NoRoom);
     }
     u32::try_from(total).map_err(|_| ChainError::TooLong)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
+    }
+
+    fn desc(addr: u64, len: u32, write: bool) -> RawDescriptor {
+        let flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+    }
+
+    #[test]
+    fn a_transmit_chain_gives_its_header_apart_even_when_split_across_descriptors() {
+        let mem = memory();
+        let queue = MockSplitQueue::new(&mem, 16);
+        let hdr: [u8; NET_HDR_LEN] = [1, 1, 54, 0, 0xa8, 5, 34, 0, 16, 0, 0, 0];
+        mem.write_slice(&hdr[..5], GuestAddress(0x10_0000)).unwrap();
+        mem.write_slice(&hdr[5..], GuestAddress(0x11_0000)).unwrap();
+        mem.write_slice(b"frame-bytes", GuestAddress(0x11_0007))
+            .unwrap();
+        let chain = queue
+            .build_desc_chain(&[desc(0x10_0000, 5, false), desc(0x11_0000, 18, false)])
+            .unwrap();
+        let (mut buf, mut got) = (Vec::new(), [0u8; NET_HDR_LEN]);
+        read_tx(&mem, chain, &mut buf, &mut got).unwrap();
+        assert_eq!(got, hdr);
+        assert_eq!(buf, b"frame-bytes");
+    }
+
+    #[test]
+    fn bad_chains_are_refused_not_read() {
+        let mem = memory();
+        let queue = MockSplitQueue::new(&mem, 16);
+        let mut cases = vec![
+            (vec![desc(0x10_0000, 8, false)], ChainError::Short),
+            (vec![desc(0x10_0000, 64, true)], ChainError::WriteOnly),
+            (vec![desc(0x1f_fff0, 64, false)], ChainError::OutOfBounds),
+        ];
+        for (descs, want) in cases.drain(..) {
+            let chain = queue.build_desc_chain(&descs).unwrap();
+            let (mut buf, mut hdr) = (Vec::new(), [0u8; NET_HDR_LEN]);
+            assert_eq!(read_tx(&mem, chain, &mut buf, &mut hdr), Err(want));
+        }
+    }
+
+    #[test]
+    fn a_receive_chain_gets_the_header_given_then_the_frame_or_nothing_if_too_small() {
+        let mem = memory();
+        let queue = MockSplitQueue::new(&mem, 16);
+        let hdr: [u8; NET_HDR_LEN] = [1, 0, 0, 0, 0, 0, 34, 0, 16, 0, 1, 0];
+        let chain = queue
+            .build_desc_chain(&[desc(0x10_0000, 10, true), desc(0x12_0000, 100, true)])
+            .unwrap();
+        assert_eq!(write_rx(&mem, chain, &hdr, b"0123456789"), Ok(22));
+        let mut got = [0u8; 12];
+        mem.read_slice(&mut got[..10], GuestAddress(0x10_0000))
+            .unwrap();
+        mem.read_slice(&mut got[10..], GuestAddress(0x12_0000))
+            .unwrap();
+        assert_eq!(got, hdr);
+        let mut frame = [0u8; 10];
+        mem.read_slice(&mut frame, GuestAddress(0x12_0002)).unwrap();
+        assert_eq!(&frame, b"0123456789");
+        let small = queue
+            .build_desc_chain(&[desc(0x10_0000, 16, true)])
+            .unwrap();
+        assert_eq!(
+            write_rx(&mem, small, &RX_HDR, &[0u8; 64]),
+            Err(ChainError::NoRoom)
+        );
+        let read_only = queue
+            .build_desc_chain(&[desc(0x10_0000, 200, false)])
+            .unwrap();
+        assert_eq!(
+            write_rx(&mem, read_only, &RX_HDR, &[0u8; 64]),
+            Err(ChainError::ReadOnly)
+        );
+    }
 }

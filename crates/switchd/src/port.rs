@@ -15,11 +15,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use switch::{PortId, PortTx, Switch, TxDropped};
+use switch::{Offload, PortId, PortTx, Switch, TxDropped};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -62,6 +68,8 @@ struct RxRing {
 pub struct PortState {
     connected: AtomicBool,
     removed: AtomicBool,
+    /// The virtio features the connected frontend accepted.
+    acked: AtomicU64,
     /// Transmit chains dropped before reaching the switch (bad descriptors).
     bad_chains: AtomicU64,
     rx: Mutex<Option<RxRing>>,
@@ -93,8 +101,39 @@ impl PortState {
 #[derive(Debug)]
 pub struct VhostTx(pub Arc<PortState>);
 
-impl PortTx for VhostTx {
-    fn transmit(&mut self, frame: &[u8]) -> Result<(), TxDropped> {
+/// The offloads the port offers: checksums and TCP segmentation both
+/// ways, so that guests on one switch pass 64 KiB segments to each other
+/// as they would through taps.
+pub const OFFLOADS: u64 = 1 << VIRTIO_NET_F_CSUM
+    | 1 << VIRTIO_NET_F_GUEST_CSUM
+    | 1 << VIRTIO_NET_F_GUEST_TSO4
+    | 1 << VIRTIO_NET_F_GUEST_TSO6
+    | 1 << VIRTIO_NET_F_GUEST_ECN
+    | 1 << VIRTIO_NET_F_HOST_TSO4
+    | 1 << VIRTIO_NET_F_HOST_TSO6
+    | 1 << VIRTIO_NET_F_HOST_ECN;
+
+/// Whether a driver that accepted `acked` can take a frame with `offload`.
+pub fn takes(acked: u64, offload: &Offload) -> bool {
+    let has = |bit: u32| acked & (1 << bit) != 0;
+    if offload.needs_csum() && !has(VIRTIO_NET_F_GUEST_CSUM) {
+        return false;
+    }
+    let ecn = offload.gso_type() & VIRTIO_NET_HDR_GSO_ECN as u8 != 0;
+    if ecn && !has(VIRTIO_NET_F_GUEST_ECN) {
+        return false;
+    }
+    match u32::from(offload.gso_type() & !(VIRTIO_NET_HDR_GSO_ECN as u8)) {
+        VIRTIO_NET_HDR_GSO_NONE => true,
+        VIRTIO_NET_HDR_GSO_TCPV4 => has(VIRTIO_NET_F_GUEST_TSO4),
+        VIRTIO_NET_HDR_GSO_TCPV6 => has(VIRTIO_NET_F_GUEST_TSO6),
+        _ => false,
+    }
+}
+
+impl VhostTx {
+    /// Writes `frame` with `hdr` into the port's receive queue.
+    fn deliver(&self, hdr: &[u8; chain::NET_HDR_LEN], frame: &[u8]) -> Result<(), TxDropped> {
         let slot = lock(&self.0.rx);
         let ring = slot.as_ref().ok_or(TxDropped)?;
         let mem = ring.mem.memory();
@@ -105,7 +144,7 @@ impl PortTx for VhostTx {
         let queue = state.get_queue_mut();
         let chain = queue.pop_descriptor_chain(mem.clone()).ok_or(TxDropped)?;
         let head = chain.head_index();
-        let written = chain::write_rx(&*mem, chain, frame);
+        let written = chain::write_rx(&*mem, chain, hdr, frame);
         // A chain too small or bad is given back unused, so the guest
         // does not lose the buffer.
         let used = written.unwrap_or(0);
@@ -114,6 +153,22 @@ impl PortTx for VhostTx {
             return Err(TxDropped);
         }
         Ok(())
+    }
+}
+
+impl PortTx for VhostTx {
+    fn transmit(&mut self, frame: &[u8]) -> Result<(), TxDropped> {
+        self.deliver(&chain::RX_HDR, frame)
+    }
+
+    fn transmit_offloaded(&mut self, offload: &Offload, frame: &[u8]) -> Result<(), TxDropped> {
+        if !takes(self.0.acked.load(Ordering::Acquire), offload) {
+            return Err(TxDropped);
+        }
+        let mut hdr = offload.0;
+        // One buffer per frame (no mergeable buffers).
+        hdr[10..12].copy_from_slice(&1u16.to_le_bytes());
+        self.deliver(&hdr, frame)
     }
 }
 
@@ -134,11 +189,13 @@ impl Backend {
         let mut buf = lock(&self.scratch);
         let mut state = vring.get_mut();
         let mut any = false;
+        let mut hdr = [0u8; chain::NET_HDR_LEN];
         while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
             let head = chain.head_index();
-            match chain::read_tx(&*mem, chain, &mut buf) {
+            match chain::read_tx(&*mem, chain, &mut buf, &mut hdr) {
                 Ok(()) => {
-                    lock(&self.switch).receive(self.id, &buf);
+                    let offload = Offload(hdr);
+                    lock(&self.switch).receive_offloaded(self.id, offload, &buf);
                 }
                 Err(ChainError::OutOfBounds | ChainError::Broken | ChainError::WriteOnly)
                 | Err(ChainError::Short | ChainError::TooLong)
@@ -170,7 +227,11 @@ impl VhostUserBackend for Backend {
     }
 
     fn features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | OFFLOADS
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.state.acked.store(features, Ordering::Release);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -327,5 +388,39 @@ fn serve(
         state.connected.store(false, Ordering::Release);
         *lock(&state.conn) = None;
         *lock(&state.rx) = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(flags: u8, gso: u8) -> Offload {
+        let mut h = [0u8; 12];
+        h[0] = flags;
+        h[1] = gso;
+        Offload(h)
+    }
+
+    #[test]
+    fn a_port_takes_only_the_offloads_its_driver_accepted() {
+        let csum = 1 << VIRTIO_NET_F_GUEST_CSUM;
+        let tso4 = csum | 1 << VIRTIO_NET_F_GUEST_TSO4;
+        assert!(takes(0, &Offload::NONE));
+        assert!(
+            !takes(0, &request(1, 0)),
+            "checksum left to a driver without GUEST_CSUM"
+        );
+        assert!(takes(csum, &request(1, 0)));
+        assert!(!takes(csum, &request(1, VIRTIO_NET_HDR_GSO_TCPV4 as u8)));
+        assert!(takes(tso4, &request(1, VIRTIO_NET_HDR_GSO_TCPV4 as u8)));
+        assert!(!takes(tso4, &request(1, VIRTIO_NET_HDR_GSO_TCPV6 as u8)));
+        let ecn = (VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN) as u8;
+        assert!(!takes(tso4, &request(1, ecn)));
+        assert!(takes(tso4 | 1 << VIRTIO_NET_F_GUEST_ECN, &request(1, ecn)));
+        assert!(
+            !takes(u64::MAX, &request(1, 3)),
+            "UDP fragmentation is not offered"
+        );
     }
 }

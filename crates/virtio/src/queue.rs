@@ -805,6 +805,57 @@ impl Worker {
         })
     }
 
+    /// Starts a thread named `name` that waits on `fds` and calls
+    /// `on_event` with the index and eventfd of each one that is readable,
+    /// until the worker stops. For devices whose queues another process
+    /// serves, where the VMM only relays that process's signals.
+    pub fn watch(
+        name: &'static str,
+        fds: Vec<EventFd>,
+        mut on_event: impl FnMut(usize, &EventFd) + Send + 'static,
+    ) -> std::io::Result<Worker> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP_TOKEN),
+        )?;
+        for (i, fd) in fds.iter().enumerate() {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, i as u64),
+            )?;
+        }
+        let flag = Arc::new(AtomicBool::new(false));
+        let stopped = flag.clone();
+        let thread = crate::thread::spawn(name, move || {
+            let mut events = [EpollEvent::default(); 8];
+            while !stopped.load(Ordering::Acquire) {
+                let n = match epoll.wait(-1, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                };
+                for event in &events[..n] {
+                    let token = event.data();
+                    if token == STOP_TOKEN {
+                        return;
+                    }
+                    if let Some(fd) = fds.get(token as usize) {
+                        on_event(token as usize, fd);
+                    }
+                }
+            }
+        })?;
+        Ok(Worker {
+            stop,
+            flag,
+            thread: Some(thread),
+        })
+    }
+
     /// Tells the thread to stop without waiting for it, and returns the
     /// worker: dropping it (or [`Worker::stop`]) then waits.
     pub fn stopping(self) -> Worker {

@@ -45,6 +45,8 @@ pub enum ConfigError {
     BadHugePages(String),
     #[error("{0}")]
     Rate(#[from] RateError),
+    #[error("{0}")]
+    Conflict(&'static str),
 }
 
 /// The kernel command line when none is given: serial console, and a
@@ -67,11 +69,33 @@ pub struct DiskConfig {
     pub rate: RateSpec,
 }
 
-/// A virtio-net interface backed by a tap device.
+/// The VLANs a switch port carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VlanMembership {
+    /// Untagged frames on one VLAN.
+    Access(u16),
+    /// 802.1Q-tagged frames on each of these VLANs.
+    Trunk(Vec<u16>),
+}
+
+/// What a virtio-net interface is attached to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetAttach {
+    /// A host tap interface (opened, or created if missing).
+    Tap(String),
+    /// A port on one of the daemon's switches, with its VLANs. Only the
+    /// daemon can attach it: it becomes [`NetAttach::VhostUser`] when the
+    /// daemon starts the guest.
+    Switch { name: String, vlans: VlanMembership },
+    /// A vhost-user-net backend: a socket path, or `fd:N` for a connected
+    /// socket the VMM inherits.
+    VhostUser(PathBuf),
+}
+
+/// A virtio-net interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
-    /// Name of the host tap interface (opened, or created if missing).
-    pub tap: String,
+    pub attach: NetAttach,
     /// The guest's MAC address; `None` picks a locally administered one.
     pub mac: Option<[u8; 6]>,
     /// Limits on frames the guest receives and sends (none when empty).
@@ -453,17 +477,38 @@ impl FromStr for DiskConfig {
 impl FromStr for NetConfig {
     type Err = ConfigError;
 
-    /// `tap=NAME[,mac=MAC][,rx_bandwidth=..,tx_ops=..]`
+    /// `tap=NAME[,mac=MAC][,rx_bandwidth=..,tx_ops=..]` or
+    /// `vhost-user=PATH[,mac=MAC]`
     fn from_str(text: &str) -> Result<Self, ConfigError> {
-        let mut known = vec!["tap", "mac"];
+        let mut known = vec!["tap", "vhost-user", "mac"];
         known.extend(RX_RATE_KEYS);
         known.extend(TX_RATE_KEYS);
         let pairs = pairs(text, &known)?;
-        let tap = find(&pairs, "tap").ok_or(ConfigError::Missing("tap"))?;
-        check_tap_name(tap)?;
         let mac = find(&pairs, "mac").map(parse_mac).transpose()?;
+        let attach = match (find(&pairs, "tap"), find(&pairs, "vhost-user")) {
+            (Some(tap), None) => {
+                check_tap_name(tap)?;
+                NetAttach::Tap(tap.to_string())
+            }
+            (None, Some("")) => return Err(ConfigError::Empty("vhost-user")),
+            (None, Some(path)) => {
+                if pairs
+                    .iter()
+                    .any(|(k, _)| k.ends_with("_bandwidth") || k.ends_with("_ops"))
+                {
+                    return Err(ConfigError::Conflict(
+                        "vhost-user: takes no rate limit (the switch port moves the frames)",
+                    ));
+                }
+                NetAttach::VhostUser(PathBuf::from(path))
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Conflict("give tap or vhost-user, not both"))
+            }
+            (None, None) => return Err(ConfigError::Missing("tap")),
+        };
         Ok(NetConfig {
-            tap: tap.to_string(),
+            attach,
             mac,
             rx_rate: flag_rate(&pairs, "rx_")?,
             tx_rate: flag_rate(&pairs, "tx_")?,
@@ -548,7 +593,7 @@ mod tests {
     #[test]
     fn net_options() {
         let n: NetConfig = "tap=fv0,mac=52:54:00:ab:cd:ef".parse().unwrap();
-        assert_eq!(n.tap, "fv0");
+        assert_eq!(n.attach, NetAttach::Tap("fv0".into()));
         assert_eq!(n.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
         assert!("tap=fv0,mac=01:00:00:00:00:01"
             .parse::<NetConfig>()

@@ -12,6 +12,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use thiserror::Error;
@@ -71,6 +72,36 @@ pub fn open(path: &Path, write: bool) -> io::Result<File> {
     let mut file = unsafe { File::from_raw_fd(dup) };
     file.seek(SeekFrom::Start(0))?;
     Ok(file)
+}
+
+/// Connects to a unix socket named by path, or takes `fd:N`, a socket
+/// the VMM inherited already connected (a duplicate of it).
+pub fn connect(path: &Path) -> io::Result<UnixStream> {
+    let Some(fd) = inherited_fd(path) else {
+        return UnixStream::connect(path);
+    };
+    // SAFETY: fstat writes only the zeroed stat buffer it is given; a
+    // descriptor that is not open gives EBADF.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above: `st` is a live, writable stat buffer.
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "not an open file descriptor",
+        ));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a socket"));
+    }
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor for the same open
+    // file, or -1; it has no memory effects.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `dup` is a socket descriptor just made for us and owned by
+    // nothing else; the stream closes it.
+    Ok(unsafe { UnixStream::from_raw_fd(dup) })
 }
 
 /// Takes an OFD lock on the whole of `file`: a write lock when `write`,

@@ -41,11 +41,13 @@ use virtio::VirtioDevice;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{ConsoleMode, DiskConfig, NetConfig, VmConfig};
+use crate::config::{ConsoleMode, DiskConfig, NetAttach, NetConfig, VmConfig};
 use crate::console::InputSink;
+use crate::guest_file;
 use crate::memory::GuestMemory;
 use crate::rate::{Limits, LimitsBuilder};
 use crate::region::{self, RegionBacking};
+use virtio::net::{SharedRamSlot, VhostUserNet};
 
 /// The highest GSI handed out for MSI-X vectors.
 const MAX_GSI: u32 = 1023;
@@ -272,12 +274,17 @@ fn disk_flag(disk: &DiskConfig) -> String {
 
 /// The `--net` option as the user wrote it.
 fn net_flag(net: &NetConfig) -> String {
+    let attach = match &net.attach {
+        NetAttach::Tap(tap) => format!("tap={tap}"),
+        NetAttach::VhostUser(path) => format!("vhost-user={}", path.display()),
+        NetAttach::Switch { name, .. } => format!("switch={name}"),
+    };
     match net.mac {
         Some(m) => format!(
-            "--net tap={},mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            net.tap, m[0], m[1], m[2], m[3], m[4], m[5]
+            "--net {attach},mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
         ),
-        None => format!("--net tap={}", net.tap),
+        None => format!("--net {attach}"),
     }
 }
 
@@ -319,6 +326,15 @@ pub struct DeviceSet {
     /// Shared regions, mapped; each becomes an ivshmem device after the
     /// virtio devices.
     pub regions: Vec<RegionBacking>,
+    /// Guest RAM as vhost-user backends map it, once it exists.
+    pub shared_ram: SharedRamSlot,
+}
+
+impl DeviceSet {
+    /// Whether guest RAM must be a memfd another process can map.
+    pub fn needs_shared_ram(&self) -> bool {
+        Arc::strong_count(&self.shared_ram) > 1
+    }
 }
 
 impl DeviceSet {
@@ -349,8 +365,33 @@ pub fn devices_from_config(config: &VmConfig) -> Result<DeviceSet, PciError> {
     }
     for (index, net) in config.nets.iter().enumerate() {
         let flag = net_flag(net);
-        let tap = virtio::net::Tap::open(&net.tap).map_err(device_error(flag.clone()))?;
         let mac = net.mac.unwrap_or_else(|| default_mac(index));
+        let tap = match &net.attach {
+            NetAttach::Tap(tap) => tap,
+            NetAttach::VhostUser(path) => {
+                let nic = guest_file::connect(path)
+                    .map_err(|e| virtio::net::VhostUserError::Connect {
+                        path: path.display().to_string(),
+                        source: e,
+                    })
+                    .and_then(|stream| {
+                        VhostUserNet::with_stream(stream, mac, set.shared_ram.clone())
+                    })
+                    .map_err(device_error(flag.clone()))?;
+                set.push(flag, Box::new(nic));
+                continue;
+            }
+            NetAttach::Switch { name, .. } => {
+                return Err(PciError::Device {
+                    flag,
+                    source: format!(
+                        "switch `{name}` is the daemon's: start the guest with `ferrovisor up`"
+                    )
+                    .into(),
+                })
+            }
+        };
+        let tap = virtio::net::Tap::open(tap).map_err(device_error(flag.clone()))?;
         let mut limiter = |dir: &str, spec| {
             limits
                 .add(format!("net{index}-{dir}"), spec)

@@ -118,9 +118,10 @@ fn create_memory(
     vm: &VmFd,
     config: &VmConfig,
     regions: &[(u64, u64)],
+    shared: bool,
 ) -> Result<memory::GuestRam, VmError> {
-    // Nothing maps guest RAM from another process yet.
-    let backing = memory::Backing::choose(config.memory_backing, config.hugepages, false)?;
+    // Shared when a switch port (another process) maps guest RAM.
+    let backing = memory::Backing::choose(config.memory_backing, config.hugepages, shared)?;
     let ram = memory::create(regions, backing)?;
     if let Some(why) = &ram.no_huge_pages {
         eprintln!("ferrovisor: guest RAM gets no huge pages: {why}");
@@ -185,9 +186,15 @@ pub fn run_with(
     let kvm = open_kvm()?;
     let vm = Arc::new(create_vm(&kvm)?);
     let cpuid = crate::cpu::guest_cpuid(&kvm, &vm, &config.cpu_features)?;
-    let ram = create_memory(&vm, config, &regions)?;
+    let ram = create_memory(&vm, config, &regions, pci_devices.needs_shared_ram())?;
     let (mem, backing, ranges) = (ram.mem.clone(), ram.backing, ram.host_ranges());
-    drop(ram);
+    if pci_devices.needs_shared_ram() {
+        if let Some(file) = ram.file {
+            let _ = pci_devices
+                .shared_ram
+                .set(virtio::net::SharedRam::new(file, &mem));
+        }
+    }
     if config.sched.locked {
         memory::lock(&ranges)?;
     }

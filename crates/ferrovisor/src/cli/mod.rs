@@ -8,6 +8,7 @@
 mod console;
 mod limit;
 mod sched;
+mod switch;
 mod switch_serve;
 mod top;
 
@@ -35,6 +36,7 @@ const COMMANDS: &[&str] = &[
     "top",
     "limit",
     "sched",
+    "switch",
     "switch-serve",
 ];
 
@@ -60,6 +62,9 @@ Management commands (all take --socket PATH, default /run/ferrovisor/api.sock):
   ferrovisor sched NAME [--weight N] [--cap PCT|none] [--rt budget=B,period=P]
                    [--priority N [--policy fifo|rr]] [--fair]
                                         change a running guest's CPU policy
+  ferrovisor switch show NAME [--json] a switch's ports: MAC, VLANs, frames, bytes, drops
+  ferrovisor switch list [--json]      every switch the daemon runs, with its ports
+  ferrovisor switch delete NAME        stop a switch (its guests' ports go with it)
   ferrovisor switch-serve --name NAME --mode hub|bridge --dir DIR
                    [--uplink TAP [--uplink-vlan access=N|trunk=N,M,...]]
                                         run one switch: DIR/control.sock, a vhost-user-net
@@ -229,6 +234,7 @@ fn run(command: &str, rest: &[String]) -> Result<ExitCode, CliError> {
         "top" => top::main(rest),
         "limit" => limit::main(rest),
         "sched" => sched::main(rest),
+        "switch" => switch::main(rest),
         "switch-serve" => switch_serve::main(rest),
         _ => Err(CliError::Usage(format!("unknown command '{command}'"))),
     }
@@ -436,6 +442,15 @@ fn info(rest: &[String]) -> Result<ExitCode, CliError> {
     for line in limit::device_lines(&info["rate_limits"]) {
         println!("{:<13} {line}", "rate");
     }
+    for port in info["switch_ports"].as_array().into_iter().flatten() {
+        let lines = switch::port_lines(&serde_json::json!({ "ports": [port] }));
+        println!(
+            "{:<13} {}: {}",
+            "switch",
+            port["switch"].as_str().unwrap_or("?"),
+            lines.get(1).map(|l| l.trim_end()).unwrap_or("")
+        );
+    }
     sched::print_vcpus(&info);
     println!("config:\n{}", info["config"].as_str().unwrap_or(""));
     Ok(ExitCode::SUCCESS)
@@ -486,16 +501,22 @@ fn up(rest: &[String]) -> Result<ExitCode, CliError> {
     let words = Words::parse(rest, &["socket"], &["json"])?;
     let file = PathBuf::from(&words.exactly(1, "one system file")?[0]);
     let system = config::load_system(&file).map_err(|e| CliError::Description(e.to_string()))?;
-    if let Some(switch) = system.switches.first() {
-        // Refused before anything is created: a guest must not start
-        // believing it is on a switch that nothing runs.
-        return Err(CliError::Description(format!(
-            "{}: switches.{}: the daemon does not run switches yet; remove [switches] to bring the system up",
-            file.display(),
-            switch.name
-        )));
-    }
     let client = words.client();
+    // Switches first: a guest on one gets its port when it starts.
+    for switch in &system.switches {
+        let mut body = json!({ "mode": switch.mode.as_str() });
+        if let Some((tap, vlans)) = &switch.uplink {
+            body["uplink"] = json!(tap);
+            match vlans {
+                config::VlanMembership::Access(id) => body["uplink_vlan"] = json!(id),
+                config::VlanMembership::Trunk(ids) => body["uplink_vlans"] = json!(ids),
+            }
+        }
+        client.call("PUT", &format!("/switches/{}", switch.name), Some(&body))?;
+        if !words.switch("json") {
+            println!("switch {}: {}", switch.name, switch.mode.as_str());
+        }
+    }
     // Regions first: a member guest that starts inherits them.
     let mut regions = Vec::new();
     for region in &system.regions {

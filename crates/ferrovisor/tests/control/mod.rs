@@ -304,10 +304,29 @@ fn kill_guests(state_dir: &Path) {
     }
 }
 
+/// Stops the switch processes of the daemon in `state_dir` (they outlive
+/// the daemon by design).
+fn shut_down_switches(state_dir: &Path) {
+    use std::io::{Read, Write};
+    for entry in std::fs::read_dir(state_dir.join("switches"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(mut c) =
+            std::os::unix::net::UnixStream::connect(entry.path().join("control.sock"))
+        {
+            let _ = writeln!(c, "{{\"op\":\"shutdown\"}}");
+            let _ = c.read_to_string(&mut String::new());
+        }
+    }
+}
+
 impl Drop for TestDaemon {
     fn drop(&mut self) {
         self.kill_daemon();
         kill_guests(&self.state_dir);
+        shut_down_switches(&self.state_dir);
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {

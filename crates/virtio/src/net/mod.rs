@@ -15,6 +15,7 @@
 //! driver's next kick.
 
 mod tap;
+mod vhost_user;
 mod worker;
 
 use std::io::{self, IoSlice};
@@ -30,6 +31,7 @@ use virtio_bindings::virtio_net::{
 use vmm_sys_util::epoll::EventSet;
 
 pub use tap::{tun_f, Tap, TapError};
+pub use vhost_user::{SharedRam, SharedRamSlot, VhostUserError, VhostUserNet};
 
 use crate::queue::{QueueSet, Worker};
 use crate::rate_limiter::DeviceLimiter;
@@ -155,14 +157,14 @@ impl Net {
         self.limiters = NetLimiters { rx, tx };
         self
     }
+}
 
-    /// The configuration space: mac, then status.
-    fn config(&self) -> [u8; 8] {
-        let mut c = [0u8; 8];
-        c[..6].copy_from_slice(&self.mac);
-        c[6..].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        c
-    }
+/// A NIC's configuration space: its MAC, then the status (link up).
+pub(crate) fn config_space(mac: [u8; 6]) -> [u8; 8] {
+    let mut c = [0u8; 8];
+    c[..6].copy_from_slice(&mac);
+    c[6..].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    c
 }
 
 /// A locally administered, unicast MAC address derived from `seed` (for
@@ -193,8 +195,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config();
-        crate::read_config_bytes(&config, offset, data);
+        crate::read_config_bytes(&config_space(self.mac), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

@@ -242,7 +242,11 @@ fn vcpu(b: &mut Builder) {
         .allow_if(libc::SYS_fcntl, &[eq(1, libc::F_GETFL as u64)])
         .allow_if(libc::SYS_fcntl, &[eq(1, libc::F_DUPFD_CLOEXEC as u64)])
         // Reading eventfds (an irqfd resample, a worker's stop).
-        .allow(libc::SYS_read);
+        .allow(libc::SYS_read)
+        // virtio::net::VhostUserNet activation and reset: requests to the
+        // switch port, the memfd and eventfds attached, and its replies.
+        .allow(libc::SYS_sendmsg)
+        .allow(libc::SYS_recvmsg);
 }
 
 /// Device workers: `virtio::queue::Worker` threads (blk, net, rng,

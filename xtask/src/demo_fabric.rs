@@ -21,12 +21,13 @@ const ALPHA: &str = "ip link set eth0 up && ip addr add 10.0.77.1/24 dev eth0 &&
                      echo 'alpha: 10.0.77.1 on switch lan, VLAN 10' && netbench serve 7000";
 
 /// What beta runs: ping alpha until it answers, then TCP throughput and
-/// round trips through the switch.
+/// round trips through the switch; then it stays up, so that its port
+/// (which goes with it) shows in the switch's table.
 const BETA: &str = "ip link set eth0 up && ip addr add 10.0.77.2/24 dev eth0 && \
                     echo 'beta: 10.0.77.2 on switch lan, VLAN 10' && \
                     for i in $(seq 60); do ping -c 1 -W 1 10.0.77.1 >/dev/null && break; sleep 1; done; \
                     ping -c 3 10.0.77.1; netbench stream 10.0.77.1 7000 3; \
-                    netbench rr 10.0.77.1 7000 200 64; echo demo-done";
+                    netbench rr 10.0.77.1 7000 200 64; echo demo-done; sleep 600";
 
 /// The system file: the switch and both guests, booting `kernel` and
 /// `initramfs`.
@@ -71,7 +72,7 @@ fn script(bin: &str, kernel: &str, initramfs: &str, images: &str) -> String {
          fv switch show lan\n\
          echo '--- ferrovisor info beta (its port)'\n\
          fv info beta | grep -E '^(name|state|ram|switch) '\n\
-         fv kill alpha >/dev/null; fv kill beta >/dev/null\n\
+         fv kill alpha >/dev/null 2>&1; fv kill beta >/dev/null 2>&1\n\
          fv switch delete lan >/dev/null\n\
          kill $daemon\n\
          exit $status\n"

@@ -196,6 +196,11 @@ pub fn route(daemon: &Daemon, req: &Request) -> Route {
             405,
             format!("{method} is not allowed on {}", req.path),
         )),
+        ("PUT", ["pools", name]) => Route::Reply(crate::pools::put(name, &req.body)),
+        (_, ["pools", _]) => Route::Reply(Reply::error(
+            405,
+            format!("{method} is not allowed on {}", req.path),
+        )),
         ("GET", ["switches"]) => Route::Reply(crate::switch::list(daemon)),
         ("PUT", ["switches", name]) => Route::Reply(crate::switch::put(daemon, name, &req.body)),
         ("GET", ["switches", name]) => Route::Reply(crate::switch::show(daemon, name)),

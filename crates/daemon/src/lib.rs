@@ -16,6 +16,7 @@
 //! - [`client`]: the API client used by the CLI;
 //! - [`description`]: checking guest descriptions;
 //! - [`limits`]: changing a running guest's disk and NIC rate limits;
+//! - [`pools`]: CPU pools the daemon knows, for moving a running guest into one;
 //! - [`sched`]: guest cgroups, real-time admission, policy changes;
 //! - [`files`]: private (0700/0600), durable state files;
 //! - [`images`]: image roots, taps and sockets a guest may use;
@@ -35,6 +36,7 @@ pub mod http;
 pub mod images;
 pub mod jail;
 pub mod limits;
+pub mod pools;
 pub mod process;
 pub mod region;
 pub mod sched;

@@ -225,10 +225,19 @@ pub fn readopt(name: &str, description: &str, dir: &Path, runtime: &Path) {
         let _ = apply_group_policy(&group, &config.sched);
     }
     let mut request = thread_request(&config.sched);
-    let changes: Map<String, Value> = std::fs::read(dir.join(CHANGES))
+    let mut changes: Map<String, Value> = std::fs::read(dir.join(CHANGES))
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .unwrap_or_default();
+    changes.remove("pool");
+    if let Some(cpus) = changes.remove(POOL_CPUS) {
+        if let Some(cpus) = cpus
+            .as_str()
+            .and_then(|c| vmm::config::parse_cpu_list(c).ok())
+        {
+            let _ = set_pool_cpus(name, &cpus);
+        }
+    }
     if let Ok(change) = parse_change(&changes) {
         let _ = change_group(name, &change);
         if !change.thread.is_empty() {
@@ -282,7 +291,13 @@ pub struct Change {
     pub cap: Option<Option<u32>>,
     /// What goes to the VMM's control socket (`rt`, `priority`, `policy`, `fair`).
     pub thread: Map<String, Value>,
+    /// The pool to move into.
+    pub pool: Option<String>,
 }
+
+/// In the kept changes: the CPUs of the pool the guest moved into (a
+/// restarted daemon may not know the pool yet).
+const POOL_CPUS: &str = "pool_cpus";
 
 /// The fields `POST /guests/NAME/sched` takes.
 pub const FIELDS: &str = "weight, cap, rt, priority, policy, fair, pool";
@@ -295,10 +310,14 @@ pub fn parse_change(body: &Map<String, Value>) -> Result<Change, String> {
     {
         return Err(format!("{key}: unknown field (known: {FIELDS})"));
     }
-    if body.contains_key("pool") {
-        return Err("pool: pools are not supported by this daemon yet".into());
-    }
     let mut change = Change::default();
+    if let Some(v) = body.get("pool") {
+        let name = v
+            .as_str()
+            .filter(|n| crate::daemon::check_name(n).is_ok())
+            .ok_or(format!("pool: {v} is not a pool name"))?;
+        change.pool = Some(name.to_string());
+    }
     if let Some(v) = body.get("weight") {
         let w = v
             .as_u64()
@@ -344,6 +363,17 @@ pub fn apply_change(
 ) -> Result<(), String> {
     let config = parse(description)?;
     let cpus = usize::from(config.cpus);
+    let pool_cpus = match &change.pool {
+        Some(pool) => {
+            let class = class_after(&config.sched, dir, change);
+            Some(crate::pools::check_move(
+                pool,
+                class,
+                !config.affinity.is_empty(),
+            )?)
+        }
+        None => None,
+    };
     let before = reserved().get(name).cloned();
     if let Some(want) = thread_reservation(change, cpus) {
         admit(name, want)?;
@@ -359,6 +389,12 @@ pub fn apply_change(
         undo_admission();
         return Err(e);
     }
+    if let Some(cpus) = &pool_cpus {
+        if let Err(e) = set_pool_cpus(name, cpus) {
+            undo_admission();
+            return Err(e);
+        }
+    }
     if !change.thread.is_empty() {
         let mut request = change.thread.clone();
         request.insert("op".into(), "sched".into());
@@ -370,12 +406,53 @@ pub fn apply_change(
             });
         }
     }
-    remember(dir, change);
+    remember(dir, change, pool_cpus.as_deref());
     Ok(())
 }
 
-/// Adds `change` to the changes kept for a re-adoption.
-fn remember(dir: &Path, change: &Change) {
+/// The class the guest's vCPUs will be in once `change` is made: the
+/// change's, else the last change's kept in `dir`, else the description's.
+fn class_after(sched: &SchedConfig, dir: &Path, change: &Change) -> crate::pools::Class {
+    use crate::pools::Class;
+    let of = |thread: &Map<String, Value>| -> Option<Class> {
+        if thread.contains_key("rt") {
+            Some(Class::Deadline)
+        } else if thread.contains_key("priority") {
+            Some(Class::Fixed)
+        } else if thread.contains_key("fair") {
+            Some(Class::Fair)
+        } else {
+            None
+        }
+    };
+    let kept: Map<String, Value> = std::fs::read(dir.join(CHANGES))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    of(&change.thread).or_else(|| of(&kept)).unwrap_or(
+        if sched.rt.is_some() || sched.vcpu_rt.iter().any(Option::is_some) {
+            Class::Deadline
+        } else if sched.priority.is_some() {
+            Class::Fixed
+        } else {
+            Class::Fair
+        },
+    )
+}
+
+/// Gives guest `name`'s group the CPUs of the pool it moves into.
+fn set_pool_cpus(name: &str, cpus: &[usize]) -> Result<(), String> {
+    let group = hierarchy()
+        .and_then(|h| h.guest(name).ok())
+        .ok_or("pool: this host has no cpuset cgroup controller")?;
+    group
+        .set_cpus(&vmm::config::format_cpu_list(cpus))
+        .map_err(|e| format!("pool: {}", chain(&e)))
+}
+
+/// Adds `change` (and the CPUs of the pool it moved into) to the changes
+/// kept for a re-adoption.
+fn remember(dir: &Path, change: &Change, pool_cpus: Option<&[usize]>) {
     let path = dir.join(CHANGES);
     let mut kept: Map<String, Value> = std::fs::read(&path)
         .ok()
@@ -392,6 +469,10 @@ fn remember(dir: &Path, change: &Change) {
             kept.remove(key);
         }
         kept.extend(change.thread.clone());
+    }
+    if let (Some(pool), Some(cpus)) = (&change.pool, pool_cpus) {
+        kept.insert("pool".into(), pool.clone().into());
+        kept.insert(POOL_CPUS.into(), vmm::config::format_cpu_list(cpus).into());
     }
     let _ = std::fs::write(&path, Value::Object(kept).to_string());
 }
@@ -498,7 +579,7 @@ mod tests {
             (r#"{"cap": "half"}"#, "cap:"),
             (r#"{"rt": "20ms/10ms"}"#, "rt:"),
             (r#"{"shares": 3}"#, "shares: unknown field"),
-            (r#"{"pool": "rt"}"#, "pool:"),
+            (r#"{"pool": 5}"#, "pool:"),
             (r#"{}"#, "body:"),
         ] {
             let err = parse_change(&body(text)).unwrap_err();

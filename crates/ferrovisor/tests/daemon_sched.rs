@@ -81,7 +81,8 @@ fn a_pool_of_a_system_file_confines_its_guests_to_its_cpus() {
     let name = format!("pooled-{}", std::process::id());
     let system = d.dir.join("system.toml");
     let text = format!(
-        "[pools.rt]\ncpus = \"1\"\npolicy = \"rt\"\n\n[guests.{name}]\n{}[guests.{name}.sched]\npool = \"rt\"\npriority = 7\n",
+        "[pools.rt]\ncpus = \"1\"\npolicy = \"rt\"\n\n[pools.spare]\ncpus = \"0\"\npolicy = \"rt\"\n\n\
+         [guests.{name}]\n{}[guests.{name}.sched]\npool = \"rt\"\npriority = 7\n",
         echo_description()
     );
     std::fs::write(&system, text).unwrap();
@@ -107,6 +108,25 @@ fn a_pool_of_a_system_file_confines_its_guests_to_its_cpus() {
     assert_eq!(allowed, "1", "the vCPU thread runs only on the pool's CPU");
     let (policy, priority, _, _) = kernel_policy(tid);
     assert_eq!((policy, priority), (1, 7), "SCHED_FIFO 7");
+    // Moved at run time into the other rt pool: the group's cpuset and so
+    // the vCPU thread follow; the class stays.
+    let out = d.cli(&["sched", &name, "--pool", "spare"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&cpuset).unwrap().trim(), "0");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    assert!(status.contains("Cpus_allowed_list:\t0\n"), "{status}");
+    assert_eq!(kernel_policy(tid).0, 1);
+    // A pool nobody defined: one line, and the guest stays where it is.
+    let out = d.cli(&["sched", &name, "--pool", "nowhere"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("no pool 'nowhere'"), "{err}");
+    assert_eq!(std::fs::read_to_string(&cpuset).unwrap().trim(), "0");
     d.expect("POST", &format!("/guests/{name}/kill"), None, 200);
 }
 

@@ -60,7 +60,7 @@ Management commands (all take --socket PATH, default /run/ferrovisor/api.sock):
                    [--refill-time T] [--replace]   change a running guest's disk or NIC rate
                                         limits (DEVICE: disk0, net0, net0-rx, net0-tx; off removes)
   ferrovisor sched NAME [--weight N] [--cap PCT|none] [--rt budget=B,period=P]
-                   [--priority N [--policy fifo|rr]] [--fair]
+                   [--priority N [--policy fifo|rr]] [--fair] [--pool P]
                                         change a running guest's CPU policy
   ferrovisor switch show NAME [--json] a switch's ports: MAC, VLANs, frames, bytes, drops
   ferrovisor switch list [--json]      every switch the daemon runs, with its ports
@@ -502,6 +502,14 @@ fn up(rest: &[String]) -> Result<ExitCode, CliError> {
     let file = PathBuf::from(&words.exactly(1, "one system file")?[0]);
     let system = config::load_system(&file).map_err(|e| CliError::Description(e.to_string()))?;
     let client = words.client();
+    // Pools, so that a running guest can later move into one.
+    for pool in &system.pools {
+        let body = json!({
+            "cpus": vmm::config::format_cpu_list(&pool.cpus),
+            "policy": pool.policy.name(),
+        });
+        client.call("PUT", &format!("/pools/{}", pool.name), Some(&body))?;
+    }
     // Switches first: a guest on one gets its port when it starts.
     for switch in &system.switches {
         let mut body = json!({ "mode": switch.mode.as_str() });

@@ -138,8 +138,14 @@ impl Daemon {
                 }
             }
         }
+        crate::switch::readopt_all(&daemon.switches_dir);
         for guest in found.values() {
-            guest.adopt(&daemon.events);
+            // A guest on a switch loses its port when its VMM ends.
+            let after = match description::parse_config(&guest.description) {
+                Ok(config) => crate::switch::closer(&daemon, &guest.name, &config),
+                Err(_) => Box::new(|| {}),
+            };
+            guest.adopt(&daemon.events, after);
         }
         daemon.guests = Mutex::new(found);
         Ok(daemon)

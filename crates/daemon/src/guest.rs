@@ -626,7 +626,7 @@ impl Guest {
 
     /// Takes over a guest whose process outlived an earlier daemon: if the
     /// process is still the one recorded, watch it; else record its end.
-    pub fn adopt(self: &Arc<Self>, events: &Arc<EventBus>) {
+    pub fn adopt(self: &Arc<Self>, events: &Arc<EventBus>, after: Box<dyn FnOnce() + Send>) {
         let (record, run) = {
             let data = lock(&self.data);
             (data.record.clone(), data.record.runs)
@@ -641,6 +641,7 @@ impl Guest {
         let runtime = self.runtime();
         let alive = identity.filter(|&id| process::is_alive(id, &runtime));
         let Some(identity) = alive else {
+            after();
             self.release();
             let end = classify(read_exit_report(&runtime), None, None, false);
             self.finish(run, end, events);
@@ -668,6 +669,7 @@ impl Guest {
             while process::is_alive(identity, &runtime) {
                 std::thread::sleep(POLL);
             }
+            after();
             guest.release();
             let killing = lock(&guest.data).killing;
             let end = classify(read_exit_report(&runtime), None, None, killing);

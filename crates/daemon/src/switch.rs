@@ -2,7 +2,8 @@
 //! through `PUT /switches/NAME`). Each is a `ferrovisor switch-serve`
 //! process in its own session, with its sockets in
 //! `STATE_DIR/switches/NAME`; it outlives the daemon, as guests do, and a
-//! daemon that finds one answering there takes it over instead of starting
+//! daemon takes over each one that still answers there (with the
+//! definition kept beside it), at start and on `PUT`, instead of starting
 //! another.
 //!
 //! A guest whose `[[net]]` names a switch gets a port when it starts: the
@@ -125,6 +126,40 @@ pub fn parse_spec(body: &Value) -> Result<SwitchSpec, SwitchError> {
     Ok(SwitchSpec { mode, uplink })
 }
 
+/// `spec` as a `PUT /switches/NAME` body, which [`parse_spec`] reads back.
+fn spec_body(spec: &SwitchSpec) -> Value {
+    let mut body = json!({ "mode": spec.mode });
+    if let Some((tap, vlans)) = &spec.uplink {
+        body["uplink"] = json!(tap);
+        match vlans {
+            VlanMembership::Access(id) => body["uplink_vlan"] = json!(id),
+            VlanMembership::Trunk(ids) => body["uplink_vlans"] = json!(ids),
+        }
+    }
+    body
+}
+
+/// The file in a switch's directory that keeps its definition, for a
+/// restarted daemon.
+const SPEC_FILE: &str = "switch.json";
+
+/// At daemon start: takes over every switch whose process still answers
+/// in its directory under `dir`, with the definition kept beside it.
+pub fn readopt_all(dir: &Path) {
+    let mut all = switches();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let spec = std::fs::read(entry.path().join(SPEC_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+            .and_then(|v| parse_spec(&v).ok());
+        let answers = request(&name, &entry.path(), &json!({"op": "show"})).is_ok();
+        if let (Some(spec), true) = (spec, answers) {
+            all.insert(name, spec);
+        }
+    }
+}
+
 /// Sends one request line to the switch in `dir` and returns its reply
 /// when it says `"ok": true`.
 fn request(name: &str, dir: &Path, line: &Value) -> Result<Value, SwitchError> {
@@ -241,6 +276,9 @@ pub fn define(
             true
         }
     };
+    let kept = dir.join(SPEC_FILE);
+    crate::files::write_durable(&kept, spec_body(&spec).to_string().as_bytes())
+        .map_err(|e| SwitchError::Start(name.to_string(), format!("{}: {e}", kept.display())))?;
     all.insert(name.to_string(), spec);
     Ok(started)
 }
@@ -495,6 +533,18 @@ mod tests {
         ] {
             let e = parse_spec(&body).unwrap_err().to_string();
             assert!(e.starts_with(field), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_definition_kept_on_disk_reads_back_the_same() {
+        for body in [
+            json!({"mode": "hub"}),
+            json!({"mode": "bridge", "uplink": "fv-up", "uplink_vlan": 10}),
+            json!({"mode": "bridge", "uplink": "fv-up", "uplink_vlans": [10, 20]}),
+        ] {
+            let spec = parse_spec(&body).unwrap();
+            assert_eq!(parse_spec(&spec_body(&spec)).unwrap(), spec);
         }
     }
 

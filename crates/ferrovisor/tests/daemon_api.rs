@@ -581,7 +581,7 @@ fn wait_ports(d: &TestDaemon, name: &str, what: &str, ok: impl Fn(&[Value]) -> b
 
 #[test]
 fn up_runs_a_systems_switch_and_each_switched_guest_gets_a_port_that_goes_with_it() {
-    let d = TestDaemon::start();
+    let mut d = TestDaemon::start();
     let guest = format!(
         "{}\n[[net]]\nswitch = \"lan\"\nvlan = 10\n",
         echo_description()
@@ -620,7 +620,14 @@ fn up_runs_a_systems_switch_and_each_switched_guest_gets_a_port_that_goes_with_i
     // The same switch again is fine; another mode is a conflict.
     d.expect("PUT", "/switches/lan", Some(json!({"mode": "bridge"})), 200);
     d.expect("PUT", "/switches/lan", Some(json!({"mode": "hub"})), 409);
-    // The port goes with its guest.
+    // The daemon restarts: the switch process and the guest's connection to
+    // it live on, and the new daemon takes the switch over.
+    d.kill_daemon();
+    d.spawn();
+    let port = &ports(&d, "lan")[0];
+    assert_eq!((&port["port"], &port["connected"]), (&json!("sw-0"), &json!(true)));
+    d.expect("PUT", "/switches/lan", Some(json!({"mode": "bridge"})), 200);
+    // The port goes with its guest, adopted by the restarted daemon.
     d.expect("POST", "/guests/sw/kill", None, 200);
     wait_ports(&d, "lan", "empty", |p| p.is_empty());
     // A guest on a switch the system does not declare: one line, nothing made.

@@ -657,9 +657,10 @@ pub fn in_lab(args: &[String]) -> Result<u8> {
         Some("rate") => return crate::bench_rate::in_lab(args),
         Some("distro") => return crate::bench_distro::in_lab(args),
         Some("fabric-guests") => return crate::bench_fabric_guests::in_lab(args),
+        Some("sched-lab") => return crate::bench_sched::in_lab(args),
         _ => {
             return Err(fail!(
-                "bench-in-lab: only `boot`, `distro`, `blk`, `rate` and `fabric-guests` are known"
+                "bench-in-lab: only `boot`, `distro`, `blk`, `rate`, `fabric-guests` and `sched-lab` are known"
             ))
         }
     }

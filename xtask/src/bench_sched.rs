@@ -190,6 +190,43 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Where a benchmark's guests run: tiny guests on this host, or guest-kit
+/// guests (Debian's kernel, busybox) inside the lab.
+#[derive(Debug, Clone, Copy)]
+struct Ctx<'a> {
+    exe: &'a Path,
+    base: &'a Path,
+    lab: bool,
+}
+
+/// What a guest boots.
+enum Boot {
+    /// A tiny multiboot kernel.
+    Tiny(Vec<u8>),
+    /// The guest kit running this shell command.
+    Kit(String),
+}
+
+impl Ctx<'_> {
+    /// A guest that keeps each of its `cpus` vCPUs busy.
+    fn spinner(&self, cpus: u8) -> Boot {
+        if self.lab {
+            Boot::Kit(format!(
+                "for i in $(seq {cpus}); do (while :; do :; done) & done; wait"
+            ))
+        } else {
+            Boot::Tiny(spin_kernel())
+        }
+    }
+
+    fn start(&self, name: &str, boot: Boot, cpus: u8, extra: &str) -> Result<Guest> {
+        Guest::start(self, name, boot, cpus, extra)
+    }
+}
+
+/// The kit's marker that its /init runs.
+const KIT_INIT: &str = "ferrovisor-guest: init reached";
+
 /// One guest VMM under the benchmark; stopped when dropped.
 struct Guest {
     name: String,
@@ -213,22 +250,27 @@ impl Drop for Guest {
 }
 
 impl Guest {
-    /// Writes `NAME.toml` (the kernel, `cpus`, then `extra`) in `base`, and
-    /// starts it; returns once its vCPU threads are up.
-    fn start(
-        exe: &Path,
-        base: &Path,
-        name: &str,
-        kernel: &[u8],
-        cpus: u8,
-        extra: &str,
-    ) -> Result<Guest> {
-        let dir = base.join(name);
+    /// Writes `NAME.toml` (what it boots, `cpus`, then `extra`) in the
+    /// context's directory, and starts it; returns once its vCPU threads
+    /// are up (and a kit guest's /init runs).
+    fn start(ctx: &Ctx<'_>, name: &str, boot: Boot, cpus: u8, extra: &str) -> Result<Guest> {
+        let exe = ctx.exe;
+        let dir = ctx.base.join(name);
         util::mkdir(&dir)?;
-        let kernel_path = dir.join("kernel.bin");
-        util::write(&kernel_path, kernel)?;
         let file = dir.join(format!("{name}.toml"));
-        let text = format!("kernel = \"kernel.bin\"\nmemory = \"32M\"\ncpus = {cpus}\n{extra}\n");
+        let head = match &boot {
+            Boot::Tiny(kernel) => {
+                util::write(&dir.join("kernel.bin"), kernel)?;
+                "kernel = \"kernel.bin\"\nmemory = \"32M\"\n".to_string()
+            }
+            Boot::Kit(run) => format!(
+                "kernel = \"{}\"\ninitramfs = \"{}\"\ncmdline = \"{}\"\nmemory = \"192M\"\n",
+                crate::lab::LAB_KERNEL,
+                crate::lab::LAB_INITRAMFS,
+                crate::guestkit::cmdline_running(run)
+            ),
+        };
+        let text = format!("{head}cpus = {cpus}\n{extra}\n");
         util::write(&file, text)?;
         let child = Command::new(exe)
             .args(["run", "--config"])
@@ -249,7 +291,34 @@ impl Guest {
             dir,
         };
         guest.wait_started(cpus)?;
+        if matches!(boot, Boot::Kit(_)) {
+            guest.wait_console(KIT_INIT, Duration::from_secs(120))?;
+        }
         Ok(guest)
+    }
+
+    /// The guest's console so far.
+    fn console(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.dir.join("console.log")).unwrap_or_default())
+            .into_owned()
+    }
+
+    /// Waits until the console shows `needle`; returns the line.
+    fn wait_console(&self, needle: &str, limit: Duration) -> Result<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(line) = self.console().lines().find(|l| l.contains(needle)) {
+                return Ok(line.to_string());
+            }
+            if Instant::now() > deadline {
+                return Err(fail!(
+                    "guest {} never printed {needle:?} in {} s",
+                    self.name,
+                    limit.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn wait_started(&self, cpus: u8) -> Result<()> {
@@ -335,19 +404,12 @@ fn cpu_over_measure(guests: &[&Guest]) -> Result<(Vec<u64>, Duration)> {
     ))
 }
 
-fn share(exe: &Path, base: &Path) -> Result<()> {
+fn share(ctx: &Ctx<'_>) -> Result<()> {
     let weights = [100u32, 200, 400];
     let mut guests = Vec::new();
     for (i, w) in weights.iter().enumerate() {
         let extra = format!("affinity = \"{BENCH_CPU}\"\n[sched]\nweight = {w}");
-        guests.push(Guest::start(
-            exe,
-            base,
-            &format!("share-{i}"),
-            &spin_kernel(),
-            1,
-            &extra,
-        )?);
+        guests.push(ctx.start(&format!("share-{i}"), ctx.spinner(1), 1, &extra)?);
     }
     let refs: Vec<&Guest> = guests.iter().collect();
     let (cpu, _) = cpu_over_measure(&refs)?;
@@ -370,9 +432,9 @@ fn share(exe: &Path, base: &Path) -> Result<()> {
     Ok(())
 }
 
-fn cap(exe: &Path, base: &Path) -> Result<()> {
+fn cap(ctx: &Ctx<'_>) -> Result<()> {
     let extra = format!("affinity = \"{BENCH_CPU}\"\n[sched]\ncap = 25");
-    let guest = Guest::start(exe, base, "cap", &spin_kernel(), 1, &extra)?;
+    let guest = ctx.start("cap", ctx.spinner(1), 1, &extra)?;
     let (cpu, wall) = cpu_over_measure(&[&guest])?;
     let got = 100.0 * cpu[0] as f64 / wall.as_nanos() as f64;
     println!(
@@ -418,16 +480,30 @@ fn describe_responses(label: &str, (responses, share): (Vec<f64>, f64)) {
     );
 }
 
-fn real_time(exe: &Path, base: &Path) -> Result<()> {
+/// The reservations the real-time task runs beside: (label, the fillers'
+/// reservations), at 20%, 50% and 90% of one CPU reserved in all.
+const RT_LEVELS: [(&str, &[&str]); 3] = [
+    ("20% reserved, beside the hog", &[]),
+    ("50% reserved, beside the hog", &["3ms/10ms"]),
+    ("90% reserved, beside the hog", &["7ms/10ms"]),
+];
+
+/// The task's own reservation.
+const RT_RESERVED: &str = "[sched]\nrt = \"2ms/10ms\"";
+
+fn real_time(ctx: &Ctx<'_>) -> Result<()> {
+    if ctx.lab {
+        return real_time_lab(ctx);
+    }
+    let (exe, base) = (ctx.exe, ctx.base);
     let hz = tsc_hz();
     let period_ticks = (hz * PERIOD.as_secs_f64()) as u32;
     // Calibrate the job: `work` iterations for about JOB of guest time alone.
     let probe_work = 2_000;
-    let probe = Guest::start(
-        exe,
-        base,
+    let _ = (exe, base);
+    let probe = ctx.start(
         "rt-probe",
-        &periodic_kernel(probe_work, period_ticks),
+        Boot::Tiny(periodic_kernel(probe_work, period_ticks)),
         1,
         "",
     )?;
@@ -447,35 +523,22 @@ fn real_time(exe: &Path, base: &Path) -> Result<()> {
         PERIOD.as_millis(),
         hz / 1e6
     );
-    let task = Guest::start(exe, base, "rt-alone", &kernel, 1, "")?;
+    let task = ctx.start("rt-alone", Boot::Tiny(kernel.clone()), 1, "")?;
     describe_responses("alone, fair class", task_responses(&task, hz)?);
     drop(task);
-    let reserved = "[sched]\nrt = \"2ms/10ms\"";
-    let task = Guest::start(exe, base, "rt-alone-reserved", &kernel, 1, reserved)?;
+    let reserved = RT_RESERVED;
+    let task = ctx.start("rt-alone-reserved", Boot::Tiny(kernel.clone()), 1, reserved)?;
     describe_responses("alone, 20% reserved", task_responses(&task, hz)?);
     drop(task);
-    let hog = Guest::start(exe, base, "rt-hog", &spin_kernel(), 2, "")?;
-    for (level, (label, fillers)) in [
-        ("20% reserved, beside the hog", vec![]),
-        ("50% reserved, beside the hog", vec!["3ms/10ms"]),
-        ("90% reserved, beside the hog", vec!["7ms/10ms"]),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let mut others = Vec::new();
-        for (i, rt) in fillers.iter().enumerate() {
-            let extra = format!("[sched]\nrt = \"{rt}\"");
-            others.push(Guest::start(
-                exe,
-                base,
-                &format!("rt-fill-{level}-{i}"),
-                &spin_kernel(),
-                1,
-                &extra,
-            )?);
-        }
-        let task = Guest::start(exe, base, &format!("rt-task-{level}"), &kernel, 1, reserved)?;
+    let hog = ctx.start("rt-hog", ctx.spinner(2), 2, "")?;
+    for (level, (label, fillers)) in RT_LEVELS.into_iter().enumerate() {
+        let _others = fillers_for(ctx, level, fillers)?;
+        let task = ctx.start(
+            &format!("rt-task-{level}"),
+            Boot::Tiny(kernel.clone()),
+            1,
+            reserved,
+        )?;
         describe_responses(label, task_responses(&task, hz)?);
         let overruns = task.sched()?["overruns"].as_u64().unwrap_or(0);
         println!("  {:<30} {overruns} budget overruns counted", "");
@@ -484,7 +547,58 @@ fn real_time(exe: &Path, base: &Path) -> Result<()> {
     Ok(())
 }
 
-fn partitions(exe: &Path, base: &Path) -> Result<()> {
+/// Spinning guests holding the reservations `fillers`, for level `level`.
+fn fillers_for(ctx: &Ctx<'_>, level: usize, fillers: &[&str]) -> Result<Vec<Guest>> {
+    let mut others = Vec::new();
+    for (i, rt) in fillers.iter().enumerate() {
+        let extra = format!("[sched]\nrt = \"{rt}\"");
+        others.push(ctx.start(&format!("rt-fill-{level}-{i}"), ctx.spinner(1), 1, &extra)?);
+    }
+    Ok(others)
+}
+
+/// The real-time figure with the kit's `periodic` task in a Linux guest:
+/// a job of about 1 ms every 10 ms for [`MEASURE`], its response times as
+/// the task itself measures them (from its release on the guest's clock).
+fn real_time_lab(ctx: &Ctx<'_>) -> Result<()> {
+    let secs = MEASURE.as_secs();
+    let run = format!(
+        "sleep 2; periodic {} {} {secs}",
+        PERIOD.as_millis(),
+        JOB.as_micros()
+    );
+    println!(
+        "Real time (the kit's periodic task in a Linux guest: a job of ~{} ms every {} ms for {secs} s; rt = 2ms/10ms):",
+        JOB.as_millis(),
+        PERIOD.as_millis()
+    );
+    let task_line = |name: &str, extra: &str| -> Result<()> {
+        let task = ctx.start(name, Boot::Kit(run.clone()), 1, extra)?;
+        let before = task.cpu_ns()?;
+        let start = Instant::now();
+        let line = task.wait_console("periodic: ", MEASURE + Duration::from_secs(60))?;
+        let share = (task.cpu_ns()? - before) as f64 / start.elapsed().as_nanos() as f64;
+        let overruns = task.sched()?["overruns"].as_u64().unwrap_or(0);
+        println!(
+            "  {name:<30} {}; vCPU got {:.1}% of a CPU; {overruns} budget overruns",
+            line.trim_start_matches("periodic: ").trim(),
+            share * 100.0
+        );
+        Ok(())
+    };
+    task_line("alone, fair class", "")?;
+    task_line("alone, 20% reserved", RT_RESERVED)?;
+    let hog = ctx.start("rt-hog", ctx.spinner(2), 2, "")?;
+    for (level, (label, fillers)) in RT_LEVELS.into_iter().enumerate() {
+        let others = fillers_for(ctx, level, fillers)?;
+        task_line(label, RT_RESERVED)?;
+        drop(others);
+    }
+    drop(hog);
+    Ok(())
+}
+
+fn partitions(ctx: &Ctx<'_>) -> Result<()> {
     // The frame starts one second from now, on every guest's clock alike.
     let epoch = monotonic_ns() + 1_000_000_000;
     // Each guest's vCPU holds a deadline reservation 1 ms longer than its
@@ -500,14 +614,7 @@ fn partitions(exe: &Path, base: &Path) -> Result<()> {
         let extra = format!(
             "[sched]\nrt = \"{budget}/20ms\"\n[sched.partition]\nframe = \"20ms\"\nepoch = {epoch}\nwindows = [{{ start = \"{start}\", length = \"{length}\" }}]"
         );
-        guests.push(Guest::start(
-            exe,
-            base,
-            &format!("part-{name}"),
-            &spin_kernel(),
-            1,
-            &extra,
-        )?);
+        guests.push(ctx.start(&format!("part-{name}"), ctx.spinner(1), 1, &extra)?);
     }
     std::thread::sleep(Duration::from_secs(1) + MEASURE);
     println!(
@@ -540,13 +647,20 @@ fn partitions(exe: &Path, base: &Path) -> Result<()> {
 /// The I/O rate-limit figure: `cargo xtask bench rate` (a disk at 20 MiB/s
 /// and 500 IOPS, a NIC at 100 Mbit/s, under a guest flooding them), which
 /// runs in the lab.
-fn rate_limits(_exe: &Path, _base: &Path) -> Result<()> {
+fn rate_limits(ctx: &Ctx<'_>) -> Result<()> {
+    if ctx.lab {
+        // `bench rate` is a lab benchmark of its own, with Linux guests.
+        println!(
+            "Rate limits: run by `cargo xtask bench sched` (or `bench rate`), in the lab already"
+        );
+        return Ok(());
+    }
     println!("Rate limits (cargo xtask bench rate, in the lab):");
     crate::bench_rate::command(&[]).map(drop)
 }
 
 /// The benchmarks, by the name that selects one.
-type Bench = fn(&Path, &Path) -> Result<()>;
+type Bench = fn(&Ctx<'_>) -> Result<()>;
 const BENCHES: [(&str, Bench); 5] = [
     ("share", share),
     ("cap", cap),
@@ -555,14 +669,24 @@ const BENCHES: [(&str, Bench); 5] = [
     ("rate", rate_limits),
 ];
 
-/// Runs every benchmark (or those named) and prints its figures.
+/// Runs every benchmark (or those named) and prints its figures; with
+/// `--lab`, once more inside the lab with guest-kit guests.
 pub fn command(args: &[String]) -> Result<u8> {
+    let lab = args.iter().any(|a| a == "--lab");
+    let args: Vec<String> = args.iter().filter(|a| *a != "--lab").cloned().collect();
     let names: Vec<&str> = BENCHES.iter().map(|(n, _)| *n).collect();
     if let Some(bad) = args.iter().find(|a| !names.contains(&a.as_str())) {
         return Err(fail!(
-            "bench sched: unknown benchmark `{bad}` (known: {})",
+            "bench sched: unknown benchmark `{bad}` (known: {}; --lab for Linux guests in the lab)",
             names.join(", ")
         ));
+    }
+    if lab {
+        return crate::bench::run_in_lab_with(
+            &format!("sched-lab {}", args.join(" ")),
+            Duration::from_secs(60 * 60),
+            |_| {},
+        );
     }
     util::run(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -570,20 +694,40 @@ pub fn command(args: &[String]) -> Result<u8> {
             .current_dir(util::workspace_root()),
     )?;
     let exe = util::target_dir().join("debug/ferrovisor");
+    run_all(&exe, false, &args)
+}
+
+/// `xtask bench-in-lab sched-lab [NAMES]`: the benchmarks with guest-kit
+/// guests, inside the lab.
+pub fn in_lab(args: &[String]) -> Result<u8> {
+    run_all(Path::new(crate::lab::LAB_FERROVISOR), true, &args[1..])
+}
+
+fn run_all(exe: &Path, lab: bool, args: &[String]) -> Result<u8> {
     let base = PathBuf::from(format!("/tmp/fv-bench-sched-{}", std::process::id()));
     util::mkdir(&base)?;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let guests = if lab {
+        "guest-kit guests (Debian's kernel) in the lab"
+    } else {
+        "tiny guests on this host"
+    };
     println!(
-        "bench sched: tiny guests on this host (load average {})",
+        "bench sched: {guests} (load average {})",
         load.split_whitespace()
             .take(3)
             .collect::<Vec<_>>()
             .join(" ")
     );
+    let ctx = Ctx {
+        exe,
+        base: &base,
+        lab,
+    };
     let mut result = Ok(());
     for (name, bench) in BENCHES {
         if result.is_ok() && (args.is_empty() || args.iter().any(|a| a == name)) {
-            result = bench(&exe, &base);
+            result = bench(&ctx);
         }
     }
     let _ = std::fs::remove_dir_all(&base);

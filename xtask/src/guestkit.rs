@@ -23,6 +23,7 @@ const STD_TOOLS: &[(&str, &str)] = &[
     ("guest/tools/blkbench.rs", "blkbench"),
     ("guest/tools/netbench.rs", "netbench"),
     ("guest/tools/region.rs", "region"),
+    ("guest/tools/periodic.rs", "periodic"),
 ];
 /// A module the std tools include (`#[path]`), part of the kit's inputs.
 const SHARED_TOOL_SRC: &str = "guest/tools/vsock_sys.rs";
@@ -495,6 +496,24 @@ mod tests {
     fn vsock_helper_rejects_bad_arguments() {
         let tool = build_tool("vsock");
         for args in [&["connect", "2"][..], &["listen", "x", "hi"], &["send"]] {
+            let out = Command::new(&tool).args(args).output().expect("run");
+            assert_eq!(out.status.code(), Some(1), "{args:?}");
+        }
+        let _ = std::fs::remove_dir_all(tool.parent().expect("dir"));
+    }
+
+    #[test]
+    fn periodic_task_reports_its_jobs_and_refuses_bad_arguments() {
+        let tool = build_tool("periodic");
+        let out = Command::new(&tool)
+            .args(["10", "100", "1"])
+            .output()
+            .expect("run");
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.starts_with("periodic: 100 jobs, "), "{text}");
+        assert!(text.contains(" missed, response p50 "), "{text}");
+        for args in [&["10", "100"][..], &["0", "100", "1"], &["x", "1", "1"]] {
             let out = Command::new(&tool).args(args).output().expect("run");
             assert_eq!(out.status.code(), Some(1), "{args:?}");
         }

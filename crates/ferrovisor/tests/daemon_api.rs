@@ -625,7 +625,10 @@ fn up_runs_a_systems_switch_and_each_switched_guest_gets_a_port_that_goes_with_i
     d.kill_daemon();
     d.spawn();
     let port = &ports(&d, "lan")[0];
-    assert_eq!((&port["port"], &port["connected"]), (&json!("sw-0"), &json!(true)));
+    assert_eq!(
+        (&port["port"], &port["connected"]),
+        (&json!("sw-0"), &json!(true))
+    );
     d.expect("PUT", "/switches/lan", Some(json!({"mode": "bridge"})), 200);
     // The port goes with its guest, adopted by the restarted daemon.
     d.expect("POST", "/guests/sw/kill", None, 200);

@@ -106,21 +106,27 @@ where
     Ok(())
 }
 
-/// Writes `hdr` (`RX_HDR`, or the sender's offload request with
-/// `num_buffers` 1) then `frame` into receive `chain`; returns the bytes
-/// written (the used length).
-pub fn write_rx<M>(
+/// Where the two bytes of a written header's `num_buffers` landed.
+pub type NumBuffersAt = [GuestAddress; 2];
+
+/// Writes the bytes of `hdr` followed by `frame`, from byte `start` of that
+/// sequence on, into receive `chain`, as far as the chain holds. Returns
+/// the bytes written and, when the header's `num_buffers` field (bytes 10
+/// and 11) was written, where it landed, for a mergeable frame to patch.
+pub fn fill_rx<M>(
     mem: &M::Target,
     chain: DescriptorChain<M>,
     hdr: &[u8; NET_HDR_LEN],
     frame: &[u8],
-) -> Result<u32, ChainError>
+    start: usize,
+) -> Result<(u32, Option<NumBuffersAt>), ChainError>
 where
     M: std::ops::Deref,
     M::Target: GuestMemory,
 {
     let total = NET_HDR_LEN + frame.len();
-    let mut done = 0usize;
+    let mut done = start;
+    let mut at = [None, None];
     walk(chain, |desc| {
         if !desc.is_write_only() {
             return Err(ChainError::ReadOnly);
@@ -137,6 +143,12 @@ where
                 &frame[done - NET_HDR_LEN..]
             };
             let n = src.len().min(room);
+            for (k, slot) in at.iter_mut().enumerate() {
+                let byte = 10 + k;
+                if (done..done + n).contains(&byte) {
+                    *slot = Some(GuestAddress(addr.0.wrapping_add((byte - done) as u64)));
+                }
+            }
             mem.write_slice(&src[..n], addr)
                 .map_err(|_| ChainError::OutOfBounds)?;
             done += n;
@@ -145,10 +157,45 @@ where
         }
         Ok(())
     })?;
-    if done < total {
+    let written = u32::try_from(done - start).map_err(|_| ChainError::TooLong)?;
+    let num_buffers = match at {
+        [Some(a), Some(b)] => Some([a, b]),
+        _ => None,
+    };
+    Ok((written, num_buffers))
+}
+
+/// Writes `hdr` (`RX_HDR`, or the sender's offload request with
+/// `num_buffers` 1) then `frame` into receive `chain`; returns the bytes
+/// written (the used length). The whole frame must fit.
+pub fn write_rx<M>(
+    mem: &M::Target,
+    chain: DescriptorChain<M>,
+    hdr: &[u8; NET_HDR_LEN],
+    frame: &[u8],
+) -> Result<u32, ChainError>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    let (written, _) = fill_rx(mem, chain, hdr, frame, 0)?;
+    if written as usize != NET_HDR_LEN + frame.len() {
         return Err(ChainError::NoRoom);
     }
-    u32::try_from(total).map_err(|_| ChainError::TooLong)
+    Ok(written)
+}
+
+/// Sets a written header's `num_buffers` to `n`.
+pub fn set_num_buffers<M: GuestMemory + ?Sized>(
+    mem: &M,
+    at: NumBuffersAt,
+    n: u16,
+) -> Result<(), ChainError> {
+    for (addr, byte) in at.into_iter().zip(n.to_le_bytes()) {
+        mem.write_slice(&[byte], addr)
+            .map_err(|_| ChainError::OutOfBounds)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -234,5 +281,32 @@ mod tests {
             write_rx(&mem, read_only, &RX_HDR, &[0u8; 64]),
             Err(ChainError::ReadOnly)
         );
+    }
+
+    #[test]
+    fn a_frame_spreads_over_two_chains_and_its_header_counts_them() {
+        let mem = memory();
+        let queue = MockSplitQueue::new(&mem, 16);
+        let frame: Vec<u8> = (0..30).collect();
+        let first = queue
+            .build_desc_chain(&[desc(0x10_0000, 20, true)])
+            .unwrap();
+        let (n, at) = fill_rx(&mem, first, &RX_HDR, &frame, 0).unwrap();
+        assert_eq!(n, 20);
+        let at = at.expect("num_buffers was written");
+        let second = queue
+            .build_desc_chain(&[desc(0x12_0000, 100, true)])
+            .unwrap();
+        assert_eq!(
+            fill_rx(&mem, second, &RX_HDR, &frame, 20).unwrap(),
+            (22, None)
+        );
+        set_num_buffers(&mem, at, 2).unwrap();
+        let mut hdr = [0u8; 12];
+        mem.read_slice(&mut hdr, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 2);
+        let mut rest = [0u8; 22];
+        mem.read_slice(&mut rest, GuestAddress(0x12_0000)).unwrap();
+        assert_eq!(rest[..], frame[8..]);
     }
 }

@@ -23,9 +23,10 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
-    VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
-    VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
 };
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -103,8 +104,10 @@ pub struct VhostTx(pub Arc<PortState>);
 
 /// The offloads the port offers: checksums and TCP segmentation both
 /// ways, so that guests on one switch pass 64 KiB segments to each other
-/// as they would through taps.
-pub const OFFLOADS: u64 = 1 << VIRTIO_NET_F_CSUM
+/// as they would through taps, and mergeable receive buffers, so that a
+/// 64 KiB segment takes page-sized buffers rather than a chain of 17.
+pub const OFFLOADS: u64 = 1 << VIRTIO_NET_F_MRG_RXBUF
+    | 1 << VIRTIO_NET_F_CSUM
     | 1 << VIRTIO_NET_F_GUEST_CSUM
     | 1 << VIRTIO_NET_F_GUEST_TSO4
     | 1 << VIRTIO_NET_F_GUEST_TSO6
@@ -132,7 +135,9 @@ pub fn takes(acked: u64, offload: &Offload) -> bool {
 }
 
 impl VhostTx {
-    /// Writes `frame` with `hdr` into the port's receive queue.
+    /// Writes `frame` with `hdr` into the port's receive queue: into one
+    /// chain, or across as many as it takes when the driver accepted
+    /// mergeable receive buffers.
     fn deliver(&self, hdr: &[u8; chain::NET_HDR_LEN], frame: &[u8]) -> Result<(), TxDropped> {
         let slot = lock(&self.0.rx);
         let ring = slot.as_ref().ok_or(TxDropped)?;
@@ -141,19 +146,74 @@ impl VhostTx {
         if !state.get_queue().ready() || !state.is_enabled() {
             return Err(TxDropped);
         }
+        let mergeable = self.0.acked.load(Ordering::Acquire) & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         let queue = state.get_queue_mut();
-        let chain = queue.pop_descriptor_chain(mem.clone()).ok_or(TxDropped)?;
-        let head = chain.head_index();
-        let written = chain::write_rx(&*mem, chain, hdr, frame);
-        // A chain too small or bad is given back unused, so the guest
-        // does not lose the buffer.
-        let used = written.unwrap_or(0);
-        queue.add_used(&*mem, head, used).map_err(|_| TxDropped)?;
-        if state.signal_used_queue().is_err() || written.is_err() {
-            return Err(TxDropped);
+        let written = if mergeable {
+            fill_mergeable(queue, &*mem, hdr, frame)
+        } else {
+            let chain = queue.pop_descriptor_chain(mem.clone()).ok_or(TxDropped)?;
+            let head = chain.head_index();
+            let written = chain::write_rx(&*mem, chain, hdr, frame);
+            // A chain too small or bad is given back unused, so the guest
+            // does not lose the buffer.
+            queue
+                .add_used(&*mem, head, *written.as_ref().unwrap_or(&0))
+                .map_err(|_| TxDropped)?;
+            written.map(drop).map_err(|_| TxDropped)
+        };
+        // With EVENT_IDX the driver says when it wants an interrupt.
+        if queue.needs_notification(&*mem).unwrap_or(true) {
+            state.signal_used_queue().map_err(|_| TxDropped)?;
         }
-        Ok(())
+        written
     }
+}
+
+/// Writes a frame across as many receive chains as it takes, with
+/// `num_buffers` in its header. Without enough chains the queue is put back
+/// as it was and the frame refused; a bad chain is given back unused (with
+/// the ones taken before it) and the frame refused.
+fn fill_mergeable<M>(
+    queue: &mut virtio_queue::Queue,
+    mem: &M,
+    hdr: &[u8; chain::NET_HDR_LEN],
+    frame: &[u8],
+) -> Result<(), TxDropped>
+where
+    M: vm_memory::GuestMemory,
+{
+    let first = queue.next_avail();
+    let total = chain::NET_HDR_LEN + frame.len();
+    let mut used: Vec<(u16, u32)> = Vec::new();
+    let (mut done, mut num_buffers_at) = (0usize, None);
+    while done < total {
+        let Some(next) = queue.pop_descriptor_chain(mem) else {
+            queue.set_next_avail(first);
+            return Err(TxDropped);
+        };
+        let head = next.head_index();
+        match chain::fill_rx(mem, next, hdr, frame, done) {
+            Ok((n, at)) if n > 0 => {
+                num_buffers_at = num_buffers_at.or(at);
+                used.push((head, n));
+                done += n as usize;
+            }
+            _ => {
+                for (h, _) in used.into_iter().chain([(head, 0)]) {
+                    let _ = queue.add_used(mem, h, 0);
+                }
+                return Err(TxDropped);
+            }
+        }
+    }
+    let count = u16::try_from(used.len()).map_err(|_| TxDropped)?;
+    if let Some(at) = num_buffers_at {
+        chain::set_num_buffers(mem, at, count).map_err(|_| TxDropped)?;
+    }
+    for (head, n) in used {
+        queue.add_used(mem, head, n).map_err(|_| TxDropped)?;
+    }
+    Ok(())
 }
 
 impl PortTx for VhostTx {
@@ -188,26 +248,38 @@ impl Backend {
         let mem = self.mem.memory();
         let mut buf = lock(&self.scratch);
         let mut state = vring.get_mut();
-        let mut any = false;
         let mut hdr = [0u8; chain::NET_HDR_LEN];
-        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
-            let head = chain.head_index();
-            match chain::read_tx(&*mem, chain, &mut buf, &mut hdr) {
-                Ok(()) => {
-                    let offload = Offload(hdr);
-                    lock(&self.switch).receive_offloaded(self.id, offload, &buf);
+        // Kicks stay off while the queue is drained; the guest is asked for
+        // one again only when nothing is left (with EVENT_IDX, through
+        // avail_event), and checked once more after that.
+        loop {
+            let _ = state.get_queue_mut().disable_notification(&*mem);
+            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+                let head = chain.head_index();
+                match chain::read_tx(&*mem, chain, &mut buf, &mut hdr) {
+                    Ok(()) => {
+                        let offload = Offload(hdr);
+                        lock(&self.switch).receive_offloaded(self.id, offload, &buf);
+                    }
+                    Err(ChainError::OutOfBounds | ChainError::Broken | ChainError::WriteOnly)
+                    | Err(ChainError::Short | ChainError::TooLong)
+                    | Err(ChainError::ReadOnly | ChainError::NoRoom) => {
+                        self.state.bad_chains.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-                Err(ChainError::OutOfBounds | ChainError::Broken | ChainError::WriteOnly)
-                | Err(ChainError::Short | ChainError::TooLong)
-                | Err(ChainError::ReadOnly | ChainError::NoRoom) => {
-                    self.state.bad_chains.fetch_add(1, Ordering::Relaxed);
-                }
+                // The head came from the avail ring, so it is a valid index.
+                let _ = state.get_queue_mut().add_used(&*mem, head, 0);
             }
-            // The head came from the avail ring, so it is a valid index.
-            let _ = state.get_queue_mut().add_used(&*mem, head, 0);
-            any = true;
+            match state.get_queue_mut().enable_notification(&*mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
         }
-        if any {
+        if state
+            .get_queue_mut()
+            .needs_notification(&*mem)
+            .unwrap_or(true)
+        {
             state.signal_used_queue()?;
         }
         Ok(())
@@ -227,7 +299,10 @@ impl VhostUserBackend for Backend {
     }
 
     fn features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | OFFLOADS
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | OFFLOADS
     }
 
     fn acked_features(&self, features: u64) {

@@ -38,7 +38,7 @@ pub fn port_lines(switch: &Value) -> Vec<String> {
         };
         let n = |k: &str| p[k].as_u64().unwrap_or(0);
         lines.push(format!(
-            "{:<14} {:<17} {:<12} {:>9} {:>12} {:>9} {:>12} {:>6} {:>7} {:>7}",
+            "{:<14} {:<17} {:<12} {:>9} {:>12} {:>9} {:>12} {:>6} {:>7} {:>7} {:>7}",
             p["port"].as_str().unwrap_or("?"),
             p["mac"].as_str().unwrap_or("-"),
             vlan,
@@ -48,6 +48,7 @@ pub fn port_lines(switch: &Value) -> Vec<String> {
             n("tx_bytes"),
             n("drops"),
             n("spoofed"),
+            n("tx_refused"),
             n("learned"),
         ));
     }

@@ -24,7 +24,8 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_STATUS,
 };
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -51,7 +52,8 @@ const PASSED_FEATURES: u64 = VIRTIO_RING_F_EVENT_IDX
     | 1 << VIRTIO_NET_F_HOST_TSO4
     | 1 << VIRTIO_NET_F_HOST_TSO6
     | 1 << VIRTIO_NET_F_HOST_ECN
-    | 1 << VIRTIO_NET_F_HOST_UFO;
+    | 1 << VIRTIO_NET_F_HOST_UFO
+    | 1 << VIRTIO_NET_F_MRG_RXBUF;
 
 /// Errors of the vhost-user-net frontend.
 #[derive(Debug, Error)]

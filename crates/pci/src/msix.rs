@@ -47,6 +47,12 @@ pub trait MsiDelivery: Send + Sync {
     fn hold(&self, _vector: u16) -> io::Result<()> {
         Ok(())
     }
+    /// A descriptor that raises `vector` when written, with nothing in
+    /// between (KVM's irqfd of its route), for a source in another process;
+    /// `None` where there is none.
+    fn irqfd(&self, _vector: u16) -> Option<vmm_sys_util::eventfd::EventFd> {
+        None
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -230,6 +236,18 @@ impl Msix {
                 .filter(|bit| self.pending.get(first + bit).copied().unwrap_or(false))
                 .fold(0u8, |acc, bit| acc | 1 << bit);
         }
+    }
+
+    /// The irqfd that raises `vector` directly, when MSI-X is on and the
+    /// vector deliverable now (so its route is set). Written while the
+    /// guest masks the vector later, it still delivers: only for sources
+    /// whose driver does not mask vectors while they run (virtio queues).
+    pub fn irqfd(&self, vector: u16) -> Option<vmm_sys_util::eventfd::EventFd> {
+        let v = usize::from(vector);
+        if v >= self.entries.len() || !self.deliverable(v) {
+            return None;
+        }
+        self.delivery.irqfd(vector)
     }
 
     /// Raises `vector`: sent now if deliverable, otherwise left pending.

@@ -160,6 +160,18 @@ impl Interrupt for PciInterrupt {
         s.intx.write(1)
     }
 
+    fn irqfd(&self, kind: InterruptKind) -> Option<vmm_sys_util::eventfd::EventFd> {
+        let s = &self.0;
+        let vector = match kind {
+            InterruptKind::Config => s.config_vector.load(Ordering::Acquire),
+            InterruptKind::Queue(q) => s.queue_vectors.get(usize::from(q))?.load(Ordering::Acquire),
+        };
+        if vector == NO_VECTOR {
+            return None;
+        }
+        s.msix().irqfd(vector)
+    }
+
     fn set_needs_reset(&self) {
         self.0
             .status

@@ -83,6 +83,13 @@ pub trait Interrupt: Send + Sync {
     /// the device status and sends a config interrupt. The device has already
     /// stopped using the queue concerned.
     fn set_needs_reset(&self);
+    /// An eventfd that raises `kind`'s interrupt when another process
+    /// writes it, with no VMM thread in between (the irqfd of its MSI-X
+    /// vector), when the transport has one now; `None` otherwise, and the
+    /// device relays through [`Interrupt::trigger`].
+    fn irqfd(&self, _kind: InterruptKind) -> Option<EventFd> {
+        None
+    }
 }
 
 /// A queue the driver made ready, handed to the device on activation.

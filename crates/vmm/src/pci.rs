@@ -217,6 +217,10 @@ impl MsiDelivery for KvmMsi {
             None => Ok(()),
         }
     }
+
+    fn irqfd(&self, vector: u16) -> Option<EventFd> {
+        self.irqfds.get(usize::from(vector))?.try_clone().ok()
+    }
 }
 
 /// Notify addresses as KVM ioeventfds (any width, no data match).

@@ -5,8 +5,9 @@
 //! port) guest RAM's memfd, the rings' addresses and the queues' kick
 //! eventfds, which are KVM ioeventfds: a guest's notify goes from KVM to the
 //! backend's thread with no VMM exit. The backend signals used buffers on a
-//! call eventfd per queue, which a small VMM thread turns into the queue's
-//! interrupt (MSI-X or INTx, whichever the guest has on).
+//! call eventfd per queue: with MSI-X on, the irqfd of the queue's vector,
+//! so the interrupt too goes through KVM alone; otherwise an eventfd that a
+//! small VMM thread turns into the queue's interrupt (INTx).
 //!
 //! Guest RAM must be a shared memfd: the VMM fills the [`SharedRam`] slot
 //! once RAM exists, before any vCPU runs.
@@ -296,17 +297,32 @@ impl VirtioDevice for VhostUserNet {
     ) -> Result<(), ActivateError> {
         crate::expect_queues(&queues, 2)?;
         self.reset();
-        let calls = (0..queues.len())
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(ActivateError::Worker)?;
-        let indexes: Vec<u16> = queues.iter().map(|q| q.index).collect();
+        // Each queue's call eventfd: its MSI-X vector's irqfd where the
+        // transport has one (the switch then interrupts the guest through
+        // KVM with no VMM thread), else an eventfd a relay thread watches.
+        let mut calls = Vec::new();
+        let mut relayed = Vec::new();
+        for q in &queues {
+            match interrupt.irqfd(InterruptKind::Queue(q.index)) {
+                Some(irqfd) => calls.push(irqfd),
+                None => {
+                    let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+                    let relay = fd.try_clone().map_err(ActivateError::Worker)?;
+                    calls.push(fd);
+                    relayed.push((q.index, relay));
+                }
+            }
+        }
         let features = features & self.device_features();
         if let Err(e) = self.start_backend(&mem, &queues, &calls, features) {
             self.stop_backend();
             return Err(e);
         }
-        let relay = Worker::watch("vhost-user-net", calls, move |i, fd| {
+        if relayed.is_empty() {
+            return Ok(());
+        }
+        let (indexes, fds): (Vec<u16>, Vec<EventFd>) = relayed.into_iter().unzip();
+        let relay = Worker::watch("vhost-user-net", fds, move |i, fd| {
             // Reading resets the counter; a read that finds it zero was a
             // spurious wake.
             if fd.read().is_ok() {

@@ -4,21 +4,28 @@
 //! for 64 B and 1500 B frames in hub mode, bridge mode, and bridge mode
 //! between an access port and a trunk (a tag added or removed per frame).
 //!
-//! `--guests` measures TCP between two guests in the lab
-//! (`bench_fabric_guests.rs`).
+//! `--guests` measures guests talking in the lab: TCP through each way of
+//! joining two guests, QEMU's beside Ferrovisor's, and the shared region
+//! (`bench_fabric_guests.rs`). With no flag, `cargo xtask bench fabric` runs
+//! both: the switch core here, then the guests in one lab session.
 
 use std::process::Command;
 
 use crate::util::{self, Result};
 
-const USAGE: &str = "usage: cargo xtask bench fabric --switch-only [--secs N] | \
-                     cargo xtask bench fabric --guests [--runs N] [--secs N] [--tries N]";
+const USAGE: &str = "usage: cargo xtask bench fabric [--switch-only [--secs N] | \
+                     --guests [--runs N] [--secs N] [--tries N] [--only PARTS]]";
 
 /// Builds and runs the forwarding-rate benchmark, niced so that it leaves
 /// the machine to interactive work.
 pub fn command(args: &[String]) -> Result<u8> {
     if args.iter().any(|a| a == "--guests") {
         return crate::bench_fabric_guests::command(args);
+    }
+    if args.is_empty() {
+        let core = command(&["--switch-only".to_string()])?;
+        let guests = crate::bench_fabric_guests::command(&["--guests".to_string()])?;
+        return Ok(core.max(guests));
     }
     let mut switch_only = false;
     let mut secs = 2u64;

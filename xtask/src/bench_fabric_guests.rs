@@ -167,30 +167,43 @@ pub fn in_lab(args: &[String]) -> Result<u8> {
             }
         }
     }
-    let mut regions = Vec::new();
+    let (mut regions, mut qemu_regions) = (Vec::new(), Vec::new());
     let region_runs = if only.contains(&"region") { runs } else { 0 };
     for run in 1..=region_runs {
-        for n in 1..=tries {
-            match crate::bench_fabric_region::measure(n) {
-                Ok(sample) => {
-                    println!("bench: region run {run}: {sample:?} ({n} tries)");
-                    regions.push(sample);
-                    break;
-                }
-                Err(e) => {
-                    let line = format!("region run {run} try {n}: {e}");
-                    println!("bench: FAILED {line}");
-                    failed.push(line);
+        let pairs: [(&str, &mut Vec<_>, RegionMeasure); 2] = [
+            (
+                "qemu region",
+                &mut qemu_regions,
+                crate::bench_fabric_region::measure_qemu,
+            ),
+            ("region", &mut regions, crate::bench_fabric_region::measure),
+        ];
+        for (name, samples, measure) in pairs {
+            for n in 1..=tries {
+                match measure(n) {
+                    Ok(sample) => {
+                        println!("bench: {name} run {run}: {sample:?} ({n} tries)");
+                        samples.push(sample);
+                        break;
+                    }
+                    Err(e) => {
+                        let line = format!("{name} run {run} try {n}: {e}");
+                        println!("bench: FAILED {line}");
+                        failed.push(line);
+                    }
                 }
             }
         }
     }
     print_table(&results, secs, &failed);
     if region_runs > 0 {
-        crate::bench_fabric_region::print_table(&regions);
+        crate::bench_fabric_region::print_table(&qemu_regions, &regions);
     }
     Ok(0)
 }
+
+/// One region pair's measurement, by try number.
+type RegionMeasure = fn(u32) -> Result<crate::bench_fabric_region::Sample>;
 
 /// One run of `join`, tried again when the pair fails; failures are kept.
 fn measure_with_tries(
@@ -279,13 +292,13 @@ fn tap_name(index: u8) -> String {
 }
 
 /// A running VMM whose console is collected as it comes; killed on drop.
-struct Running {
+pub(crate) struct Running {
     child: Child,
     console: Arc<Mutex<String>>,
 }
 
 impl Running {
-    fn start(name: &str, mut command: Command) -> Result<Self> {
+    pub(crate) fn start(name: &str, mut command: Command) -> Result<Self> {
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -324,7 +337,7 @@ impl Running {
         Ok(Running { child, console })
     }
 
-    fn console(&self) -> String {
+    pub(crate) fn console(&self) -> String {
         self.console
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -332,7 +345,7 @@ impl Running {
     }
 
     /// The exit status once the VMM has ended.
-    fn ended(&mut self) -> Option<std::process::ExitStatus> {
+    pub(crate) fn ended(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
 }

@@ -19,6 +19,7 @@ mod distro;
 mod elf;
 mod fuzz;
 mod guestkit;
+mod ivshmem_server;
 mod kmod;
 mod lab;
 mod testcmd;

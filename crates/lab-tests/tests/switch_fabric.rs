@@ -2,9 +2,10 @@
 //! up a learning bridge and three guests of the kit, each with a NIC on
 //! it: alpha and beta on VLAN 10, gamma on VLAN 20. Beta pings alpha and
 //! carries TCP to it (netbench); gamma, on the other VLAN, pings alpha and
-//! gets no answer. The switch's counters show what passed (the guests
-//! stay up meanwhile: a port goes with its guest), and `info` shows each
-//! guest's port.
+//! gets no answer. The switch has a host tap as its uplink, an access port
+//! on VLAN 10: beta pings the lab's end of it too. The switch's counters
+//! show what passed (the guests stay up meanwhile: a port goes with its
+//! guest), and `info` shows each guest's port.
 
 use std::path::Path;
 
@@ -34,6 +35,31 @@ fn addr(ip: &str) -> String {
 }
 
 const ALPHA_MAC: &str = "52:54:00:0a:00:01";
+/// The switch's uplink: a host tap, and the address its lab end gets.
+const UPLINK: &str = "fvup0";
+const UPLINK_ADDR: &str = "10.9.0.254";
+
+/// Gives the uplink tap, once the switch has made it, its lab-side address.
+fn address_uplink() -> Result<(), Try> {
+    let path = Path::new("/sys/class/net").join(UPLINK);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !path.exists() {
+        if std::time::Instant::now() > deadline {
+            return Err(Try::Failed(format!("the switch never made its uplink {UPLINK}")));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for args in [
+        &["addr", "add", &format!("{UPLINK_ADDR}/24"), "dev", UPLINK][..],
+        &["link", "set", UPLINK, "up"],
+    ] {
+        let out = std::process::Command::new("ip").args(args).output();
+        if !out.as_ref().is_ok_and(|o| o.status.success()) {
+            return Err(Try::Failed(format!("ip {args:?}: {out:?}")));
+        }
+    }
+    Ok(())
+}
 
 fn system(dir: &Path) -> std::path::PathBuf {
     let alpha = format!("{} && netbench serve 7000", addr("10.9.0.1"));
@@ -41,7 +67,9 @@ fn system(dir: &Path) -> std::path::PathBuf {
     let beta = format!(
         "{} && for i in $(seq 60); do ping -c 1 -W 1 10.9.0.1 >/dev/null && break; sleep 1; done; \
          ping -c 3 -W 2 10.9.0.1; echo beta-ping $?; \
-         netbench stream 10.9.0.1 7000 2; echo beta-tcp $?; sleep 600",
+         netbench stream 10.9.0.1 7000 2; echo beta-tcp $?; \
+         for i in $(seq 30); do ping -c 1 -W 1 {UPLINK_ADDR} >/dev/null && break; sleep 1; done; \
+         ping -c 3 -W 2 {UPLINK_ADDR}; echo beta-uplink $?; sleep 600",
         addr("10.9.0.2")
     );
     // Long enough for alpha to be up whatever the order of boots.
@@ -49,7 +77,9 @@ fn system(dir: &Path) -> std::path::PathBuf {
         "{} && sleep 20; ping -c 3 -W 2 10.9.0.1; echo gamma-ping $?; sleep 600",
         addr("10.9.0.3")
     );
-    let mut text = String::from("[switches.lan]\nmode = \"bridge\"\n\n");
+    let mut text = format!(
+        "[switches.lan]\nmode = \"bridge\"\nuplink = \"{UPLINK}\"\nuplink_vlan = 10\n\n"
+    );
     text.push_str(&guest("alpha", 10, ALPHA_MAC, &alpha));
     text.push_str(&guest("beta", 10, "52:54:00:0a:00:02", &beta));
     text.push_str(&guest("gamma", 20, "52:54:00:14:00:03", &gamma));
@@ -70,7 +100,8 @@ fn attempt(n: u32) -> Result<(), Try> {
     let daemon = Daemon::start(&format!("sw{n}"), &["alpha", "beta", "gamma"]);
     let file = system(&daemon.dir);
     daemon.try_up(&file)?;
-    daemon.try_wait_console("beta", "beta-tcp")?;
+    address_uplink()?;
+    daemon.try_wait_console("beta", "beta-uplink")?;
     daemon.try_wait_console("gamma", "gamma-ping")?;
     let shown: Value = serde_json::from_str(&daemon.ok(&["switch", "show", "lan", "--json"]))
         .map_err(|e| Try::Failed(format!("switch show: {e}")))?;

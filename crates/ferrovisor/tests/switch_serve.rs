@@ -87,6 +87,16 @@ fn control_socket_adds_shows_and_removes_ports() {
         r#"{"op":"add_port","port":"web-net0","mac":"52:54:00:00:00:0a","vlan":{"access":10}}"#,
     );
     assert_eq!(r["ok"], true, "{r}");
+    // Set up, the process keeps no capability and cannot gain one.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("status");
+    for line in [
+        "CapEff:\t0000000000000000",
+        "CapPrm:\t0000000000000000",
+        "CapBnd:\t0000000000000000",
+        "NoNewPrivs:\t1",
+    ] {
+        assert!(status.contains(line), "{line:?} not in\n{status}");
+    }
     let sock = dir.join("web-net0.sock");
     assert_eq!(r["socket"], sock.to_str().expect("utf-8"));
     assert!(sock.exists());

@@ -185,6 +185,27 @@ impl Jail {
     }
 }
 
+/// Confines the calling process without a new root or user, for a helper
+/// that keeps its uid (the switch process): an empty bounding set, no
+/// capabilities left in any set, no_new_privs, and, where the kernel has
+/// Landlock, no file access outside `writable` (file descriptors already
+/// open keep working). Call it once everything privileged is open and
+/// before any other thread starts.
+pub fn confine_in_place(writable: &[PathBuf]) -> Result<LockedDown> {
+    let threads = creds::thread_count();
+    if threads != 1 {
+        return Err(JailError::Threads(threads));
+    }
+    creds::drop_bounding_set(creds::last_capability())?;
+    creds::no_new_privs()?;
+    let landlock = landlock::restrict(writable)?;
+    // SAFETY: no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    creds::become_user(uid, gid, 0)?;
+    creds::check_dropped(uid, 0)?;
+    Ok(LockedDown { landlock })
+}
+
 /// Whether `name` may name a guest in the jail or a network namespace: 1-64
 /// letters, digits, `-`, `_` or `.`, not starting with `.` (so never a path).
 pub fn valid_name(name: &str) -> bool {

@@ -45,7 +45,9 @@ fn address_uplink() -> Result<(), Try> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !path.exists() {
         if std::time::Instant::now() > deadline {
-            return Err(Try::Failed(format!("the switch never made its uplink {UPLINK}")));
+            return Err(Try::Failed(format!(
+                "the switch never made its uplink {UPLINK}"
+            )));
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -77,9 +79,8 @@ fn system(dir: &Path) -> std::path::PathBuf {
         "{} && sleep 20; ping -c 3 -W 2 10.9.0.1; echo gamma-ping $?; sleep 600",
         addr("10.9.0.3")
     );
-    let mut text = format!(
-        "[switches.lan]\nmode = \"bridge\"\nuplink = \"{UPLINK}\"\nuplink_vlan = 10\n\n"
-    );
+    let mut text =
+        format!("[switches.lan]\nmode = \"bridge\"\nuplink = \"{UPLINK}\"\nuplink_vlan = 10\n\n");
     text.push_str(&guest("alpha", 10, ALPHA_MAC, &alpha));
     text.push_str(&guest("beta", 10, "52:54:00:0a:00:02", &beta));
     text.push_str(&guest("gamma", 20, "52:54:00:14:00:03", &gamma));

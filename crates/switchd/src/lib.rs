@@ -65,6 +65,8 @@ pub enum ServeError {
     Uplink(#[from] switch::SwitchError),
     #[error("cannot start a thread: {0}")]
     Thread(io::Error),
+    #[error("cannot confine the switch process: {0}")]
+    Confine(#[from] jail::JailError),
 }
 
 struct Entry {
@@ -308,6 +310,10 @@ pub fn serve(opts: Options) -> Result<(), ServeError> {
         uplink_id = Some(sw.add_port(config, Box::new(up.clone()))?);
         tap = Some(up);
     }
+    // Everything privileged is open (the uplink tap, the control socket):
+    // from here on the process keeps no capability and, with Landlock,
+    // touches no file outside its directory.
+    jail::confine_in_place(std::slice::from_ref(&opts.dir))?;
     let server = Arc::new(Server {
         name: opts.name,
         mode: opts.mode,

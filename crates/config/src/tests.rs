@@ -313,6 +313,13 @@ fn device_errors() {
         ("[[net]]\ntap = \"a/b\"", "guest.toml: net[0].tap: 'a/b' is not an interface name (1 to 15 characters, no '/', ':' or spaces)"),
         ("[[net]]\ntap = \"t\"\nmac = \"01:00:00:00:00:01\"", "guest.toml: net[0].mac: '01:00:00:00:00:01' is a multicast MAC address; a NIC needs a unicast one"),
         ("[[net]]\ntap = \"t\"\nmac = \"52:54\"", "guest.toml: net[0].mac: '52:54' is not a MAC address like 52:54:00:12:34:56"),
+        ("[[net]]\nswitch = \"lan\"\nvlan = 5000", "guest.toml: net[0].vlan: 5000 is not a VLAN id (1 to 4094)"),
+        ("[[net]]\nswitch = \"lan\"\nvlan = 10\nvlans = [10]", "guest.toml: net[0].vlans: give vlan or vlans, not both"),
+        ("[[net]]\nswitch = \"lan\"\nvlans = [10, 10]", "guest.toml: net[0].vlans: VLAN 10 is listed twice"),
+        ("[[net]]\ntap = \"t\"\nswitch = \"lan\"", "guest.toml: net[0].switch: give one of tap, switch or vhost_user"),
+        ("[[net]]\ntap = \"t\"\nvlan = 10", "guest.toml: net[0].vlan: needs a switch"),
+        ("[[net]]\nswitch = \"Lan!\"", "guest.toml: net[0].switch: 'Lan!' is not a switch name (1 to 32 characters: a-z, 0-9 and -)"),
+        ("[[net]]\nswitch = \"lan\"\nrx_rate = { ops = 5 }", "guest.toml: net[0].rx_rate: a switch port takes no rate limit"),
         ("[vsock]\nsocket = \"s\"", "guest.toml: vsock.cid: is required"),
         ("[vsock]\ncid = 2\nsocket = \"s\"", "guest.toml: vsock.cid: 2 is not a guest CID (3 to 4294967294)"),
         ("[vsock]\ncid = 4294967295\nsocket = \"s\"", "guest.toml: vsock.cid: 4294967295 is not a guest CID (3 to 4294967294)"),
@@ -326,6 +333,35 @@ fn device_errors() {
     for (text, expected) in cases {
         let text = format!("kernel = \"k\"\n{text}");
         assert_eq!(guest_err(&text), expected, "{text}");
+    }
+}
+
+#[test]
+fn a_switched_nic_reads_back_with_its_vlans() {
+    for (text, vlans) in [
+        ("[[net]]\nswitch = \"lan\"\n", VlanMembership::Access(1)),
+        (
+            "[[net]]\nswitch = \"lan\"\nvlan = 10\n",
+            VlanMembership::Access(10),
+        ),
+        (
+            "[[net]]\nswitch = \"lan\"\nvlans = [10, 20]\n",
+            VlanMembership::Trunk(vec![10, 20]),
+        ),
+    ] {
+        let config = parse_guest(
+            &format!("kernel = \"k\"\n{text}"),
+            "guest.toml",
+            Path::new("/"),
+        )
+        .unwrap();
+        let want = vmm::config::NetAttach::Switch {
+            name: "lan".into(),
+            vlans,
+        };
+        assert_eq!(config.nets[0].attach, want);
+        let again = parse_guest(&to_guest_toml(&config), "again", Path::new("/")).unwrap();
+        assert_eq!(again.nets[0].attach, config.nets[0].attach);
     }
 }
 
@@ -450,6 +486,10 @@ fn system_errors() {
          "system.toml: guests.b.vsock.cid: CID 3 is also guest 'a''s"),
         ("[guests.a]\nkernel = \"k\"\nnet = [{tap = \"fv0\"}]\n[guests.b]\nkernel = \"k\"\nnet = [{tap = \"fv1\"}, {tap = \"fv0\"}]",
          "system.toml: guests.b.net[1].tap: tap 'fv0' is also used by guest 'a'"),
+        ("[switches.lan]\nmode = \"bridge\"\n[guests.a]\nkernel = \"k\"\nnet = [{switch = \"lan\", mac = \"52:54:00:00:00:01\"}]\n[guests.b]\nkernel = \"k\"\nnet = [{switch = \"lan\", mac = \"52:54:00:00:00:01\"}]",
+         "system.toml: guests.b.net[0].mac: guest 'a' uses the same MAC on switch 'lan'"),
+        ("[guests.a]\nkernel = \"k\"\nnet = [{switch = \"wan\"}]",
+         "system.toml: guests.a.net[0].switch: no switch 'wan' is declared in [switches]"),
         ("[guests.a]\nkernel = \"k\"\ndisk = [{path = \"d.img\", readonly = true}]\n[guests.b]\nkernel = \"k\"\ndisk = [{path = \"d.img\"}]",
          "system.toml: guests.b.disk[0].path: '/srv/guests/d.img' is also a disk of guest 'a', and one of them may write it"),
         ("[guests.a]\nkernel = \"k\"\nregion = [{path = \"r\", id = 1}]\n[guests.b]\nkernel = \"k\"\nregion = [{path = \"q\", id = 1}, {path = \"r\", id = 1, readonly = true}]",

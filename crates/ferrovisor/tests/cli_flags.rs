@@ -52,3 +52,16 @@ fn reserved_vsock_cid_is_named() {
         "--vsock: cid: '1' is not a guest CID (3 to 4294967294)",
     );
 }
+
+#[test]
+fn a_nic_on_a_tap_and_a_switch_port_at_once_or_a_rate_on_a_port_is_refused() {
+    assert_flag_error(
+        &["--net", "tap=fv0,vhost-user=/run/port.sock"],
+        "--net: give tap or vhost-user, not both",
+    );
+    assert_flag_error(
+        &["--net", "vhost-user=/run/port.sock,rx_bandwidth=1M"],
+        "--net: vhost-user: takes no rate limit (the switch port moves the frames)",
+    );
+    assert_flag_error(&["--net", "vhost-user="], "--net: 'vhost-user' is empty");
+}

@@ -59,12 +59,12 @@ const PASSED_FEATURES: u64 = VIRTIO_RING_F_EVENT_IDX
 /// Errors of the vhost-user-net frontend.
 #[derive(Debug, Error)]
 pub enum VhostUserError {
-    #[error("cannot connect to the switch port {path}: {source}")]
+    #[error("cannot connect to the switch port {path}")]
     Connect {
         path: String,
         source: std::io::Error,
     },
-    #[error("the switch port refused {step}: {source}")]
+    #[error("the switch port refused {step}")]
     Protocol {
         step: &'static str,
         source: vhost::Error,

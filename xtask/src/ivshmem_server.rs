@@ -194,6 +194,16 @@ mod tests {
             (1, 1),
             "told of peer 1"
         );
+        // The count follows the last message sent, so it may lag a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while server.peers() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "peers: {}",
+                server.peers()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert_eq!(server.peers(), 2);
     }
 }

@@ -500,12 +500,10 @@ fn real_time(ctx: &Ctx<'_>) -> Result<()> {
     if ctx.lab {
         return real_time_lab(ctx);
     }
-    let (exe, base) = (ctx.exe, ctx.base);
     let hz = tsc_hz();
     let period_ticks = (hz * PERIOD.as_secs_f64()) as u32;
     // Calibrate the job: `work` iterations for about JOB of guest time alone.
     let probe_work = 2_000;
-    let _ = (exe, base);
     let probe = ctx.start(
         "rt-probe",
         Boot::Tiny(periodic_kernel(probe_work, period_ticks)),

@@ -127,7 +127,7 @@ pub fn parse_spec(body: &Value) -> Result<SwitchSpec, SwitchError> {
 }
 
 /// `spec` as a `PUT /switches/NAME` body, which [`parse_spec`] reads back.
-fn spec_body(spec: &SwitchSpec) -> Value {
+pub fn spec_body(spec: &SwitchSpec) -> Value {
     let mut body = json!({ "mode": spec.mode });
     if let Some((tap, vlans)) = &spec.uplink {
         body["uplink"] = json!(tap);
@@ -304,19 +304,24 @@ pub fn put(daemon: &crate::daemon::Daemon, name: &str, body: &[u8]) -> crate::ap
     }
 }
 
+/// What switch `name` shows of itself: its mode and its ports with their
+/// counters.
+fn shown(daemon: &crate::daemon::Daemon, name: &str) -> Result<Value, SwitchError> {
+    let mut shown = request(name, &daemon.switch_dir(name), &json!({"op": "show"}))?;
+    if let Some(o) = shown.as_object_mut() {
+        o.remove("ok");
+    }
+    Ok(shown)
+}
+
 /// `GET /switches/NAME`: the switch's ports and their counters.
 pub fn show(daemon: &crate::daemon::Daemon, name: &str) -> crate::api::Reply {
     use crate::api::Reply;
     if !switches().contains_key(name) {
         return Reply::error(404, SwitchError::Unknown(name.to_string()).to_string());
     }
-    match request(name, &daemon.switch_dir(name), &json!({"op": "show"})) {
-        Ok(mut shown) => {
-            if let Some(o) = shown.as_object_mut() {
-                o.remove("ok");
-            }
-            Reply::ok(shown)
-        }
+    match shown(daemon, name) {
+        Ok(shown) => Reply::ok(shown),
         Err(e) => Reply::error(e.status(), e.to_string()),
     }
 }
@@ -338,17 +343,7 @@ pub fn list(daemon: &crate::daemon::Daemon) -> crate::api::Reply {
     let names: Vec<String> = switches().keys().cloned().collect();
     let all: Vec<Value> = names
         .iter()
-        .map(
-            |n| match request(n, &daemon.switch_dir(n), &json!({"op": "show"})) {
-                Ok(mut shown) => {
-                    if let Some(o) = shown.as_object_mut() {
-                        o.remove("ok");
-                    }
-                    shown
-                }
-                Err(e) => json!({ "name": n, "error": e.to_string() }),
-            },
-        )
+        .map(|n| shown(daemon, n).unwrap_or_else(|e| json!({ "name": n, "error": e.to_string() })))
         .collect();
     crate::api::Reply::ok(json!({ "switches": all }))
 }
@@ -399,7 +394,7 @@ pub fn open_ports(
         match result {
             Ok(port) => opened.push(port),
             Err(e) => {
-                close_ports(daemon, guest, config);
+                closer(daemon, guest, config)();
                 return Err(e);
             }
         }
@@ -441,14 +436,16 @@ fn open_port(
     Ok(OpenPort { index, mac, stream })
 }
 
-/// Removes the ports of `guest`'s switched NICs (its VMM has ended).
-pub fn close_ports(daemon: &crate::daemon::Daemon, guest: &str, config: &VmConfig) {
-    for (index, net) in config.nets.iter().enumerate() {
-        if let NetAttach::Switch { name, .. } = &net.attach {
-            let port = json!({"op": "remove_port", "port": port_name(guest, index)});
-            let _ = request(name, &daemon.switch_dir(name), &port);
-        }
-    }
+/// The NICs of `config` on a switch: their index and the switch's name.
+fn switched_nics(config: &VmConfig) -> impl Iterator<Item = (usize, &str)> {
+    config
+        .nets
+        .iter()
+        .enumerate()
+        .filter_map(|(index, net)| match &net.attach {
+            NetAttach::Switch { name, .. } => Some((index, name.as_str())),
+            _ => None,
+        })
 }
 
 /// What removes `guest`'s ports once its VMM has ended (or did not
@@ -458,17 +455,10 @@ pub fn closer(
     guest: &str,
     config: &VmConfig,
 ) -> Box<dyn FnOnce() + Send> {
-    let ports: Vec<(String, PathBuf, String)> = config
-        .nets
-        .iter()
-        .enumerate()
-        .filter_map(|(index, net)| match &net.attach {
-            NetAttach::Switch { name, .. } => Some((
-                name.clone(),
-                daemon.switch_dir(name),
-                port_name(guest, index),
-            )),
-            _ => None,
+    let ports: Vec<(String, PathBuf, String)> = switched_nics(config)
+        .map(|(index, name)| {
+            let port = port_name(guest, index);
+            (name.to_string(), daemon.switch_dir(name), port)
         })
         .collect();
     Box::new(move || {
@@ -482,13 +472,9 @@ pub fn closer(
 /// switched NIC, with the switch's name.
 pub fn guest_ports(daemon: &crate::daemon::Daemon, guest: &str, config: &VmConfig) -> Vec<Value> {
     let mut out = Vec::new();
-    for (index, net) in config.nets.iter().enumerate() {
-        let NetAttach::Switch { name, .. } = &net.attach else {
-            continue;
-        };
+    for (index, name) in switched_nics(config) {
         let port = port_name(guest, index);
-        let shown = request(name, &daemon.switch_dir(name), &json!({"op": "show"}));
-        let entry = shown.ok().and_then(|s| {
+        let entry = shown(daemon, name).ok().and_then(|s| {
             s["ports"]
                 .as_array()?
                 .iter()

@@ -132,7 +132,7 @@ impl Server {
             vlan: vlan.clone(),
             mac: Some(mac),
         };
-        let tx = Box::new(VhostTx(state.clone()));
+        let tx = Box::new(VhostTx::new(state.clone()));
         let id = match lock(&self.switch).add_port(config, tx) {
             Ok(id) => id,
             Err(e) => return control::error(e),

@@ -100,7 +100,21 @@ impl PortState {
 
 /// The switch's handle on a port's receive queue.
 #[derive(Debug)]
-pub struct VhostTx(pub Arc<PortState>);
+pub struct VhostTx {
+    state: Arc<PortState>,
+    /// The chains a mergeable frame took, kept between frames so that the
+    /// receive path allocates nothing per frame.
+    used: Vec<(u16, u32)>,
+}
+
+impl VhostTx {
+    pub fn new(state: Arc<PortState>) -> VhostTx {
+        VhostTx {
+            state,
+            used: Vec::new(),
+        }
+    }
+}
 
 /// The offloads the port offers: checksums and TCP segmentation both
 /// ways, so that guests on one switch pass 64 KiB segments to each other
@@ -138,18 +152,19 @@ impl VhostTx {
     /// Writes `frame` with `hdr` into the port's receive queue: into one
     /// chain, or across as many as it takes when the driver accepted
     /// mergeable receive buffers.
-    fn deliver(&self, hdr: &[u8; chain::NET_HDR_LEN], frame: &[u8]) -> Result<(), TxDropped> {
-        let slot = lock(&self.0.rx);
+    fn deliver(&mut self, hdr: &[u8; chain::NET_HDR_LEN], frame: &[u8]) -> Result<(), TxDropped> {
+        let slot = lock(&self.state.rx);
         let ring = slot.as_ref().ok_or(TxDropped)?;
         let mem = ring.mem.memory();
         let mut state = ring.vring.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() {
             return Err(TxDropped);
         }
-        let mergeable = self.0.acked.load(Ordering::Acquire) & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let mergeable =
+            self.state.acked.load(Ordering::Acquire) & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         let queue = state.get_queue_mut();
         let written = if mergeable {
-            fill_mergeable(queue, &*mem, hdr, frame)
+            fill_mergeable(queue, &*mem, (hdr, frame), &mut self.used)
         } else {
             let chain = queue.pop_descriptor_chain(mem.clone()).ok_or(TxDropped)?;
             let head = chain.head_index();
@@ -176,15 +191,15 @@ impl VhostTx {
 fn fill_mergeable<M>(
     queue: &mut virtio_queue::Queue,
     mem: &M,
-    hdr: &[u8; chain::NET_HDR_LEN],
-    frame: &[u8],
+    (hdr, frame): (&[u8; chain::NET_HDR_LEN], &[u8]),
+    used: &mut Vec<(u16, u32)>,
 ) -> Result<(), TxDropped>
 where
     M: vm_memory::GuestMemory,
 {
     let first = queue.next_avail();
     let total = chain::NET_HDR_LEN + frame.len();
-    let mut used: Vec<(u16, u32)> = Vec::new();
+    used.clear();
     let (mut done, mut num_buffers_at) = (0usize, None);
     while done < total {
         let Some(next) = queue.pop_descriptor_chain(mem) else {
@@ -199,7 +214,7 @@ where
                 done += n as usize;
             }
             _ => {
-                for (h, _) in used.into_iter().chain([(head, 0)]) {
+                for &(h, _) in used.iter().chain([&(head, 0)]) {
                     let _ = queue.add_used(mem, h, 0);
                 }
                 return Err(TxDropped);
@@ -210,7 +225,7 @@ where
     if let Some(at) = num_buffers_at {
         chain::set_num_buffers(mem, at, count).map_err(|_| TxDropped)?;
     }
-    for (head, n) in used {
+    for &(head, n) in used.iter() {
         queue.add_used(mem, head, n).map_err(|_| TxDropped)?;
     }
     Ok(())
@@ -222,7 +237,7 @@ impl PortTx for VhostTx {
     }
 
     fn transmit_offloaded(&mut self, offload: &Offload, frame: &[u8]) -> Result<(), TxDropped> {
-        if !takes(self.0.acked.load(Ordering::Acquire), offload) {
+        if !takes(self.state.acked.load(Ordering::Acquire), offload) {
             return Err(TxDropped);
         }
         let mut hdr = offload.0;

@@ -474,6 +474,16 @@ impl FromStr for DiskConfig {
     }
 }
 
+impl VmConfig {
+    /// Whether guest RAM must be a memfd another process can map: a NIC's
+    /// queues are served by a vhost-user backend.
+    pub fn needs_shared_ram(&self) -> bool {
+        self.nets
+            .iter()
+            .any(|n| matches!(n.attach, NetAttach::VhostUser(_)))
+    }
+}
+
 impl FromStr for NetConfig {
     type Err = ConfigError;
 

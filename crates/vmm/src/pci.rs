@@ -335,13 +335,6 @@ pub struct DeviceSet {
 }
 
 impl DeviceSet {
-    /// Whether guest RAM must be a memfd another process can map.
-    pub fn needs_shared_ram(&self) -> bool {
-        Arc::strong_count(&self.shared_ram) > 1
-    }
-}
-
-impl DeviceSet {
     fn push(&mut self, flag: String, device: Box<dyn VirtioDevice>) {
         self.specs.push(DeviceSpec { flag, device });
     }

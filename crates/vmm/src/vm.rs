@@ -186,9 +186,9 @@ pub fn run_with(
     let kvm = open_kvm()?;
     let vm = Arc::new(create_vm(&kvm)?);
     let cpuid = crate::cpu::guest_cpuid(&kvm, &vm, &config.cpu_features)?;
-    let ram = create_memory(&vm, config, &regions, pci_devices.needs_shared_ram())?;
+    let ram = create_memory(&vm, config, &regions, config.needs_shared_ram())?;
     let (mem, backing, ranges) = (ram.mem.clone(), ram.backing, ram.host_ranges());
-    if pci_devices.needs_shared_ram() {
+    if config.needs_shared_ram() {
         if let Some(file) = ram.file {
             let _ = pci_devices
                 .shared_ram

@@ -512,14 +512,10 @@ fn up(rest: &[String]) -> Result<ExitCode, CliError> {
     }
     // Switches first: a guest on one gets its port when it starts.
     for switch in &system.switches {
-        let mut body = json!({ "mode": switch.mode.as_str() });
-        if let Some((tap, vlans)) = &switch.uplink {
-            body["uplink"] = json!(tap);
-            match vlans {
-                config::VlanMembership::Access(id) => body["uplink_vlan"] = json!(id),
-                config::VlanMembership::Trunk(ids) => body["uplink_vlans"] = json!(ids),
-            }
-        }
+        let body = daemon::switch::spec_body(&daemon::switch::SwitchSpec {
+            mode: switch.mode.as_str().to_string(),
+            uplink: switch.uplink.clone(),
+        });
         client.call("PUT", &format!("/switches/{}", switch.name), Some(&body))?;
         if !words.switch("json") {
             println!("switch {}: {}", switch.name, switch.mode.as_str());

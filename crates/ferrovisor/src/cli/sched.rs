@@ -89,8 +89,12 @@ pub fn print_vcpus(info: &Value) {
                 v["deadline_misses"].as_u64().unwrap_or(0)
             ),
         };
+        let overruns = match v["overruns"].as_u64().unwrap_or(0) {
+            0 => String::new(),
+            n => format!("  overran {n}"),
+        };
         println!(
-            "vcpu {:<3} {:<22} promised {:>6}  received {received:5.1}% of a CPU{misses}",
+            "vcpu {:<3} {:<22} promised {:>6}  received {received:5.1}% of a CPU{misses}{overruns}",
             v["index"],
             v["kernel_policy"].as_str().unwrap_or("?"),
             promised

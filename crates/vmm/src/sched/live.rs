@@ -45,6 +45,7 @@ pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
                 "wait_ns": wait_ns,
                 "deadline_checks": deadline_checks,
                 "deadline_misses": deadline_misses,
+                "overruns": super::misses::overruns_of(index),
             })
         })
         .collect();

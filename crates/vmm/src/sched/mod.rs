@@ -8,7 +8,7 @@
 //! - `rt = { budget, period }`: SCHED_DEADLINE with the budget as runtime and
 //!   the period as both deadline and period, and SCHED_FLAG_DL_OVERRUN so
 //!   that the kernel signals SIGXCPU when a vCPU thread overran its budget
-//!   (counted per guest: see `track_overruns`);
+//!   (counted per guest, and per vCPU by `misses::attribute`);
 //! - `priority = N` with `policy = "fifo"` or `"rr"`: SCHED_FIFO or SCHED_RR;
 //! - neither: SCHED_OTHER, the kernel's fair class (weight and cap apply).
 
@@ -17,8 +17,9 @@ pub mod misses;
 
 pub use live::{change, info, rt_of};
 
+use std::os::fd::RawFd;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use thiserror::Error;
 
@@ -410,13 +411,29 @@ pub fn read(tid: i32) -> std::io::Result<ThreadPolicy> {
 // overran, but as a process signal: a vCPU thread that blocks it passes it to
 // another thread of the VMM. Taken on the vCPU thread itself, every overrun
 // would also throw the vCPU out of KVM_RUN, which on a PVM host more than
-// doubled the time a guest job took; so vCPU threads block it, and the
-// count is the guest's, not one vCPU's.
+// doubled the time a guest job took; so vCPU threads block it. The handler
+// counts the guest's overruns and wakes the `dl-watch` thread, which finds
+// the vCPU that overran (see `misses::attribute`).
 
 static OVERRUNS: AtomicU64 = AtomicU64::new(0);
+/// The eventfd the handler signals, or -1 while no watcher listens.
+static OVERRUN_WAKE: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_overrun(_: libc::c_int) {
     OVERRUNS.fetch_add(1, Ordering::Relaxed);
+    let fd = OVERRUN_WAKE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; `one` is 8 readable bytes,
+        // the size an eventfd takes. A failed wake-up only loses the
+        // attribution of this overrun, never the guest's count.
+        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
+    }
+}
+
+/// From now on each overrun also signals eventfd `fd`.
+fn wake_on_overrun(fd: RawFd) {
+    OVERRUN_WAKE.store(fd, Ordering::Relaxed);
 }
 
 /// Counts SIGXCPU (deadline overruns) in this process, and blocks it in the

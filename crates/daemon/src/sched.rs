@@ -170,6 +170,7 @@ fn parse(description: &str) -> Result<vmm::VmConfig, String> {
 pub fn prepare(name: &str, description: &str) -> Result<Vec<PathBuf>, String> {
     let config = parse(description)?;
     admit(name, reservation(&config.sched, usize::from(config.cpus)))?;
+    crate::pools::set_pins(name, crate::pools::pins_of_affinity(&config.affinity));
     let placed = (|| -> cgroup::Result<Vec<PathBuf>> {
         let Some(hierarchy) = hierarchy() else {
             return Ok(Vec::new());
@@ -199,6 +200,7 @@ pub fn prepare(name: &str, description: &str) -> Result<Vec<PathBuf>, String> {
 /// changes (kept in `dir`) and removes its group.
 pub fn release(name: &str, dir: &Path) {
     reserved().remove(name);
+    crate::pools::set_pins(name, Vec::new());
     let _ = std::fs::remove_file(dir.join(CHANGES));
     if let Some(group) = hierarchy().and_then(|h| h.guest(name).ok()) {
         // A v1 group may be busy for a moment after its last task is reaped.
@@ -236,12 +238,32 @@ pub fn readopt(name: &str, description: &str, dir: &Path, runtime: &Path) {
             .and_then(|c| vmm::config::parse_cpu_list(c).ok())
         {
             let _ = set_pool_cpus(name, &cpus);
+            request.insert("affinity".into(), json!(cpus));
         }
     }
+    let mut pins = crate::pools::pins_of_affinity(&config.affinity);
+    if let Some(kept) = changes.remove(PINS) {
+        pins = kept
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c.as_u64())
+                    .map(|c| c as usize)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !pins.is_empty() {
+            let per_vcpu: Vec<Value> = pins.iter().map(|c| json!([c])).collect();
+            request.insert("affinity".into(), per_vcpu.into());
+        }
+    }
+    crate::pools::set_pins(name, pins);
     if let Ok(change) = parse_change(&changes) {
         let _ = change_group(name, &change);
         if !change.thread.is_empty() {
+            let affinity = request.remove("affinity");
             request = change.thread.clone();
+            request.extend(affinity.map(|a| ("affinity".to_string(), a)));
             want = thread_reservation(&change, cpus).unwrap_or(want);
         }
     }
@@ -298,6 +320,9 @@ pub struct Change {
 /// In the kept changes: the CPUs of the pool the guest moved into (a
 /// restarted daemon may not know the pool yet).
 const POOL_CPUS: &str = "pool_cpus";
+/// In the kept changes: the host CPU each vCPU was pinned to by a move into
+/// a `null` pool (empty after a move out of one).
+const PINS: &str = "pins";
 
 /// The fields `POST /guests/NAME/sched` takes.
 pub const FIELDS: &str = "weight, cap, rt, priority, policy, fair, pool";
@@ -363,17 +388,14 @@ pub fn apply_change(
 ) -> Result<(), String> {
     let config = parse(description)?;
     let cpus = usize::from(config.cpus);
-    let pool_cpus = match &change.pool {
+    let target = match &change.pool {
         Some(pool) => {
             let class = class_after(&config.sched, dir, change);
-            Some(crate::pools::check_move(
-                pool,
-                class,
-                !config.affinity.is_empty(),
-            )?)
+            Some(crate::pools::plan_move(pool, name, class, cpus)?)
         }
         None => None,
     };
+    let pinned_before = crate::pools::pins_of(name);
     let before = reserved().get(name).cloned();
     if let Some(want) = thread_reservation(change, cpus) {
         admit(name, want)?;
@@ -389,25 +411,67 @@ pub fn apply_change(
         undo_admission();
         return Err(e);
     }
-    if let Some(cpus) = &pool_cpus {
-        if let Err(e) = set_pool_cpus(name, cpus) {
+    let mut request = change.thread.clone();
+    if let Some(target) = &target {
+        if let Err(e) = set_pool_cpus(name, &target.cpus) {
             undo_admission();
             return Err(e);
         }
+        // The vCPUs' affinity: a CPU each in a null pool, else the whole
+        // pool (which also unpins a guest leaving a null pool).
+        let affinity = match &target.pins {
+            Some(pins) => pins.iter().map(|c| json!([c])).collect(),
+            None => json!(target.cpus),
+        };
+        request.insert("affinity".into(), affinity);
     }
-    if !change.thread.is_empty() {
-        let mut request = change.thread.clone();
+    if !request.is_empty() {
         request.insert("op".into(), "sched".into());
         if let Err(e) = process::control(runtime, &Value::Object(request), CONTROL_TIMEOUT) {
             undo_admission();
+            if target.is_some() {
+                // Back to the old pool's CPUs, as far as the group knows them.
+                restore_cpus(name, (dir, runtime), &config, pinned_before.as_deref());
+            }
             return Err(match e {
                 process::ProcessError::Refused(why) => why,
                 other => format!("the guest's VMM did not take the change: {}", chain(&other)),
             });
         }
     }
-    remember(dir, change, pool_cpus.as_deref());
+    if let Some(target) = &target {
+        crate::pools::set_pins(name, target.pins.clone().unwrap_or_default());
+    }
+    remember(dir, change, target.as_ref());
     Ok(())
+}
+
+/// After a refused move: the group's CPUs as before it (the last move's
+/// pool, else the description's), and the vCPUs' pins if they had some
+/// (a cpuset change resets its threads' affinity).
+fn restore_cpus(
+    name: &str,
+    (dir, runtime): (&Path, &Path),
+    config: &vmm::VmConfig,
+    pins: Option<&[usize]>,
+) {
+    let kept: Map<String, Value> = std::fs::read(dir.join(CHANGES))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    let cpus = kept
+        .get(POOL_CPUS)
+        .and_then(Value::as_str)
+        .and_then(|c| vmm::config::parse_cpu_list(c).ok())
+        .unwrap_or_else(|| config.sched.cpus.clone());
+    if cpus.is_empty() || set_pool_cpus(name, &cpus).is_err() {
+        return;
+    }
+    if let Some(pins) = pins {
+        let affinity: Vec<Value> = pins.iter().map(|c| json!([c])).collect();
+        let request = json!({ "op": "sched", "affinity": affinity });
+        let _ = process::control(runtime, &request, CONTROL_TIMEOUT);
+    }
 }
 
 /// The class the guest's vCPUs will be in once `change` is made: the
@@ -452,7 +516,7 @@ fn set_pool_cpus(name: &str, cpus: &[usize]) -> Result<(), String> {
 
 /// Adds `change` (and the CPUs of the pool it moved into) to the changes
 /// kept for a re-adoption.
-fn remember(dir: &Path, change: &Change, pool_cpus: Option<&[usize]>) {
+fn remember(dir: &Path, change: &Change, target: Option<&crate::pools::Move>) {
     let path = dir.join(CHANGES);
     let mut kept: Map<String, Value> = std::fs::read(&path)
         .ok()
@@ -470,9 +534,13 @@ fn remember(dir: &Path, change: &Change, pool_cpus: Option<&[usize]>) {
         }
         kept.extend(change.thread.clone());
     }
-    if let (Some(pool), Some(cpus)) = (&change.pool, pool_cpus) {
+    if let (Some(pool), Some(target)) = (&change.pool, target) {
         kept.insert("pool".into(), pool.clone().into());
-        kept.insert(POOL_CPUS.into(), vmm::config::format_cpu_list(cpus).into());
+        kept.insert(
+            POOL_CPUS.into(),
+            vmm::config::format_cpu_list(&target.cpus).into(),
+        );
+        kept.insert(PINS.into(), json!(target.pins.clone().unwrap_or_default()));
     }
     let _ = std::fs::write(&path, Value::Object(kept).to_string());
 }

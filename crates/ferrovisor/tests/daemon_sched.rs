@@ -81,7 +81,7 @@ fn a_pool_of_a_system_file_confines_its_guests_to_its_cpus() {
     let name = format!("pooled-{}", std::process::id());
     let system = d.dir.join("system.toml");
     let text = format!(
-        "[pools.rt]\ncpus = \"1\"\npolicy = \"rt\"\n\n[pools.spare]\ncpus = \"0\"\npolicy = \"rt\"\n\n\
+        "[pools.rt]\ncpus = \"1\"\npolicy = \"rt\"\n\n[pools.solo]\ncpus = \"0\"\npolicy = \"null\"\n\n\
          [guests.{name}]\n{}[guests.{name}.sched]\npool = \"rt\"\npriority = 7\n",
         echo_description()
     );
@@ -108,9 +108,9 @@ fn a_pool_of_a_system_file_confines_its_guests_to_its_cpus() {
     assert_eq!(allowed, "1", "the vCPU thread runs only on the pool's CPU");
     let (policy, priority, _, _) = kernel_policy(tid);
     assert_eq!((policy, priority), (1, 7), "SCHED_FIFO 7");
-    // Moved at run time into the other rt pool: the group's cpuset and so
-    // the vCPU thread follow; the class stays.
-    let out = d.cli(&["sched", &name, "--pool", "spare"]);
+    // Moved at run time into the null pool: the group's cpuset follows and
+    // the vCPU is pinned to the pool's free CPU; the class stays.
+    let out = d.cli(&["sched", &name, "--pool", "solo"]);
     assert!(
         out.status.success(),
         "{}",
@@ -120,13 +120,28 @@ fn a_pool_of_a_system_file_confines_its_guests_to_its_cpus() {
     let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
     assert!(status.contains("Cpus_allowed_list:\t0\n"), "{status}");
     assert_eq!(kernel_policy(tid).0, 1);
+    assert_eq!(d.info(&name)["sched"]["vcpus"][0]["affinity"], "0");
+    // A deadline reservation cannot be pinned: refused, and nothing moves.
+    let out = d.cli(&["sched", &name, "--pool", "rt", "--rt", "1ms/10ms"]);
+    assert!(!out.status.success());
+    assert_eq!(std::fs::read_to_string(&cpuset).unwrap().trim(), "0");
+    // And back into the rt pool: unpinned, on that pool's CPU.
+    let out = d.cli(&["sched", &name, "--pool", "rt"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&cpuset).unwrap().trim(), "1");
+    assert_eq!(d.info(&name)["sched"]["vcpus"][0]["affinity"], "1");
+    assert_eq!(kernel_policy(tid).0, 1);
     // A pool nobody defined: one line, and the guest stays where it is.
     let out = d.cli(&["sched", &name, "--pool", "nowhere"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("no pool 'nowhere'"), "{err}");
-    assert_eq!(std::fs::read_to_string(&cpuset).unwrap().trim(), "0");
+    assert_eq!(std::fs::read_to_string(&cpuset).unwrap().trim(), "1");
     d.expect("POST", &format!("/guests/{name}/kill"), None, 200);
 }
 

@@ -76,18 +76,7 @@ pub enum VcpuError {
 
 /// The host CPUs this process may run on.
 pub fn available_host_cpus() -> Vec<usize> {
-    // SAFETY: an all-zero cpu_set_t is a valid, empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is valid storage of the size given; pid 0 is this thread.
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    if rc != 0 {
-        return Vec::new();
-    }
-    (0..crate::config::MAX_HOST_CPUS)
-        // SAFETY: `cpu` is below CPU_SETSIZE and `set` is initialised.
-        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
-        .collect()
+    thread_cpus(0).unwrap_or_default()
 }
 
 /// Checks a VM's affinity before it starts: no more entries than vCPUs,
@@ -117,19 +106,39 @@ pub fn check_affinity(affinity: &[Vec<usize>], cpus: u8) -> Result<(), VcpuError
 
 /// Restricts the calling thread to `cpus`.
 fn pin_current_thread(cpus: &[usize]) -> std::io::Result<()> {
+    pin_thread(0, cpus)
+}
+
+/// Restricts thread `tid` of this process (0: the calling thread) to `cpus`.
+pub fn pin_thread(tid: i32, cpus: &[usize]) -> std::io::Result<()> {
     // SAFETY: an all-zero cpu_set_t is a valid, empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     for &cpu in cpus.iter().filter(|&&c| c < crate::config::MAX_HOST_CPUS) {
         // SAFETY: `cpu` is below CPU_SETSIZE and `set` is valid.
         unsafe { libc::CPU_SET(cpu, &mut set) };
     }
-    // SAFETY: `set` is a valid cpu_set_t of the size given; pid 0 is the
-    // calling thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size given.
+    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The host CPUs thread `tid` of this process may run on.
+pub fn thread_cpus(tid: i32) -> std::io::Result<Vec<usize>> {
+    // SAFETY: an all-zero cpu_set_t is a valid, empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is valid storage of the size given.
+    let rc =
+        unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((0..crate::config::MAX_HOST_CPUS)
+        // SAFETY: `cpu` is below CPU_SETSIZE and `set` is initialised.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect())
 }
 
 /// The calling thread's id.

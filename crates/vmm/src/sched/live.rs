@@ -11,7 +11,7 @@ use crate::control::Control;
 use crate::gate::GateStats;
 
 /// The fields a `sched` request may carry.
-const FIELDS: &str = "rt, priority, policy, fair";
+const FIELDS: &str = "rt, priority, policy, fair, affinity";
 
 /// The `sched` object of `info`: the declaration, and per vCPU its thread's
 /// policy as the kernel reports it and the CPU time it received; the
@@ -46,6 +46,10 @@ pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
                 "deadline_checks": deadline_checks,
                 "deadline_misses": deadline_misses,
                 "overruns": super::misses::overruns_of(index),
+                "affinity": crate::vcpu::thread_cpus(tid)
+                    .ok()
+                    .filter(|_| tid > 0)
+                    .map(|c| crate::config::format_cpu_list(&c)),
             })
         })
         .collect();
@@ -103,9 +107,86 @@ fn promised_share(
 }
 
 /// Applies a `sched` request (`rt`, or `priority` with `policy`, or
-/// `fair: true`) to every vCPU thread. If any thread refuses, the threads
-/// already changed get their old policy back and the error names the field.
+/// `fair: true`; and `affinity`) to every vCPU thread. If any thread
+/// refuses, the threads already changed get their old policy back and the
+/// error names the field.
 pub fn change(control: &Control, request: &Map<String, Value>) -> Result<(), String> {
+    let mut request = request.clone();
+    let affinity = request
+        .remove("affinity")
+        .map(|v| affinity_of(&v, control.vcpu_tids().len()))
+        .transpose()?;
+    let tids = control.vcpu_tids();
+    let old = match &affinity {
+        Some(affinity) => pin_all(&tids, affinity)?,
+        None => Vec::new(),
+    };
+    if !request.is_empty() {
+        if let Err(e) = change_class(control, &request) {
+            let _ = pin_all(&tids, &old);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// `affinity`: one list of host CPUs for every vCPU (`[0, 1]`), or a list
+/// per vCPU (`[[1], [2]]`), one entry for each.
+fn affinity_of(value: &Value, vcpus: usize) -> Result<Vec<Vec<usize>>, String> {
+    let cpus = |v: &Value| -> Option<Vec<usize>> {
+        let list: Option<Vec<usize>> = v
+            .as_array()?
+            .iter()
+            .map(|c| c.as_u64().map(|c| c as usize))
+            .collect();
+        list.filter(|l| !l.is_empty() && l.iter().all(|&c| c < crate::config::MAX_HOST_CPUS))
+    };
+    let per_vcpu = value
+        .as_array()
+        .filter(|a| a.first().is_some_and(Value::is_array));
+    match per_vcpu {
+        Some(lists) if lists.len() == vcpus => lists
+            .iter()
+            .map(|l| cpus(l).ok_or(format!("affinity: {l} is not a list of host CPUs")))
+            .collect(),
+        Some(lists) => Err(format!(
+            "affinity: {} lists for {vcpus} vCPU(s)",
+            lists.len()
+        )),
+        None => cpus(value)
+            .map(|l| vec![l; vcpus])
+            .ok_or(format!("affinity: {value} is not a list of host CPUs")),
+    }
+}
+
+/// Pins vCPU thread `tids[i]` to `affinity[i]` and returns each one's old
+/// CPUs; if one refuses, the threads already pinned get their old CPUs back.
+fn pin_all(tids: &[i32], affinity: &[Vec<usize>]) -> Result<Vec<Vec<usize>>, String> {
+    let mut done: Vec<Vec<usize>> = Vec::new();
+    for (&tid, cpus) in tids.iter().zip(affinity) {
+        let old = crate::vcpu::thread_cpus(tid).unwrap_or_default();
+        if tid <= 0 || old.is_empty() {
+            done.push(old);
+            continue;
+        }
+        if let Err(e) = crate::vcpu::pin_thread(tid, cpus) {
+            for (&t, back) in tids.iter().zip(&done) {
+                if t > 0 && !back.is_empty() {
+                    let _ = crate::vcpu::pin_thread(t, back);
+                }
+            }
+            return Err(format!(
+                "affinity: host CPUs {} refused ({e}); the old affinity stays",
+                crate::config::format_cpu_list(cpus)
+            ));
+        }
+        done.push(old);
+    }
+    Ok(done)
+}
+
+/// The class half of [`change`].
+fn change_class(control: &Control, request: &Map<String, Value>) -> Result<(), String> {
     let old = control.sched();
     let new = requested(&old, request)?;
     new.check(control.vcpu_tids().len())
@@ -260,6 +341,23 @@ mod tests {
         ] {
             let err = requested(&old, &request(text)).unwrap_err();
             assert!(err.starts_with(prefix), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn affinity_is_one_list_for_all_vcpus_or_one_per_vcpu() {
+        let v = |t: &str| serde_json::from_str::<Value>(t).unwrap();
+        assert_eq!(affinity_of(&v("[0, 1]"), 2), Ok(vec![vec![0, 1]; 2]));
+        assert_eq!(affinity_of(&v("[[1], [0]]"), 2), Ok(vec![vec![1], vec![0]]));
+        for (text, vcpus) in [
+            ("[[1]]", 2),
+            ("[]", 1),
+            ("[\"a\"]", 1),
+            ("[[]]", 1),
+            ("7", 1),
+        ] {
+            let err = affinity_of(&v(text), vcpus).unwrap_err();
+            assert!(err.starts_with("affinity: "), "{text}: {err}");
         }
     }
 

@@ -333,6 +333,10 @@ fn control(b: &mut Builder) {
         // read back.
         .allow(libc::SYS_sched_setattr)
         .allow(libc::SYS_sched_getattr)
+        // sched's affinity (a move into or out of a null pool) and info's
+        // per-vCPU affinity.
+        .allow(libc::SYS_sched_setaffinity)
+        .allow(libc::SYS_sched_getaffinity)
         // limit: a request waiting under the old rate limit is woken at once
         // through its limiter's timerfd (rate::Limits::apply).
         .allow(libc::SYS_timerfd_settime)

@@ -26,6 +26,9 @@ pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
     map.insert("uptime_ns".into(), uptime_ns.into());
     map.insert("overruns".into(), overruns().into());
     let partition_share = config.partition.as_ref().map(|p| p.share());
+    let deadline_vcpus = (0..control.vcpu_tids().len())
+        .filter(|&i| matches!(config.thread_policy(i), ThreadPolicy::Deadline(_)))
+        .count();
     let vcpus: Vec<Value> = control
         .vcpu_tids()
         .into_iter()
@@ -45,7 +48,8 @@ pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
                 "wait_ns": wait_ns,
                 "deadline_checks": deadline_checks,
                 "deadline_misses": deadline_misses,
-                "overruns": super::misses::overruns_of(index),
+                "overruns": (deadline_vcpus == 1 && matches!(declared, ThreadPolicy::Deadline(_)))
+                    .then(|| super::misses::overruns_of(index)),
                 "affinity": crate::vcpu::thread_cpus(tid)
                     .ok()
                     .filter(|_| tid > 0)

@@ -227,10 +227,7 @@ pub fn readopt(name: &str, description: &str, dir: &Path, runtime: &Path) {
         let _ = apply_group_policy(&group, &config.sched);
     }
     let mut request = thread_request(&config.sched);
-    let mut changes: Map<String, Value> = std::fs::read(dir.join(CHANGES))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default();
+    let mut changes = kept_changes(dir);
     changes.remove("pool");
     if let Some(cpus) = changes.remove(POOL_CPUS) {
         if let Some(cpus) = cpus
@@ -455,10 +452,7 @@ fn restore_cpus(
     config: &vmm::VmConfig,
     pins: Option<&[usize]>,
 ) {
-    let kept: Map<String, Value> = std::fs::read(dir.join(CHANGES))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default();
+    let kept = kept_changes(dir);
     let cpus = kept
         .get(POOL_CPUS)
         .and_then(Value::as_str)
@@ -489,10 +483,7 @@ fn class_after(sched: &SchedConfig, dir: &Path, change: &Change) -> crate::pools
             None
         }
     };
-    let kept: Map<String, Value> = std::fs::read(dir.join(CHANGES))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default();
+    let kept = kept_changes(dir);
     of(&change.thread).or_else(|| of(&kept)).unwrap_or(
         if sched.rt.is_some() || sched.vcpu_rt.iter().any(Option::is_some) {
             Class::Deadline
@@ -514,14 +505,19 @@ fn set_pool_cpus(name: &str, cpus: &[usize]) -> Result<(), String> {
         .map_err(|e| format!("pool: {}", chain(&e)))
 }
 
+/// The changes kept in guest directory `dir` (none when there are none).
+fn kept_changes(dir: &Path) -> Map<String, Value> {
+    std::fs::read(dir.join(CHANGES))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
 /// Adds `change` (and the CPUs of the pool it moved into) to the changes
 /// kept for a re-adoption.
 fn remember(dir: &Path, change: &Change, target: Option<&crate::pools::Move>) {
     let path = dir.join(CHANGES);
-    let mut kept: Map<String, Value> = std::fs::read(&path)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default();
+    let mut kept = kept_changes(dir);
     if let Some(w) = change.weight {
         kept.insert("weight".into(), w.into());
     }

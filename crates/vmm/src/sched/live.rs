@@ -26,9 +26,7 @@ pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
     map.insert("uptime_ns".into(), uptime_ns.into());
     map.insert("overruns".into(), overruns().into());
     let partition_share = config.partition.as_ref().map(|p| p.share());
-    let deadline_vcpus = (0..control.vcpu_tids().len())
-        .filter(|&i| matches!(config.thread_policy(i), ThreadPolicy::Deadline(_)))
-        .count();
+    let lone_deadline = config.lone_deadline_vcpu(control.vcpu_tids().len());
     let vcpus: Vec<Value> = control
         .vcpu_tids()
         .into_iter()
@@ -48,8 +46,7 @@ pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
                 "wait_ns": wait_ns,
                 "deadline_checks": deadline_checks,
                 "deadline_misses": deadline_misses,
-                "overruns": (deadline_vcpus == 1 && matches!(declared, ThreadPolicy::Deadline(_)))
-                    .then(|| super::misses::overruns_of(index)),
+                "overruns": (lone_deadline == Some(index)).then(|| super::misses::overruns_of(index)),
                 "affinity": crate::vcpu::thread_cpus(tid)
                     .ok()
                     .filter(|_| tid > 0)

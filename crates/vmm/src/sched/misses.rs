@@ -19,8 +19,7 @@
 //! in that interval, so misses of short periodic jobs inside a mostly idle
 //! vCPU are not seen here (the benchmark measures those in the guest).
 //!
-//! The same thread tells whose an overrun was ([`attribute`]) where that
-//! can be known: the kernel's SIGXCPU names no thread, so each one wakes
+//! The same thread tells whose an overrun was where that can be known: the kernel's SIGXCPU names no thread, so each one wakes
 //! the watcher, which gives it to the guest's only deadline vCPU.
 
 use std::os::fd::AsRawFd;
@@ -162,16 +161,15 @@ fn watch(control: &Control, wake: &EventFd) {
         }
         let sleep = next.saturating_sub(crate::gate::monotonic_ns());
         if wait(wake, Duration::from_nanos(sleep)) {
+            // The overruns are the lone deadline vCPU's; with several,
+            // they stay in the guest's count only: the kernel signals the
+            // process at a tick some time after the budget ran out (the
+            // first that finds the thread running again, often in its next
+            // period), so nothing readable then says which vCPU it was.
             let signals = wake.read().unwrap_or(0);
-            let deadline_vcpus: Vec<(usize, i32)> = tids
-                .iter()
-                .enumerate()
-                .filter(|&(index, &tid)| {
-                    tid > 0 && matches!(config.thread_policy(index), ThreadPolicy::Deadline(_))
-                })
-                .map(|(index, &tid)| (index, tid))
-                .collect();
-            attribute(signals, &deadline_vcpus);
+            if let Some(index) = config.lone_deadline_vcpu(tids.len()) {
+                counts(index).overruns.fetch_add(signals, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -187,20 +185,6 @@ fn wait(wake: &EventFd, limit: Duration) -> bool {
     // SAFETY: `pfd` is one valid pollfd for the duration of the call.
     let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
     ready > 0 && pfd.revents & libc::POLLIN != 0
-}
-
-/// Gives `signals` overruns to the deadline vCPUs `(index, tid)` they
-/// came from, when there is only one. With several, the overruns stay in
-/// the guest's count only: the kernel signals the process at a tick some
-/// time after the budget ran out (at the first tick that finds the thread
-/// running again, often in its next period), so nothing the watcher can
-/// read then tells which vCPU it was.
-fn attribute(signals: u64, deadline_vcpus: &[(usize, i32)]) {
-    if let [(index, _)] = deadline_vcpus {
-        counts(*index)
-            .overruns
-            .fetch_add(signals, Ordering::Relaxed);
-    }
 }
 
 /// Judges the interval between two samples and counts it.
@@ -245,15 +229,6 @@ mod tests {
         assert_eq!(judge(RT, 100 * MS, 20 * MS, 80 * MS), Some(false));
         // The last budget not yet counted, nor the wait since.
         assert_eq!(judge(RT, 100 * MS, 16 * MS, 76 * MS), Some(false));
-    }
-
-    #[test]
-    fn overruns_of_a_lone_deadline_vcpu_are_all_its_own() {
-        // vCPUs 6 and 7: no other test here uses those indices.
-        attribute(3, &[(7, 0)]);
-        assert_eq!(overruns_of(7), 3);
-        attribute(2, &[(6, 0), (7, 0)]);
-        assert_eq!((overruns_of(6), overruns_of(7)), (0, 3));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! - `rt = { budget, period }`: SCHED_DEADLINE with the budget as runtime and
 //!   the period as both deadline and period, and SCHED_FLAG_DL_OVERRUN so
 //!   that the kernel signals SIGXCPU when a vCPU thread overran its budget
-//!   (counted per guest, and per vCPU by `misses::attribute`);
+//!   (counted per guest, and for the only deadline vCPU by `misses`);
 //! - `priority = N` with `policy = "fifo"` or `"rr"`: SCHED_FIFO or SCHED_RR;
 //! - neither: SCHED_OTHER, the kernel's fair class (weight and cap apply).
 
@@ -272,6 +272,17 @@ impl SchedConfig {
         self.priority.is_some() || self.rt.is_some() || self.vcpu_rt.iter().any(Option::is_some)
     }
 
+    /// The index of the only one of `cpus` vCPUs with a deadline
+    /// reservation, if exactly one has one: whose the guest's overruns are.
+    pub fn lone_deadline_vcpu(&self, cpus: usize) -> Option<usize> {
+        let mut deadline =
+            (0..cpus).filter(|&i| matches!(self.thread_policy(i), ThreadPolicy::Deadline(_)));
+        match (deadline.next(), deadline.next()) {
+            (Some(index), None) => Some(index),
+            _ => None,
+        }
+    }
+
     /// The CPU time the guest reserves, in CPUs (deadline reservations only).
     pub fn reserved_cpus(&self, cpus: usize) -> f64 {
         (0..cpus)
@@ -413,7 +424,7 @@ pub fn read(tid: i32) -> std::io::Result<ThreadPolicy> {
 // would also throw the vCPU out of KVM_RUN, which on a PVM host more than
 // doubled the time a guest job took; so vCPU threads block it. The handler
 // counts the guest's overruns and wakes the `dl-watch` thread, which finds
-// the vCPU that overran (see `misses::attribute`).
+// the only deadline vCPU, if there is one (see `misses`).
 
 static OVERRUNS: AtomicU64 = AtomicU64::new(0);
 /// The eventfd the handler signals, or -1 while no watcher listens.
@@ -526,6 +537,13 @@ mod tests {
         assert_eq!(config.thread_policy(0), ThreadPolicy::Deadline(all));
         assert_eq!(config.thread_policy(1), ThreadPolicy::Deadline(one));
         assert!((config.reserved_cpus(2) - 0.6).abs() < 1e-9);
+        assert_eq!(config.lone_deadline_vcpu(2), None, "two reservations");
+        let one_only = SchedConfig {
+            vcpu_rt: vec![None, Some(one)],
+            ..Default::default()
+        };
+        assert_eq!(one_only.lone_deadline_vcpu(2), Some(1));
+        assert_eq!(SchedConfig::default().lone_deadline_vcpu(2), None);
         assert_eq!(
             config.check(1),
             Err(SchedError::RtVcpuOutOfRange { index: 1, cpus: 1 })

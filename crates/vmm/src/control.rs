@@ -105,6 +105,9 @@ pub struct Control {
     gate: std::sync::OnceLock<std::sync::Arc<crate::gate::GateStats>>,
     /// The guest's scheduling policy, as last applied.
     sched: Mutex<crate::sched::SchedConfig>,
+    /// Whether vCPU threads take their own deadline overruns (see
+    /// `sched::overruns`): derived from `sched` whenever it is set.
+    overruns_on_threads: AtomicBool,
 }
 
 impl Control {
@@ -129,12 +132,13 @@ impl Control {
             gate_edge_ns: AtomicU64::new(0),
             gate: std::sync::OnceLock::new(),
             sched: Mutex::new(crate::sched::SchedConfig::default()),
+            overruns_on_threads: AtomicBool::new(true),
         }
     }
 
     /// Sets the guest's scheduling policy (applied by each vCPU thread as it starts).
     pub fn with_sched(self, sched: crate::sched::SchedConfig) -> Self {
-        *self.sched.lock().unwrap_or_else(|p| p.into_inner()) = sched;
+        self.set_sched(sched);
         self
     }
 
@@ -145,7 +149,15 @@ impl Control {
 
     /// Replaces the guest's scheduling policy after it was applied.
     pub fn set_sched(&self, sched: crate::sched::SchedConfig) {
+        let lone = sched.lone_deadline_vcpu(self.tids.len()).is_some();
         *self.sched.lock().unwrap_or_else(|p| p.into_inner()) = sched;
+        self.overruns_on_threads.store(!lone, Ordering::Relaxed);
+    }
+
+    /// Whether vCPU threads take their own deadline overruns: all but a
+    /// guest's only deadline vCPU do (see `sched::overruns`).
+    pub fn overruns_on_threads(&self) -> bool {
+        self.overruns_on_threads.load(Ordering::Relaxed)
     }
 
     /// Sets the host CPUs each vCPU may run on, by vCPU index.

@@ -343,7 +343,7 @@ const GATE_RESERVATION: RtBudget = RtBudget {
 /// Gives the calling (gate) thread its reservation, or where the kernel
 /// refuses one (a pinned process, no capacity left), SCHED_FIFO.
 fn raise_gate() -> Result<(), sched::SchedError> {
-    if sched::apply(0, ThreadPolicy::Deadline(GATE_RESERVATION)).is_ok() {
+    if sched::apply_unsignalled(ThreadPolicy::Deadline(GATE_RESERVATION)).is_ok() {
         return Ok(());
     }
     let fifo = Priority {

@@ -309,6 +309,10 @@ impl Vcpu {
         crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
         while !self.control.is_stopping() {
             self.control.park_if_paused();
+            // Two loads, as cheap as the pause check: a change of policy
+            // that changes how overruns are counted reaches this vCPU at
+            // its next exit (the change kicks it out of the guest too).
+            crate::sched::follow_overrun_mode(self.control.overruns_on_threads());
             if self.control.is_stopping() {
                 break;
             }
@@ -358,7 +362,7 @@ impl Vcpu {
     /// a deadline thread's overruns are counted from then on.
     fn apply_policy(&self) -> Result<(), String> {
         let index = usize::from(self.index);
-        crate::sched::track_overruns()
+        crate::sched::track_overruns(index, self.control.overruns_on_threads())
             .map_err(|e| format!("cannot count deadline overruns: {e}"))?;
         let policy = self.control.sched().thread_policy(index);
         if policy == crate::sched::ThreadPolicy::Fair {

@@ -26,7 +26,6 @@ pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
     map.insert("uptime_ns".into(), uptime_ns.into());
     map.insert("overruns".into(), overruns().into());
     let partition_share = config.partition.as_ref().map(|p| p.share());
-    let lone_deadline = config.lone_deadline_vcpu(control.vcpu_tids().len());
     let vcpus: Vec<Value> = control
         .vcpu_tids()
         .into_iter()
@@ -46,7 +45,7 @@ pub fn info(control: &Control, gate: Option<&GateStats>) -> Map<String, Value> {
                 "wait_ns": wait_ns,
                 "deadline_checks": deadline_checks,
                 "deadline_misses": deadline_misses,
-                "overruns": (lone_deadline == Some(index)).then(|| super::misses::overruns_of(index)),
+                "overruns": super::vcpu_overruns(index),
                 "affinity": crate::vcpu::thread_cpus(tid)
                     .ok()
                     .filter(|_| tid > 0)
@@ -212,6 +211,10 @@ fn change_class(control: &Control, request: &Map<String, Value>) -> Result<(), S
         }
     }
     control.set_sched(new);
+    // Each vCPU follows the guest's way of counting overruns at its kick.
+    for &tid in &tids {
+        crate::vcpu::kick_tid(tid);
+    }
     Ok(())
 }
 

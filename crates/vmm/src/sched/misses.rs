@@ -19,8 +19,9 @@
 //! in that interval, so misses of short periodic jobs inside a mostly idle
 //! vCPU are not seen here (the benchmark measures those in the guest).
 //!
-//! The same thread tells whose an overrun was where that can be known: the kernel's SIGXCPU names no thread, so each one wakes
-//! the watcher, which gives it to the guest's only deadline vCPU.
+//! The same thread counts the overruns of a guest's only deadline vCPU,
+//! whose thread blocks SIGXCPU (see `overruns`): each one lands on another
+//! thread and wakes the watcher.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,13 +41,11 @@ pub const PERIODS: u64 = 10;
 /// How often the watcher looks again when no vCPU has a reservation.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 
-/// Per vCPU: check intervals counted, misses among them, and the deadline
-/// overruns found to be its.
+/// Per vCPU: check intervals counted, and misses among them.
 #[derive(Debug, Default)]
 pub struct VcpuMisses {
     pub checks: AtomicU64,
     pub misses: AtomicU64,
-    pub overruns: AtomicU64,
 }
 
 static COUNTS: Mutex<Vec<Arc<VcpuMisses>>> = Mutex::new(Vec::new());
@@ -60,12 +59,6 @@ pub fn of(index: usize) -> (u64, u64) {
             c.misses.load(Ordering::Relaxed),
         )
     })
-}
-
-/// The deadline overruns of vCPU `index`, while it is the guest's only
-/// deadline vCPU (with several, whose an overrun was is not known).
-pub fn overruns_of(index: usize) -> u64 {
-    counts(index).overruns.load(Ordering::Relaxed)
 }
 
 /// The counters of vCPU `index`, created on first use.
@@ -110,13 +103,13 @@ struct Sample {
 /// Starts the `dl-watch` thread; it ends when the VM stops.
 pub fn start(control: Arc<Control>) -> std::io::Result<()> {
     let wake = EventFd::new(libc::EFD_NONBLOCK)?;
-    super::wake_on_overrun(wake.as_raw_fd());
+    super::overruns::wake_on_overrun(wake.as_raw_fd());
     std::thread::Builder::new()
         .name("dl-watch".into())
         .spawn(move || {
             crate::seccomp::enter(crate::seccomp::ThreadKind::Control);
             watch(&control, &wake);
-            super::wake_on_overrun(-1);
+            super::overruns::wake_on_overrun(-1);
         })?;
     Ok(())
 }
@@ -161,14 +154,10 @@ fn watch(control: &Control, wake: &EventFd) {
         }
         let sleep = next.saturating_sub(crate::gate::monotonic_ns());
         if wait(wake, Duration::from_nanos(sleep)) {
-            // The overruns are the lone deadline vCPU's; with several,
-            // they stay in the guest's count only: the kernel signals the
-            // process at a tick some time after the budget ran out (the
-            // first that finds the thread running again, often in its next
-            // period), so nothing readable then says which vCPU it was.
+            // Only a lone deadline vCPU blocks the signal: these are its.
             let signals = wake.read().unwrap_or(0);
             if let Some(index) = config.lone_deadline_vcpu(tids.len()) {
-                counts(index).overruns.fetch_add(signals, Ordering::Relaxed);
+                super::overruns::add_vcpu_overruns(index, signals);
             }
         }
     }

@@ -8,18 +8,18 @@
 //! - `rt = { budget, period }`: SCHED_DEADLINE with the budget as runtime and
 //!   the period as both deadline and period, and SCHED_FLAG_DL_OVERRUN so
 //!   that the kernel signals SIGXCPU when a vCPU thread overran its budget
-//!   (counted per guest, and for the only deadline vCPU by `misses`);
+//!   (counted per vCPU: see `overruns`);
 //! - `priority = N` with `policy = "fifo"` or `"rr"`: SCHED_FIFO or SCHED_RR;
 //! - neither: SCHED_OTHER, the kernel's fair class (weight and cap apply).
 
 mod live;
 pub mod misses;
+mod overruns;
 
 pub use live::{change, info, rt_of};
+pub use overruns::{follow_overrun_mode, overruns, track_overruns, vcpu_overruns};
 
-use std::os::fd::RawFd;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use thiserror::Error;
 
@@ -341,8 +341,20 @@ struct SchedAttr {
     sched_period: u64,
 }
 
-/// Sets thread `tid`'s policy (0: the calling thread).
+/// Sets thread `tid`'s policy (0: the calling thread); a deadline thread
+/// is signalled its overruns.
 pub fn apply(tid: i32, policy: ThreadPolicy) -> Result<(), SchedError> {
+    set_attr(tid, policy, SCHED_FLAG_DL_OVERRUN)
+}
+
+/// Sets the calling thread's policy with no overrun signal: for the VMM's
+/// own deadline threads (the partition gate), whose overruns are not the
+/// guest's.
+pub fn apply_unsignalled(policy: ThreadPolicy) -> Result<(), SchedError> {
+    set_attr(0, policy, 0)
+}
+
+fn set_attr(tid: i32, policy: ThreadPolicy, overrun_flag: u64) -> Result<(), SchedError> {
     let mut attr = SchedAttr {
         size: std::mem::size_of::<SchedAttr>() as u32,
         ..Default::default()
@@ -359,7 +371,7 @@ pub fn apply(tid: i32, policy: ThreadPolicy) -> Result<(), SchedError> {
         }
         ThreadPolicy::Deadline(rt) => {
             attr.sched_policy = SCHED_DEADLINE;
-            attr.sched_flags = SCHED_FLAG_RESET_ON_FORK | SCHED_FLAG_DL_OVERRUN;
+            attr.sched_flags = SCHED_FLAG_RESET_ON_FORK | overrun_flag;
             attr.sched_runtime = rt.budget_ns;
             attr.sched_deadline = rt.period_ns;
             attr.sched_period = rt.period_ns;
@@ -416,68 +428,6 @@ pub fn read(tid: i32) -> std::io::Result<ThreadPolicy> {
         }),
         _ => ThreadPolicy::Fair,
     })
-}
-
-// Overrun counting. The kernel sends SIGXCPU to a deadline thread that
-// overran, but as a process signal: a vCPU thread that blocks it passes it to
-// another thread of the VMM. Taken on the vCPU thread itself, every overrun
-// would also throw the vCPU out of KVM_RUN, which on a PVM host more than
-// doubled the time a guest job took; so vCPU threads block it. The handler
-// counts the guest's overruns and wakes the `dl-watch` thread, which finds
-// the only deadline vCPU, if there is one (see `misses`).
-
-static OVERRUNS: AtomicU64 = AtomicU64::new(0);
-/// The eventfd the handler signals, or -1 while no watcher listens.
-static OVERRUN_WAKE: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_overrun(_: libc::c_int) {
-    OVERRUNS.fetch_add(1, Ordering::Relaxed);
-    let fd = OVERRUN_WAKE.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; `one` is 8 readable bytes,
-        // the size an eventfd takes. A failed wake-up only loses the
-        // attribution of this overrun, never the guest's count.
-        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
-    }
-}
-
-/// From now on each overrun also signals eventfd `fd`.
-fn wake_on_overrun(fd: RawFd) {
-    OVERRUN_WAKE.store(fd, Ordering::Relaxed);
-}
-
-/// Counts SIGXCPU (deadline overruns) in this process, and blocks it in the
-/// calling (vCPU) thread. Installs the handler once per process.
-pub fn track_overruns() -> std::io::Result<()> {
-    static INSTALLED: std::sync::Once = std::sync::Once::new();
-    let mut result = Ok(());
-    INSTALLED.call_once(|| {
-        // SAFETY: an all-zero sigaction is a valid value to start from.
-        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-        action.sa_sigaction = on_overrun as extern "C" fn(libc::c_int) as usize;
-        action.sa_flags = libc::SA_RESTART;
-        // SAFETY: `action` is initialised and its handler only touches an atomic.
-        if unsafe { libc::sigaction(libc::SIGXCPU, &action, std::ptr::null_mut()) } != 0 {
-            result = Err(std::io::Error::last_os_error());
-        }
-    });
-    result?;
-    // SAFETY: an all-zero sigset_t is valid storage for sigemptyset.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is valid storage and SIGXCPU a valid signal; a null
-    // old-set pointer is allowed.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGXCPU);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
-    Ok(())
-}
-
-/// Deadline overruns counted in this VMM (every vCPU's).
-pub fn overruns() -> u64 {
-    OVERRUNS.load(Ordering::Relaxed)
 }
 
 /// CPU time thread `tid` of this process has received, in nanoseconds,

@@ -364,6 +364,50 @@ fn a_partitioned_guest_makes_no_progress_while_its_window_is_closed() {
 }
 
 #[test]
+fn a_partition_is_installed_and_removed_while_the_guest_runs() {
+    // A reservation of 80% keeps the other tests' guests from making the
+    // share below about the partition rather than the host's load.
+    let guest = Guest::start("repart", 1, "[sched]\nrt = \"8ms/10ms\"");
+    assert!(guest.info()["sched"]["partition"].is_null());
+    // From now on: 5 ms in every 20 ms.
+    let reply = guest.request(
+        r#"{"op":"sched","partition":{"frame":"20ms","windows":[{"start":"0ms","length":"5ms"}],"epoch":0}}"#,
+    );
+    assert_eq!(reply["ok"], true, "{reply}");
+    let info = guest.info_when("50 windows", |info| {
+        info["sched"]["partition"]["windows"].as_u64().unwrap_or(0) >= 50
+    });
+    let partition = &info["sched"]["partition"];
+    assert_eq!(partition["closed_progress"], 0, "{info}");
+    assert_eq!(partition["share"], 0.25, "{info}");
+    // A bad one is refused, and the one in force stays.
+    let reply = guest.request(
+        r#"{"op":"sched","partition":{"frame":"20ms","windows":[{"start":"15ms","length":"10ms"}]}}"#,
+    );
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().starts_with("partition:"),
+        "{reply}"
+    );
+    assert_eq!(guest.info()["sched"]["partition"]["share"], 0.25);
+    // Removed: the gate opens for good and the guest runs on.
+    let reply = guest.request(r#"{"op":"sched","partition":null}"#);
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert!(guest.info()["sched"]["partition"].is_null());
+    let before = guest.info()["exits"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let cpu = |info: &Value| info["sched"]["vcpus"][0]["cpu_ns"].as_u64().unwrap();
+    let (a, start) = (cpu(&guest.info()), Instant::now());
+    std::thread::sleep(Duration::from_millis(500));
+    let share = (cpu(&guest.info()) - a) as f64 / start.elapsed().as_nanos() as f64;
+    assert!(guest.info()["exits"].as_u64().unwrap() > before);
+    assert!(
+        share > 0.4,
+        "no window holds it back any more: {share:.2} of a CPU"
+    );
+}
+
+#[test]
 fn locked_memory_is_resident_and_locked() {
     let guest = Guest::start("locked", 1, "[sched]\nlocked = true");
     let status = std::fs::read_to_string(format!("/proc/{}/status", guest.pid())).unwrap();

@@ -52,7 +52,8 @@ pub const VMM_MEMORY_BUDGET: u64 = 256 << 20;
 pub const VMM_MEMORY_PER_VCPU: u64 = 8 << 20;
 
 /// The tasks a jailed VMM may have: the waiting parent, the main thread and
-/// the fixed threads (signals, console, control, INTx, console output),
+/// the fixed threads (signals, console, control, INTx, console output,
+/// the deadline watcher, the partition gate),
 /// one worker per device, one thread per vCPU, and a margin.
 pub fn pids_limit(vcpus: u8, devices: usize) -> u64 {
     16 + u64::from(vcpus) + devices as u64

@@ -108,6 +108,9 @@ pub struct Control {
     /// Whether vCPU threads take their own deadline overruns (see
     /// `sched::overruns`): derived from `sched` whenever it is set.
     overruns_on_threads: AtomicBool,
+    /// Counts changes of `sched`; the gate waits on `sched_changed` for one.
+    sched_generation: AtomicU64,
+    sched_changed: Condvar,
 }
 
 impl Control {
@@ -133,6 +136,8 @@ impl Control {
             gate: std::sync::OnceLock::new(),
             sched: Mutex::new(crate::sched::SchedConfig::default()),
             overruns_on_threads: AtomicBool::new(true),
+            sched_generation: AtomicU64::new(0),
+            sched_changed: Condvar::new(),
         }
     }
 
@@ -150,8 +155,28 @@ impl Control {
     /// Replaces the guest's scheduling policy after it was applied.
     pub fn set_sched(&self, sched: crate::sched::SchedConfig) {
         let lone = sched.lone_deadline_vcpu(self.tids.len()).is_some();
-        *self.sched.lock().unwrap_or_else(|p| p.into_inner()) = sched;
+        let mut current = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+        *current = sched;
         self.overruns_on_threads.store(!lone, Ordering::Relaxed);
+        // Under the lock, so that a waiter never misses it.
+        self.sched_generation.fetch_add(1, Ordering::Release);
+        drop(current);
+        self.sched_changed.notify_all();
+    }
+
+    /// How many times the policy changed so far.
+    pub fn sched_generation(&self) -> u64 {
+        self.sched_generation.load(Ordering::Acquire)
+    }
+
+    /// Waits up to `timeout` for the policy to change after generation
+    /// `seen` (or for a stop, which also wakes the waiters).
+    pub fn wait_sched_change(&self, seen: u64, timeout: Duration) {
+        let guard = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+        if self.sched_generation() != seen || self.is_stopping() {
+            return;
+        }
+        let _ = self.sched_changed.wait_timeout(guard, timeout);
     }
 
     /// Whether vCPU threads take their own deadline overruns: all but a

@@ -311,25 +311,54 @@ fn sleep_until(at_ns: u64) {
     {}
 }
 
-/// Starts the gate thread for `partition`. Its vCPUs stay parked until
-/// their first window: the gate is closed before any vCPU runs.
-pub fn start(partition: Partition, control: Arc<Control>) -> std::io::Result<Arc<GateStats>> {
+/// Starts the `gate` thread. It governs the vCPUs by the partition in the
+/// guest's policy, and follows it when a `sched` request installs, changes
+/// or removes one; with none it waits, the gate open, at the fair class.
+pub fn start(control: Arc<Control>) -> std::io::Result<Arc<GateStats>> {
     let stats = Arc::new(GateStats::default());
-    let epoch = partition.epoch_ns.unwrap_or_else(monotonic_ns);
     control.set_gate_stats(stats.clone());
-    control.set_gate_closed(!partition.is_open_at(epoch, monotonic_ns()), 0);
+    if let Some(p) = control.sched().partition {
+        let epoch = p.epoch_ns.unwrap_or_else(monotonic_ns);
+        control.set_gate_closed(!p.is_open_at(epoch, monotonic_ns()), 0);
+    }
     let thread_stats = stats.clone();
+    let started = monotonic_ns();
     std::thread::Builder::new()
         .name("gate".into())
         .spawn(move || {
+            // It needs what the control thread needs: sleep, kick, read
+            // /proc, and sched_setattr for its own class.
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Control);
+            follow(&control, &thread_stats, started);
+        })?;
+    Ok(stats)
+}
+
+/// The gate thread's life: run the partition in force until the policy
+/// changes, then the new one, or wait for one.
+fn follow(control: &Control, stats: &GateStats, started: u64) {
+    let mut raised = false;
+    while !control.is_stopping() {
+        let generation = control.sched_generation();
+        let Some(partition) = control.sched().partition else {
+            control.set_gate_closed(false, 0);
+            if raised {
+                let _ = sched::apply_unsignalled(ThreadPolicy::Fair);
+                raised = false;
+            }
+            control.wait_sched_change(generation, Duration::from_secs(1));
+            continue;
+        };
+        if !raised {
             if let Err(e) = raise_gate() {
                 eprintln!("ferrovisor: the partition gate runs without real-time priority, so its windows start late under load: {e}");
             }
-            // It needs what the control thread needs: sleep, kick, read /proc.
-            crate::seccomp::enter(crate::seccomp::ThreadKind::Control);
-            run(&partition, epoch, &control, &thread_stats);
-        })?;
-    Ok(stats)
+            raised = true;
+        }
+        let epoch = partition.epoch_ns.unwrap_or(started);
+        run(&partition, epoch, control, stats, generation);
+    }
+    control.set_gate_closed(false, 0);
 }
 
 /// The gate thread's own reservation: SCHED_DEADLINE, so that it preempts
@@ -353,9 +382,20 @@ fn raise_gate() -> Result<(), sched::SchedError> {
     sched::apply(0, ThreadPolicy::Fixed(fifo))
 }
 
-fn run(partition: &Partition, epoch: u64, control: &Control, stats: &GateStats) {
+/// Runs `partition` until the VM stops or the policy changes after
+/// `generation` (seen at each edge).
+fn run(partition: &Partition, epoch: u64, control: &Control, stats: &GateStats, generation: u64) {
     let mut closed_at: Option<(u64, u64)> = None;
-    while !control.is_stopping() {
+    // Start in the state the partition says for now (it may have replaced
+    // another one mid-window).
+    let now = monotonic_ns();
+    if partition.is_open_at(epoch, now) {
+        control.set_gate_closed(false, now);
+    } else {
+        control.set_gate_closed(true, now);
+        park_all(control, now);
+    }
+    while !control.is_stopping() && control.sched_generation() == generation {
         let (edge, opens) = partition.next_edge(epoch, monotonic_ns());
         // Just before a window opens, the guest's counters are read again:
         // what changed while it was closed is progress it must not make.
@@ -390,7 +430,6 @@ fn run(partition: &Partition, epoch: u64, control: &Control, stats: &GateStats) 
             }
         }
     }
-    control.set_gate_closed(false, 0);
 }
 
 /// Kicks every vCPU until all are parked (a kick that lands just before a

@@ -248,13 +248,8 @@ pub fn run_with(
     let console_input = pci
         .console_input()
         .unwrap_or_else(|| devices.console_input());
-    let gate = match &config.sched.partition {
-        Some(partition) => Some(
-            gate::start(partition.clone(), control.clone())
-                .map_err(|e| VmError::Thread("partition gate", e))?,
-        ),
-        None => None,
-    };
+    let gate =
+        Some(gate::start(control.clone()).map_err(|e| VmError::Thread("partition gate", e))?);
     match runtime.as_mut() {
         Some(rt) => rt.start(VmParts {
             control: control.clone(),

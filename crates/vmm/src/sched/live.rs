@@ -11,7 +11,7 @@ use crate::control::Control;
 use crate::gate::GateStats;
 
 /// The fields a `sched` request may carry.
-const FIELDS: &str = "rt, priority, policy, fair, affinity";
+const FIELDS: &str = "rt, priority, policy, fair, affinity, partition";
 
 /// The `sched` object of `info`: the declaration, and per vCPU its thread's
 /// policy as the kernel reports it and the CPU time it received; the
@@ -269,7 +269,54 @@ fn requested(old: &SchedConfig, request: &Map<String, Value>) -> Result<SchedCon
     if request.contains_key("rt") && request.contains_key("priority") {
         return Err("rt: cannot be given with priority".into());
     }
+    if let Some(p) = request.get("partition") {
+        new.partition = partition_of(p).map_err(|e| format!("partition: {e}"))?;
+    }
     Ok(new)
+}
+
+/// `{"frame": "20ms", "windows": [{"start": "0ms", "length": "5ms"}],
+/// "epoch": NS}` (epoch optional: the VMM's start), or `null` for none.
+fn partition_of(value: &Value) -> Result<Option<crate::gate::Partition>, String> {
+    let duration = |v: &Value, what: &str| match v {
+        Value::String(s) => super::parse_duration(s).map_err(|e| format!("{what}: {e}")),
+        other => Err(format!(
+            "{what}: expected a duration like \"5ms\", found {other}"
+        )),
+    };
+    let fields = match value {
+        Value::Null => return Ok(None),
+        Value::Object(o) => o,
+        other => return Err(format!("expected an object or null, found {other}")),
+    };
+    if let Some(key) = fields
+        .keys()
+        .find(|k| !["frame", "windows", "epoch"].contains(&k.as_str()))
+    {
+        return Err(format!(
+            "unknown field '{key}' (known: frame, windows, epoch)"
+        ));
+    }
+    let frame = duration(fields.get("frame").unwrap_or(&Value::Null), "frame")?;
+    let windows = fields
+        .get("windows")
+        .and_then(Value::as_array)
+        .ok_or("windows: expected a list of {\"start\", \"length\"}")?
+        .iter()
+        .map(|w| {
+            Ok(crate::gate::Window {
+                start_ns: duration(&w["start"], "windows: start")?,
+                length_ns: duration(&w["length"], "windows: length")?,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let epoch = match fields.get("epoch") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_u64().ok_or(format!("epoch: {v} is not nanoseconds"))?),
+    };
+    crate::gate::Partition::new(frame, windows, epoch)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 /// `"2ms/10ms"`, `"budget=2ms,period=10ms"` or `{"budget":"2ms","period":"10ms"}`.
@@ -320,6 +367,22 @@ mod tests {
             })
         );
         assert_eq!(new.weight, Some(200), "group settings are kept");
+        let parted = requested(
+            &new,
+            &request(r#"{"partition": {"frame": "20ms", "windows": [{"start": "5ms", "length": "5ms"}], "epoch": 0}}"#),
+        )
+        .unwrap();
+        let p = parted.partition.clone().unwrap();
+        assert_eq!(
+            (p.frame_ns, p.epoch_ns, p.share()),
+            (20_000_000, Some(0), 0.25)
+        );
+        assert_eq!(
+            requested(&parted, &request(r#"{"partition": null}"#))
+                .unwrap()
+                .partition,
+            None
+        );
         let fair = requested(&new, &request(r#"{"fair": true}"#)).unwrap();
         assert_eq!(fair.thread_policy(0), ThreadPolicy::Fair);
         let rt = requested(
@@ -342,6 +405,23 @@ mod tests {
             (r#"{"policy": "rr"}"#, "policy:"),
             (r#"{"weight": 5}"#, "unknown field 'weight'"),
             (r#"{"rt": "2ms/10ms", "priority": 5}"#, "rt:"),
+            (
+                r#"{"partition": {"frame": "20ms", "windows": []}}"#,
+                "partition:",
+            ),
+            (
+                r#"{"partition": {"frame": "20ms", "windows": [{"start": "15ms", "length": "10ms"}]}}"#,
+                "partition:",
+            ),
+            (
+                r#"{"partition": {"frame": "fast", "windows": []}}"#,
+                "partition: frame",
+            ),
+            (
+                r#"{"partition": {"frame": "20ms", "windows": [], "size": 1}}"#,
+                "partition: unknown",
+            ),
+            (r#"{"partition": 5}"#, "partition:"),
         ] {
             let err = requested(&old, &request(text)).unwrap_err();
             assert!(err.starts_with(prefix), "{text}: {err}");

@@ -10,17 +10,22 @@
 //! (Xen's null scheduler: each vCPU gets a host CPU of the pool that no
 //! other guest's vCPU is pinned to, and is pinned there; not for deadline
 //! vCPUs). A guest moved out of a `null` pool is unpinned: its vCPUs may
-//! run on any CPU of the new pool. Moving into a `partition` pool needs
-//! windows in its frame, given only at start, and is refused.
+//! run on any CPU of the new pool. A move into a `partition` pool gives
+//! the guest windows in the pool's frame (those the request names, else
+//! the guest's own if it has some in that frame), counted from the pool's
+//! epoch, and none of them may overlap another member's; a move into any
+//! other pool ends the guest's windows.
 //!
 //! The daemon keeps which host CPUs each running guest's vCPUs are pinned
 //! to (its description's `affinity`, or a move's), so that two guests never
-//! share a CPU of a `null` pool.
+//! share a CPU of a `null` pool, and which windows each guest owns in which
+//! `partition` pool, so that two never share a moment of a frame.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde_json::{json, Value};
+use vmm::gate::{Partition, Window};
 
 /// A pool as `PUT /pools/NAME` takes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,11 +33,28 @@ pub struct PoolDef {
     pub cpus: Vec<usize>,
     /// `credit`, `rt`, `partition` or `null`.
     pub policy: String,
+    /// A `partition` pool's major frame.
+    pub frame_ns: Option<u64>,
 }
 
 static POOLS: Mutex<BTreeMap<String, PoolDef>> = Mutex::new(BTreeMap::new());
 /// Per running guest: the host CPU each of its vCPUs is pinned to.
 static PINS: Mutex<BTreeMap<String, Vec<usize>>> = Mutex::new(BTreeMap::new());
+/// Per running guest in a `partition` pool: the pool, and its windows.
+static WINDOWS: Mutex<BTreeMap<String, (String, Vec<Window>)>> = Mutex::new(BTreeMap::new());
+
+fn windows() -> MutexGuard<'static, BTreeMap<String, (String, Vec<Window>)>> {
+    WINDOWS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Records the windows guest `name` owns in partition pool `pool` (none:
+/// it is in no partition pool).
+pub fn set_windows(name: &str, place: Option<(String, Vec<Window>)>) {
+    match place {
+        Some(place) => windows().insert(name.to_string(), place),
+        None => windows().remove(name),
+    };
+}
 
 fn pins() -> MutexGuard<'static, BTreeMap<String, Vec<usize>>> {
     PINS.lock().unwrap_or_else(PoisonError::into_inner)
@@ -66,7 +88,8 @@ fn pools() -> MutexGuard<'static, BTreeMap<String, PoolDef>> {
     POOLS.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Reads a `PUT /pools/NAME` body: `{"cpus": "0-1", "policy": "credit"}`.
+/// Reads a `PUT /pools/NAME` body: `{"cpus": "0-1", "policy": "credit"}`,
+/// and `"frame": "20ms"` for a partition pool.
 pub fn parse_def(body: &Value) -> Result<PoolDef, String> {
     let cpus = body["cpus"]
         .as_str()
@@ -76,7 +99,23 @@ pub fn parse_def(body: &Value) -> Result<PoolDef, String> {
         Some(p @ ("credit" | "rt" | "partition" | "null")) => p.to_string(),
         _ => return Err("policy: is required: credit, rt, partition or null".into()),
     };
-    Ok(PoolDef { cpus, policy })
+    let frame_ns = match (body.get("frame"), policy.as_str()) {
+        (None, "partition") => return Err("frame: is required in a partition pool".into()),
+        (None, _) => None,
+        (Some(_), p) if p != "partition" => {
+            return Err("frame: only a partition pool has a frame".into())
+        }
+        (Some(v), _) => Some(
+            v.as_str()
+                .ok_or(format!("frame: {v} is not a duration like \"20ms\""))
+                .and_then(|f| vmm::sched::parse_duration(f).map_err(|e| format!("frame: {e}")))?,
+        ),
+    };
+    Ok(PoolDef {
+        cpus,
+        policy,
+        frame_ns,
+    })
 }
 
 /// Defines pool `name`; the same again is fine, another definition or
@@ -118,11 +157,14 @@ pub fn put(name: &str, body: &[u8]) -> crate::api::Reply {
         Ok(d) => d,
         Err(e) => return Reply::error(400, e),
     };
-    let shown = json!({
+    let mut shown = json!({
         "name": name,
         "cpus": vmm::config::format_cpu_list(&def.cpus),
         "policy": def.policy,
     });
+    if let Some(frame) = def.frame_ns {
+        shown["frame"] = vmm::sched::format_duration(frame).into();
+    }
     match define(name, def) {
         Ok(new) => Reply {
             status: if new { 201 } else { 200 },
@@ -147,24 +189,54 @@ pub struct Move {
     pub cpus: Vec<usize>,
     /// In a `null` pool, the CPU each vCPU is pinned to.
     pub pins: Option<Vec<usize>>,
+    /// In a `partition` pool, the guest's windows in its frame (elsewhere
+    /// none: a move out of a partition pool ends them).
+    pub partition: Option<Partition>,
 }
 
-/// Checks that guest `guest`, `vcpus` vCPUs in `class`, may move into
-/// pool `name`, and says where it goes.
-pub fn plan_move(name: &str, guest: &str, class: Class, vcpus: usize) -> Result<Move, String> {
+/// Who is moving: the guest's name, its vCPUs and their class, the
+/// windows the request gives it, and the partition it has now.
+#[derive(Debug, Clone, Copy)]
+pub struct Mover<'a> {
+    pub name: &'a str,
+    pub vcpus: usize,
+    pub class: Class,
+    pub windows: Option<&'a [Window]>,
+    pub current: Option<&'a Partition>,
+}
+
+/// Checks that a guest may move into pool `name`, and says where it goes.
+pub fn plan_move(name: &str, mover: Mover<'_>) -> Result<Move, String> {
+    let Mover {
+        name: guest,
+        vcpus,
+        class,
+        ..
+    } = mover;
     let Some(pool) = pools().get(name).cloned() else {
         return Err(format!(
             "pool: no pool '{name}' is defined (ferrovisor up defines a system file's pools)"
         ));
     };
+    if mover.windows.is_some() && pool.policy != "partition" {
+        return Err(format!(
+            "windows: '{name}' is a {} pool; windows belong to a partition pool",
+            pool.policy
+        ));
+    }
     let whole = |pins| {
         Ok(Move {
             cpus: pool.cpus.clone(),
             pins,
+            partition: None,
         })
     };
     match (pool.policy.as_str(), class) {
         ("credit", Class::Fair) | ("rt", Class::Fixed) => whole(None),
+        ("partition", Class::Fair | Class::Fixed) => Ok(Move {
+            partition: Some(windows_in(name, &pool, mover)?),
+            ..whole(None)?
+        }),
         ("null", Class::Fair | Class::Fixed) => {
             let taken: Vec<usize> = pins()
                 .iter()
@@ -196,9 +268,44 @@ pub fn plan_move(name: &str, guest: &str, class: Class, vcpus: usize) -> Result<
             "pool: '{name}' is a null pool: a deadline reservation cannot be pinned; make the guest --fair or give it a --priority first"
         )),
         (policy, _) => Err(format!(
-            "pool: a running guest cannot move into '{name}', a {policy} pool: its windows are set when it starts"
+            "pool: '{name}' is a {policy} pool: a deadline reservation cannot be in a pool; make the guest --fair or give it a --priority first"
         )),
     }
+}
+
+/// The windows a mover gets in partition pool `name`: the request's, else
+/// its own if they are in the pool's frame; none may overlap another
+/// member's. They count from the pool's epoch (CLOCK_MONOTONIC's zero).
+fn windows_in(name: &str, pool: &PoolDef, mover: Mover<'_>) -> Result<Partition, String> {
+    let frame = pool.frame_ns.unwrap_or_default();
+    let wanted: Vec<Window> = match (mover.windows, mover.current) {
+        (Some(w), _) => w.to_vec(),
+        (None, Some(p)) if p.frame_ns == frame => p.windows.clone(),
+        _ => {
+            return Err(format!(
+                "windows: give the guest its windows in '{name}''s {} frame (--windows START+LENGTH,...)",
+                vmm::sched::format_duration(frame)
+            ))
+        }
+    };
+    let partition = Partition::new(frame, wanted, Some(0)).map_err(|e| format!("windows: {e}"))?;
+    let members = windows();
+    for (other, (other_pool, theirs)) in members.iter() {
+        if other == mover.name || other_pool != name {
+            continue;
+        }
+        let clash = partition.windows.iter().any(|w| {
+            theirs.iter().any(|o| {
+                w.start_ns < o.start_ns + o.length_ns && o.start_ns < w.start_ns + w.length_ns
+            })
+        });
+        if clash {
+            return Err(format!(
+                "windows: overlap a window of guest '{other}' in pool '{name}'"
+            ));
+        }
+    }
+    Ok(partition)
 }
 
 #[cfg(test)]
@@ -207,7 +314,21 @@ mod tests {
 
     #[test]
     fn pools_are_defined_once_without_sharing_cpus_and_moves_follow_the_policy() {
-        let def = |cpus: &str, policy: &str| parse_def(&json!({"cpus": cpus, "policy": policy}));
+        let def = |cpus: &str, policy: &str| {
+            let mut body = json!({"cpus": cpus, "policy": policy});
+            if policy == "partition" {
+                body["frame"] = "20ms".into();
+            }
+            parse_def(&body)
+        };
+        assert!(parse_def(&json!({"cpus": "0", "policy": "partition"}))
+            .unwrap_err()
+            .starts_with("frame:"));
+        assert!(
+            parse_def(&json!({"cpus": "0", "policy": "credit", "frame": "20ms"}))
+                .unwrap_err()
+                .starts_with("frame:")
+        );
         assert!(def("0", "credit").is_ok());
         assert!(def("x", "credit").unwrap_err().starts_with("cpus:"));
         assert!(def("0", "fifo").unwrap_err().starts_with("policy:"));
@@ -228,7 +349,18 @@ mod tests {
         assert_eq!(define("t-rt", def("102", "rt").unwrap()), Ok(true));
         assert_eq!(define("t-part", def("103", "partition").unwrap()), Ok(true));
         assert_eq!(define("t-null", def("104-105", "null").unwrap()), Ok(true));
-        let plan = |pool, class, vcpus| plan_move(pool, "t-guest", class, vcpus);
+        let plan = |pool, class, vcpus| {
+            plan_move(
+                pool,
+                Mover {
+                    name: "t-guest",
+                    vcpus,
+                    class,
+                    windows: None,
+                    current: None,
+                },
+            )
+        };
         assert_eq!(plan("t-credit", Class::Fair, 1).unwrap().cpus, vec![100]);
         assert_eq!(plan("t-rt", Class::Fixed, 2).unwrap().pins, None);
         // A null pool pins each vCPU to a CPU no other guest holds.
@@ -247,13 +379,64 @@ mod tests {
         for (pool, class) in [
             ("t-credit", Class::Deadline),
             ("t-rt", Class::Fair),
-            ("t-part", Class::Fair),
+            ("t-part", Class::Deadline),
             ("t-null", Class::Deadline),
             ("t-none", Class::Fair),
         ] {
             let e = plan(pool, class, 1).unwrap_err();
             assert!(e.starts_with("pool: "), "{e}");
         }
+        // Into a partition pool with no windows of its own: it must be given some.
+        let e = plan("t-part", Class::Fair, 1).unwrap_err();
+        assert!(e.starts_with("windows: "), "{e}");
+    }
+
+    #[test]
+    fn a_move_into_a_partition_pool_takes_free_windows_in_its_frame() {
+        let def = parse_def(&json!({"cpus": "110", "policy": "partition", "frame": "20ms"}));
+        assert_eq!(define("t-frame", def.unwrap()), Ok(true));
+        let ms = |start: u64, length: u64| Window {
+            start_ns: start * 1_000_000,
+            length_ns: length * 1_000_000,
+        };
+        set_windows("t-member", Some(("t-frame".into(), vec![ms(0, 5)])));
+        let mover =
+            |windows: Option<&'static [Window]>, current: Option<&'static Partition>| Mover {
+                name: "t-mover",
+                vcpus: 1,
+                class: Class::Fair,
+                windows,
+                current,
+            };
+        let free: &'static [Window] = Box::leak(Box::new([ms(5, 5)]));
+        let plan = plan_move("t-frame", mover(Some(free), None)).unwrap();
+        let partition = plan.partition.unwrap();
+        assert_eq!(
+            (partition.frame_ns, partition.epoch_ns),
+            (20_000_000, Some(0))
+        );
+        assert_eq!(partition.windows, free.to_vec());
+        // Another member's window, none given, or past the frame: one line each.
+        let taken: &'static [Window] = Box::leak(Box::new([ms(2, 5)]));
+        let past: &'static [Window] = Box::leak(Box::new([ms(18, 5)]));
+        for windows in [Some(taken), None, Some(past)] {
+            let e = plan_move("t-frame", mover(windows, None)).unwrap_err();
+            assert!(e.starts_with("windows: "), "{e}");
+        }
+        // Its own windows serve when they are in the pool's frame.
+        let own: &'static Partition = Box::leak(Box::new(
+            Partition::new(20_000_000, vec![ms(10, 5)], None).unwrap(),
+        ));
+        assert!(plan_move("t-frame", mover(None, Some(own))).is_ok());
+        // Windows name a partition pool only.
+        define(
+            "t-plain",
+            parse_def(&json!({"cpus": "111", "policy": "credit"})).unwrap(),
+        )
+        .unwrap();
+        let e = plan_move("t-plain", mover(Some(free), None)).unwrap_err();
+        assert!(e.starts_with("windows: "), "{e}");
+        set_windows("t-member", None);
     }
 
     #[test]

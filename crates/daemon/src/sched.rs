@@ -171,6 +171,10 @@ pub fn prepare(name: &str, description: &str) -> Result<Vec<PathBuf>, String> {
     let config = parse(description)?;
     admit(name, reservation(&config.sched, usize::from(config.cpus)))?;
     crate::pools::set_pins(name, crate::pools::pins_of_affinity(&config.affinity));
+    crate::pools::set_windows(
+        name,
+        pool_windows(&config.sched.pool, config.sched.partition.as_ref()),
+    );
     let placed = (|| -> cgroup::Result<Vec<PathBuf>> {
         let Some(hierarchy) = hierarchy() else {
             return Ok(Vec::new());
@@ -201,6 +205,7 @@ pub fn prepare(name: &str, description: &str) -> Result<Vec<PathBuf>, String> {
 pub fn release(name: &str, dir: &Path) {
     reserved().remove(name);
     crate::pools::set_pins(name, Vec::new());
+    crate::pools::set_windows(name, None);
     let _ = std::fs::remove_file(dir.join(CHANGES));
     if let Some(group) = hierarchy().and_then(|h| h.guest(name).ok()) {
         // A v1 group may be busy for a moment after its last task is reaped.
@@ -228,14 +233,19 @@ pub fn readopt(name: &str, description: &str, dir: &Path, runtime: &Path) {
     }
     let mut request = thread_request(&config.sched);
     let mut changes = kept_changes(dir);
-    changes.remove("pool");
+    // Where the last move put the guest: its pool's CPUs, its vCPUs'
+    // affinity and its windows, sent to the VMM beside its class.
+    let mut placement = Map::new();
+    let moved_to = changes
+        .remove("pool")
+        .and_then(|p| p.as_str().map(str::to_string));
     if let Some(cpus) = changes.remove(POOL_CPUS) {
         if let Some(cpus) = cpus
             .as_str()
             .and_then(|c| vmm::config::parse_cpu_list(c).ok())
         {
             let _ = set_pool_cpus(name, &cpus);
-            request.insert("affinity".into(), json!(cpus));
+            placement.insert("affinity".into(), json!(cpus));
         }
     }
     let mut pins = crate::pools::pins_of_affinity(&config.affinity);
@@ -251,19 +261,25 @@ pub fn readopt(name: &str, description: &str, dir: &Path, runtime: &Path) {
             .unwrap_or_default();
         if !pins.is_empty() {
             let per_vcpu: Vec<Value> = pins.iter().map(|c| json!([c])).collect();
-            request.insert("affinity".into(), per_vcpu.into());
+            placement.insert("affinity".into(), per_vcpu.into());
         }
     }
     crate::pools::set_pins(name, pins);
+    let mut windows = pool_windows(&config.sched.pool, config.sched.partition.as_ref());
+    if let Some(kept) = changes.remove(PARTITION) {
+        let partition = vmm::sched::partition_of(&kept).ok().flatten();
+        windows = moved_to.zip(partition.map(|p| p.windows));
+        placement.insert(PARTITION.into(), kept);
+    }
+    crate::pools::set_windows(name, windows);
     if let Ok(change) = parse_change(&changes) {
         let _ = change_group(name, &change);
         if !change.thread.is_empty() {
-            let affinity = request.remove("affinity");
             request = change.thread.clone();
-            request.extend(affinity.map(|a| ("affinity".to_string(), a)));
             want = thread_reservation(&change, cpus).unwrap_or(want);
         }
     }
+    request.extend(placement);
     if want.0 > 0.0 {
         reserved().insert(name.to_string(), want);
     }
@@ -312,6 +328,8 @@ pub struct Change {
     pub thread: Map<String, Value>,
     /// The pool to move into.
     pub pool: Option<String>,
+    /// The guest's windows in the frame of the partition pool it moves into.
+    pub windows: Option<Vec<vmm::gate::Window>>,
 }
 
 /// In the kept changes: the CPUs of the pool the guest moved into (a
@@ -322,7 +340,10 @@ const POOL_CPUS: &str = "pool_cpus";
 const PINS: &str = "pins";
 
 /// The fields `POST /guests/NAME/sched` takes.
-pub const FIELDS: &str = "weight, cap, rt, priority, policy, fair, pool";
+pub const FIELDS: &str = "weight, cap, rt, priority, policy, fair, pool, windows";
+/// In the kept changes: the partition a move gave the guest (`null`: a
+/// move ended its windows).
+const PARTITION: &str = "partition";
 
 /// Parses the body: every error names its field.
 pub fn parse_change(body: &Map<String, Value>) -> Result<Change, String> {
@@ -339,6 +360,12 @@ pub fn parse_change(body: &Map<String, Value>) -> Result<Change, String> {
             .filter(|n| crate::daemon::check_name(n).is_ok())
             .ok_or(format!("pool: {v} is not a pool name"))?;
         change.pool = Some(name.to_string());
+    }
+    if let Some(v) = body.get("windows") {
+        if change.pool.is_none() {
+            return Err("windows: only with pool (the partition pool they are in)".into());
+        }
+        change.windows = Some(vmm::sched::windows_of(v)?);
     }
     if let Some(v) = body.get("weight") {
         let w = v
@@ -387,8 +414,15 @@ pub fn apply_change(
     let cpus = usize::from(config.cpus);
     let target = match &change.pool {
         Some(pool) => {
-            let class = class_after(&config.sched, dir, change);
-            Some(crate::pools::plan_move(pool, name, class, cpus)?)
+            let current = current_partition(&config, dir);
+            let mover = crate::pools::Mover {
+                name,
+                vcpus: cpus,
+                class: class_after(&config.sched, dir, change),
+                windows: change.windows.as_deref(),
+                current: current.as_ref(),
+            };
+            Some(crate::pools::plan_move(pool, mover)?)
         }
         None => None,
     };
@@ -421,6 +455,18 @@ pub fn apply_change(
             None => json!(target.cpus),
         };
         request.insert("affinity".into(), affinity);
+        let partition = target.partition.as_ref();
+        request.insert(
+            PARTITION.into(),
+            partition.map_or(Value::Null, vmm::sched::partition_value),
+        );
+        if partition.is_some() && config.sched.priority.is_none() {
+            // The gate thread's runtime where it falls back to SCHED_FIFO
+            // (as a partitioned guest gets at start).
+            if let Some(group) = hierarchy().and_then(|h| h.guest(name).ok()) {
+                let _ = group.grant_rt_runtime(GATE_RT_RUNTIME_US);
+            }
+        }
     }
     if !request.is_empty() {
         request.insert("op".into(), "sched".into());
@@ -436,8 +482,13 @@ pub fn apply_change(
             });
         }
     }
-    if let Some(target) = &target {
+    if let (Some(target), Some(pool)) = (&target, &change.pool) {
         crate::pools::set_pins(name, target.pins.clone().unwrap_or_default());
+        let windows = target
+            .partition
+            .as_ref()
+            .map(|p| (pool.clone(), p.windows.clone()));
+        crate::pools::set_windows(name, windows);
     }
     remember(dir, change, target.as_ref());
     Ok(())
@@ -505,6 +556,23 @@ fn set_pool_cpus(name: &str, cpus: &[usize]) -> Result<(), String> {
         .map_err(|e| format!("pool: {}", chain(&e)))
 }
 
+/// The windows a guest owns in its pool, when it is partitioned in one.
+fn pool_windows(
+    pool: &Option<String>,
+    partition: Option<&vmm::gate::Partition>,
+) -> Option<(String, Vec<vmm::gate::Window>)> {
+    Some((pool.clone()?, partition?.windows.clone()))
+}
+
+/// The partition guest (description `config`, directory `dir`) runs under
+/// now: the last move's, else its description's.
+fn current_partition(config: &vmm::VmConfig, dir: &Path) -> Option<vmm::gate::Partition> {
+    match kept_changes(dir).get(PARTITION) {
+        Some(kept) => vmm::sched::partition_of(kept).ok().flatten(),
+        None => config.sched.partition.clone(),
+    }
+}
+
 /// The changes kept in guest directory `dir` (none when there are none).
 fn kept_changes(dir: &Path) -> Map<String, Value> {
     std::fs::read(dir.join(CHANGES))
@@ -537,6 +605,13 @@ fn remember(dir: &Path, change: &Change, target: Option<&crate::pools::Move>) {
             vmm::config::format_cpu_list(&target.cpus).into(),
         );
         kept.insert(PINS.into(), json!(target.pins.clone().unwrap_or_default()));
+        kept.insert(
+            PARTITION.into(),
+            target
+                .partition
+                .as_ref()
+                .map_or(Value::Null, vmm::sched::partition_value),
+        );
     }
     let _ = std::fs::write(&path, Value::Object(kept).to_string());
 }

@@ -61,6 +61,19 @@ fn while_bandwidth_taken(mut attempt: impl FnMut() -> (u16, Value)) -> (u16, Val
     }
 }
 
+/// `ferrovisor up` of system file `text`, then waits for guest `name`.
+fn up_and_wait(d: &TestDaemon, text: &str, name: &str) {
+    let system = d.dir.join("system.toml");
+    std::fs::write(&system, text).unwrap();
+    let (status, body) = while_bandwidth_taken(|| {
+        let out = d.cli(&["up", system.to_str().unwrap()]);
+        let error = String::from_utf8_lossy(&out.stderr).into_owned();
+        (u16::from(!out.status.success()), json!({ "error": error }))
+    });
+    assert_eq!(status, 0, "{body}");
+    d.wait_console(name, "ready");
+}
+
 fn create(d: &TestDaemon, name: &str, description: String) -> (u16, Value) {
     let body = json!({ "name": name, "config": description, "start": true });
     d.call("POST", "/guests", Some(body))
@@ -72,6 +85,7 @@ fn create(d: &TestDaemon, name: &str, description: String) -> (u16, Value) {
 #[test]
 fn scheduling_under_the_daemon() {
     a_pool_of_a_system_file_confines_its_guests_to_its_cpus();
+    a_running_guest_moves_into_a_partition_pool_and_out();
     the_policy_reaches_group_and_threads_at_start_after_a_change_and_after_a_restart();
     admission_refuses_an_overcommitted_real_time_set_and_changes_nothing();
 }
@@ -79,20 +93,12 @@ fn scheduling_under_the_daemon() {
 fn a_pool_of_a_system_file_confines_its_guests_to_its_cpus() {
     let d = TestDaemon::start();
     let name = format!("pooled-{}", std::process::id());
-    let system = d.dir.join("system.toml");
     let text = format!(
         "[pools.rt]\ncpus = \"1\"\npolicy = \"rt\"\n\n[pools.solo]\ncpus = \"0\"\npolicy = \"null\"\n\n\
          [guests.{name}]\n{}[guests.{name}.sched]\npool = \"rt\"\npriority = 7\n",
         echo_description()
     );
-    std::fs::write(&system, text).unwrap();
-    let (status, body) = while_bandwidth_taken(|| {
-        let out = d.cli(&["up", system.to_str().unwrap()]);
-        let error = String::from_utf8_lossy(&out.stderr).into_owned();
-        (u16::from(!out.status.success()), json!({ "error": error }))
-    });
-    assert_eq!(status, 0, "{body}");
-    d.wait_console(&name, "ready");
+    up_and_wait(&d, &text, &name);
     let info = d.info(&name);
     let cpuset = format!("/sys/fs/cgroup/cpuset/ferrovisor/{name}/cpuset.cpus");
     assert_eq!(std::fs::read_to_string(&cpuset).unwrap().trim(), "1");
@@ -141,6 +147,62 @@ fn a_pool_of_a_system_file_confines_its_guests_to_its_cpus() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("no pool 'nowhere'"), "{err}");
+    assert_eq!(std::fs::read_to_string(&cpuset).unwrap().trim(), "1");
+    d.expect("POST", &format!("/guests/{name}/kill"), None, 200);
+}
+
+fn a_running_guest_moves_into_a_partition_pool_and_out() {
+    let d = TestDaemon::start();
+    let name = format!("parted-{}", std::process::id());
+    let text = format!(
+        "[pools.frame]\ncpus = \"0\"\npolicy = \"partition\"\nframe = \"20ms\"\n\n\
+         [pools.rt]\ncpus = \"1\"\npolicy = \"rt\"\n\n\
+         [guests.{name}]\n{}[guests.{name}.sched]\npool = \"rt\"\npriority = 7\n",
+        echo_description()
+    );
+    up_and_wait(&d, &text, &name);
+    assert!(d.info(&name)["sched"]["partition"].is_null());
+    let cpuset = format!("/sys/fs/cgroup/cpuset/ferrovisor/{name}/cpuset.cpus");
+    // Into the partition pool, with no windows: one line, nothing moves.
+    let out = d.cli(&["sched", &name, "--pool", "frame"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("windows:"), "{err}");
+    assert_eq!(std::fs::read_to_string(&cpuset).unwrap().trim(), "1");
+    // With windows past the frame: the same.
+    let out = d.cli(&["sched", &name, "--pool", "frame", "--windows", "15ms+10ms"]);
+    assert!(!out.status.success());
+    // With a window in its frame: on the pool's CPU, gated to 5 ms in 20.
+    let out = d.cli(&["sched", &name, "--pool", "frame", "--windows", "5ms+5ms"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&cpuset).unwrap().trim(), "0");
+    let partition = d.info(&name)["sched"]["partition"].clone();
+    assert_eq!(partition["share"], 0.25, "{partition}");
+    assert_eq!(partition["frame_ns"], 20_000_000, "{partition}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while d.info(&name)["sched"]["partition"]["windows"]
+        .as_u64()
+        .unwrap_or(0)
+        < 20
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gate opened no window"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Back into the rt pool: its windows end.
+    let out = d.cli(&["sched", &name, "--pool", "rt"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(d.info(&name)["sched"]["partition"].is_null());
     assert_eq!(std::fs::read_to_string(&cpuset).unwrap().trim(), "1");
     d.expect("POST", &format!("/guests/{name}/kill"), None, 200);
 }

@@ -60,8 +60,9 @@ Management commands (all take --socket PATH, default /run/ferrovisor/api.sock):
                    [--refill-time T] [--replace]   change a running guest's disk or NIC rate
                                         limits (DEVICE: disk0, net0, net0-rx, net0-tx; off removes)
   ferrovisor sched NAME [--weight N] [--cap PCT|none] [--rt budget=B,period=P]
-                   [--priority N [--policy fifo|rr]] [--fair] [--pool P]
-                                        change a running guest's CPU policy
+                   [--priority N [--policy fifo|rr]] [--fair]
+                   [--pool P [--windows START+LENGTH,...]]
+                                        change a running guest's CPU policy or pool
   ferrovisor switch show NAME [--json] a switch's ports: MAC, VLANs, frames, bytes, drops
   ferrovisor switch list [--json]      every switch the daemon runs, with its ports
   ferrovisor switch delete NAME        stop a switch (its guests' ports go with it)
@@ -504,10 +505,13 @@ fn up(rest: &[String]) -> Result<ExitCode, CliError> {
     let client = words.client();
     // Pools, so that a running guest can later move into one.
     for pool in &system.pools {
-        let body = json!({
+        let mut body = json!({
             "cpus": vmm::config::format_cpu_list(&pool.cpus),
             "policy": pool.policy.name(),
         });
+        if let Some(frame) = pool.frame_ns {
+            body["frame"] = vmm::sched::format_duration(frame).into();
+        }
         client.call("PUT", &format!("/pools/{}", pool.name), Some(&body))?;
     }
     // Switches first: a guest on one gets its port when it starts.

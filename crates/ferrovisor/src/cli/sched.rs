@@ -1,5 +1,6 @@
 //! `ferrovisor sched NAME [--weight N] [--cap PCT|none] [--rt budget=B,period=P]
-//! [--priority N [--policy fifo|rr]] [--fair] [--pool P]`: changes a running
+//! [--priority N [--policy fifo|rr]] [--fair] [--pool P [--windows
+//! START+LENGTH,...]]`: changes a running
 //! guest's scheduling through `POST /guests/NAME/sched`, and shows per vCPU
 //! what its policy promises and what it received.
 
@@ -43,6 +44,9 @@ fn body(words: &Words) -> Result<Map<String, Value>, CliError> {
     if let Some(p) = words.flag("pool") {
         body.insert("pool".into(), p.into());
     }
+    if let Some(w) = words.flag("windows") {
+        body.insert("windows".into(), windows(w)?);
+    }
     if body.is_empty() {
         return Err(CliError::Usage(
             "sched: give at least one of --weight, --cap, --rt, --priority, --policy, --fair, --pool"
@@ -52,9 +56,25 @@ fn body(words: &Words) -> Result<Map<String, Value>, CliError> {
     Ok(body)
 }
 
+/// `--windows 0ms+5ms,10ms+5ms`: each window's start and length in the
+/// pool's frame, as the API's `[{"start": "0ms", "length": "5ms"}, ...]`.
+fn windows(text: &str) -> Result<Value, CliError> {
+    text.split(',')
+        .map(|w| match w.split_once('+') {
+            Some((start, length)) if !start.is_empty() && !length.is_empty() => {
+                Ok(serde_json::json!({ "start": start.trim(), "length": length.trim() }))
+            }
+            _ => Err(CliError::Usage(format!(
+                "--windows: '{w}' is not START+LENGTH (like 0ms+5ms)"
+            ))),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Value::from)
+}
+
 pub fn main(rest: &[String]) -> Result<ExitCode, CliError> {
     let valued = [
-        "socket", "weight", "cap", "rt", "priority", "policy", "pool",
+        "socket", "weight", "cap", "rt", "priority", "policy", "pool", "windows",
     ];
     let words = Words::parse(rest, &valued, &["fair", "json"])?;
     let name = words.guest_name()?;

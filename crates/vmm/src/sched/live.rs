@@ -8,7 +8,7 @@ use super::{
     apply, overruns, read, thread_cpu_ns, Priority, RtBudget, RtClass, SchedConfig, ThreadPolicy,
 };
 use crate::control::Control;
-use crate::gate::GateStats;
+use crate::gate::{GateStats, Partition, Window};
 
 /// The fields a `sched` request may carry.
 const FIELDS: &str = "rt, priority, policy, fair, affinity, partition";
@@ -275,15 +275,34 @@ fn requested(old: &SchedConfig, request: &Map<String, Value>) -> Result<SchedCon
     Ok(new)
 }
 
-/// `{"frame": "20ms", "windows": [{"start": "0ms", "length": "5ms"}],
-/// "epoch": NS}` (epoch optional: the VMM's start), or `null` for none.
-fn partition_of(value: &Value) -> Result<Option<crate::gate::Partition>, String> {
-    let duration = |v: &Value, what: &str| match v {
+/// A duration field: `"5ms"` and the like.
+fn duration_of(v: &Value, what: &str) -> Result<u64, String> {
+    match v {
         Value::String(s) => super::parse_duration(s).map_err(|e| format!("{what}: {e}")),
         other => Err(format!(
             "{what}: expected a duration like \"5ms\", found {other}"
         )),
-    };
+    }
+}
+
+/// `[{"start": "0ms", "length": "5ms"}, ...]`: windows of a frame.
+pub fn windows_of(value: &Value) -> Result<Vec<Window>, String> {
+    value
+        .as_array()
+        .ok_or("windows: expected a list of {\"start\", \"length\"}")?
+        .iter()
+        .map(|w| {
+            Ok(Window {
+                start_ns: duration_of(&w["start"], "windows: start")?,
+                length_ns: duration_of(&w["length"], "windows: length")?,
+            })
+        })
+        .collect()
+}
+
+/// `{"frame": "20ms", "windows": [{"start": "0ms", "length": "5ms"}],
+/// "epoch": NS}` (epoch optional: the VMM's start), or `null` for none.
+pub fn partition_of(value: &Value) -> Result<Option<Partition>, String> {
     let fields = match value {
         Value::Null => return Ok(None),
         Value::Object(o) => o,
@@ -297,26 +316,30 @@ fn partition_of(value: &Value) -> Result<Option<crate::gate::Partition>, String>
             "unknown field '{key}' (known: frame, windows, epoch)"
         ));
     }
-    let frame = duration(fields.get("frame").unwrap_or(&Value::Null), "frame")?;
-    let windows = fields
-        .get("windows")
-        .and_then(Value::as_array)
-        .ok_or("windows: expected a list of {\"start\", \"length\"}")?
-        .iter()
-        .map(|w| {
-            Ok(crate::gate::Window {
-                start_ns: duration(&w["start"], "windows: start")?,
-                length_ns: duration(&w["length"], "windows: length")?,
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+    let frame = duration_of(fields.get("frame").unwrap_or(&Value::Null), "frame")?;
+    let windows = windows_of(fields.get("windows").unwrap_or(&Value::Null))?;
     let epoch = match fields.get("epoch") {
         None | Some(Value::Null) => None,
         Some(v) => Some(v.as_u64().ok_or(format!("epoch: {v} is not nanoseconds"))?),
     };
-    crate::gate::Partition::new(frame, windows, epoch)
+    Partition::new(frame, windows, epoch)
         .map(Some)
         .map_err(|e| e.to_string())
+}
+
+/// The form [`partition_of`] reads back.
+pub fn partition_value(p: &Partition) -> Value {
+    let windows: Vec<Value> = p
+        .windows
+        .iter()
+        .map(|w| {
+            json!({
+                "start": super::format_duration(w.start_ns),
+                "length": super::format_duration(w.length_ns),
+            })
+        })
+        .collect();
+    json!({ "frame": super::format_duration(p.frame_ns), "windows": windows, "epoch": p.epoch_ns })
 }
 
 /// `"2ms/10ms"`, `"budget=2ms,period=10ms"` or `{"budget":"2ms","period":"10ms"}`.
@@ -383,6 +406,7 @@ mod tests {
                 .partition,
             None
         );
+        assert_eq!(partition_of(&partition_value(&p)), Ok(Some(p.clone())));
         let fair = requested(&new, &request(r#"{"fair": true}"#)).unwrap();
         assert_eq!(fair.thread_policy(0), ThreadPolicy::Fair);
         let rt = requested(

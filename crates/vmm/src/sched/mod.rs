@@ -16,7 +16,7 @@ mod live;
 pub mod misses;
 mod overruns;
 
-pub use live::{change, info, rt_of};
+pub use live::{change, info, partition_of, partition_value, rt_of, windows_of};
 pub use overruns::{follow_overrun_mode, overruns, track_overruns, vcpu_overruns};
 
 use std::str::FromStr;

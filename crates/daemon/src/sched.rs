@@ -412,13 +412,14 @@ pub fn apply_change(
 ) -> Result<(), String> {
     let config = parse(description)?;
     let cpus = usize::from(config.cpus);
+    let class = class_after(&config.sched, dir, change);
     let target = match &change.pool {
         Some(pool) => {
             let current = current_partition(&config, dir);
             let mover = crate::pools::Mover {
                 name,
                 vcpus: cpus,
-                class: class_after(&config.sched, dir, change),
+                class,
                 windows: change.windows.as_deref(),
                 current: current.as_ref(),
             };
@@ -444,28 +445,10 @@ pub fn apply_change(
     }
     let mut request = change.thread.clone();
     if let Some(target) = &target {
-        if let Err(e) = set_pool_cpus(name, &target.cpus) {
+        let fixed = class == crate::pools::Class::Fixed;
+        if let Err(e) = enter_pool(name, target, fixed, &mut request) {
             undo_admission();
             return Err(e);
-        }
-        // The vCPUs' affinity: a CPU each in a null pool, else the whole
-        // pool (which also unpins a guest leaving a null pool).
-        let affinity = match &target.pins {
-            Some(pins) => pins.iter().map(|c| json!([c])).collect(),
-            None => json!(target.cpus),
-        };
-        request.insert("affinity".into(), affinity);
-        let partition = target.partition.as_ref();
-        request.insert(
-            PARTITION.into(),
-            partition.map_or(Value::Null, vmm::sched::partition_value),
-        );
-        if partition.is_some() && config.sched.priority.is_none() {
-            // The gate thread's runtime where it falls back to SCHED_FIFO
-            // (as a partitioned guest gets at start).
-            if let Some(group) = hierarchy().and_then(|h| h.guest(name).ok()) {
-                let _ = group.grant_rt_runtime(GATE_RT_RUNTIME_US);
-            }
         }
     }
     if !request.is_empty() {
@@ -491,6 +474,38 @@ pub fn apply_change(
         crate::pools::set_windows(name, windows);
     }
     remember(dir, change, target.as_ref());
+    Ok(())
+}
+
+/// Puts guest `name`'s group on the CPUs of the pool it moves into, and
+/// adds to its VMM `request` where its vCPUs go there: their affinity (a
+/// CPU each in a null pool, else the whole pool, which also unpins a guest
+/// leaving a null pool) and its partition (none outside a partition pool).
+fn enter_pool(
+    name: &str,
+    target: &crate::pools::Move,
+    fixed_priority: bool,
+    request: &mut Map<String, Value>,
+) -> Result<(), String> {
+    set_pool_cpus(name, &target.cpus)?;
+    let affinity = match &target.pins {
+        Some(pins) => pins.iter().map(|c| json!([c])).collect(),
+        None => json!(target.cpus),
+    };
+    request.insert("affinity".into(), affinity);
+    let partition = target.partition.as_ref();
+    request.insert(
+        PARTITION.into(),
+        partition.map_or(Value::Null, vmm::sched::partition_value),
+    );
+    if partition.is_some() && !fixed_priority {
+        // The gate thread's runtime where it falls back to SCHED_FIFO (as a
+        // partitioned guest gets at start); a guest at a fixed priority
+        // has more already.
+        if let Some(group) = hierarchy().and_then(|h| h.guest(name).ok()) {
+            let _ = group.grant_rt_runtime(GATE_RT_RUNTIME_US);
+        }
+    }
     Ok(())
 }
 

@@ -714,7 +714,7 @@ pub fn command(args: &[String]) -> Result<u8> {
     let usage = || {
         fail!(
             "usage: cargo xtask bench boot [--runs N] [--q35 | --jail] | \
-             cargo xtask bench boot --distro [--runs N] [--qemu-runs N] | \
+             cargo xtask bench boot --distro [--runs N] [--qemu-runs N] [--trace] | \
              cargo xtask bench blk [--runs N] [--size MIB] [--secs N] | \
              cargo xtask bench rate [--size MIB] [--secs N] [--net MIB] | \
              cargo xtask bench fabric --switch-only [--secs N] | \
@@ -726,6 +726,7 @@ pub fn command(args: &[String]) -> Result<u8> {
     let mut mode = "";
     let mut distro = false;
     let mut qemu_runs = None;
+    let mut trace = false;
     let mut it = args.iter();
     if it.next().map(String::as_str) != Some("boot") {
         return Err(usage());
@@ -742,6 +743,7 @@ pub fn command(args: &[String]) -> Result<u8> {
             "--q35" if mode.is_empty() => mode = " q35",
             "--jail" if mode.is_empty() => mode = " jail",
             "--distro" => distro = true,
+            "--trace" => trace = true,
             "--qemu-runs" => {
                 let n = it.next().ok_or_else(usage)?;
                 qemu_runs = Some(
@@ -759,9 +761,10 @@ pub fn command(args: &[String]) -> Result<u8> {
         return crate::bench_distro::command(
             runs.unwrap_or(20),
             qemu_runs.unwrap_or(crate::bench_distro::QEMU_RUNS),
+            trace,
         );
     }
-    if qemu_runs.is_some() {
+    if qemu_runs.is_some() || trace {
         return Err(usage());
     }
     let runs = runs.unwrap_or(3);

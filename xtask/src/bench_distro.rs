@@ -97,8 +97,13 @@ fn last_lines(text: &str, n: usize) -> String {
 }
 
 /// Boots once; `Err` says how a failed boot ended, with its console tail
-/// and the VMM's stderr (where Ferrovisor writes a register dump).
-fn boot(qemu: bool) -> std::result::Result<Boot, String> {
+/// and the VMM's stderr (where Ferrovisor writes a register dump), and
+/// with `trace`, KVM's last events for each vCPU.
+fn boot(qemu: bool, trace: bool) -> std::result::Result<Boot, String> {
+    let recorder = match trace {
+        true => Some(crate::kvm_trace::Recorder::start()?),
+        false => None,
+    };
     let start = Instant::now();
     let mut child = command_for(qemu)
         .stdin(Stdio::null())
@@ -152,25 +157,28 @@ fn boot(qemu: bool) -> std::result::Result<Boot, String> {
     let healthy = reported_healthy(&console);
     match status {
         Some(s) if s.success() && healthy => Ok(boot),
-        how => Err(format!(
-            "{}; systemd said: {:?}\n--- console (tail) ---\n{}\n--- VMM stderr (tail) ---\n{}",
+        how => {
+            Err(format!(
+            "{}; systemd said: {:?}\n--- console (tail) ---\n{}\n--- VMM stderr (tail) ---\n{}{}",
             how.map_or(format!("no end within {} s", limit.as_secs()), |s| {
                 format!("ended with {s}")
             }),
             boot.line,
             last_lines(&console, 15),
-            last_lines(&stderr, 120)
-        )),
+            last_lines(&stderr, 120),
+            recorder.map_or(String::new(), |r| format!("\n--- KVM's events ---\n{}", r.report()))
+        ))
+        }
     }
 }
 
 /// Boots `runs` times, printing each; returns the good boots and the
 /// number that failed.
-fn series(name: &str, qemu: bool, runs: usize) -> (Vec<Boot>, usize) {
+fn series(name: &str, qemu: bool, runs: usize, trace: bool) -> (Vec<Boot>, usize) {
     let mut good = Vec::new();
     let mut failed = 0;
     for run in 1..=runs {
-        match boot(qemu) {
+        match boot(qemu, trace && !qemu) {
             Ok(b) => {
                 println!(
                     "bench: {name} boot {run}: multi-user at {:.0} ms (guest clock {:.0} ms)",
@@ -193,15 +201,17 @@ const METRICS: [Metric<Boot>; 2] = [
     ("guest uptime at multi-user, ms", |b| b.guest_ms),
 ];
 
-/// `xtask bench-in-lab distro RUNS QEMU_RUNS`: the measuring half, in the lab.
+/// `xtask bench-in-lab distro RUNS QEMU_RUNS [trace]`: the measuring half,
+/// in the lab.
 pub fn in_lab(args: &[String]) -> Result<u8> {
     let runs: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(20);
     let qemu_runs: usize = args
         .get(2)
         .and_then(|r| r.parse().ok())
         .unwrap_or(QEMU_RUNS);
-    let (ours, our_failures) = series("ferrovisor", false, runs);
-    let (theirs, their_failures) = series("qemu-pc", true, qemu_runs);
+    let trace = args.get(3).map(String::as_str) == Some("trace");
+    let (ours, our_failures) = series("ferrovisor", false, runs, trace);
+    let (theirs, their_failures) = series("qemu-pc", true, qemu_runs, false);
     println!();
     println!(
         "distribution boot: Debian bookworm (systemd, udev, cloud kernel and its initrd), \
@@ -218,11 +228,12 @@ pub fn in_lab(args: &[String]) -> Result<u8> {
     Ok(u8::from(our_failures > 0))
 }
 
-/// `cargo xtask bench boot --distro [--runs N] [--qemu-runs N]`.
-pub fn command(runs: usize, qemu_runs: usize) -> Result<u8> {
+/// `cargo xtask bench boot --distro [--runs N] [--qemu-runs N] [--trace]`.
+pub fn command(runs: usize, qemu_runs: usize, trace: bool) -> Result<u8> {
     let built = distro::build()?;
+    let trace = if trace { " trace" } else { "" };
     crate::bench::run_in_lab_with(
-        &format!("distro {runs} {qemu_runs}"),
+        &format!("distro {runs} {qemu_runs}{trace}"),
         Duration::from_secs(60 * 60),
         |spec| built.add_to(spec),
     )

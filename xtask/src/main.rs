@@ -21,6 +21,7 @@ mod fuzz;
 mod guestkit;
 mod ivshmem_server;
 mod kmod;
+mod kvm_trace;
 mod lab;
 mod testcmd;
 mod watchdog;

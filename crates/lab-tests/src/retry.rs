@@ -1,15 +1,16 @@
-//! Scenarios with several nested guests at once, tried again when the lab
+//! Scenarios with several nested vCPUs at once, tried again when the lab
 //! itself fails them.
 //!
-//! Two nested guests running side by side make the lab's emulated machine
-//! fail now and then (docs/lab.md, "One guest at a time"): one guest of the
-//! pair triple-faults in ordinary kernel code, or stalls before it has
-//! booted. A test of guests talking to each other cannot avoid running two
-//! at once, so it runs its scenario through [`retried`]: a try that ends in
-//! one of those signatures ([`Try::Unstable`]) is reported and run again
-//! from the start, with fresh guests; any other failure ([`Try::Failed`])
-//! fails the test at once. Every unstable try is printed, so the count of
-//! lab failures stays visible in the test's output.
+//! Two nested vCPUs running side by side, of two guests or of one 2-vCPU
+//! guest, make the lab's emulated machine fail now and then (docs/lab.md,
+//! "One guest at a time"): a guest triple-faults, or its kernel dies of a
+//! double fault, in ordinary kernel code, or it stalls before it has
+//! booted. A test that cannot avoid running two vCPUs at once runs its
+//! scenario through [`retried`]: a try that ends in one of those signatures
+//! ([`Try::Unstable`]) is reported and run again from the start, with fresh
+//! guests; any other failure ([`Try::Failed`]) fails the test at once.
+//! Every unstable try is printed, so the count of lab failures stays
+//! visible in the test's output.
 
 use std::fmt;
 
@@ -88,6 +89,39 @@ pub fn is_triple_fault_status(code: Option<i32>) -> bool {
     code == Some(2)
 }
 
+/// Whether a guest that ended early died the way the lab's emulation kills
+/// guests: its VMM ended with status 2 after a triple fault (the VMM's line
+/// on stderr says so), or after the guest's kernel died of a double fault
+/// (its console says so). A guest that died of anything else, or a VMM that
+/// ended with another status, is the test's own failure.
+pub fn died_of_emulation_fault(exit: &crate::Exit) -> Option<String> {
+    if !is_triple_fault_status(exit.status.code()) {
+        return None;
+    }
+    if let Some(line) = exit.stderr.lines().find(|l| l.contains("triple-faulted")) {
+        return Some(line.trim().to_string());
+    }
+    let line = exit
+        .console
+        .lines()
+        .find(|l| l.contains("PANIC: double fault"))?;
+    Some(format!(
+        "the guest's kernel died of a double fault: {}",
+        line.trim()
+    ))
+}
+
+/// Whether a guest that never got there had a vCPU stop answering: its
+/// kernel's RCU stall or soft-lockup report, the first such line. In the
+/// lab this is how a vCPU caught in the emulation's fault looks from the
+/// guest's other vCPU (docs/lab.md).
+pub fn stalled_vcpu(console: &str) -> Option<String> {
+    console
+        .lines()
+        .find(|l| l.contains("rcu_preempt detected stalls") || l.contains("soft lockup"))
+        .map(|l| format!("a vCPU stopped answering: {}", l.trim()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,5 +164,55 @@ mod tests {
         );
         assert!(is_triple_fault_status(Some(2)));
         assert!(!is_triple_fault_status(Some(0)));
+    }
+
+    fn ended(code: i32, console: &str, stderr: &str) -> crate::Exit {
+        use std::os::unix::process::ExitStatusExt;
+        crate::Exit {
+            status: std::process::ExitStatus::from_raw(code << 8),
+            console: console.into(),
+            stderr: stderr.into(),
+        }
+    }
+
+    #[test]
+    fn only_double_and_triple_faults_count_as_the_labs() {
+        let df = ended(
+            2,
+            "login: root\n[ 12.6] traps: PANIC: double fault, error_code: 0x0\n[ 12.6] RIP",
+            "ferrovisor: guest kernel panicked",
+        );
+        let why = died_of_emulation_fault(&df).expect("a double fault is the lab's");
+        assert!(
+            why.ends_with("PANIC: double fault, error_code: 0x0"),
+            "{why}"
+        );
+        let tf = ended(
+            2,
+            "",
+            "ferrovisor: vCPU 1 triple-faulted\nvCPU 1 state ...\n",
+        );
+        assert_eq!(
+            died_of_emulation_fault(&tf).as_deref(),
+            Some("ferrovisor: vCPU 1 triple-faulted")
+        );
+        // Another panic, or another status, fail the test.
+        let oops = ended(2, "BUG: kernel NULL pointer", "guest kernel panicked");
+        assert_eq!(died_of_emulation_fault(&oops), None);
+        let clean = ended(0, "PANIC: double fault", "vCPU 0 triple-faulted");
+        assert_eq!(died_of_emulation_fault(&clean), None);
+    }
+
+    #[test]
+    fn a_stall_report_is_found_and_a_quiet_console_is_not_a_stall() {
+        let console = "[ 40.1] systemd[1]: Starting...\n[ 102.3] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n";
+        assert_eq!(
+            stalled_vcpu(console).as_deref(),
+            Some("a vCPU stopped answering: [ 102.3] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:")
+        );
+        assert!(
+            stalled_vcpu("[ 137.4] watchdog: BUG: soft lockup - CPU#0 stuck for 112s!").is_some()
+        );
+        assert_eq!(stalled_vcpu("[ 9.0] systemd[1]: Started udev"), None);
     }
 }

@@ -264,7 +264,10 @@ fn multi_threaded_tcg() -> bool {
 
 fn qemu_command(spec: &Spec, kit: &Kit, run_dir: &RunDir) -> Command {
     let initramfs = run_dir.initramfs();
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let mut cmd = match crate::lab_qemu::get() {
+        Some(qemu) => qemu.command(),
+        None => Command::new("qemu-system-x86_64"),
+    };
     let accel = if multi_threaded_tcg() {
         "tcg,thread=multi"
     } else {

@@ -23,6 +23,7 @@ mod ivshmem_server;
 mod kmod;
 mod kvm_trace;
 mod lab;
+mod lab_qemu;
 mod testcmd;
 mod watchdog;
 

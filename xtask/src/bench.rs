@@ -388,15 +388,19 @@ fn read_console(
     })
 }
 
-/// Polls the running VMM: KVM's counters every 20 ms, its memory every
-/// 250 ms (smaps walks page tables). Returns its exit status.
+/// Polls the running VMM: KVM's counters every 20 ms, and its memory once,
+/// at the first poll after the /init line: reading smaps walks the VMM's
+/// mappings under its memory-map lock, and sampling it every 250 ms while
+/// the guest booted slowed QEMU's boot far more than Ferrovisor's
+/// (docs/benchmarks.md). Returns the VMM's exit status.
 fn poll_until_exit(
     child: &mut std::process::Child,
     start: Instant,
     before: &BTreeMap<&'static str, u64>,
+    init_seen: &InitSeen,
     sample: &mut Sample,
 ) -> Result<std::process::ExitStatus> {
-    let mut polls = 0u32;
+    let mut memory_read = false;
     loop {
         if let Some(status) = child.try_wait().ctx(|| "wait".to_string())? {
             return Ok(status);
@@ -406,12 +410,16 @@ fn poll_until_exit(
             let slot = sample.kvm.entry(name).or_insert(0);
             *slot = (*slot).max(delta);
         }
-        polls += 1;
-        if polls.is_multiple_of(12) {
+        let at_init = init_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if at_init && !memory_read {
+            memory_read = true;
             if let Some(split) = rss_with_children(child.id()) {
-                sample.vmm_kib = sample.vmm_kib.max(split.own);
-                sample.guest_kib = sample.guest_kib.max(split.guest);
-                sample.guest_huge_kib = sample.guest_huge_kib.max(split.guest_huge);
+                sample.vmm_kib = split.own;
+                sample.guest_kib = split.guest;
+                sample.guest_huge_kib = split.guest_huge;
             }
         }
         if start.elapsed() > BOOT_LIMIT {
@@ -483,7 +491,7 @@ fn measure(peer: Peer) -> Result<Sample> {
         text
     });
     let mut sample = Sample::default();
-    let polled = poll_until_exit(&mut child, start, &before, &mut sample);
+    let polled = poll_until_exit(&mut child, start, &before, &init_seen, &mut sample);
     sample.total_ms = start.elapsed().as_secs_f64() * 1000.0;
     done.store(true, Ordering::Relaxed);
     let status = polled.map_err(|e| fail!("{}: {e}", peer.name()))?;

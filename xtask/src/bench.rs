@@ -410,11 +410,12 @@ fn poll_until_exit(
             let slot = sample.kvm.entry(name).or_insert(0);
             *slot = (*slot).max(delta);
         }
-        let at_init = init_seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some();
-        if at_init && !memory_read {
+        if !memory_read
+            && init_seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+        {
             memory_read = true;
             if let Some(split) = rss_with_children(child.id()) {
                 sample.vmm_kib = split.own;

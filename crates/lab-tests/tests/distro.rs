@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use lab_tests::retry::{self, all_hold, retried, Try, TRIES};
-use lab_tests::{tail, Disk, Guest, GuestConfig, KernelImage};
+use lab_tests::{tail, Disk, Exit, Guest, GuestConfig, KernelImage};
 
 /// What the image prints once systemd has finished starting.
 const READY: &str = "ferrovisor-distro: system ";
@@ -79,14 +79,19 @@ fn waited(mut guest: Guest, needle: &str, what: &str) -> Result<Guest, Try> {
             None => Try::Failed(format!("{what}: {error}")),
         });
     }
-    match guest
-        .wait_exit()
-        .ok()
-        .as_ref()
-        .and_then(retry::died_of_emulation_fault)
-    {
-        Some(fault) => Err(Try::Unstable(format!("{what}: {fault}"))),
-        None => Err(Try::Failed(format!("{what}: {error}"))),
+    Err(ended(
+        guest.wait_exit().ok().as_ref(),
+        what,
+        format!("{what}: {error}"),
+    ))
+}
+
+/// A try whose VMM has ended too early: the lab's when its guest died of an
+/// emulation fault (see `lab_tests::retry`), `otherwise` the test's own.
+fn ended(exit: Option<&Exit>, what: &str, otherwise: String) -> Try {
+    match exit.and_then(retry::died_of_emulation_fault) {
+        Some(fault) => Try::Unstable(format!("{what}: {fault}")),
+        None => Try::Failed(otherwise),
     }
 }
 
@@ -120,15 +125,13 @@ fn boot_to_multi_user_and_power_off(_try: u32) -> Result<(), Try> {
     guest.send("poweroff\n").map_err(failed("type poweroff"))?;
     let exit = guest.wait_exit().map_err(failed("the VMM exits"))?;
     if exit.status.code() != Some(0) {
-        return Err(match retry::died_of_emulation_fault(&exit) {
-            Some(fault) => Try::Unstable(format!("powering off: {fault}")),
-            None => Try::Failed(format!(
-                "the VMM ended with {}: {}\n{}",
-                exit.status,
-                tail(&exit.stderr, 20),
-                tail(&exit.console, 30)
-            )),
-        });
+        let otherwise = format!(
+            "the VMM ended with {}: {}\n{}",
+            exit.status,
+            tail(&exit.stderr, 20),
+            tail(&exit.console, 30)
+        );
+        return Err(ended(Some(&exit), "powering off", otherwise));
     }
     let fsck = Command::new("/lab/bin/e2fsck")
         .args(["-fn", &env("FERROVISOR_DISTRO_IMAGE")])

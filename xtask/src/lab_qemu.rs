@@ -59,9 +59,16 @@ impl LabQemu {
 pub fn get() -> Option<&'static LabQemu> {
     static QEMU: OnceLock<Option<LabQemu>> = OnceLock::new();
     QEMU.get_or_init(|| {
-        if std::env::var("FERROVISOR_LAB_QEMU").is_ok_and(|v| v == "system") {
-            eprintln!("xtask: the lab runs on the host's QEMU (FERROVISOR_LAB_QEMU=system)");
-            return None;
+        match std::env::var("FERROVISOR_LAB_QEMU").as_deref() {
+            Ok("system") => {
+                eprintln!("xtask: the lab runs on the host's QEMU (FERROVISOR_LAB_QEMU=system)");
+                return None;
+            }
+            Ok(other) => eprintln!(
+                "xtask: FERROVISOR_LAB_QEMU={other} is not known (only `system` is); \
+                 the lab runs on {SUITE}'s QEMU"
+            ),
+            Err(_) => {}
         }
         match provision(&util::target_dir().join("lab-qemu")) {
             Ok(qemu) => {
